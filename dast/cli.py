@@ -1,0 +1,82 @@
+"""The ``dast`` command line: parse arguments, call library functions, report errors.
+
+User errors (:class:`dast.errors.UserError`) print one ``error: ...`` line and exit with
+code 2. Other failures print ``internal error: ...`` and exit with code 1; ``--debug``
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+import traceback
+from typing import Sequence
+
+from dast import __version__
+from dast.errors import UserError
+
+# Each command lives in dast/commands/<module>.py with `add_parser(subparsers)` and `run(args)`.
+COMMANDS: tuple[tuple[str, str], ...] = (
+    ("demo", "demo"),
+    ("train", "train"),
+    ("evaluate", "evaluate"),
+    ("predict", "predict"),
+    ("pseudo-label", "pseudo_label"),
+    ("check-data", "check_data"),
+    ("convert", "convert"),
+    ("export", "export"),
+    ("report", "report"),
+    ("bench", "bench"),
+    ("make-data", "make_data"),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors follow the one-line ``error:`` contract."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"error: {message}\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dast", description="Domain-adaptive semantic segmentation with DAST (AAAI 2021).")
+    parser.add_argument("--version", action="version", version=f"dast {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
+    sub.required = True
+    for name, module in COMMANDS:
+        if importlib.util.find_spec(f"dast.commands.{module}") is None:
+            continue
+        mod = importlib.import_module(f"dast.commands.{module}")
+        p = mod.add_parser(sub, name)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dast`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
+    try:
+        code = args._run(args)
+        return int(code or 0)
+    except UserError as exc:
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence of the CLI
+        if debug:
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        sys.stderr.write(f"internal error: {type(exc).__name__}: {first} (run with --debug for the traceback)\n")
+        return 1

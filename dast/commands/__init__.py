@@ -1,0 +1,1 @@
+"""One module per ``dast`` sub-command: ``add_parser(subparsers, name)`` and ``run(args)``."""

@@ -1,0 +1,372 @@
+"""Typed, validated configuration: pydantic models, YAML files and ``--set`` overrides.
+
+* Unknown keys and wrong types are rejected with one line that names the key and, for
+  a misspelt key, suggests the nearest valid one.
+* A config file may start with ``extends: other.yaml`` (relative to the file) to inherit
+  from another file; mappings are merged key by key.
+* Values left at ``null`` that depend on the variant (``paper`` or ``reference``) are
+  filled in by :func:`resolve`, so the saved config of a run is fully explicit.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Iterable, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dast.errors import ConfigError
+
+DatasetKind = Literal["gta5", "synthia", "cityscapes", "folder", "synthetic"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ClassSpec(_Strict):
+    """One class of a custom (folder) dataset."""
+
+    name: str
+    color: tuple[int, int, int] = (0, 0, 0)
+
+
+class AugmentConfig(_Strict):
+    """Optional augmentation (all off in the paper configs)."""
+
+    flip: bool = False
+    scale: Optional[tuple[float, float]] = None
+    crop: Optional[tuple[int, int]] = None  # (width, height)
+
+
+class DatasetConfig(_Strict):
+    """Where a dataset lives and how its images are prepared."""
+
+    kind: DatasetKind
+    root: Optional[str] = None
+    split: str = "train"
+    list_file: Optional[str] = None  # a text file naming the images to use, one per line
+    size: Optional[tuple[int, int]] = None  # (width, height) the images are resized to
+    with_labels: bool = True
+    images: str = "images"  # folder datasets: image sub-folder
+    labels: Optional[str] = "labels"  # folder datasets: label sub-folder, null for none
+    classes: Optional[list[ClassSpec]] = None  # folder datasets
+    domain: Literal["source", "target"] = "source"  # synthetic datasets
+    count: int = Field(default=200, ge=1)  # synthetic datasets
+    augment: AugmentConfig = AugmentConfig()
+    on_corrupt: Literal["fail", "skip"] = "fail"
+
+
+class ModelConfig(_Strict):
+    """The segmentor."""
+
+    arch: Literal["resnet101", "vgg16", "small"] = "resnet101"
+    num_classes: int = Field(default=19, ge=2)
+    init: Optional[str] = None  # a dast checkpoint (e.g. from `dast convert imagenet`)
+    norm: Literal["caffe", "imagenet", "unit"] = "caffe"
+
+
+class AdversarialConfig(_Strict):
+    """The discoverer D, the corrector C and their losses."""
+
+    discoverer: bool = True
+    corrector: bool = True
+    attention: bool = True
+    loss: Literal["lsgan", "bce"] = "lsgan"
+    lambda_d: float = 0.01
+    lambda_c: float = 0.01
+    corrector_weighting: Optional[Literal["none", "attention"]] = None
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+
+
+class TrainConfig(_Strict):
+    """Stage 1 (adversarial training) and the optimiser of the segmentor."""
+
+    steps: int = Field(default=150000, ge=0)
+    poly_steps: int = Field(default=250000, ge=1)
+    lr: float = 2.5e-4
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    power: float = 0.9
+    batch_size: int = Field(default=1, ge=1)
+    num_workers: int = Field(default=2, ge=0)
+    reuse_discoverer: bool = True
+    checkpoint_every: int = Field(default=2000, ge=1)
+    keep_last: int = Field(default=3, ge=1)
+    log_every: int = Field(default=10, ge=1)
+    image_every: int = Field(default=1000, ge=1)
+    eval_every: int = Field(default=2000, ge=1)
+
+
+class SelfTrainingConfig(_Strict):
+    """Stage 2: rounds of class-balanced pseudo-labelling and retraining."""
+
+    rounds: int = Field(default=0, ge=0)
+    steps: int = Field(default=20000, ge=1)
+    portion: float = Field(default=0.5, gt=0.0, le=1.0)
+    portion_step: float = 0.0  # q_k = portion + k * portion_step, capped at max_portion
+    max_portion: float = Field(default=1.0, gt=0.0, le=1.0)
+    cap: float = 0.9
+    mu: float = 1.0
+    adversarial: bool = True
+    lr: Optional[float] = None
+    poly_steps: Optional[int] = None
+    head_lr_mult: Optional[float] = None
+    mode: Literal["histogram", "exact-reference"] = "histogram"
+    bins: int = Field(default=65536, ge=16)
+    subsample: int = Field(default=4, ge=1)
+    preview_count: int = Field(default=8, ge=0)
+
+
+class SelectionConfig(_Strict):
+    """Label-free model selection on an FDA-restyled synthetic validation set."""
+
+    enabled: bool = True
+    num_images: int = Field(default=500, ge=1)
+    betas: list[float] = [0.5, 0.9]
+    select_on: Literal["synthetic", "target", "last"] = "synthetic"
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: list[float]) -> list[float]:
+        if not v or any(not (0.0 < b <= 1.0) for b in v):
+            raise ValueError("each beta must be in (0, 1]")
+        return v
+
+
+class RuntimeConfig(_Strict):
+    """Device and speed settings."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
+    channels_last: Optional[bool] = None
+    compile: bool = False
+    deterministic: bool = True
+
+
+class DistributedConfig(_Strict):
+    """Data-parallel settings under torchrun."""
+
+    lr_scaling: Literal["keep", "linear"] = "keep"
+    sync_bn: bool = False
+
+
+class FaultConfig(_Strict):
+    """What to do with a non-finite loss."""
+
+    policy: Literal["skip", "rollback"] = "skip"
+    max_consecutive: int = Field(default=5, ge=1)
+    lr_factor: float = Field(default=0.5, gt=0.0, le=1.0)
+
+
+class Config(_Strict):
+    """A whole DAST run."""
+
+    seed: int = 0
+    variant: Literal["paper", "reference"] = "paper"
+    model: ModelConfig = ModelConfig()
+    source: DatasetConfig
+    target: DatasetConfig
+    val: Optional[DatasetConfig] = None
+    adversarial: AdversarialConfig = AdversarialConfig()
+    train: TrainConfig = TrainConfig()
+    self_training: SelfTrainingConfig = SelfTrainingConfig()
+    selection: SelectionConfig = SelectionConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    faults: FaultConfig = FaultConfig()
+
+
+# ---------------------------------------------------------------------------------------
+# Loading, merging, overriding
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        sub = _submodel(field.annotation)
+        if sub is not None:
+            keys.extend(_all_keys(sub, dotted + "."))
+    return keys
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        sub = _submodel(arg)
+        if sub is not None:
+            return sub
+    return None
+
+
+def valid_keys() -> list[str]:
+    """Every dotted key a config accepts."""
+    return _all_keys(Config)
+
+
+def _suggest(key: str) -> str:
+    keys = valid_keys()
+    parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    same_level = [k for k in keys if k.startswith(parent) and "." not in k[len(parent) :]]
+    match = difflib.get_close_matches(key, same_level, n=1, cutoff=0.5) or difflib.get_close_matches(
+        key, keys, n=1, cutoff=0.6
+    )
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or True)
+    where = f" in {source}" if source else ""
+    if e["type"] == "extra_forbidden":
+        return f"unknown config key '{loc}'{where}{_suggest(loc)}"
+    if e["type"] == "missing":
+        return f"config key '{loc}' is required{where}"
+    value = e.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "a mapping"
+    return f"config key '{loc}'{where}: {e['msg'].lower()}, got {shown}"
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``over`` into a copy of ``base``; nested mappings merge key by key."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config, following ``extends:`` chains."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    if p.resolve() in _seen:
+        raise ConfigError(f"config {p} extends itself")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config {p} is not valid YAML{at}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {p} must be a mapping at the top level")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    base = load_yaml_tree(p.parent / str(parent), _seen + (p.resolve(),))
+    return deep_merge(base, data)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``a.b=c`` into (["a", "b"], value), the value read as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got '{item}'")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects key=value, got '{item}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``--set`` overrides to a raw config tree (validation happens afterwards)."""
+    out = copy.deepcopy(tree)
+    known = set(valid_keys())
+    for item in overrides:
+        path, value = parse_override(item)
+        dotted = ".".join(path)
+        if dotted not in known and not any(k.startswith(dotted + ".") for k in known):
+            raise ConfigError(f"unknown config key '{dotted}' in --set{_suggest(dotted)}")
+        node = out
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return out
+
+
+def from_tree(tree: dict[str, Any], source: str = "") -> Config:
+    """Validate a raw tree into a :class:`Config` and resolve variant defaults."""
+    try:
+        cfg = Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+    return resolve(cfg)
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Load a YAML config file, apply ``--set`` overrides, validate and resolve it."""
+    tree = apply_overrides(load_yaml_tree(path), overrides)
+    return from_tree(tree, str(path))
+
+
+VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
+    # The paper weights the corrector loss by the attention map; the release does not.
+    # Stage 2 of the release: SGD lr 2e-4, poly over 100k steps, one parameter group.
+    "paper": {"corrector_weighting": "attention", "st_lr": 2.5e-4, "st_poly_steps": 100000, "st_head": 10.0},
+    "reference": {"corrector_weighting": "none", "st_lr": 2e-4, "st_poly_steps": 100000, "st_head": 1.0},
+}
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill the variant-dependent ``null`` values; return a new, fully explicit config."""
+    d = VARIANT_DEFAULTS[cfg.variant]
+    out = cfg.model_copy(deep=True)
+    adv = out.adversarial
+    if adv.corrector_weighting is None:
+        wants = d["corrector_weighting"]
+        adv.corrector_weighting = wants if (adv.attention and adv.discoverer) else "none"
+    st = out.self_training
+    if st.lr is None:
+        st.lr = d["st_lr"]
+    if st.poly_steps is None:
+        st.poly_steps = d["st_poly_steps"]
+    if st.head_lr_mult is None:
+        st.head_lr_mult = d["st_head"]
+    if adv.attention and not adv.discoverer:
+        raise ConfigError("config key 'adversarial.attention' needs 'adversarial.discoverer: true'")
+    if out.source.kind == "folder" or out.target.kind == "folder":
+        for ds in (out.source, out.target, out.val):
+            if ds is not None and ds.kind == "folder" and ds.classes is not None:
+                if len(ds.classes) != out.model.num_classes:
+                    raise ConfigError(
+                        f"config key 'model.num_classes' is {out.model.num_classes} but the folder dataset "
+                        f"lists {len(ds.classes)} classes"
+                    )
+    return out
+
+
+def to_yaml(cfg: Config) -> str:
+    """The config as YAML, with every value explicit."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_diff(a: Config, b: Config, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    da, db = a.model_dump(mode="json"), b.model_dump(mode="json")
+    return _diff(da, db, prefix)
+
+
+def _diff(a: Any, b: Any, prefix: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b)):
+            out.extend(_diff(a.get(k), b.get(k), f"{prefix}{k}."))
+        return out
+    return [] if a == b else [prefix.rstrip(".")]

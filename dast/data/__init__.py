@@ -1,0 +1,1 @@
+"""Datasets, label tables, transforms, the synthetic demo domains and FDA."""

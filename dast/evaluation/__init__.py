@@ -1,0 +1,1 @@
+"""Confusion matrices, IoU tables and the evaluation protocol of the paper."""

@@ -1,0 +1,1 @@
+"""Prediction over folders, visualisation and export of the target model."""

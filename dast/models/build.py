@@ -1,0 +1,83 @@
+"""Factories for the networks, keyed by architecture name and variant.
+
+Variants (see ``docs/variants.md``):
+
+* ``paper``: the paper's text. Four ASPP branches summed; the split-off last ResNet
+  block keeps its identity shortcut.
+* ``reference``: the released code. Only the first two ASPP branches are summed, and
+  the split-off block has a freshly initialised 1x1 projection shortcut.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from dast.models.aspp import ASPPClassifier
+from dast.models.discriminators import Corrector, Discoverer
+from dast.models.resnet import ResNetEncoder, deeplab_init, kaiming_init, resnet_tail
+from dast.models.segmentor import Segmentor
+from dast.models.target_model import TargetModel
+from dast.models.vgg import VGGEncoder, vgg_tail
+
+ARCHS = ("resnet101", "vgg16", "small")
+VARIANTS = ("paper", "reference")
+Variant = Literal["paper", "reference"]
+
+# Small backbone: a caffe-style ResNet with one or two blocks per stage and width 8,
+# output stride 8, 256 feature channels. Fast enough to train on a laptop CPU.
+SMALL_LAYERS = (1, 1, 2, 1)
+SMALL_WIDTH = 8
+SMALL_RATES = (1, 2, 3, 4)
+PAPER_RATES = (6, 12, 18, 24)
+
+
+def _check(arch: str, variant: str) -> None:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+
+
+def build_segmentor(arch: str, num_classes: int, variant: str = "paper") -> Segmentor:
+    """Build a DeepLab-v2 segmentor with random weights (load pretrained ones afterwards)."""
+    _check(arch, variant)
+    reference = variant == "reference"
+    active = 2 if reference else None
+    if arch == "vgg16":
+        encoder = VGGEncoder()
+        tail = vgg_tail()
+        classifier = ASPPClassifier(1024, num_classes, PAPER_RATES, active)
+        return Segmentor(encoder, tail, classifier, num_classes)
+    if arch == "resnet101":
+        encoder = ResNetEncoder((3, 4, 23, 2), 64, freeze_bn_affine=True)
+        tail = resnet_tail(64, fresh_shortcut=reference, freeze_bn_affine=True)
+        deeplab_init(encoder)
+        deeplab_init(tail)
+        classifier = ASPPClassifier(encoder.out_channels, num_classes, PAPER_RATES, active)
+        return Segmentor(encoder, tail, classifier, num_classes)
+    encoder = ResNetEncoder(SMALL_LAYERS[:3] + (SMALL_LAYERS[3],), SMALL_WIDTH, freeze_bn_affine=False)
+    tail = resnet_tail(SMALL_WIDTH, fresh_shortcut=reference, freeze_bn_affine=False)
+    kaiming_init(encoder)
+    kaiming_init(tail)
+    classifier = ASPPClassifier(encoder.out_channels, num_classes, SMALL_RATES, active)
+    return Segmentor(encoder, tail, classifier, num_classes)
+
+
+def build_discoverer(feature_channels: int) -> Discoverer:
+    """D with channels C/2, C/4, C/8, 1."""
+    return Discoverer(feature_channels)
+
+
+def build_corrector(num_classes: int) -> Corrector:
+    """C with channels 64, 128, 256, 512, 1."""
+    return Corrector(num_classes)
+
+
+def build_target_model(segmentor: Segmentor, discoverer: Discoverer | None) -> TargetModel:
+    """The deployable target-domain model."""
+    return TargetModel(segmentor, discoverer)
+
+
+def count_parameters(module, trainable_only: bool = False) -> int:  # type: ignore[no-untyped-def]
+    """Number of parameter elements (optionally only those with ``requires_grad``)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

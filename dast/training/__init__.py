@@ -1,0 +1,1 @@
+"""Stage 1 (adversarial training), stage 2 (self-training) and their runtime."""
