@@ -1,0 +1,131 @@
+"""``dast evaluate``: mIoU of a checkpoint or of prediction PNGs on a labelled dataset."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from dast.atomic import write_json
+from dast.commands._common import add_device_argument, existing_dir, existing_file, resolve_device
+from dast.config import ClassSpec, DatasetConfig
+from dast.data.datasets import build_dataset
+from dast.data.labels import SYNTHIA_13, SYNTHIA_16, protocols_for, read_class_file
+from dast.errors import UserError
+from dast.evaluation.evaluate import evaluate_model, evaluate_predictions
+from dast.evaluation.metrics import format_table
+
+CITYSCAPES_EVAL_SIZE = (1024, 512)
+AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        name,
+        help="compute per-class IoU and mIoU on a labelled dataset",
+        description="Evaluate a checkpoint (paper protocol: predict at --size, upsample the logits to the "
+        "native label size, argmax) or a folder of train-id prediction PNGs named <stem>.png. "
+        "Writes OUT/metrics.json and prints the per-class table.",
+    )
+    p.add_argument("--dataset", required=True, choices=["gta5", "synthia", "cityscapes", "folder"])
+    p.add_argument("--root", required=True, help="dataset root folder")
+    p.add_argument("--split", default="val", help="split (Cityscapes; default: val)")
+    p.add_argument("--list", dest="list_file", default=None, help="text file naming the images to use")
+    p.add_argument("--size", nargs=2, type=int, metavar=("W", "H"), default=None,
+                   help="input size for the network (default: the checkpoint's input size for cityscapes/folder, "
+                   "1024 512 for cityscapes, else native)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a dast model checkpoint")
+    src.add_argument("--predictions", help="a folder of train-id prediction PNGs <name>.png")
+    p.add_argument("--out", required=True, help="output folder for metrics.json")
+    p.add_argument("--classes", default=None, help="folder datasets: YAML list of {name, color}")
+    p.add_argument("--images", default="images", help="folder datasets: image sub-folder (default: images)")
+    p.add_argument("--labels", default="labels", help="folder datasets: label sub-folder (default: labels)")
+    p.add_argument("--protocols", choices=["auto", "synthia", "none"], default="auto",
+                   help="extra mIoU columns: synthia adds the 16- and 13-class mIoU (auto: synthia when "
+                   "--dataset synthia or the checkpoint was trained from SYNTHIA)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
+    p.add_argument("--amp", choices=sorted(AMP), default="none", help="autocast dtype for the forward pass")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_argument(p)
+    return p
+
+
+def _source_kind(meta: dict[str, Any]) -> Optional[str]:
+    cfg = meta.get("config")
+    if isinstance(cfg, dict) and isinstance(cfg.get("source"), dict):
+        kind = cfg["source"].get("kind")
+        return str(kind) if kind else None
+    return None
+
+
+def _protocols(choice: str, dataset_kind: str, source_kind: Optional[str]) -> dict[str, tuple[int, ...]]:
+    if choice == "none":
+        return {}
+    if choice == "synthia" or source_kind == "synthia":
+        return {"miou_16": SYNTHIA_16, "miou_13": SYNTHIA_13}
+    return protocols_for(dataset_kind)
+
+
+def _classes(args: argparse.Namespace, names: list[str], colors: list[tuple[int, int, int]]) -> Optional[list[ClassSpec]]:
+    if args.dataset != "folder":
+        return None
+    if args.classes:
+        table = read_class_file(existing_file(args.classes, "class list"))
+        return [ClassSpec(name=n, color=c) for n, c in zip(table.names, table.colors)]
+    if (Path(args.root) / "classes.yaml").is_file() or not names:
+        return None
+    colors = colors if len(colors) == len(names) else [(0, 0, 0)] * len(names)
+    return [ClassSpec(name=n, color=tuple(c)) for n, c in zip(names, colors)]
+
+
+def _size(args: argparse.Namespace, spec_size: Optional[tuple[int, int]]) -> Optional[tuple[int, int]]:
+    if args.size is not None:
+        w, h = args.size
+        if w < 1 or h < 1:
+            raise UserError(f"--size must be positive, got {w} {h}")
+        return (w, h)
+    if args.dataset in ("cityscapes", "folder") and spec_size is not None:
+        return tuple(spec_size)  # type: ignore[return-value]
+    return CITYSCAPES_EVAL_SIZE if args.dataset == "cityscapes" else None
+
+
+def run(args: argparse.Namespace) -> int:
+    existing_dir(args.root, "dataset root")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    out = Path(args.out)
+    if args.checkpoint:
+        from dast.models.io import load_networks
+
+        device = resolve_device(args.device)
+        nets, _, meta = load_networks(existing_file(args.checkpoint, "checkpoint"), device)
+        spec = nets.spec
+        cfg = DatasetConfig(kind=args.dataset, root=args.root, split=args.split, list_file=args.list_file,
+                            size=_size(args, spec.input_size), images=args.images, labels=args.labels,
+                            classes=_classes(args, list(spec.class_names), list(spec.class_colors)))
+        dataset = build_dataset(cfg, norm=spec.norm, num_classes=spec.num_classes, with_labels=True)
+        metrics = evaluate_model(nets.target_model(), dataset, device, batch_size=args.batch_size,
+                                 amp_dtype=AMP[args.amp], progress=not args.quiet,
+                                 protocols=_protocols(args.protocols, args.dataset, _source_kind(meta)),
+                                 num_workers=max(0, args.workers))
+    else:
+        pred_dir = existing_dir(args.predictions, "prediction folder")
+        cfg = DatasetConfig(kind=args.dataset, root=args.root, split=args.split, list_file=args.list_file,
+                            images=args.images, labels=args.labels, classes=_classes(args, [], []))
+        dataset = build_dataset(cfg, norm="unit", num_classes=_num_classes(cfg), with_labels=True)
+        metrics = evaluate_predictions(dataset, pred_dir, progress=not args.quiet,
+                                       protocols=_protocols(args.protocols, args.dataset, None))
+    write_json(out / "metrics.json", metrics)
+    print(format_table(metrics))
+    print(f"wrote {out / 'metrics.json'}")
+    return 0
+
+
+def _num_classes(cfg: DatasetConfig) -> int:
+    from dast.data.labels import table_for
+
+    return table_for(cfg).num_classes

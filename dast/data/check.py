@@ -1,0 +1,138 @@
+"""Check a dataset on disk and list every problem in one pass."""
+
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from dast.data.datasets import Layout, layout_for, read_list_file
+from dast.data.labels import SYNTHIA_MAX_ID, read_class_file
+from dast.data.readers import label_reader, read_image, read_synthia_ids
+from dast.errors import DataError, UserError
+
+
+@dataclass
+class CheckResult:
+    """The problems found and how many files were looked at."""
+
+    problems: list[str] = field(default_factory=list)
+    num_images: int = 0
+    num_labels: int = 0
+
+
+def _read_synthia_checked(path: Path) -> np.ndarray:
+    ids = read_synthia_ids(path)
+    if int(ids.max(initial=0)) > SYNTHIA_MAX_ID:
+        bad = np.unique(ids[ids > SYNTHIA_MAX_ID])
+        shown = ", ".join(str(int(v)) for v in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise DataError(f"label {path} has value(s) {shown} outside 0..{SYNTHIA_MAX_ID}")
+    return ids
+
+
+def _label_checker(kind: str, root: Path, num_classes: Optional[int]) -> Callable[[Path], np.ndarray]:
+    if kind == "synthia":
+        return _read_synthia_checked
+    if kind == "folder":
+        if num_classes is None and (root / "classes.yaml").is_file():
+            num_classes = read_class_file(root / "classes.yaml").num_classes
+        return label_reader("folder", num_classes if num_classes is not None else 255)
+    return label_reader(kind, 19)
+
+
+def _check_pair(image: Path, label: Optional[Path], read_label: Callable[[Path], np.ndarray]) -> list[str]:
+    problems = []
+    try:
+        rgb = read_image(image)
+    except DataError as exc:
+        problems.append(str(exc))
+        rgb = None
+    if label is None:
+        return problems
+    try:
+        lab = read_label(label)
+    except DataError as exc:
+        problems.append(str(exc))
+        return problems
+    if rgb is not None and rgb.shape[:2] != lab.shape[:2]:
+        problems.append(
+            f"size mismatch: image {image} is {rgb.shape[1]}x{rgb.shape[0]} but label {label} is "
+            f"{lab.shape[1]}x{lab.shape[0]}"
+        )
+    return problems
+
+
+def _structure(layout: Layout, list_file: Optional[str | Path], result: CheckResult
+               ) -> list[tuple[Path, Optional[Path]]]:
+    """Folders, pairing and list-file problems; returns the (image, label) pairs to read."""
+    problems = result.problems
+    if not layout.image_dir.is_dir():
+        problems.append(f"missing image folder: {layout.image_dir}")
+    has_labels = layout.label_dir is not None
+    if has_labels and not layout.label_dir.is_dir():  # type: ignore[union-attr]
+        problems.append(f"missing label folder: {layout.label_dir}")
+    images = layout.image_files() if layout.image_dir.is_dir() else []
+    labels = layout.label_files()
+    seen: dict[str, Path] = {}
+    for name, path in images:
+        if name in seen:
+            problems.append(f"two images share the name '{name}': {seen[name]} and {path}")
+        seen.setdefault(name, path)
+    if list_file is not None:
+        wanted: list[str] = []
+        for lineno, entry, name in read_list_file(list_file):
+            if name in seen:
+                wanted.append(name)
+            else:
+                problems.append(f"{list_file}:{lineno}: '{entry}' has no image in {layout.image_dir}")
+        keep = set(wanted)
+        images = [(n, p) for n, p in images if n in keep]
+    label_dir_ok = has_labels and layout.label_dir.is_dir()  # type: ignore[union-attr]
+    pairs: list[tuple[Path, Optional[Path]]] = []
+    for name, path in images:
+        label = layout.label_path(name, path) if label_dir_ok else None
+        if label is not None and not label.is_file():
+            problems.append(f"image without label: {path} (expected {label})")
+            label = None
+        pairs.append((path, label))
+    for name, path in labels if layout.image_dir.is_dir() else []:
+        if name not in seen:
+            problems.append(f"label without image: {path}")
+    result.num_images = len(images)
+    result.num_labels = sum(1 for _, lab in pairs if lab is not None)
+    return pairs
+
+
+def scan_dataset(kind: str, root: str | Path, split: str = "train", list_file: Optional[str | Path] = None,
+                 num_classes: Optional[int] = None, *, images: str = "images", labels: Optional[str] = "labels",
+                 workers: Optional[int] = None, progress: bool = True) -> CheckResult:
+    """Check every file of a dataset; a missing root is a :class:`UserError`."""
+    r = Path(root)
+    if not r.exists():
+        raise UserError(f"dataset root not found: {r}")
+    if not r.is_dir():
+        raise UserError(f"dataset root is not a directory: {r}")
+    layout = layout_for(kind, r, split, images, labels)
+    result = CheckResult()
+    pairs = _structure(layout, list_file, result)
+    read_label = _label_checker(kind, r, num_classes)
+    n_workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool:
+        found = pool.map(lambda p: _check_pair(p[0], p[1], read_label), pairs)
+        bar = tqdm(found, total=len(pairs), desc=f"checking {kind}", unit="img", file=sys.stderr,
+                   disable=None if progress else True, leave=False)
+        for problems in bar:
+            result.problems.extend(problems)
+    return result
+
+
+def check_dataset(kind: str, root: str | Path, split: str = "train", list_file: Optional[str | Path] = None,
+                  num_classes: Optional[int] = None, **kwargs: object) -> list[str]:
+    """Every problem of a dataset on disk, one readable line each (empty when clean)."""
+    return scan_dataset(kind, root, split, list_file, num_classes, **kwargs).problems  # type: ignore[arg-type]

@@ -1,0 +1,165 @@
+"""The paper's evaluation protocol, for a model or for prediction files.
+
+The model sees the images resized to the dataset's ``size`` (1024x512 for Cityscapes);
+its logits are upsampled bilinearly (``align_corners=True``) to the native label
+resolution (2048x1024), the argmax is compared with the full-resolution labels, and the
+confusion matrix is accumulated on the device.
+"""
+
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from dast.data.datasets import SegmentationDataset
+from dast.data.labels import IGNORE, protocols_for
+from dast.data.readers import read_index_label
+from dast.errors import DataError
+from dast.evaluation.confusion import ConfusionMatrix
+from dast.evaluation.metrics import compute_metrics
+
+
+class _EvalView(Dataset):
+    """(network input, native label, index) for the evaluated samples."""
+
+    def __init__(self, dataset: SegmentationDataset, indices: Sequence[int]) -> None:
+        self.dataset = dataset
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        i = self.indices[k]
+        label = torch.from_numpy(np.ascontiguousarray(self.dataset.read_label_native(i)))
+        return self.dataset.prepare_image(i), label, i
+
+
+def _as_list(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _require_labels(dataset: SegmentationDataset) -> None:
+    if not dataset.has_labels:
+        raise DataError(f"the {dataset.kind} dataset was built without labels; evaluation needs them")
+
+
+@torch.no_grad()
+def evaluate_confusion(model: nn.Module, dataset: SegmentationDataset, device: torch.device | str, *,
+                       batch_size: int = 1, amp_dtype: Optional[torch.dtype] = None, progress: bool = True,
+                       indices: Optional[Sequence[int]] = None, num_workers: int = 0) -> tuple[ConfusionMatrix, int]:
+    """Run ``model`` over ``dataset`` (or its ``indices``) and return (confusion matrix, images)."""
+    _require_labels(dataset)
+    device = torch.device(device)
+    idx = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+    cm = ConfusionMatrix(dataset.num_classes, device)
+    loader = DataLoader(_EvalView(dataset, idx), batch_size=max(1, batch_size), shuffle=False,
+                        num_workers=num_workers, collate_fn=_as_list, pin_memory=device.type == "cuda")
+    was_training = model.training
+    model.eval()
+    count = 0
+    try:
+        bar = tqdm(loader, total=len(loader), desc="evaluating", unit="batch", file=sys.stderr,
+                   disable=None if progress else True, leave=False)
+        for batch in bar:
+            start = 0
+            while start < len(batch):  # images of one forward pass must share a size
+                end = start + 1
+                shape = batch[start][0].shape
+                while end < len(batch) and batch[end][0].shape == shape:
+                    end += 1
+                group = batch[start:end]
+                x = torch.stack([g[0] for g in group]).to(device, non_blocking=True)
+                with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.bfloat16,
+                                    enabled=amp_dtype is not None):
+                    logits = _logits(model(x))
+                for k, (_, label, _) in enumerate(group):
+                    up = F.interpolate(logits[k : k + 1].float(), size=tuple(label.shape), mode="bilinear",
+                                       align_corners=True)
+                    cm.update(up.argmax(1)[0], label.to(device, non_blocking=True), check=False)
+                count += len(group)
+                start = end
+    finally:
+        model.train(was_training)
+    return cm, count
+
+
+def _reduce_count(count: int, device: torch.device) -> int:
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([count], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return int(t.item())
+    return count
+
+
+def evaluate_model(model: nn.Module, dataset: SegmentationDataset, device: torch.device | str, *,
+                   batch_size: int = 1, amp_dtype: Optional[torch.dtype] = None, progress: bool = True,
+                   indices: Optional[Sequence[int]] = None, protocols: Optional[Mapping[str, Sequence[int]]] = None,
+                   distributed: bool = False, num_workers: int = 0) -> dict[str, Any]:
+    """mIoU of a target model (already on ``device``) on a labelled dataset (keys: :func:`compute_metrics`).
+
+    ``indices`` restricts the evaluation to a shard; with ``distributed=True`` every rank
+    must call this with its own shard and all get the metrics of the union.
+    ``protocols`` defaults to those of ``dataset.kind`` (16/13 classes for SYNTHIA).
+    """
+    cm, count = evaluate_confusion(model, dataset, device, batch_size=batch_size, amp_dtype=amp_dtype,
+                                   progress=progress, indices=indices, num_workers=num_workers)
+    if distributed:
+        cm.all_reduce()
+        count = _reduce_count(count, cm.device)
+    chosen = protocols_for(dataset.kind) if protocols is None else protocols
+    return compute_metrics(cm.numpy(), dataset.table.names, chosen, count)
+
+
+def _read_prediction(path: Path, num_classes: int, label_shape: tuple[int, ...], name: str) -> np.ndarray:
+    pred = read_index_label(path, num_classes)
+    if (pred == IGNORE).any():
+        raise DataError(f"prediction {path} contains 255; predictions must be class ids 0..{num_classes - 1}")
+    if pred.shape != label_shape:
+        raise DataError(
+            f"prediction {path} is {pred.shape[1]}x{pred.shape[0]} but the label of {name} is "
+            f"{label_shape[1]}x{label_shape[0]}"
+        )
+    return pred
+
+
+def evaluate_predictions(dataset: SegmentationDataset, pred_dir: str | Path, *, progress: bool = True,
+                         protocols: Optional[Mapping[str, Sequence[int]]] = None, workers: int = 4) -> dict[str, Any]:
+    """mIoU of train-id prediction PNGs ``<pred_dir>/<name>.png`` at the native label size."""
+    _require_labels(dataset)
+    d = Path(pred_dir)
+    if not d.is_dir():
+        raise DataError(f"prediction folder not found: {d}")
+    missing = [n for n in dataset.names if not (d / f"{n}.png").is_file()]
+    if missing:
+        more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
+        raise DataError(f"prediction missing: {d / (missing[0] + '.png')}{more}")
+    n = dataset.num_classes
+
+    def load(i: int) -> tuple[np.ndarray, np.ndarray]:
+        label = dataset.read_label_native(i)
+        name = dataset.names[i]
+        return _read_prediction(d / f"{name}.png", n, label.shape, name), label
+
+    cm = ConfusionMatrix(n, "cpu")
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pairs = pool.map(load, range(len(dataset)))
+        for pred, label in tqdm(pairs, total=len(dataset), desc="evaluating", unit="img", file=sys.stderr,
+                                disable=None if progress else True, leave=False):
+            cm.update(pred, label)
+    chosen = protocols_for(dataset.kind) if protocols is None else protocols
+    return compute_metrics(cm.numpy(), dataset.table.names, chosen, len(dataset))
