@@ -1,0 +1,77 @@
+"""``dast predict``: segment target images with a checkpoint and write PNGs (and logits)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+
+from dast.commands._common import add_device_argument, existing_file, resolve_device
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 0, got {value}")
+    return value
+
+
+def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        name,
+        help="segment target images with a checkpoint",
+        description="Run the target path (segmentor + discoverer attention) on images and write, per image "
+        "<stem>: <stem>.png (trainIds at the original resolution), <stem>_color.png, <stem>_overlay.png, "
+        "<stem>_attention.png and, with --save-logits, <stem>.npy (float32 C x h x w logits).",
+    )
+    p.add_argument("--checkpoint", required=True, help="dast checkpoint (.safetensors)")
+    p.add_argument("--input", required=True, nargs="+", metavar="PATH",
+                   help="image files, folders (png/jpg/jpeg/bmp, not recursive) or glob patterns")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--save-logits", action="store_true", help="also write <stem>.npy with the raw logits")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward pass (default 1)")
+    add_device_argument(p)
+    p.add_argument("--size", type=_positive_int, nargs=2, metavar=("W", "H"),
+                   help="resize inputs to W x H instead of the checkpoint's input size")
+    p.add_argument("--amp", choices=sorted(AMP_DTYPES), default="off", help="autocast dtype (default off)")
+    p.add_argument("--workers", type=_nonnegative_int, default=min(4, os.cpu_count() or 1),
+                   help="image-reading worker processes (default: up to 4)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from dast.inference.predict import expand_inputs, plan_outputs, predict_paths
+    from dast.models.io import load_networks
+
+    device = resolve_device(args.device)
+    inputs = expand_inputs(args.input)
+    out = Path(args.out)
+    plan_outputs(inputs, out, args.save_logits)  # refuse name clashes before loading the model
+    ckpt = existing_file(args.checkpoint, "checkpoint")
+    nets, _, _ = load_networks(ckpt, device)
+    if args.size is not None:
+        nets.spec = dataclasses.replace(nets.spec, input_size=(int(args.size[0]), int(args.size[1])))
+    records = predict_paths(nets, inputs, out, batch_size=args.batch_size, device=device,
+                            save_logits=args.save_logits, amp_dtype=AMP_DTYPES[args.amp],
+                            progress=not args.no_progress, num_workers=args.workers)
+    print(f"wrote predictions for {len(records)} image(s) to {out}")
+    return 0
