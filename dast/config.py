@@ -89,7 +89,8 @@ class TrainConfig(_Strict):
     steps: int = Field(default=150000, ge=0)
     poly_steps: int = Field(default=250000, ge=1)
     lr: float = 2.5e-4
-    head_lr_mult: float = 10.0
+    head_lr_mult: Optional[float] = None  # null: 10 (released VGG-16: 1, one group)
+    duplicate_params: Optional[bool] = None  # null: the released duplicated list (reference, ResNet)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     power: float = 0.9
@@ -146,7 +147,7 @@ class RuntimeConfig(_Strict):
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
     channels_last: Optional[bool] = None
     compile: bool = False
-    deterministic: bool = True
+    deterministic: Optional[bool] = None  # null: true on CPU, false on CUDA (cuDNN autotuning)
 
 
 class DistributedConfig(_Strict):
@@ -332,6 +333,12 @@ def resolve(cfg: Config) -> Config:
     if adv.corrector_weighting is None:
         wants = d["corrector_weighting"]
         adv.corrector_weighting = wants if (adv.attention and adv.discoverer) else "none"
+    tr = out.train
+    released_vgg = cfg.variant == "reference" and out.model.arch == "vgg16"
+    if tr.head_lr_mult is None:
+        tr.head_lr_mult = 1.0 if released_vgg else 10.0
+    if tr.duplicate_params is None:
+        tr.duplicate_params = cfg.variant == "reference" and out.model.arch != "vgg16"
     st = out.self_training
     if st.lr is None:
         st.lr = d["st_lr"]

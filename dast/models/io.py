@@ -144,10 +144,14 @@ def load_networks(path: str | Path, device: str | torch.device = "cpu",
         if want is not None and have != want:
             raise CheckpointError(f"checkpoint {path} is for {key}={have!r}, but {key}={want!r} was requested")
     nets = build_networks(spec)
-    load_state_strict(nets.segmentor, split_prefixed(tensors, "segmentor"), "segmentor", str(path))
-    if nets.discoverer is not None:
-        load_state_strict(nets.discoverer, split_prefixed(tensors, "discoverer"), "discoverer", str(path))
-    if nets.corrector is not None:
-        load_state_strict(nets.corrector, split_prefixed(tensors, "corrector"), "corrector", str(path))
+    assign_weights(nets, tensors, str(path))
     nets.to(device)
     return nets, tensors, meta
+
+
+def assign_weights(nets: Networks, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load the stored weights of every network present in ``nets`` (strict per network)."""
+    load_state_strict(nets.segmentor, split_prefixed(tensors, "segmentor"), "segmentor", source)
+    for name, m in (("discoverer", nets.discoverer), ("corrector", nets.corrector)):
+        if m is not None:
+            load_state_strict(m, split_prefixed(tensors, name), name, source)

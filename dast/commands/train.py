@@ -1,0 +1,52 @@
+"""`dast train`: stage 1, model selection, self-training rounds and final evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from dast.config import load_config
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    p = sub.add_parser(name, help="train a model (stage 1 and self-training rounds)",
+                       description="Train DAST from a YAML config into a run directory. Works under torchrun.")
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--out", help="run directory")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=100 (repeatable)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                   help="continue the run in --out (or in RUN_DIR) from its latest complete checkpoint")
+    p.add_argument("--force", action="store_true", help="resume even if the config differs; reuse a non-empty --out")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="override runtime.device")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from dast.errors import UserError
+    from dast.training.pipeline import train
+    from dast.training.trainer import TrainingInterrupted
+
+    run_dir = args.out
+    resume = bool(args.resume)
+    if isinstance(args.resume, str):
+        if run_dir and Path(run_dir) != Path(args.resume):
+            raise UserError("--resume RUN_DIR and --out name different directories")
+        run_dir = args.resume
+    if not run_dir:
+        raise UserError("--out RUN_DIR is required (or --resume RUN_DIR)")
+    if args.config is None and args.overrides:
+        raise UserError("--set needs --config")
+    cfg = load_config(args.config, args.overrides) if args.config else None
+    try:
+        metrics = train(cfg, run_dir, resume=resume, force=args.force, device=args.device, progress=not args.no_progress)
+    except TrainingInterrupted as exc:
+        import sys
+
+        sys.stderr.write(f"{exc}\n")
+        return 128 + exc.signum
+    if metrics:
+        print(json.dumps({"miou": metrics.get("miou"), "run_dir": str(run_dir)}))
+    return 0

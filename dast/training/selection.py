@@ -1,0 +1,72 @@
+"""Label-free model selection on a synthetic validation set (paper, "When to start the
+self-training"): source images restyled to the target domain with FDA, one set per beta.
+The score is the mean mIoU over the betas (the paper uses beta = 0.5 and 0.9)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dast.data.transforms import normalize, resize_image
+
+
+class FDAValSet(Dataset):
+    """Source images (with labels) restyled with FDA towards random target images.
+
+    Picks ``num_images`` source samples and one style image each, deterministically from
+    ``seed``. Items look like a labelled :class:`~dast.data.datasets.SegmentationDataset`:
+    evaluation uses the source label at the source input size.
+    """
+
+    def __init__(self, source: Any, target: Any, num_images: int, beta: float, seed: int = 0) -> None:
+        rng = np.random.default_rng([int(seed), 4242])
+        n = min(num_images, len(source))
+        self.source, self.target, self.beta = source, target, float(beta)
+        self.src_idx = np.sort(rng.choice(len(source), size=n, replace=False)).tolist()
+        self.tgt_idx = rng.integers(0, len(target), size=n).tolist()
+        self.names = [f"{source.names[i]}_fda{beta:g}" for i in self.src_idx]
+        self.table = source.table
+        self.has_labels = True
+        self.kind = "fda"
+        self.norm = source.norm
+        self.size = source.size
+
+    def __len__(self) -> int:
+        return len(self.src_idx)
+
+    def read_image_rgb(self, i: int) -> np.ndarray:
+        src = self.source.read_image_rgb(self.src_idx[i])
+        from dast.data.fda import fda_image
+
+        tgt = resize_image(self.target.read_image_rgb(self.tgt_idx[i]), (src.shape[1], src.shape[0]))
+        return fda_image(src, tgt, self.beta)
+
+    def read_label_native(self, i: int) -> np.ndarray:
+        item = self.source[self.src_idx[i]]
+        return item["label"].numpy().astype(np.uint8)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        i = i % len(self)
+        return {"image": normalize(self.read_image_rgb(i), self.norm), "name": self.names[i], "index": i}
+
+
+def build_selection_sets(source: Any, target: Any, num_images: int, betas: Sequence[float], seed: int) -> list[tuple[float, FDAValSet]]:
+    """One FDA set per beta; the same source images and style images for every beta."""
+    return [(float(b), FDAValSet(source, target, num_images, b, seed)) for b in betas]
+
+
+def selection_score(model: torch.nn.Module, sets: Sequence[tuple[float, FDAValSet]], device: torch.device,
+                    amp_dtype: torch.dtype | None = None, batch_size: int = 1, rank: int = 0, world: int = 1) -> dict[str, float]:
+    """mIoU on each FDA set and their mean (``score``)."""
+    from dast.evaluation.evaluate import evaluate_model
+
+    out: dict[str, float] = {}
+    for beta, ds in sets:
+        indices = list(range(rank, len(ds), world)) if world > 1 else None
+        m = evaluate_model(model, ds, device, batch_size=batch_size, amp_dtype=amp_dtype, progress=False, indices=indices)
+        out[f"miou_beta{beta:g}"] = float(m["miou"])
+    out["score"] = float(np.mean([out[f"miou_beta{b:g}"] for b, _ in sets])) if sets else float("nan")
+    return out
