@@ -1,0 +1,94 @@
+"""``dast pseudo-label``: class-balanced pseudo labels for the target training set."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from dast.commands._common import add_device_argument, existing_file, resolve_device
+from dast.errors import UserError
+
+_AMP = {"none": None, "off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        name,
+        help="write class-balanced pseudo labels for the target images",
+        description="Run the target model over the target training images of a config, pick per-class "
+                    "confidence thresholds (the portion q of each class's predicted pixels) and write "
+                    "DIR/<name>.png (trainIds, 255 ignore), DIR/preview/*_color.png, DIR/stats.json and "
+                    "DIR/COMPLETE. Defaults come from the config's self_training section.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="dast model checkpoint")
+    p.add_argument("--config", required=True, metavar="FILE", help="YAML config whose 'target' dataset is labelled")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (cleared if it holds an earlier set)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.add_argument("--portion", type=float, metavar="Q", default=None,
+                   help="portion q per class (default: self_training.portion)")
+    p.add_argument("--cap", type=float, metavar="T", default=None,
+                   help="upper bound of a threshold (default: self_training.cap)")
+    p.add_argument("--mode", choices=["histogram", "exact-reference"], default=None,
+                   help="threshold estimation (default: self_training.mode)")
+    p.add_argument("--bins", type=int, metavar="N", default=None, help="histogram bins (default: self_training.bins)")
+    p.add_argument("--subsample", type=int, metavar="S", default=None,
+                   help="keep every N-th pixel per image per class (default: self_training.subsample)")
+    p.add_argument("--batch-size", type=int, metavar="B", default=1, help="images per forward pass (default 1)")
+    p.add_argument("--workers", "--num-workers", dest="num_workers", type=int, metavar="N", default=None,
+                   help="data-loading worker processes (default: train.num_workers)")
+    p.add_argument("--amp", choices=sorted(_AMP), default="none",
+                   help="autocast dtype (default none: float32, as released)")
+    p.add_argument("--preview-count", type=int, metavar="N", default=None,
+                   help="colour previews to write (default: config)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_device_argument(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from dast.config import load_config
+    from dast.data.datasets import build_dataset
+    from dast.models.io import load_networks
+    from dast.training.pseudo_labels import generate_pseudo_labels
+
+    cfg_path = existing_file(args.config, "config file")
+    ckpt = existing_file(args.checkpoint, "checkpoint")
+    cfg = load_config(cfg_path, args.overrides)
+    st = cfg.self_training
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    bins = st.bins if args.bins is None else args.bins
+    if bins < 1:
+        raise UserError(f"--bins must be >= 1, got {bins}")
+    subsample = st.subsample if args.subsample is None else args.subsample
+    if subsample < 1:
+        raise UserError(f"--subsample must be >= 1, got {subsample}")
+    portion = st.portion if args.portion is None else args.portion
+    if not 0.0 < portion <= 1.0:
+        raise UserError(f"--portion must be in (0, 1], got {portion}")
+    cap = st.cap if args.cap is None else args.cap
+    num_workers = cfg.train.num_workers if args.num_workers is None else args.num_workers
+    if num_workers < 0:
+        raise UserError(f"--workers must be >= 0, got {num_workers}")
+    device = resolve_device(args.device)
+
+    nets, _, _ = load_networks(ckpt, device)
+    dataset = build_dataset(cfg.target, norm=nets.spec.norm, num_classes=nets.spec.num_classes,
+                            with_labels=False, seed=cfg.seed)
+    colors = list(nets.spec.class_colors) or None
+    if colors is None and cfg.target.classes:
+        colors = [tuple(c.color) for c in cfg.target.classes]
+    stats = generate_pseudo_labels(
+        nets.target_model(), dataset, args.out, portion=portion, cap=cap,
+        mode=args.mode or st.mode, bins=bins, subsample=subsample, device=device,
+        batch_size=args.batch_size, amp_dtype=_AMP[args.amp],
+        preview_count=st.preview_count if args.preview_count is None else args.preview_count,
+        colors=colors, progress=not args.no_progress, num_workers=num_workers,
+        num_classes=nets.spec.num_classes,
+    )
+    summary = {k: stats[k] for k in ("num_images", "mode", "portion", "ignored_fraction", "seconds")}
+    print(json.dumps({"out": str(args.out), **summary}))
+    return 0
