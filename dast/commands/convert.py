@@ -1,0 +1,121 @@
+"""`dast convert`: released checkpoints and ImageNet initialisations -> dast checkpoints.
+
+    dast convert official --segmentor SEG.pth [--discriminators D.pth] --arch resnet101 --num-classes 19 --out CKPT
+    dast convert imagenet --weights FILE --arch resnet101 [--variant paper] --out CKPT
+
+Foreign files are read with ``torch.load(weights_only=True)``; the result is a
+``.safetensors`` dast checkpoint. See docs/weights.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dast import __version__
+from dast.checkpoint import load_torch_file
+from dast.commands._common import existing_file
+from dast.data.transforms import NORMS
+from dast.errors import UserError
+from dast.models.convert import CONVERT_ARCHS, FORMATS, ConversionReport, imagenet_to_dast, official_to_dast
+from dast.models.io import Networks, save_networks
+
+_ARCH_HELP = "backbone (small: dast's tiny demo backbone, which has no released weights)"
+
+
+def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        name,
+        help="convert released checkpoints or ImageNet weights into a dast checkpoint",
+        description="Convert the authors' released checkpoints or ImageNet initialisations into a dast checkpoint.",
+    )
+    sub = p.add_subparsers(dest="source", metavar="<source>", parser_class=type(p))
+    sub.required = True
+
+    o = sub.add_parser(
+        "official",
+        help="a released DAST segmentor (and discriminators) .pth",
+        description="Convert a released DAST checkpoint. The result keeps the `reference` variant.",
+    )
+    o.add_argument("--segmentor", required=True, metavar="SEG.pth", help="released segmentor state dict")
+    o.add_argument("--discriminators", metavar="D.pth", help="released discriminators (the ModuleList of D and C)")
+    o.add_argument("--arch", required=True, choices=CONVERT_ARCHS, help=_ARCH_HELP)
+    o.add_argument("--num-classes", type=int, required=True, help="number of classes of the released model")
+    o.add_argument("--variant", choices=("reference", "paper"), default="reference",
+                   help="network variant to load into (default: reference, the released code's network)")
+    _common_flags(o)
+
+    i = sub.add_parser(
+        "imagenet",
+        help="an ImageNet initialisation (DeepLab init file or torchvision weights)",
+        description="Start a dast checkpoint from ImageNet weights: the DeepLab init file "
+        "(DeepLab_resnet_pretrained_init-*.pth) or torchvision resnet101 / vgg16 weights. "
+        "The classifier, D and C are freshly initialised.",
+    )
+    i.add_argument("--weights", required=True, metavar="FILE", help="the weight file (.pth or .safetensors)")
+    i.add_argument("--arch", required=True, choices=CONVERT_ARCHS, help=_ARCH_HELP)
+    i.add_argument("--variant", choices=("paper", "reference"), default="paper", help="network variant (default: paper)")
+    i.add_argument("--num-classes", type=int, default=19, help="number of classes (default: 19)")
+    i.add_argument("--norm", choices=[n for n in NORMS if n != "unit"], default=None,
+                   help="input normalisation stored in the checkpoint (default: caffe for the DeepLab file, "
+                   "imagenet for torchvision weights)")
+    i.add_argument("--format", dest="fmt", choices=FORMATS, default="auto", help="file layout (default: detect)")
+    _common_flags(i)
+    return p
+
+
+def _common_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, metavar="CKPT", help="dast checkpoint to write (.safetensors)")
+    p.add_argument("--allow-unexpected", action="store_true", help="ignore keys of the file that fit nothing")
+    p.add_argument("--allow-missing", action="store_true", help="keep tensors the file lacks at their fresh initialisation")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    p.add_argument("--max-keys", type=int, default=8, help="list at most this many keys per category (default: 8)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.num_classes < 2:
+        raise UserError(f"--num-classes must be at least 2, got {args.num_classes}")
+    if args.source == "official":
+        nets, report, meta = _official(args)
+    else:
+        nets, report, meta = _imagenet(args)
+    out = Path(args.out)
+    save_networks(out, nets, {"converted": meta, "dast_version": __version__})
+    print(report.summary(args.max_keys))
+    spec = nets.spec
+    parts = [p for p, on in (("discoverer", spec.discoverer), ("corrector", spec.corrector)) if on]
+    print(
+        f"wrote {out}: {spec.arch}, {spec.num_classes} classes, variant {spec.variant}, norm {spec.norm}"
+        + (f", with {' and '.join(parts)}" if parts else ", segmentor only")
+    )
+    if args.source == "official" and not spec.discoverer:
+        print("note: without --discriminators the model has no attention, unlike the network the authors evaluated")
+    sys.stdout.flush()
+    return 0
+
+
+def _official(args: argparse.Namespace) -> tuple[Networks, ConversionReport, dict[str, object]]:
+    seg_path = existing_file(args.segmentor, "segmentor checkpoint")
+    d_path = existing_file(args.discriminators, "discriminators checkpoint") if args.discriminators else None
+    seg_sd = load_torch_file(seg_path)
+    d_sd = load_torch_file(d_path) if d_path else None
+    source = str(seg_path) if d_path is None else f"{seg_path} + {d_path}"
+    nets, report = official_to_dast(
+        seg_sd, d_sd, args.arch, args.num_classes, variant=args.variant,
+        allow_unexpected=args.allow_unexpected, allow_missing=args.allow_missing, source=source,
+    )
+    meta = {"from": "official", "segmentor": seg_path.name,
+            "discriminators": d_path.name if d_path else None, "report": report.to_dict()}
+    return nets, report, meta
+
+
+def _imagenet(args: argparse.Namespace) -> tuple[Networks, ConversionReport, dict[str, object]]:
+    path = existing_file(args.weights, "weight file")
+    sd = load_torch_file(path)
+    nets, report = imagenet_to_dast(
+        sd, args.arch, args.num_classes, args.variant, args.fmt, norm=args.norm,
+        allow_unexpected=args.allow_unexpected, allow_missing=args.allow_missing, source=str(path),
+    )
+    meta = {"from": "imagenet", "weights": path.name, "report": report.to_dict()}
+    return nets, report, meta
