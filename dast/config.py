@@ -67,6 +67,7 @@ class ModelConfig(_Strict):
     num_classes: int = Field(default=19, ge=2)
     init: Optional[str] = None  # a dast checkpoint (e.g. from `dast convert imagenet`)
     norm: Literal["caffe", "imagenet", "unit"] = "caffe"
+    batchnorm: Literal["batch", "per_image"] = "batch"  # per_image keeps batch-1 normalisation at any batch size
 
 
 class AdversarialConfig(_Strict):
@@ -102,6 +103,7 @@ class TrainConfig(_Strict):
     log_every: int = Field(default=10, ge=1)
     image_every: int = Field(default=1000, ge=1)
     eval_every: int = Field(default=2000, ge=1)
+    digest_every: int = Field(default=0, ge=0)  # >0: each rank logs a parameter checksum (distributed debugging)
 
 
 class SelfTrainingConfig(_Strict):

@@ -47,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
         sys.stderr.write(f"{exc}\n")
         return 128 + exc.signum
-    if metrics:
+    import os
+
+    if metrics and os.environ.get("RANK", "0") == "0":
         print(json.dumps({"miou": metrics.get("miou"), "run_dir": str(run_dir)}))
     return 0

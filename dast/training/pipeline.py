@@ -9,6 +9,7 @@ final evaluation, each stage resumable, all outputs in one run directory::
     RUN/round<k>/pseudo_labels/  label PNGs, previews, stats.json, COMPLETE
     RUN/round<k>/              checkpoints/, best.safetensors, selected.safetensors
     RUN/final/                 model.safetensors, metrics.json
+    RUN/scalars.jsonl          every logged scalar (losses, learning rates, evaluations)
     RUN/curves.json, RUN/figure4.png   selection score vs target mIoU over iterations
 """
 
@@ -149,6 +150,10 @@ class Pipeline:
 
             self.writer = SummaryWriter(str(run_dir / "tb"))
         self.curves: list[dict[str, Any]] = []
+        from dast.data.labels import protocols_for
+
+        # SYNTHIA-trained models report 16- and 13-class mIoU on Cityscapes too
+        self.protocols = protocols_for(cfg.source.kind) if cfg.source.kind == "synthia" else None
 
     # ---------------------------------------------------------------- datasets
     def build_data(self) -> None:
@@ -182,14 +187,19 @@ class Pipeline:
             scores.update({f"synthetic_{k}": v for k, v in s.items()})
         if self.val is not None:
             idx = list(range(self.rt.rank, len(self.val), self.rt.world_size)) if self.rt.distributed else None
-            m = evaluate_model(model, self.val, self.rt.device, amp_dtype=self.rt.amp_dtype, progress=False, indices=idx)
+            m = evaluate_model(model, self.val, self.rt.device, amp_dtype=self.rt.amp_dtype, progress=False, indices=idx,
+                               distributed=self.rt.distributed, protocols=self.protocols)
             scores["target"] = float(m["miou"])
         return scores
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
+        """TensorBoard scalars, mirrored in RUN/scalars.jsonl for reports and scripts."""
         if self.writer is not None:
             for k, v in scalars.items():
                 self.writer.add_scalar(k, v, step)
+        if self.rt.is_main:
+            with open(self.paths.root / "scalars.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": step, **scalars}) + "\n")
 
     def log_images(self, nets: Networks, batch: dict[str, Any], plan: StagePlan, step: int) -> None:
         if self.writer is None:
@@ -227,13 +237,15 @@ class Pipeline:
         cfg = self.cfg
         tr, st = cfg.train, cfg.self_training
         has_disc = cfg.adversarial.discoverer or cfg.adversarial.corrector
+        mult = float(self.rt.world_size) if cfg.distributed.lr_scaling == "linear" else 1.0
         out = [StagePlan("stage1", 0, tr.steps, tr.poly_steps, tr.lr, float(tr.head_lr_mult), bool(tr.duplicate_params),
-                         adversarial=has_disc)]
+                         adversarial=has_disc, lr_mult=mult)]
         offset = tr.steps
         for k in range(1, st.rounds + 1):
             out.append(StagePlan(f"round{k}", k, st.steps, int(st.poly_steps), float(st.lr), float(st.head_lr_mult), False,
                                  adversarial=has_disc and st.adversarial, mu=st.mu,
-                                 pseudo_dir=self.paths.stage(f"round{k}") / "pseudo_labels", global_offset=offset))
+                                 pseudo_dir=self.paths.stage(f"round{k}") / "pseudo_labels", global_offset=offset,
+                                 lr_mult=mult))
             offset += st.steps
         return out
 
@@ -246,7 +258,18 @@ class Pipeline:
         seed_everything(cfg.seed)
         self.build_data()
         spec = model_spec_for(cfg)
-        nets = initial_networks(cfg, spec).to(rt.device)
+        nets = initial_networks(cfg, spec)
+        if cfg.model.batchnorm == "per_image":
+            from dast.models.batchnorm import use_per_image_batchnorm
+
+            use_per_image_batchnorm(nets.segmentor)
+        if cfg.distributed.sync_bn and rt.distributed:
+            if rt.device.type != "cuda":
+                raise UserError("distributed.sync_bn needs CUDA devices (SyncBatchNorm does not run on CPU)")
+            from dast.training.distributed import convert_sync_bn
+
+            convert_sync_bn(nets)
+        nets.to(rt.device)
         if rt.channels_last:
             for m in nets.modules():
                 m.to(memory_format=torch.channels_last)
@@ -316,7 +339,8 @@ class Pipeline:
 
             idx = list(range(self.rt.rank, len(self.val), self.rt.world_size)) if self.rt.distributed else None
             metrics = evaluate_model(nets.target_model(), self.val, self.rt.device, amp_dtype=self.rt.amp_dtype,
-                                     progress=self.progress and self.rt.is_main, indices=idx)
+                                     progress=self.progress and self.rt.is_main, indices=idx,
+                                     distributed=self.rt.distributed, protocols=self.protocols)
         if self.rt.is_main:
             save_networks(final / "model.safetensors", nets, extra_meta={"stage": "final"})
             if metrics:

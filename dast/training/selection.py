@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dast.data.transforms import normalize, resize_image
+from dast.data.transforms import normalize, resize_image, resize_label
 
 
 class FDAValSet(Dataset):
@@ -29,6 +29,7 @@ class FDAValSet(Dataset):
         self.tgt_idx = rng.integers(0, len(target), size=n).tolist()
         self.names = [f"{source.names[i]}_fda{beta:g}" for i in self.src_idx]
         self.table = source.table
+        self.num_classes = source.num_classes
         self.has_labels = True
         self.kind = "fda"
         self.norm = source.norm
@@ -45,12 +46,16 @@ class FDAValSet(Dataset):
         return fda_image(src, tgt, self.beta)
 
     def read_label_native(self, i: int) -> np.ndarray:
-        item = self.source[self.src_idx[i]]
-        return item["label"].numpy().astype(np.uint8)
+        """The source label at the source input size (what the restyled image shows)."""
+        label = self.source.read_label_native(self.src_idx[i])
+        return resize_label(label, self.size) if self.size else label
+
+    def prepare_image(self, i: int) -> torch.Tensor:
+        return normalize(self.read_image_rgb(i), self.norm)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         i = i % len(self)
-        return {"image": normalize(self.read_image_rgb(i), self.norm), "name": self.names[i], "index": i}
+        return {"image": self.prepare_image(i), "name": self.names[i], "index": i}
 
 
 def build_selection_sets(source: Any, target: Any, num_images: int, betas: Sequence[float], seed: int) -> list[tuple[float, FDAValSet]]:
@@ -66,7 +71,8 @@ def selection_score(model: torch.nn.Module, sets: Sequence[tuple[float, FDAValSe
     out: dict[str, float] = {}
     for beta, ds in sets:
         indices = list(range(rank, len(ds), world)) if world > 1 else None
-        m = evaluate_model(model, ds, device, batch_size=batch_size, amp_dtype=amp_dtype, progress=False, indices=indices)
+        m = evaluate_model(model, ds, device, batch_size=batch_size, amp_dtype=amp_dtype, progress=False, indices=indices,
+                           distributed=world > 1, protocols={})
         out[f"miou_beta{beta:g}"] = float(m["miou"])
     out["score"] = float(np.mean([out[f"miou_beta{b:g}"] for b, _ in sets])) if sets else float("nan")
     return out

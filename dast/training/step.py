@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, ContextManager
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -55,9 +57,22 @@ class StepSettings:
 
 @dataclass
 class StepModels:
+    """The networks of one iteration, plus the hooks a data-parallel run plugs in.
+
+    ``extract``/``predict`` default to the segmentor's own halves; under DDP they are the
+    wrapped E and P. ``seg_no_sync`` suspends gradient all-reduce for the first of the
+    segmentor's two backward passes. ``adversaries`` is a DDP-wrapped module mapping
+    detached (f_s, p_s, f_t, p_t) to (D(f_s), C(p_s), D(f_t), C(p_t)); when given, the
+    discriminator step runs through it (one forward, one backward).
+    """
+
     segmentor: Segmentor
     discoverer: Discoverer | None
     corrector: Corrector | None
+    extract: Callable[[Tensor], Tensor] | None = None
+    predict: Callable[[Tensor], Tensor] | None = None
+    seg_no_sync: Callable[[], ContextManager[object]] | None = None
+    adversaries: torch.nn.Module | None = None
 
 
 def _full(x: Tensor) -> Tensor:
@@ -76,6 +91,36 @@ def _backward(loss: Tensor, inputs: list[Tensor] | None, retain: bool = False) -
         loss.backward(retain_graph=retain)
     else:
         torch.autograd.backward(loss, inputs=inputs, retain_graph=retain)
+
+
+def _pair_discriminator_step(
+    pair: torch.nn.Module, f_s: Tensor, up_s: Tensor, f_t: Tensor | None, up_t: Tensor | None, alpha: Tensor | None,
+    use_d: bool, use_c: bool, settings: StepSettings, autocast: Callable[[], ContextManager[object]],
+    out: dict[str, Tensor],
+) -> None:
+    """The discriminator update through one (DDP-wrapped) forward and one backward."""
+    with autocast():
+        d_s, c_s, d_t, c_t = pair(
+            f_s.detach() if use_d else None,
+            F.softmax(up_s.detach(), dim=1) if use_c else None,
+            f_t.detach() if (use_d and f_t is not None) else None,
+            F.softmax(up_t.detach(), dim=1) if (use_c and up_t is not None) else None,
+        )
+    total = f_s.new_zeros((), dtype=torch.float32)
+    for key, o, label in (("d_source", d_s, SOURCE_LABEL), ("c_source", c_s, SOURCE_LABEL),
+                          ("d_target", d_t, TARGET_LABEL), ("c_target", c_t, TARGET_LABEL)):
+        if o is None:
+            continue
+        weight = None
+        if key == "c_target" and settings.weight_corrector and alpha is not None:
+            weight = losses.resize_weight(_full(alpha), tuple(o.shape[-2:]))
+        loss = losses.adversarial_loss(settings.adv_loss, _full(o), label, weight)
+        out[f"loss/{key}"] = loss.detach()
+        if key.endswith("source"):
+            out[f"out/{key}"] = o.detach().float().mean()
+        total = total + loss
+    total.backward()
+    out["loss/disc"] = total.detach()
 
 
 def train_step(
@@ -115,13 +160,20 @@ def train_step(
     g_inputs = seg_params if reuse and (disc is not None or corr is not None) else None
     out: dict[str, Tensor] = {}
 
-    # ---- 1. source: L_seg
-    with autocast():
-        f_s = seg.extract(source_images)
-        logits_s = seg.predict(f_s)
-    up_s = losses.upsample(_full(logits_s), tuple(source_labels.shape[-2:]))
-    l_seg = losses.cross_entropy(up_s, source_labels)
-    _backward(l_seg, g_inputs)
+    extract = models.extract or seg.extract
+    predict = models.predict or seg.predict
+    pair = models.adversaries if disc_params else None
+    reuse_for_disc = reuse and pair is None
+
+    # ---- 1. source: L_seg (no gradient all-reduce yet when a second backward follows)
+    no_sync = models.seg_no_sync if (models.seg_no_sync is not None and need_target) else contextlib.nullcontext
+    with no_sync():
+        with autocast():
+            f_s = extract(source_images)
+            logits_s = predict(f_s)
+        up_s = losses.upsample(_full(logits_s), tuple(source_labels.shape[-2:]))
+        l_seg = losses.cross_entropy(up_s, source_labels)
+        _backward(l_seg, g_inputs)
     out["loss/seg"] = l_seg.detach()
     total = l_seg.detach()
 
@@ -129,7 +181,7 @@ def train_step(
     d_t = c_t = alpha = up_t = f_t = None
     if need_target:
         with autocast():
-            f_t = seg.extract(target_images)
+            f_t = extract(target_images)
             if attention:
                 d_t = disc(f_t)  # type: ignore[misc]
                 f_att, alpha = attend(f_t, d_t)
@@ -137,7 +189,7 @@ def train_step(
                 f_att = f_t
                 if use_d:
                     d_t = disc(f_t)  # type: ignore[misc]
-            logits_t = seg.predict(f_att)
+            logits_t = predict(f_att)
         up_t = losses.upsample(_full(logits_t), tuple(target_images.shape[-2:]))
         g_loss = up_t.new_zeros(())
         if use_d:
@@ -165,14 +217,16 @@ def train_step(
             g_loss = settings.mu * l_pseg + g_loss
             out["loss/pseudo_seg"] = l_pseg.detach()
         if g_loss.requires_grad:
-            _backward(g_loss, g_inputs, retain=reuse and bool(disc_params))
+            _backward(g_loss, g_inputs, retain=reuse_for_disc and bool(disc_params))
         total = total + g_loss.detach()
     if not reuse:
         _set_requires_grad(disc, True)
         _set_requires_grad(corr, True)
 
     # ---- 3. discriminator losses
-    if disc_params and disc_opt is not None:
+    if pair is not None and disc_opt is not None:
+        _pair_discriminator_step(pair, f_s, up_s, f_t, up_t, alpha, use_d, use_c, settings, autocast, out)
+    elif disc_params and disc_opt is not None:
         d_inputs = disc_params if reuse else None
         l_src = f_s.new_zeros((), dtype=torch.float32)
         with autocast():
@@ -192,7 +246,7 @@ def train_step(
             _backward(l_src, d_inputs)
         l_tgt = f_s.new_zeros((), dtype=torch.float32)
         if use_d:
-            if reuse and d_t is not None:
+            if reuse_for_disc and d_t is not None:
                 d_t_disc = d_t
             else:
                 with autocast():
@@ -201,7 +255,7 @@ def train_step(
             l_tgt = l_tgt + l_d_t
             out["loss/d_target"] = l_d_t.detach()
         if use_c:
-            if reuse and c_t is not None:
+            if reuse_for_disc and c_t is not None:
                 c_t_disc = c_t
             else:
                 with autocast():
@@ -212,7 +266,7 @@ def train_step(
             l_c_t = losses.adversarial_loss(settings.adv_loss, _full(c_t_disc), TARGET_LABEL, weight)
             l_tgt = l_tgt + l_c_t
             out["loss/c_target"] = l_c_t.detach()
-        if reuse:
+        if reuse_for_disc:
             # D(f_t) and C(p_t) come from the segmentor's graph, where p_t depends on D
             # through the attention: route each loss to its own discriminator only.
             if use_d:

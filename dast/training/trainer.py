@@ -57,6 +57,7 @@ class StagePlan:
     mu: float = 1.0
     pseudo_dir: Path | None = None
     global_offset: int = 0  # iterations done by earlier stages (for plots)
+    lr_mult: float = 1.0  # learning-rate scaling for data-parallel runs (distributed.lr_scaling)
 
 
 @dataclass
@@ -146,11 +147,12 @@ def run_stage(
     remove_stale_temps(stage_dir)
     tr = cfg.train
     adv = cfg.adversarial
-    seg_opt = segmentor_optimizer(nets.segmentor, lr=plan.lr, momentum=tr.momentum, weight_decay=tr.weight_decay,
+    seg_opt = segmentor_optimizer(nets.segmentor, lr=plan.lr * plan.lr_mult, momentum=tr.momentum, weight_decay=tr.weight_decay,
                                   head_lr_mult=plan.head_lr_mult, duplicate_params=plan.duplicate_params)
     disc_opt = discriminator_optimizer(
         [nets.discoverer if adv.discoverer else None, nets.corrector if adv.corrector else None], adv.lr, adv.betas
     ) if plan.adversarial else None
+    base_lr, base_lr_d = plan.lr * plan.lr_mult, adv.lr * plan.lr_mult
     mults = [1.0] if len(seg_opt.param_groups) == 1 else [1.0, plan.head_lr_mult]
     opts = {"segmentor": seg_opt, "discriminators": disc_opt}
 
@@ -208,9 +210,9 @@ def run_stage(
             if stop.signum is not None:
                 save(step)
                 raise TrainingInterrupted(stop.signum, plan.name, step)
-            lr = poly_lr(plan.lr * lr_scale, step, plan.poly_steps, tr.power)
+            lr = poly_lr(base_lr * lr_scale, step, plan.poly_steps, tr.power)
             set_lrs(seg_opt, lr, mults)
-            lr_d = poly_lr(adv.lr * lr_scale, step, plan.poly_steps, tr.power)
+            lr_d = poly_lr(base_lr_d * lr_scale, step, plan.poly_steps, tr.power)
             if disc_opt is not None:
                 set_lrs(disc_opt, lr_d, [1.0])
             sb = next(src_it)
@@ -282,6 +284,8 @@ def run_stage(
                         hooks.log_scalars({f"eval/{k}": v for k, v in scores.items()}, plan.global_offset + step)
                     if hooks.on_eval:
                         hooks.on_eval(history)
+            if tr.digest_every and step % tr.digest_every == 0:
+                _write_digest(stage_dir.parent / "digests" / f"rank{rt.rank}.jsonl", plan.name, step, nets)
             if step % tr.checkpoint_every == 0 or step == plan.steps:
                 save(step)
     finally:
@@ -307,6 +311,24 @@ def run_stage(
             save_networks(selected, nets, extra_meta={"stage": plan.name, "step": plan.steps, "selection": None})
             log.info("%s: selected the last step (%d)", plan.name, plan.steps)
     return StageResult(selected=selected, history=history, steps_done=plan.steps)
+
+
+def parameter_digest(nets: Networks) -> dict[str, float]:
+    """float64 sums of every network's parameters (equal on all ranks of a DDP run)."""
+    out = {}
+    for name, m in (("segmentor", nets.segmentor), ("discoverer", nets.discoverer), ("corrector", nets.corrector)):
+        if m is not None:
+            out[name] = float(sum(p.detach().double().sum().item() for p in m.parameters()))
+            out[name + "_abs"] = float(sum(p.detach().double().abs().sum().item() for p in m.parameters()))
+    return out
+
+
+def _write_digest(path: Path, stage: str, step: int, nets: Networks) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"stage": stage, "step": step, **parameter_digest(nets)}) + "\n")
 
 
 def _selection_key(cfg: Config) -> str | None:
