@@ -171,16 +171,26 @@ class FileSource:
 class SyntheticSource:
     """Scenes of the procedurally generated demo domains (nothing is read from disk)."""
 
+    CACHE_LIMIT = 4096  # scenes kept in memory (a few MB at demo sizes)
+
     def __init__(self, domain: str, seed: int, size: tuple[int, int]) -> None:
         self.domain = domain
         self.seed = seed
         self.size = size
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def pair(self, j: int, with_label: bool) -> tuple[np.ndarray, Optional[np.ndarray]]:
         from dast.data.synthetic import generate_scene
 
-        rgb, label = generate_scene(self.domain, j, self.seed, self.size)
-        return np.asarray(rgb, np.uint8), (np.asarray(label, np.uint8) if with_label else None)
+        hit = self._cache.get(j)
+        if hit is None:
+            rgb, label = generate_scene(self.domain, j, self.seed, self.size)
+            hit = (np.array(rgb, np.uint8), np.array(label, np.uint8))
+            for arr in hit:
+                arr.setflags(write=False)  # shared by every later read
+            if len(self._cache) < self.CACHE_LIMIT:
+                self._cache[j] = hit
+        return hit[0], (hit[1] if with_label else None)
 
     def image(self, j: int) -> np.ndarray:
         return self.pair(j, False)[0]

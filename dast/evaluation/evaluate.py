@@ -41,7 +41,7 @@ class _EvalView(Dataset):
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         i = self.indices[k]
-        label = torch.from_numpy(np.ascontiguousarray(self.dataset.read_label_native(i)))
+        label = torch.from_numpy(np.array(self.dataset.read_label_native(i)))  # a writable copy
         return self.dataset.prepare_image(i), label, i
 
 

@@ -1,0 +1,37 @@
+"""``dast report``: render a run directory as one self-contained HTML page."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from dast.commands._common import add_device_argument, resolve_device
+from dast.errors import UserError
+
+
+def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        name,
+        help="write an HTML report of a training run",
+        description="Render RUN_DIR (made by `dast train --out`) as one self-contained HTML page: run status, "
+        "final per-class IoU, mIoU and loss curves, sample predictions with attention maps, pseudo labels "
+        "of each round and the config. Works on unfinished runs. Every image is embedded, so the page "
+        "can be copied anywhere.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `dast train`")
+    p.add_argument("--out", default=None, help="output HTML file (default: RUN_DIR/report.html)")
+    p.add_argument("--samples", type=int, default=4,
+                   help="how many val images (target images without a val set) to predict; 0 skips it (default 4)")
+    add_device_argument(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from dast.reporting import write_report
+
+    if args.samples < 0:
+        raise UserError(f"--samples must be 0 or more, got {args.samples}")
+    device = resolve_device(args.device) if args.samples > 0 else "cpu"
+    path = write_report(args.run_dir, args.out, samples=args.samples, device=device)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,10 @@
+"""``dast report``: one self-contained HTML page describing a run directory.
+
+:func:`render_report` returns the page, :func:`write_report` writes it atomically. The
+page works for a finished or an unfinished run and says what an unfinished one lacks.
+"""
+
+from dast.reporting.page import render_report, write_report
+from dast.reporting.rundir import RunContents, read_run
+
+__all__ = ["RunContents", "read_run", "render_report", "write_report"]
