@@ -1,0 +1,510 @@
+"""Procedurally generated street scenes in two domains, for ``dast demo`` and tests.
+
+Both domains draw the same seven classes on the same kind of street (sky, buildings
+with windows, a road with a vanishing point, sidewalks, trees, people and cars), so the
+classes can be learnt from shape and context in either one. They differ the way a game
+engine differs from a car camera:
+
+* ``source`` (game-like): saturated flat colours with simple per-object shading, hard
+  edges, no noise. A high horizon, a wide road, large and few objects.
+* ``target`` (camera-like): muted, textured surfaces (asphalt grain, leaves, facades,
+  clouds), cast shadows and uneven illumination, a per-image white balance and exposure,
+  vignetting, lens blur and sensor noise. A lower horizon, a narrower road, smaller and
+  more frequent people, cars and trees.
+
+Every scene is a pure function of ``(domain, index, seed, size)``: the random generator
+is ``np.random.default_rng([seed, domain_id, index])``. See ``docs/synthetic.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from dast.atomic import write_text, write_with
+
+SYNTHETIC_CLASSES: tuple[tuple[str, tuple[int, int, int]], ...] = (
+    ("road", (128, 64, 128)),
+    ("sidewalk", (244, 35, 232)),
+    ("building", (70, 70, 70)),
+    ("vegetation", (107, 142, 35)),
+    ("sky", (70, 130, 180)),
+    ("person", (220, 20, 60)),
+    ("car", (0, 0, 142)),
+)
+NUM_CLASSES = len(SYNTHETIC_CLASSES)
+DOMAINS: tuple[str, ...] = ("source", "target")
+ROAD, SIDEWALK, BUILDING, VEGETATION, SKY, PERSON, CAR = range(NUM_CLASSES)
+MIN_SIZE = 16
+
+Range = tuple[float, float]
+Colour = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class DomainStyle:
+    """Layout statistics and palette of one domain (lengths in metres unless noted)."""
+
+    horizon: Range  # horizon row as a fraction of the height
+    vanishing_x: Range  # vanishing point column as a fraction of the width
+    road_half_px: Range  # road half-width at the bottom row, as a fraction of the width
+    road_half_m: Range  # road half-width
+    sidewalk_m: Range  # sidewalk width
+    facade_height_m: Range  # building heights
+    facade_gap: float  # probability that a building slot holds a low one instead
+    object_scale: Range  # multiplies every object's size (camera height / focal length)
+    cars: float  # mean number of cars
+    persons: float  # mean number of people
+    trees: float  # mean number of trees
+    road: Colour
+    sidewalk: Colour
+    facades: tuple[Colour, ...]
+    window: Colour
+    vegetation: Colour
+    sky_top: Colour
+    sky_horizon: Colour
+    car_paints: tuple[Colour, ...]
+    clothes: tuple[Colour, ...]
+    colour_jitter: float  # std of the per-object colour jitter (0..255 units)
+
+
+SOURCE_STYLE = DomainStyle(
+    horizon=(0.40, 0.50),
+    vanishing_x=(0.40, 0.60),
+    road_half_px=(0.40, 0.55),
+    road_half_m=(6.0, 8.0),
+    sidewalk_m=(2.5, 4.0),
+    facade_height_m=(6.0, 14.0),
+    facade_gap=0.25,
+    object_scale=(1.0, 1.25),
+    cars=2.5,
+    persons=1.5,
+    trees=1.5,
+    road=(72, 72, 80),
+    sidewalk=(190, 175, 160),
+    facades=((196, 120, 80), (214, 196, 150), (120, 140, 186), (168, 92, 96), (150, 170, 120)),
+    window=(80, 120, 165),
+    vegetation=(60, 160, 50),
+    sky_top=(80, 150, 240),
+    sky_horizon=(160, 205, 250),
+    car_paints=((210, 30, 30), (30, 60, 200), (235, 200, 30), (240, 240, 240), (30, 30, 30), (160, 162, 170)),
+    clothes=((220, 60, 60), (60, 80, 220), (240, 200, 60), (60, 170, 80), (240, 240, 240)),
+    colour_jitter=10.0,
+)
+
+TARGET_STYLE = DomainStyle(
+    horizon=(0.32, 0.42),
+    vanishing_x=(0.35, 0.65),
+    road_half_px=(0.28, 0.42),
+    road_half_m=(4.0, 6.0),
+    sidewalk_m=(2.0, 4.0),
+    facade_height_m=(7.0, 16.0),
+    facade_gap=0.12,
+    object_scale=(0.75, 1.0),
+    cars=4.0,
+    persons=3.0,
+    trees=3.5,
+    road=(98, 96, 102),
+    sidewalk=(160, 155, 148),
+    facades=((150, 130, 115), (170, 160, 140), (120, 120, 125), (140, 110, 95), (185, 180, 170)),
+    window=(60, 66, 72),
+    vegetation=(80, 110, 50),
+    sky_top=(120, 160, 215),
+    sky_horizon=(185, 205, 225),
+    car_paints=((48, 48, 52), (180, 180, 184), (230, 230, 228), (40, 52, 84), (120, 40, 40), (96, 100, 104)),
+    clothes=((40, 40, 48), (70, 70, 90), (110, 96, 80), (150, 150, 150), (90, 40, 40)),
+    colour_jitter=9.0,
+)
+
+_STYLES = {"source": SOURCE_STYLE, "target": TARGET_STYLE}
+# Per-class texture strength of the target domain (0..255 units of zero-mean noise).
+_TEXTURE = np.array([8.0, 6.0, 7.0, 22.0, 2.0, 6.0, 6.0], np.float32)
+
+
+def domain_id(domain: str) -> int:
+    """0 for ``source``, 1 for ``target``; anything else is a ``ValueError``."""
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown synthetic domain {domain!r}; choose one of {', '.join(DOMAINS)}")
+    return DOMAINS.index(domain)
+
+
+class _Canvas:
+    """An RGB float image and its label map, painted back to front."""
+
+    def __init__(self, w: int, h: int) -> None:
+        self.w, self.h = w, h
+        self.img = np.zeros((h, w, 3), np.float32)
+        self.label = np.zeros((h, w), np.uint8)
+        self.ys = np.arange(h, dtype=np.float32)[:, None]
+        self.xs = np.arange(w, dtype=np.float32)[None, :]
+
+    def box(self, x0: float, y0: float, x1: float, y1: float) -> tuple[slice, slice] | None:
+        """Integer slices of the pixels whose centres lie in [x0, x1) x [y0, y1), or None."""
+        c0, c1 = max(0, math.ceil(x0 - 0.5)), min(self.w, math.ceil(x1 - 0.5))
+        r0, r1 = max(0, math.ceil(y0 - 0.5)), min(self.h, math.ceil(y1 - 0.5))
+        if c0 >= c1 or r0 >= r1:
+            return None
+        return slice(r0, r1), slice(c0, c1)
+
+    def paint(self, sl: tuple[slice, slice], mask: np.ndarray | None, cls: int | None, colour: np.ndarray) -> None:
+        """Set the pixels of ``mask`` (within ``sl``) to ``colour`` (3 or bbox x 3) and ``cls``."""
+        img = self.img[sl]
+        if mask is None:
+            img[...] = colour
+            if cls is not None:
+                self.label[sl] = cls
+            return
+        img[mask] = np.broadcast_to(colour, (*mask.shape, 3))[mask] if colour.ndim == 3 else colour
+        if cls is not None:
+            self.label[sl][mask] = cls
+
+    def rect(self, x0: float, y0: float, x1: float, y1: float, cls: int | None, colour: np.ndarray, shade: float = 0.0) -> None:
+        sl = self.box(x0, y0, x1, y1)
+        if sl is not None:
+            self.paint(sl, None, cls, _shaded(colour, self.ys[sl[0]], y0, y1, shade))
+
+    def ellipse(self, cx: float, cy: float, rx: float, ry: float, cls: int | None, colour: np.ndarray, shade: float = 0.0) -> None:
+        sl = self.box(cx - rx, cy - ry, cx + rx, cy + ry)
+        if sl is None:
+            return
+        ys, xs = self.ys[sl[0]], self.xs[:, sl[1]]
+        mask = ((xs + 0.5 - cx) / max(rx, 0.5)) ** 2 + ((ys + 0.5 - cy) / max(ry, 0.5)) ** 2 <= 1.0
+        self.paint(sl, mask, cls, _shaded(colour, ys, cy - ry, cy + ry, shade))
+
+
+def _shaded(colour: np.ndarray, ys: np.ndarray, y0: float, y1: float, shade: float) -> np.ndarray:
+    """A vertical light-to-dark ramp over [y0, y1) (``shade`` = relative amplitude)."""
+    if shade == 0.0:
+        return colour
+    t = np.clip((ys + 0.5 - y0) / max(y1 - y0, 1.0), 0.0, 1.0)  # rows x 1
+    return colour[None, None, :] * (1.0 + shade * (0.5 - t))[..., None]
+
+
+def _uniform(rng: np.random.Generator, r: Range) -> float:
+    return float(rng.uniform(r[0], r[1]))
+
+
+def _pick(rng: np.random.Generator, options: tuple[Colour, ...], jitter: float) -> np.ndarray:
+    base = np.asarray(options[int(rng.integers(len(options)))], np.float32)
+    return base + rng.normal(0.0, jitter, 3).astype(np.float32)
+
+
+def _jitter(rng: np.random.Generator, colour: Colour, jitter: float) -> np.ndarray:
+    return np.asarray(colour, np.float32) + rng.normal(0.0, jitter, 3).astype(np.float32)
+
+
+def _smooth_noise(rng: np.random.Generator, w: int, h: int, cells: tuple[int, int]) -> np.ndarray:
+    """Zero-mean, roughly unit-std low-frequency noise (bicubic upsampling of a coarse grid)."""
+    grid = rng.standard_normal((cells[1], cells[0])).astype(np.float32)
+    return np.asarray(Image.fromarray(grid, mode="F").resize((w, h), Image.BICUBIC), np.float32)
+
+
+@dataclass(frozen=True)
+class _Street:
+    """The ground-plane geometry of one scene (pixels)."""
+
+    horizon: float  # row of the horizon
+    vx: float  # column of the vanishing point
+    px_per_m_row: float  # pixels per metre, per row below the horizon
+    road_half_m: float
+    sidewalk_m: float
+
+    def ppm(self, y: float | np.ndarray) -> np.ndarray:
+        """Pixels per metre on the ground at row ``y`` (0 at the horizon)."""
+        return np.maximum(np.asarray(y, np.float32) - self.horizon, 0.0) * self.px_per_m_row
+
+
+def _street(rng: np.random.Generator, style: DomainStyle, w: int, h: int) -> _Street:
+    horizon = h * _uniform(rng, style.horizon)
+    vx = w * _uniform(rng, style.vanishing_x)
+    road_half_m = _uniform(rng, style.road_half_m)
+    half_px = w * _uniform(rng, style.road_half_px)
+    return _Street(horizon, vx, half_px / road_half_m / (h - horizon), road_half_m, _uniform(rng, style.sidewalk_m))
+
+
+def _draw_sky(c: _Canvas, rng: np.random.Generator, style: DomainStyle, st: _Street, target: bool) -> None:
+    t = np.clip(c.ys / max(st.horizon, 1.0), 0.0, 1.0)[..., None]  # rows x 1 x 1
+    top, bottom = _jitter(rng, style.sky_top, 8.0), _jitter(rng, style.sky_horizon, 6.0)
+    sky = top * (1.0 - t) + bottom * t
+    sky = np.broadcast_to(sky, (c.h, c.w, 3)).copy()
+    if target:  # clouds
+        clouds = np.clip(_smooth_noise(rng, c.w, c.h, (6, 3)) * 0.8, -1.0, 1.0)
+        sky += 22.0 * clouds[..., None]
+    c.img[:] = sky
+    c.label[:] = SKY
+
+
+def _draw_buildings(c: _Canvas, rng: np.random.Generator, style: DomainStyle, st: _Street, target: bool) -> None:
+    """Facades along both sides of the street: roof lines converge to the vanishing point.
+
+    A facade at lateral distance ``setback`` stands on the ground row where
+    ``|x - vx| = setback * ppm``; its roof is ``height * ppm`` pixels above the horizon.
+    """
+    setback_m = st.road_half_m + st.sidewalk_m
+    dist = np.maximum(np.abs(c.xs[0] + 0.5 - st.vx), 0.05 * c.w)  # the street's far end keeps some height
+    ppm_base = dist / setback_m  # pixels per metre at each column's facade base
+    base_rows = st.horizon + ppm_base / st.px_per_m_row
+    sx, sy = max(3.0, c.w / 40.0), max(3.0, c.h / 18.0)  # window grid spacing (pixels)
+    x = 0.0
+    while x < c.w:
+        x0 = x
+        x = min(float(c.w), x + c.w * float(rng.uniform(0.07, 0.22)))
+        sl = c.box(x0, 0.0, x, float(c.h))
+        if sl is None:
+            continue
+        height_m = _uniform(rng, style.facade_height_m)
+        if rng.random() < style.facade_gap:  # a gap in the row: a low building further back
+            height_m *= 0.3
+        tops = (st.horizon - height_m * ppm_base[sl[1]])[None, :]
+        ys = c.ys[sl[0]]
+        mask = ys + 0.5 >= tops
+        colour = _pick(rng, style.facades, style.colour_jitter)
+        top = float(max(tops.min(), 0.0))
+        fill = colour if target else _shaded(colour, ys, top, float(c.h), 0.2)
+        c.paint(sl, mask, BUILDING, fill)
+        # windows: a regular grid between the roof and the ground floor
+        fx = (c.xs[:, sl[1]] - x0) / sx + float(rng.uniform(0, 1))
+        fy = ys / sy + float(rng.uniform(0, 1))
+        floor = base_rows[sl[1]][None, :] - 2.5 * ppm_base[sl[1]][None, :]
+        win = mask & (fx % 1.0 < 0.55) & (fy % 1.0 < 0.5) & (ys + 0.5 >= tops + 0.6 * sy) & (ys + 0.5 < floor)
+        if not win.any():
+            continue
+        wcol = _jitter(rng, style.window, 6.0)
+        if target:  # each pane reflects a little differently
+            grid = rng.normal(0.0, 16.0, (int(c.h / sy) + 3, int(c.w / sx) + 3)).astype(np.float32)
+            iy = np.clip(fy.astype(np.int64), 0, grid.shape[0] - 1)
+            ix = np.clip(fx.astype(np.int64), 0, grid.shape[1] - 1)
+            c.paint(sl, win, None, wcol[None, None, :] + grid[iy, ix][..., None])
+        else:
+            c.paint(sl, win, None, wcol)
+
+
+def _draw_ground(c: _Canvas, rng: np.random.Generator, style: DomainStyle, st: _Street, target: bool) -> None:
+    """Sidewalks, then the road over them, then a dashed centre line."""
+    r0 = max(0, math.ceil(st.horizon - 0.5))
+    if r0 >= c.h:
+        return
+    rows = slice(r0, c.h)
+    ys = c.ys[rows] + 0.5
+    ppm = st.ppm(ys)
+    dx = c.xs + 0.5 - st.vx
+    outer = np.abs(dx) <= (st.road_half_m + st.sidewalk_m) * ppm
+    road = np.abs(dx) <= st.road_half_m * ppm
+    sidewalk_col = _jitter(rng, style.sidewalk, style.colour_jitter)
+    road_col = _jitter(rng, style.road, style.colour_jitter * 0.5)
+    shade = 0.0 if target else -0.25  # the game darkens the ground towards the horizon
+    c.paint((rows, slice(None)), outer, SIDEWALK, _shaded(sidewalk_col, ys - 0.5, st.horizon, c.h, shade))
+    c.paint((rows, slice(None)), road, ROAD, _shaded(road_col, ys - 0.5, st.horizon, c.h, shade))
+    # kerb: a thin darker band at the road edge
+    kerb = outer & ~road & (np.abs(dx) <= (st.road_half_m + 0.25) * ppm)
+    c.paint((rows, slice(None)), kerb, None, sidewalk_col * 0.75)
+    # dashed centre line: dashes of equal ground length (period in 1 / depth)
+    depth = 1.0 / np.maximum(ys - st.horizon, 0.5)
+    dash = ((depth * (c.h * 2.0) + float(rng.uniform(0, 1))) % 1.0 < 0.5) & (np.abs(dx) <= 0.12 * ppm + 0.2)
+    line = np.asarray((235, 235, 225) if not target else (175, 172, 160), np.float32)
+    c.paint((rows, slice(None)), dash & road, None, line)
+
+
+def _draw_car(c: _Canvas, rng: np.random.Generator, style: DomainStyle, x: float, y: float, ppm: float, target: bool) -> None:
+    w, h = 1.8 * ppm * float(rng.uniform(0.9, 1.15)), 1.5 * ppm * float(rng.uniform(0.9, 1.1))
+    paint = _pick(rng, style.car_paints, style.colour_jitter)
+    glass = np.asarray((40, 50, 70) if target else (90, 150, 210), np.float32)
+    dark = np.asarray((20, 20, 22), np.float32)
+    shade = 0.0 if target else 0.4
+    body_top = y - 0.6 * h
+    c.rect(x - w / 2, body_top, x + w / 2, y - 0.12 * h, CAR, paint, shade)
+    c.rect(x - 0.36 * w, y - h, x + 0.36 * w, body_top + 0.5, CAR, paint * 0.92, shade)
+    c.rect(x - 0.3 * w, y - 0.92 * h, x + 0.3 * w, body_top, CAR, glass)
+    for side in (-1.0, 1.0):
+        c.rect(x + side * 0.34 * w - 0.11 * w, y - 0.2 * h, x + side * 0.34 * w + 0.11 * w, y, CAR, dark)
+    lamp = np.asarray((250, 240, 200) if not target else (200, 190, 170), np.float32)
+    for side in (-1.0, 1.0):
+        c.rect(x + side * 0.4 * w - 0.06 * w, y - 0.5 * h, x + side * 0.4 * w + 0.06 * w, y - 0.4 * h, CAR, lamp)
+
+
+def _draw_person(c: _Canvas, rng: np.random.Generator, style: DomainStyle, x: float, y: float, ppm: float, target: bool) -> None:
+    h = 1.8 * ppm * float(rng.uniform(0.9, 1.1))
+    w = 0.55 * ppm * float(rng.uniform(0.85, 1.15))
+    top_col = _pick(rng, style.clothes, style.colour_jitter)
+    legs_col = _pick(rng, style.clothes, style.colour_jitter) * 0.7
+    skin = _jitter(rng, (224, 172, 140) if not target else (176, 140, 120), 12.0)
+    shade = 0.0 if target else 0.3
+    c.rect(x - 0.38 * w, y - 0.47 * h, x - 0.04 * w, y, PERSON, legs_col)
+    c.rect(x + 0.04 * w, y - 0.47 * h, x + 0.38 * w, y, PERSON, legs_col)
+    c.ellipse(x, y - 0.64 * h, w / 2, 0.2 * h, PERSON, top_col, shade)
+    c.ellipse(x, y - 0.91 * h, 0.22 * w + 0.3, 0.09 * h + 0.3, PERSON, skin)
+
+
+def _draw_tree(c: _Canvas, rng: np.random.Generator, style: DomainStyle, x: float, y: float, ppm: float, target: bool) -> None:
+    trunk_h = float(rng.uniform(2.0, 3.2)) * ppm
+    radius = float(rng.uniform(1.4, 2.4)) * ppm
+    trunk = np.asarray((110, 80, 50) if not target else (70, 62, 54), np.float32)
+    leaves = _jitter(rng, style.vegetation, style.colour_jitter)
+    c.rect(x - 0.15 * ppm - 0.3, y - trunk_h - radius * 0.5, x + 0.15 * ppm + 0.3, y, VEGETATION, trunk)
+    shade = 0.0 if target else 0.35
+    cy = y - trunk_h - radius * 0.8
+    c.ellipse(x, cy, radius, radius * 1.05, VEGETATION, leaves, shade)
+    for _ in range(2):  # a lumpy crown
+        ox, oy = rng.uniform(-0.6, 0.6) * radius, rng.uniform(-0.5, 0.3) * radius
+        c.ellipse(x + ox, cy + oy, radius * 0.7, radius * 0.7, VEGETATION, leaves * float(rng.uniform(0.9, 1.05)), shade)
+
+
+def _draw_objects(c: _Canvas, rng: np.random.Generator, style: DomainStyle, st: _Street, target: bool) -> None:
+    """Cars on the road, people on the sidewalks (a few crossing), trees along the kerb;
+    painted far to near."""
+    scale = _uniform(rng, style.object_scale)
+    objects: list[tuple[float, int, float]] = []  # (row of the base, kind, lateral position in metres)
+    span = c.h - st.horizon
+    for _ in range(int(rng.poisson(style.cars))):
+        y = st.horizon + span * float(rng.uniform(0.12, 1.15))
+        lateral = float(rng.uniform(-1.0, 1.0)) * max(st.road_half_m - 1.0, 0.5)
+        objects.append((y, CAR, lateral))
+    for _ in range(int(rng.poisson(style.persons))):
+        y = st.horizon + span * float(rng.uniform(0.3, 1.1))
+        side = 1.0 if rng.random() < 0.5 else -1.0
+        if rng.random() < 0.15:
+            lateral = float(rng.uniform(-1.0, 1.0)) * st.road_half_m
+        else:
+            lateral = side * (st.road_half_m + float(rng.uniform(0.3, 0.9)) * st.sidewalk_m)
+        objects.append((y, PERSON, lateral))
+    for _ in range(int(rng.poisson(style.trees))):
+        y = st.horizon + span * float(rng.uniform(0.1, 0.9))
+        side = 1.0 if rng.random() < 0.5 else -1.0
+        objects.append((y, VEGETATION, side * (st.road_half_m + float(rng.uniform(0.55, 0.9)) * st.sidewalk_m)))
+    objects.sort(key=lambda o: o[0])
+    draw = {CAR: _draw_car, PERSON: _draw_person, VEGETATION: _draw_tree}
+    for y, kind, lateral in objects:
+        ppm = float(st.ppm(y))
+        if ppm * scale * 1.5 < 2.0:  # smaller than two pixels: invisible
+            continue
+        x = st.vx + lateral * ppm
+        draw[kind](c, rng, style, x, y, ppm * scale, target)
+
+
+def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of an H x W x 3 float image (edge padding)."""
+    r = max(1, int(math.ceil(2.0 * sigma)))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1, dtype=np.float32) / sigma) ** 2)
+    k /= k.sum()
+    h, w = img.shape[:2]
+    p = np.pad(img, ((r, r), (0, 0), (0, 0)), mode="edge")
+    out = sum(k[i] * p[i : i + h] for i in range(2 * r + 1))
+    p = np.pad(out, ((0, 0), (r, r), (0, 0)), mode="edge")
+    return sum(k[i] * p[:, i : i + w] for i in range(2 * r + 1))
+
+
+def _texture(img: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> None:
+    """Surface texture: fine grain plus blotches, with a strength per class (in place)."""
+    h, w = label.shape
+    grain = rng.standard_normal((h, w)).astype(np.float32)
+    blotch = _smooth_noise(rng, w, h, (max(2, w // 6), max(2, h // 6)))
+    img += (_TEXTURE[label] * (0.6 * grain + 0.6 * blotch))[..., None]
+
+
+def _lighting(img: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> None:
+    """Cast shadows below the sky, exposure, white balance and vignetting (in place)."""
+    h, w = label.shape
+    light = 1.0 + 0.18 * np.clip(_smooth_noise(rng, w, h, (5, 3)), -1.5, 1.5)
+    img *= np.where(label == SKY, 1.0, light).astype(np.float32)[..., None]
+    img *= np.exp(rng.normal(0.0, 0.04, 3)).astype(np.float32) * float(rng.uniform(0.85, 1.15))
+    ys = (np.arange(h, dtype=np.float32)[:, None] + 0.5 - h / 2) / (h / 2)
+    xs = (np.arange(w, dtype=np.float32)[None, :] + 0.5 - w / 2) / (w / 2)
+    img *= (1.0 - 0.06 * (xs**2 + ys**2))[..., None]
+
+
+def _optics(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Gamma and lens blur (the blur radius scales with the image width)."""
+    img = 255.0 * (np.clip(img, 0.0, 255.0) / 255.0) ** float(rng.uniform(0.9, 1.15))
+    return _blur(img, float(rng.uniform(0.5, 0.9)) * max(img.shape[1] / 128.0, 0.5))
+
+
+def _sensor(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Signal-dependent shot noise plus read noise."""
+    shot = np.sqrt(np.maximum(img, 0.0)) * float(rng.uniform(0.3, 0.6))
+    return img + rng.standard_normal(img.shape).astype(np.float32) * (shot + float(rng.uniform(2.0, 5.0)))
+
+
+def _camera(c: _Canvas, rng: np.random.Generator, st: _Street) -> np.ndarray:
+    """Turn the painted target scene into a photograph: texture, light, optics, sensor."""
+    _texture(c.img, c.label, rng)
+    _lighting(c.img, c.label, rng)
+    return _sensor(_optics(c.img, rng), rng)
+
+
+def generate_scene(domain: str, index: int, seed: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """One street scene: (H x W x 3 uint8 RGB image, H x W uint8 trainId label).
+
+    ``size`` is (width, height), each at least 16. Label values index
+    :data:`SYNTHETIC_CLASSES`. The result depends only on the arguments.
+    """
+    did = domain_id(domain)
+    w, h = int(size[0]), int(size[1])
+    if w < MIN_SIZE or h < MIN_SIZE:
+        raise ValueError(f"synthetic scenes need a size of at least {MIN_SIZE}x{MIN_SIZE}, got {w}x{h}")
+    if index < 0 or seed < 0:
+        raise ValueError(f"seed and index must be non-negative, got seed={seed} index={index}")
+    rng = np.random.default_rng([int(seed), did, int(index)])
+    style = _STYLES[domain]
+    target = domain == "target"
+    c = _Canvas(w, h)
+    st = _street(rng, style, w, h)
+    _draw_sky(c, rng, style, st, target)
+    _draw_buildings(c, rng, style, st, target)
+    _draw_ground(c, rng, style, st, target)
+    _draw_objects(c, rng, style, st, target)
+    img = _camera(c, rng, st) if target else c.img
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), c.label
+
+
+def classes_yaml() -> str:
+    """The ``classes.yaml`` text of a folder dataset: a list of {name, color}."""
+    entries = [{"name": name, "color": list(colour)} for name, colour in SYNTHETIC_CLASSES]
+    return yaml.safe_dump(entries, sort_keys=False, default_flow_style=None)
+
+
+def scene_stem(domain: str, index: int) -> str:
+    """File stem of scene ``index`` of ``domain``: ``source_00012``."""
+    return f"{domain}_{index:05d}"
+
+
+def _save_png(arr: np.ndarray, path: Path) -> None:
+    Image.fromarray(arr).save(path, format="PNG")
+
+
+def write_folder_dataset(
+    root: str | Path,
+    domain: str,
+    count: int,
+    seed: int,
+    size: tuple[int, int],
+    progress: bool = True,
+    fsync: bool = True,
+) -> Path:
+    """Write ``count`` scenes as a ``folder`` dataset under ``root`` and return ``root``.
+
+    Layout: ``images/<stem>.png`` (RGB), ``labels/<stem>.png`` (single-channel class
+    indices) and ``classes.yaml``. Every file is written atomically.
+    """
+    domain_id(domain)
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    out = Path(root)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    write_text(out / "classes.yaml", classes_yaml(), fsync=fsync)
+    indices: range | object = range(count)
+    if progress:
+        from tqdm import tqdm
+
+        indices = tqdm(range(count), desc=f"{domain} scenes", unit="img")
+    for i in indices:  # type: ignore[union-attr]
+        img, label = generate_scene(domain, i, seed, size)
+        stem = scene_stem(domain, i)
+        write_with(out / "images" / f"{stem}.png", lambda p, a=img: _save_png(a, p), fsync=fsync)
+        write_with(out / "labels" / f"{stem}.png", lambda p, a=label: _save_png(a, p), fsync=fsync)
+    return out
