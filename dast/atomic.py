@@ -1,8 +1,8 @@
 """Crash-safe file writing: everything is written to a temporary name and renamed.
 
 A reader therefore sees either the previous complete file or the new complete file,
-never a half-written one. ``ENOSPC`` (disk full) becomes a :class:`UserError` and the
-temporary file is removed.
+never a half-written one. ``ENOSPC`` (disk full) becomes a :class:`UserError`; after any
+failure the temporary file, and the folders created for it (when still empty), are removed.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def atomic_path(path: str | os.PathLike[str], fsync: bool = True) -> Iterator[Pa
     On any exception the temporary file is removed and ``path`` is untouched.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(target.parent)
     tmp = temp_name(target)
     try:
         yield tmp
@@ -55,15 +55,35 @@ def atomic_path(path: str | os.PathLike[str], fsync: bool = True) -> Iterator[Pa
         if fsync:
             _fsync_dir(target.parent)
     except OSError as exc:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        _discard(tmp, created)
         if exc.errno == errno.ENOSPC:
             raise UserError(f"no space left on device while writing {target}") from exc
         raise
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        _discard(tmp, created)
         raise
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing ancestors; return those created, deepest first."""
+    missing = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _discard(tmp: Path, created: list[Path]) -> None:
+    """After a failed write: remove the temporary file and the folders made for it, if empty."""
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another writer uses it) or already gone
+            break
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes, fsync: bool = True) -> None:

@@ -18,9 +18,9 @@ from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from dast.atomic import write_with
+from dast.atomic import write_bytes
 from dast.errors import CheckpointError
 
 FORMAT = "dast-checkpoint"
@@ -41,7 +41,9 @@ def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta:
         elif ptr:
             seen[ptr] = k
     text = json.dumps(doc)
-    write_with(path, lambda tmp: save_file(flat, str(tmp), metadata={META_KEY: text}))
+    # serialised in memory and written by Python, so that a full disk is an OSError (ENOSPC)
+    # that dast.atomic reports as one line, not an opaque error of the safetensors writer
+    write_bytes(path, save(flat, metadata={META_KEY: text}))
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -53,8 +55,24 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         with safe_open(str(p), framework="pt") as fh:
             meta = fh.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
+        if _has_dast_header(p):
+            raise CheckpointError(f"checkpoint {p} is damaged (truncated or overwritten): {exc}") from exc
         raise CheckpointError(_not_dast(p)) from exc
     return _parse_meta(p, meta)
+
+
+def _has_dast_header(p: Path) -> bool:
+    """Whether ``p`` starts like a dast checkpoint: a safetensors header whose metadata (the
+    header's first entry) names the dast format, even if the file is cut short."""
+    try:
+        with open(p, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 0 < size <= 100_000_000:
+                return False
+            head = fh.read(min(size, 4096))
+    except OSError:
+        return False
+    return head.startswith(b'{"__metadata__":') and FORMAT.encode() in head
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

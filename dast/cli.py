@@ -59,6 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
+
+def user_message(exc: BaseException) -> str:
+    """The one line to print for a user error.
+
+    An error raised in a DataLoader worker process reaches the main process re-created
+    with a message that holds the worker's traceback; its last line carries the
+    original message, which is what the user needs.
+    """
+    text = str(exc).strip()
+    if WORKER_TRACEBACK in text:
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        cls = type(exc)
+        for prefix in (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__name__}: "):
+            if last.startswith(prefix):
+                return last[len(prefix):]
+        return last
+    return text or type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dast`` console script."""
     parser = build_parser()
@@ -70,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         if debug:
             traceback.print_exc()
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write(f"error: {user_message(exc)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")

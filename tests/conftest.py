@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+
+# Tiny networks run fastest on one thread, and subprocesses (torchrun, kill tests) must
+# not oversubscribe the CI machine's two cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 TINY = {
     "seed": 3,

@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = DatasetConfig(kind=args.dataset, root=args.root, split=args.split, list_file=args.list_file,
                             size=_size(args, spec.input_size), images=args.images, labels=args.labels,
                             classes=_classes(args, list(spec.class_names), list(spec.class_colors)))
+        _check_class_count(args, cfg, spec.num_classes)
         dataset = build_dataset(cfg, norm=spec.norm, num_classes=spec.num_classes, with_labels=True)
         metrics = evaluate_model(nets.target_model(), dataset, device, batch_size=args.batch_size,
                                  amp_dtype=AMP[args.amp], progress=not args.quiet,
@@ -123,6 +124,21 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(metrics))
     print(f"wrote {out / 'metrics.json'}")
     return 0
+
+
+def _check_class_count(args: argparse.Namespace, cfg: DatasetConfig, num_classes: int) -> None:
+    """The checkpoint must predict the dataset's classes; say which file disagrees."""
+    from dast.data.labels import table_for
+
+    have = table_for(cfg).num_classes
+    if have != num_classes:
+        if args.dataset != "folder":
+            where = f"the {args.dataset} dataset"
+        elif args.classes:
+            where = f"class list {args.classes}"
+        else:
+            where = f"class list {Path(args.root) / 'classes.yaml'}"
+        raise UserError(f"checkpoint {args.checkpoint} predicts {num_classes} classes but {where} has {have}")
 
 
 def _num_classes(cfg: DatasetConfig) -> int:

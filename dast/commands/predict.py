@@ -65,13 +65,31 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     inputs = expand_inputs(args.input)
     out = Path(args.out)
-    plan_outputs(inputs, out, args.save_logits)  # refuse name clashes before loading the model
+    plans = plan_outputs(inputs, out, args.save_logits)  # refuse name clashes before loading the model
     ckpt = existing_file(args.checkpoint, "checkpoint")
     nets, _, _ = load_networks(ckpt, device)
     if args.size is not None:
         nets.spec = dataclasses.replace(nets.spec, input_size=(int(args.size[0]), int(args.size[1])))
-    records = predict_paths(nets, inputs, out, batch_size=args.batch_size, device=device,
-                            save_logits=args.save_logits, amp_dtype=AMP_DTYPES[args.amp],
-                            progress=not args.no_progress, num_workers=args.workers)
+    new_files = [f for files in plans for f in files.values() if not f.exists()]
+    created = not out.exists()
+    try:
+        records = predict_paths(nets, inputs, out, batch_size=args.batch_size, device=device,
+                                save_logits=args.save_logits, amp_dtype=AMP_DTYPES[args.amp],
+                                progress=not args.no_progress, num_workers=args.workers)
+    except BaseException:
+        _remove_outputs(new_files, out if created else None)
+        raise
     print(f"wrote predictions for {len(records)} image(s) to {out}")
     return 0
+
+
+def _remove_outputs(files: list[Path], folder: Path | None) -> None:
+    """After a failed run: remove the files it wrote (not those that were there before),
+    and the output folder if the run created it and it is empty again."""
+    for f in files:
+        f.unlink(missing_ok=True)
+    if folder is not None:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+from pathlib import Path
 
 import torch
 
+from dast.atomic import TMP_MARK
 from dast.commands._common import add_device_argument, existing_file, resolve_device
-from dast.errors import UserError
+from dast.errors import CheckpointError, UserError
 
 _AMP = {"none": None, "off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -48,6 +52,36 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
     return p
 
 
+def check_output_folder(out: Path) -> None:
+    """``out`` must be absent, empty or an earlier pseudo-label set (which is replaced)."""
+    from dast.training.pseudo_labels import MARKER_NAME
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"pseudo-label output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER_NAME).is_file():
+        raise UserError(f"refusing to replace {out}: it is not empty and holds no pseudo-label set (no {MARKER_NAME})")
+
+
+def check_model_matches(ckpt: Path, cfg_path: Path, arch: str, num_classes: int) -> None:
+    """The config's model must be the checkpoint's (its classes are what the labels mean)."""
+    from dast.checkpoint import read_meta
+
+    spec = read_meta(ckpt).get("model", {})
+    for key, want in (("arch", arch), ("num_classes", num_classes)):
+        if key in spec and spec[key] != want:
+            raise CheckpointError(f"checkpoint {ckpt} is for {key}={spec[key]!r}, but config {cfg_path} has "
+                                  f"model.{key}={want!r}")
+
+
+def replace_folder(new: Path, out: Path) -> None:
+    """Move the finished set ``new`` to ``out``, replacing an earlier set there."""
+    old = out.with_name(f"{out.name}{TMP_MARK}old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from dast.config import load_config
     from dast.data.datasets import build_dataset
@@ -75,20 +109,30 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--workers must be >= 0, got {num_workers}")
     device = resolve_device(args.device)
 
+    out = Path(args.out)
+    check_output_folder(out)
+    check_model_matches(ckpt, cfg_path, cfg.model.arch, cfg.model.num_classes)
     nets, _, _ = load_networks(ckpt, device)
     dataset = build_dataset(cfg.target, norm=nets.spec.norm, num_classes=nets.spec.num_classes,
                             with_labels=False, seed=cfg.seed)
     colors = list(nets.spec.class_colors) or None
     if colors is None and cfg.target.classes:
         colors = [tuple(c.color) for c in cfg.target.classes]
-    stats = generate_pseudo_labels(
-        nets.target_model(), dataset, args.out, portion=portion, cap=cap,
-        mode=args.mode or st.mode, bins=bins, subsample=subsample, device=device,
-        batch_size=args.batch_size, amp_dtype=_AMP[args.amp],
-        preview_count=st.preview_count if args.preview_count is None else args.preview_count,
-        colors=colors, progress=not args.no_progress, num_workers=num_workers,
-        num_classes=nets.spec.num_classes,
-    )
+    # written next to OUT and moved into place when complete: a failed run leaves OUT as it was
+    staging = out.with_name(f"{out.name}{TMP_MARK}{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        stats = generate_pseudo_labels(
+            nets.target_model(), dataset, staging, portion=portion, cap=cap,
+            mode=args.mode or st.mode, bins=bins, subsample=subsample, device=device,
+            batch_size=args.batch_size, amp_dtype=_AMP[args.amp],
+            preview_count=st.preview_count if args.preview_count is None else args.preview_count,
+            colors=colors, progress=not args.no_progress, num_workers=num_workers,
+            num_classes=nets.spec.num_classes,
+        )
+        replace_folder(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     summary = {k: stats[k] for k in ("num_images", "mode", "portion", "ignored_fraction", "seconds")}
     print(json.dumps({"out": str(args.out), **summary}))
     return 0

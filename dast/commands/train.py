@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
 
 def run(args: argparse.Namespace) -> int:
-    from dast.errors import UserError
+    from dast.errors import NumericalFault, UserError
     from dast.training.pipeline import train
     from dast.training.trainer import TrainingInterrupted
 
@@ -47,6 +47,15 @@ def run(args: argparse.Namespace) -> int:
 
         sys.stderr.write(f"{exc}\n")
         return 128 + exc.signum
+    except NumericalFault as exc:
+        # not a user error (exit 1), but a diagnosis, not a crash: one line, details in log.txt
+        import sys
+        import traceback
+
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
     import os
 
     if metrics and os.environ.get("RANK", "0") == "0":

@@ -409,6 +409,8 @@ def _file_samples(cfg: DatasetConfig, want_labels: bool) -> tuple[list[str], lis
 def build_dataset(cfg: DatasetConfig, *, norm: str, num_classes: int, with_labels: bool | None = None,
                   seed: int = 0) -> SegmentationDataset:
     """Build the dataset a config describes (``with_labels`` None -> ``cfg.with_labels``)."""
+    if cfg.kind in FILE_KINDS and cfg.root is not None and not Path(cfg.root).is_dir():
+        raise DataError(f"dataset root not found: {cfg.root}")  # before asking it for a class list
     table = table_for(cfg, num_classes)
     want = cfg.with_labels if with_labels is None else bool(with_labels)
     common: dict[str, Any] = dict(table=table, kind=cfg.kind, size=cfg.size, norm=norm, has_labels=want,

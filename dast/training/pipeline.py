@@ -11,12 +11,16 @@ final evaluation, each stage resumable, all outputs in one run directory::
     RUN/final/                 model.safetensors, metrics.json
     RUN/scalars.jsonl          every logged scalar (losses, learning rates, evaluations)
     RUN/curves.json, RUN/figure4.png   selection score vs target mIoU over iterations
+
+Crash safety, resume and the config-change policy are described in docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +28,7 @@ from typing import Any
 
 import torch
 
-from dast.atomic import write_json, write_text
+from dast.atomic import remove_stale_temps, write_json, write_text
 from dast.checkpoint import load_checkpoint
 from dast.config import Config, config_diff, from_tree, load_yaml_tree, to_yaml
 from dast.errors import ConfigError, UserError
@@ -62,16 +66,23 @@ def read_manifest(paths: RunPaths) -> dict[str, Any]:
 
 
 def check_resume_config(stored: Config, requested: Config, manifest: dict[str, Any], force: bool) -> None:
-    """Refuse a resumed run whose config differs in anything but larger step counts."""
+    """Refuse a resumed run whose config differs in anything but larger step counts.
+
+    A longer stage 1 is refused once a round has started, and longer rounds once a
+    second round has started: the later stages were built on the shorter results.
+    """
     diffs = config_diff(stored, requested)
+    rounds = [k for k in manifest.get("stages", {}) if re.fullmatch(r"round\d+", k)]
     bad = []
     for key in diffs:
         if key in GROWABLE:
             old, new = _get(stored, key), _get(requested, key)
             if new < old:
                 bad.append(f"{key} ({old} -> {new}: smaller)")
-            elif key == "train.steps" and any(k.startswith("round") for k in manifest.get("stages", {})):
+            elif key == "train.steps" and rounds:
                 bad.append(f"{key} ({old} -> {new}: self-training already started from the shorter stage 1)")
+            elif key == "self_training.steps" and len(rounds) > 1:
+                bad.append(f"{key} ({old} -> {new}: a later round already started from a shorter round)")
         else:
             bad.append(f"{key} ({_get(stored, key)!r} -> {_get(requested, key)!r})")
     if bad and not force:
@@ -88,13 +99,16 @@ def _get(cfg: Config, dotted: str) -> Any:
     return node
 
 
+# Warnings of the data modules (e.g. a sample skipped under ``on_corrupt: skip``) also go to
+# the run's log.
+DATA_LOGGER = "dast.data"
+
+
 def setup_logging(run_dir: Path, rt: Runtime) -> logging.Logger:
     log = logging.getLogger(f"dast.run.{run_dir.resolve()}")
     log.setLevel(logging.INFO)
     log.propagate = False
-    for h in list(log.handlers):
-        log.removeHandler(h)
-        h.close()
+    close_logging(log)
     if rt.is_main:
         fh = logging.FileHandler(run_dir / "log.txt", encoding="utf-8")
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -103,7 +117,34 @@ def setup_logging(run_dir: Path, rt: Runtime) -> logging.Logger:
         sh.setLevel(logging.WARNING)
         sh.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         log.addHandler(sh)
+        for h in (fh, sh):
+            logging.getLogger(DATA_LOGGER).addHandler(h)
     return log
+
+
+def close_logging(log: logging.Logger) -> None:
+    """Detach and close the handlers :func:`setup_logging` gave ``log``."""
+    data_log = logging.getLogger(DATA_LOGGER)
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        data_log.removeHandler(h)
+        h.close()
+
+
+# The corrector's five 4x4 stride-2 convolutions need at least 32 pixels on each side.
+MIN_CORRECTOR_SIDE = 32
+
+
+def check_training_sizes(cfg: Config) -> None:
+    """Refuse training images too small for the corrector (instead of a convolution error)."""
+    if not cfg.adversarial.corrector:
+        return
+    for name in ("source", "target"):
+        ds = getattr(cfg, name)
+        key, size = (f"{name}.augment.crop", ds.augment.crop) if ds.augment.crop else (f"{name}.size", ds.size)
+        if size is not None and min(size) < MIN_CORRECTOR_SIDE:
+            raise ConfigError(f"config key '{key}' is {list(size)}: training images need at least "
+                              f"{MIN_CORRECTOR_SIDE} pixels on each side for the corrector")
 
 
 def model_spec_for(cfg: Config) -> ModelSpec:
@@ -114,7 +155,7 @@ def model_spec_for(cfg: Config) -> ModelSpec:
     return ModelSpec(
         arch=cfg.model.arch, num_classes=cfg.model.num_classes, variant=cfg.variant, norm=cfg.model.norm,
         input_size=tuple(cfg.target.size) if cfg.target.size else None,
-        discoverer=adv.discoverer, corrector=adv.corrector, attention=adv.attention,
+        discoverer=adv.discoverer, corrector=adv.corrector, attention=adv.attention, corrector_width=adv.corrector_width,
         class_names=list(table.names), class_colors=[tuple(c) for c in table.colors],
     )
 
@@ -150,6 +191,8 @@ class Pipeline:
 
             self.writer = SummaryWriter(str(run_dir / "tb"))
         self.curves: list[dict[str, Any]] = []
+        if rt.is_main:
+            _end_torn_line(run_dir / "scalars.jsonl")
         from dast.data.labels import protocols_for
 
         # SYNTHIA-trained models report 16- and 13-class mIoU on Cityscapes too
@@ -161,6 +204,7 @@ class Pipeline:
         from dast.training.selection import build_selection_sets
 
         cfg = self.cfg
+        check_training_sizes(cfg)
         n, norm = cfg.model.num_classes, cfg.model.norm
         self.source = build_dataset(cfg.source, norm=norm, num_classes=n, with_labels=True, seed=cfg.seed)
         self.target = build_dataset(cfg.target, norm=norm, num_classes=n, with_labels=False, seed=cfg.seed + 1)
@@ -228,9 +272,13 @@ class Pipeline:
             merged[(h["stage"], h["step"])] = h
         self.curves = sorted(merged.values(), key=lambda h: h["global_step"])
         write_json(self.paths.root / "curves.json", self.curves)
-        from dast.training.plots import plot_selection_curves
 
-        plot_selection_curves(self.curves, self.paths.root / "figure4.png")
+    def plot_curves(self) -> None:
+        """figure4.png from the evaluation history (at the end of each stage: plotting is slow)."""
+        if self.rt.is_main and self.curves:
+            from dast.training.plots import plot_selection_curves
+
+            plot_selection_curves(self.curves, self.paths.root / "figure4.png")
 
     # ---------------------------------------------------------------- stages
     def plans(self) -> list[StagePlan]:
@@ -305,6 +353,7 @@ class Pipeline:
             result: StageResult = run_stage(cfg, plan, nets, rt, stage_dir, self.source, target, self.log, hooks, stop,
                                             progress=self.progress, wrap=wrap)
             barrier(rt)
+            self.plot_curves()
             manifest["stages"][plan.name] = {"status": "complete", "steps": plan.steps,
                                              "selected": str(result.selected.relative_to(self.paths.root))}
             self.write_manifest(manifest)
@@ -357,17 +406,60 @@ class Pipeline:
         if self.rt.is_main:
             write_json(self.paths.manifest, manifest)
 
+    def close(self) -> None:
+        """Close the TensorBoard writer and the log files (idempotent)."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        close_logging(self.log)
+
+
+def _end_torn_line(path: Path) -> None:
+    """Terminate a last line left without its newline by a killed writer."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as fh:
+        fh.seek(-1, 2)
+        if fh.read(1) != b"\n":
+            fh.write(b"\n")
+
+
+def has_progress(run_dir: Path) -> bool:
+    """Whether a run directory holds trained weights worth keeping."""
+    return (any(run_dir.glob("*/checkpoints/step_*.safetensors")) or any(run_dir.glob("*/selected.safetensors"))
+            or (run_dir / "final").exists())
+
+
+def _discard_new_run(run_dir: Path, created: Path | None) -> None:
+    """Remove what a failed fresh run wrote: the folders it created, or the contents of
+    the empty folder it was given."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for child in run_dir.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
 
 def prepare_run_dir(run_dir: Path, cfg: Config | None, resume: bool, force: bool) -> Config:
     """Create or validate the run directory; return the config to run with."""
     paths = RunPaths(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} exists and is not a directory")
     if resume:
         if not paths.config.exists():
             raise UserError(f"nothing to resume in {run_dir}: no config.yaml (start it without --resume)")
         stored = from_tree(load_yaml_tree(paths.config), str(paths.config))
         if cfg is None:
             return stored
-        check_resume_config(stored, cfg, read_manifest(paths), force)
+        manifest = read_manifest(paths)
+        # a round whose pseudo labels exist has started, even before the manifest says so
+        for d in run_dir.glob("round*"):
+            if d.is_dir():
+                manifest.setdefault("stages", {}).setdefault(d.name, {"status": "started"})
+        check_resume_config(stored, cfg, manifest, force)
         return cfg
     if cfg is None:
         raise UserError("--config is required unless --resume names an existing run directory")
@@ -384,10 +476,31 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, forc
     rt = make_runtime(cfg.runtime, device)
     init_process_group(rt)
     configure_backends(rt)
+    fresh = not resume and not (run_dir.exists() and any(run_dir.iterdir()))
+    created = _first_missing(run_dir)
     if rt.is_main:
+        remove_stale_temps(run_dir)  # half-written files of a killed run (checkpoints, final/, curves)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(RunPaths(run_dir).config, to_yaml(cfg))
     barrier(rt)
     pipe = Pipeline(cfg, run_dir, rt, progress=progress)
-    with SignalFlag() as stop:
-        return pipe.run(stop)
+    try:
+        with SignalFlag() as stop:
+            return pipe.run(stop)
+    except UserError:
+        # bad input found before anything was trained: leave no half-made run directory
+        pipe.close()
+        if fresh and rt.is_main and not has_progress(run_dir):
+            _discard_new_run(run_dir, created)
+        raise
+    finally:
+        pipe.close()
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost missing folder on the way to ``path`` (None when ``path`` exists)."""
+    missing = None
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        missing, p = p, p.parent
+    return missing

@@ -470,9 +470,12 @@ class _Run:
     progress: bool
 
     def probabilities(self, desc: str) -> Iterator[tuple[Tensor, list[str]]]:
+        from dast.training.trainer import ignore_stop_signals  # SIGTERM/SIGINT are the main process's
+
         loader = torch.utils.data.DataLoader(_Subset(self.dataset, self.order), batch_size=self.batch_size,
                                              shuffle=False, num_workers=self.num_workers, collate_fn=_collate,
-                                             pin_memory=self.device.type == "cuda")
+                                             pin_memory=self.device.type == "cuda",
+                                             worker_init_fn=ignore_stop_signals if self.num_workers else None)
         for images, names in tqdm(loader, desc=desc, unit="batch", disable=not self.progress, leave=False):
             yield target_probabilities(self.model, images.to(self.device, non_blocking=True), self.amp_dtype), names
 

@@ -94,11 +94,52 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return c[-1][1] if c else None
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of DataLoader workers: SIGTERM and SIGINT sent to the whole process
+    group (Ctrl-C, a job scheduler) are left to the main process, which saves a checkpoint
+    and then shuts the workers down; a worker killed by them would crash the main process."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _loader(ds: Any, batch: int, seed: int, start: int, rt: Runtime, workers: int) -> Iterator[dict[str, Any]]:
     sampler = StepSampler(len(ds), batch, seed, start, rt.rank, rt.world_size)
     dl = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True,
-                    pin_memory=rt.device.type == "cuda", persistent_workers=False)
+                    pin_memory=rt.device.type == "cuda", persistent_workers=False,
+                    worker_init_fn=ignore_stop_signals if workers else None)
     return iter(dl)
+
+
+class BufferGuard:
+    """A copy of modules' buffers (batch-norm running statistics and counters), so that a
+    step whose update is skipped leaves no trace of its non-finite forward passes."""
+
+    def __init__(self, modules: list[torch.nn.Module]) -> None:
+        groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+        for m in modules:
+            for b in m.buffers():
+                groups.setdefault((b.dtype, b.device), []).append(b)
+        # one fused copy per dtype and device
+        self.groups = [(live, [b.detach().clone() for b in live]) for live in groups.values()]
+
+    @torch.no_grad()
+    def save(self) -> None:
+        for live, saved in self.groups:
+            _copy_all(saved, live)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for live, saved in self.groups:
+            _copy_all(live, saved)
+
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    foreach_copy = getattr(torch, "_foreach_copy_", None)
+    if foreach_copy is not None:
+        foreach_copy(dst, src)
+    else:
+        for d, s in zip(dst, src):
+            d.copy_(s)
 
 
 class SignalFlag:
@@ -157,6 +198,7 @@ def run_stage(
     opts = {"segmentor": seg_opt, "discriminators": disc_opt}
 
     start, history, best, lr_scale, consecutive = 0, [], None, 1.0, 0
+    fault_step: int | None = None  # the latest step with a non-finite loss in the current streak
     resume = latest_checkpoint(ckpt_dir)
 
     def restore(path: Path) -> None:
@@ -198,6 +240,7 @@ def run_stage(
         return src, tgt
 
     src_it, tgt_it = make_iters(start)
+    buffers = BufferGuard(nets.modules())
     bar = None
     if progress and rt.is_main:
         from tqdm.auto import tqdm
@@ -224,9 +267,14 @@ def run_stage(
             if rt.channels_last:
                 xs = xs.contiguous(memory_format=torch.channels_last)
                 xt = xt.contiguous(memory_format=torch.channels_last)
+            buffers.save()
             out, applied = train_step(models, seg_opt, disc_opt, xs, ys, xt, yt, settings, rt.autocast)
             if not applied:
+                # the update was not applied, so the weights are still those before this step;
+                # undo what the step's forward passes did to the running statistics
+                buffers.restore()
                 consecutive += 1
+                fault_step = step if fault_step is None else max(fault_step, step)
                 names = list(sb["name"]) + (list(tb["name"]) if tb is not None else [])
                 log.warning("%s step %d: non-finite loss (%s); batch: %s", plan.name, step,
                             ", ".join(f"{k}={float(v):.4g}" for k, v in out.items() if k.startswith("loss/")), ", ".join(names))
@@ -236,22 +284,29 @@ def run_stage(
                         f"(last batch: {', '.join(names)}); see log.txt"
                     )
                 if cfg.faults.policy == "rollback":
+                    scale = lr_scale * cfg.faults.lr_factor  # compounds over repeated rollbacks
                     last = latest_checkpoint(ckpt_dir)
                     if last is not None:
                         restore(last)
-                    lr_scale *= cfg.faults.lr_factor
-                    log.warning("%s: rolled back to step %d with learning-rate scale %g", plan.name, start, lr_scale)
-                    step = start
-                    src_it, tgt_it = make_iters(step)
-                    if bar is not None:
-                        bar.n = step
-                        bar.refresh()
-                    continue
+                        step = start
+                        src_it, tgt_it = make_iters(step)
+                        lr_scale = scale
+                        log.warning("%s: rolled back to step %d with learning-rate scale %g", plan.name, start, lr_scale)
+                        if bar is not None:
+                            bar.n = step
+                            bar.refresh()
+                        continue
+                    lr_scale = scale
+                    log.warning("%s: no checkpoint to roll back to yet; skipped step %d, learning-rate scale %g",
+                                plan.name, step, lr_scale)
                 step += 1
                 if bar is not None:
                     bar.update(1)
                 continue
-            consecutive = 0
+            if fault_step is not None and step >= fault_step:
+                # a step at or past the last faulty one succeeded: the fault streak is over
+                # (steps replayed after a rollback do not end it)
+                consecutive, fault_step = 0, None
             step += 1
             if bar is not None:
                 bar.update(1)
