@@ -80,6 +80,7 @@ class AdversarialConfig(_Strict):
     lambda_d: float = 0.01
     lambda_c: float = 0.01
     corrector_weighting: Optional[Literal["none", "attention"]] = None
+    corrector_width: int = Field(default=64, ge=1)  # channels of C's first conv (paper: 64; 128, 256, 512 follow)
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.99)
 

@@ -68,9 +68,9 @@ def build_discoverer(feature_channels: int) -> Discoverer:
     return Discoverer(feature_channels)
 
 
-def build_corrector(num_classes: int) -> Corrector:
-    """C with channels 64, 128, 256, 512, 1."""
-    return Corrector(num_classes)
+def build_corrector(num_classes: int, width: int = 64) -> Corrector:
+    """C with channels w, 2w, 4w, 8w, 1 (the paper: w = 64)."""
+    return Corrector(num_classes, ndf=width)
 
 
 def build_target_model(segmentor: Segmentor, discoverer: Discoverer | None) -> TargetModel:

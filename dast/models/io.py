@@ -29,6 +29,7 @@ class ModelSpec:
     discoverer: bool = True
     corrector: bool = True
     attention: bool = True
+    corrector_width: int = 64
     class_names: list[str] = field(default_factory=list)
     class_colors: list[tuple[int, int, int]] = field(default_factory=list)
 
@@ -86,7 +87,7 @@ def build_networks(spec: ModelSpec) -> Networks:
         raise CheckpointError(f"unknown variant {spec.variant!r} (known: {', '.join(VARIANTS)})")
     seg = build_segmentor(spec.arch, spec.num_classes, spec.variant)
     disc = build_discoverer(seg.feature_channels) if spec.discoverer else None
-    corr = build_corrector(spec.num_classes) if spec.corrector else None
+    corr = build_corrector(spec.num_classes, spec.corrector_width) if spec.corrector else None
     return Networks(spec, seg, disc, corr)
 
 

@@ -1,0 +1,44 @@
+"""`dast demo --quick` end to end, and the demo config's single source of truth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from dast.cli import main
+from dast.config import load_yaml_tree
+from dast.demo import DEMO_CONFIG, VARIANTS, gap_recovered
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_configs_demo_yaml_is_the_demo_config() -> None:
+    assert load_yaml_tree(REPO / "configs" / "demo.yaml") == json.loads(json.dumps(DEMO_CONFIG))
+
+
+def test_gap_recovered() -> None:
+    assert gap_recovered(30.0, 20.0, 40.0) == pytest.approx(50.0)
+    assert gap_recovered(20.0, 20.0, 20.0) is None
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quick", "--seed", "1", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["variants"]) == set(VARIANTS)
+    assert report["seed"] == 1 and report["seconds"] > 0
+    for v in VARIANTS:
+        m = report["variants"][v]
+        assert 0.0 <= m["miou"] <= 100.0
+        assert list(m["per_class"]) == ["road", "sidewalk", "building", "vegetation", "sky", "person", "car"]
+        assert v in printed
+    for fig in report["figures"]:
+        with Image.open(out / fig) as im:
+            assert im.format == "PNG" and im.size[0] > 200
+    assert "mIoU" in printed
