@@ -123,7 +123,7 @@ def _pair_discriminator_step(
     out["loss/disc"] = total.detach()
 
 
-def train_step(
+def compute_gradients(
     models: StepModels,
     seg_opt: torch.optim.Optimizer,
     disc_opt: torch.optim.Optimizer | None,
@@ -133,12 +133,12 @@ def train_step(
     target_labels: Tensor | None,
     settings: StepSettings,
     autocast: Callable[[], ContextManager[object]],
-    check_finite: bool = True,
 ) -> tuple[dict[str, Tensor], bool]:
-    """Run one iteration. Returns (detached scalars for logging, whether it was applied).
+    """Phases 1-3 of an iteration: clear the gradients, compute every loss and backward.
 
-    When ``check_finite`` and any loss is NaN or infinite, no parameter is updated and
-    the second value is False.
+    Returns (detached scalars for logging, whether ``disc_opt`` has gradients to apply).
+    Nothing here reads a value back to the host, so the whole phase can be captured in a
+    CUDA graph (see :mod:`dast.training.fast`).
     """
     seg = models.segmentor
     use_d = settings.adversarial and models.discoverer is not None
@@ -280,16 +280,45 @@ def train_step(
     out["loss/total"] = total
     if alpha is not None:
         out["attention/mean"] = alpha.detach().float().mean()
+    return out, bool(disc_params)
 
-    # ---- 4. guarded updates
-    if check_finite:
-        vals = torch.stack([v.float() for k, v in out.items() if k.startswith("loss/")])
-        if not bool(torch.isfinite(vals).all()):
-            seg_opt.zero_grad(set_to_none=True)
-            if disc_opt is not None:
-                disc_opt.zero_grad(set_to_none=True)
-            return out, False
+
+def losses_finite(out: dict[str, Tensor]) -> Tensor:
+    """A device boolean: whether every ``loss/*`` entry of ``out`` is finite (no host sync)."""
+    vals = torch.stack([v.float() for k, v in out.items() if k.startswith("loss/")])
+    return torch.isfinite(vals).all()
+
+
+def apply_updates(seg_opt: torch.optim.Optimizer, disc_opt: torch.optim.Optimizer | None, disc_active: bool) -> None:
+    """Phase 4: step the segmentor optimiser, and the discriminators' when they have gradients."""
     seg_opt.step()
-    if disc_opt is not None and disc_params:
+    if disc_opt is not None and disc_active:
         disc_opt.step()
+
+
+def train_step(
+    models: StepModels,
+    seg_opt: torch.optim.Optimizer,
+    disc_opt: torch.optim.Optimizer | None,
+    source_images: Tensor,
+    source_labels: Tensor,
+    target_images: Tensor,
+    target_labels: Tensor | None,
+    settings: StepSettings,
+    autocast: Callable[[], ContextManager[object]],
+    check_finite: bool = True,
+) -> tuple[dict[str, Tensor], bool]:
+    """Run one iteration. Returns (detached scalars for logging, whether it was applied).
+
+    When ``check_finite`` and any loss is NaN or infinite, no parameter is updated and
+    the second value is False (this check reads one flag back to the host).
+    """
+    out, disc_active = compute_gradients(models, seg_opt, disc_opt, source_images, source_labels,
+                                         target_images, target_labels, settings, autocast)
+    if check_finite and not bool(losses_finite(out)):
+        seg_opt.zero_grad(set_to_none=True)
+        if disc_opt is not None:
+            disc_opt.zero_grad(set_to_none=True)
+        return out, False
+    apply_updates(seg_opt, disc_opt, disc_active)
     return out, True
