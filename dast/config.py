@@ -149,7 +149,8 @@ class RuntimeConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
     channels_last: Optional[bool] = None
-    compile: bool = False
+    compile: bool = False  # torch.compile the segmentor halves (state-dict keys unchanged)
+    cuda_graphs: bool = False  # replay the whole iteration as CUDA graphs (single GPU; see docs/performance.md)
     deterministic: Optional[bool] = None  # null: true on CPU, false on CUDA (cuDNN autotuning)
 
 

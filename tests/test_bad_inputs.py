@@ -4,6 +4,7 @@ a non-zero exit, no traceback and no partial output; `on_corrupt: fail | skip` i
 from __future__ import annotations
 
 import errno
+import multiprocessing
 import os
 import shutil
 from pathlib import Path
@@ -216,6 +217,8 @@ def test_on_corrupt_fail_stops_training_naming_the_file(workspace: Path, capsys:
     assert code == 2
     assert_one_error_line(err, ["cannot read image", str(workspace / "ds/images/b.png")])
     assert not run.exists()
+    # the failed stage shut its loader workers down: none is left to block the interpreter's exit
+    assert not multiprocessing.active_children()
 
 
 def test_on_corrupt_skip_logs_and_trains_on(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:

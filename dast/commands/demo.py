@@ -12,6 +12,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (about a minute)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="variants trained at the same time, one process each (default: CPU cores, at most 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -19,7 +21,11 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 def run(args: argparse.Namespace) -> int:
     from dast.demo import format_report, run_demo
 
-    report = run_demo(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
+    from dast.errors import UserError
+
+    if args.workers is not None and args.workers < 1:
+        raise UserError("--workers must be at least 1")
+    report = run_demo(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress, workers=args.workers)
     print(format_report(report))
     print(f"seed {report['seed']}, {report['seconds']:.0f} s; report: {args.out}/report.json, figures: "
           + ", ".join(f"{args.out}/{f}" for f in report["figures"]))

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from dast.data.datasets import SegmentationDataset
 from dast.data.labels import IGNORE, protocols_for
 from dast.data.readers import read_index_label
+from dast.data.workers import loader_iterator, worker_init
 from dast.errors import DataError
 from dast.evaluation.confusion import ConfusionMatrix
 from dast.evaluation.metrics import compute_metrics
@@ -68,31 +69,33 @@ def evaluate_confusion(model: nn.Module, dataset: SegmentationDataset, device: t
     idx = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
     cm = ConfusionMatrix(dataset.num_classes, device)
     loader = DataLoader(_EvalView(dataset, idx), batch_size=max(1, batch_size), shuffle=False,
-                        num_workers=num_workers, collate_fn=_as_list, pin_memory=device.type == "cuda")
+                        num_workers=num_workers, collate_fn=_as_list, pin_memory=device.type == "cuda",
+                        worker_init_fn=worker_init(num_workers))
     was_training = model.training
     model.eval()
     count = 0
     try:
-        bar = tqdm(loader, total=len(loader), desc="evaluating", unit="batch", file=sys.stderr,
-                   disable=None if progress else True, leave=False)
-        for batch in bar:
-            start = 0
-            while start < len(batch):  # images of one forward pass must share a size
-                end = start + 1
-                shape = batch[start][0].shape
-                while end < len(batch) and batch[end][0].shape == shape:
-                    end += 1
-                group = batch[start:end]
-                x = torch.stack([g[0] for g in group]).to(device, non_blocking=True)
-                with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.bfloat16,
-                                    enabled=amp_dtype is not None):
-                    logits = _logits(model(x))
-                for k, (_, label, _) in enumerate(group):
-                    up = F.interpolate(logits[k : k + 1].float(), size=tuple(label.shape), mode="bilinear",
-                                       align_corners=True)
-                    cm.update(up.argmax(1)[0], label.to(device, non_blocking=True), check=False)
-                count += len(group)
-                start = end
+        with loader_iterator(loader) as batches:
+            bar = tqdm(batches, total=len(loader), desc="evaluating", unit="batch", file=sys.stderr,
+                       disable=None if progress else True, leave=False)
+            for batch in bar:
+                start = 0
+                while start < len(batch):  # images of one forward pass must share a size
+                    end = start + 1
+                    shape = batch[start][0].shape
+                    while end < len(batch) and batch[end][0].shape == shape:
+                        end += 1
+                    group = batch[start:end]
+                    x = torch.stack([g[0] for g in group]).to(device, non_blocking=True)
+                    with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.bfloat16,
+                                        enabled=amp_dtype is not None):
+                        logits = _logits(model(x))
+                    for k, (_, label, _) in enumerate(group):
+                        up = F.interpolate(logits[k : k + 1].float(), size=tuple(label.shape), mode="bilinear",
+                                           align_corners=True)
+                        cm.update(up.argmax(1)[0], label.to(device, non_blocking=True), check=False)
+                    count += len(group)
+                    start = end
     finally:
         model.train(was_training)
     return cm, count

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dast.atomic import write_with
 from dast.data.transforms import normalize, resize_image
+from dast.data.workers import loader_iterator, worker_init
 from dast.errors import DataError, UserError
 from dast.inference.visualize import colorize, heatmap, overlay, palette_for, save_png
 from dast.models.io import ModelSpec, Networks
@@ -265,15 +266,16 @@ def predict_paths(nets: Networks, inputs: Sequence[Path], out_dir: str | os.Path
     colors = class_colors(spec)
     target = nets.target_model()
     loader = DataLoader(_ImageSet(paths, spec.input_size, spec.norm), batch_sampler=batches, collate_fn=_collate,
-                        num_workers=max(0, num_workers))
+                        num_workers=max(0, num_workers), worker_init_fn=worker_init(num_workers))
     records: list[dict[str, Any] | None] = [None] * len(paths)
     pending: list[Future[None]] = []
     max_pending = 8
     writers = max(1, min(4, os.cpu_count() or 1))
     out.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=writers) as pool, _eval_mode([target]), torch.no_grad(), \
-            tqdm(total=len(paths), unit="img", desc="predict", disable=not progress) as bar:
-        for samples in loader:
+            tqdm(total=len(paths), unit="img", desc="predict", disable=not progress) as bar, \
+            loader_iterator(loader) as batches:
+        for samples in batches:
             bad = next((s for s in samples if s.error is not None), None)
             if bad is not None:
                 for f in pending:

@@ -297,19 +297,9 @@ def fast_optimizers(
     """The fast-mode optimisers, with the parameter groups of
     :func:`~dast.training.optim.segmentor_optimizer` and
     :func:`~dast.training.optim.discriminator_optimizer` (same update rules, same state keys)."""
-    from dast.training.optim import multiplicities, released_parameter_sequence
+    from dast.training.optim import segmentor_param_groups
 
-    head = list(segmentor.head_parameters())  # type: ignore[operator]
-    if duplicate_params:
-        uniq, mult = multiplicities(released_parameter_sequence(segmentor.stages()))  # type: ignore[operator]
-        groups = [{"params": uniq, "multiplicity": mult, "lr": lr},
-                  {"params": head, "multiplicity": [1] * len(head), "lr": lr * head_lr_mult}]
-    else:
-        backbone = list(segmentor.backbone_parameters())  # type: ignore[operator]
-        if head_lr_mult == 1.0:
-            groups = [{"params": backbone + head, "lr": lr}]
-        else:
-            groups = [{"params": backbone, "lr": lr}, {"params": head, "lr": lr * head_lr_mult}]
+    groups = segmentor_param_groups(segmentor, lr, head_lr_mult, duplicate_params)  # type: ignore[arg-type]
     seg_opt = ForeachSGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, tensor_lr=tensor_lr)
     dparams = [p for m in discriminators if m is not None for p in m.parameters()]
     disc_opt = CapturableAdam(dparams, lr=lr_d, betas=betas) if dparams else None

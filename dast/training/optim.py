@@ -89,6 +89,24 @@ class SequentialDuplicateSGD(torch.optim.Optimizer):
         return None
 
 
+def segmentor_param_groups(segmentor: Segmentor, lr: float, head_lr_mult: float, duplicate_params: bool) -> list[dict]:
+    """Parameter groups of the segmentor: group 0 = backbone (lr), group 1 = classifier
+    (lr * mult). ``duplicate_params`` adds each tensor's released multiplicity (see the
+    module doc); with ``head_lr_mult == 1`` and no duplicates there is a single group,
+    like the released stage 2 (``model.parameters()``)."""
+    head = list(segmentor.head_parameters())
+    if duplicate_params:
+        uniq, mult = multiplicities(released_parameter_sequence(segmentor.stages()))
+        return [
+            {"params": uniq, "multiplicity": mult, "lr": lr},
+            {"params": head, "multiplicity": [1] * len(head), "lr": lr * head_lr_mult},
+        ]
+    backbone = list(segmentor.backbone_parameters())
+    if head_lr_mult == 1.0:
+        return [{"params": backbone + head, "lr": lr}]
+    return [{"params": backbone, "lr": lr}, {"params": head, "lr": lr * head_lr_mult}]
+
+
 def segmentor_optimizer(
     segmentor: Segmentor,
     *,
@@ -98,25 +116,10 @@ def segmentor_optimizer(
     head_lr_mult: float,
     duplicate_params: bool,
 ) -> torch.optim.Optimizer:
-    """SGD over the segmentor: group 0 = backbone (lr), group 1 = classifier (lr * mult).
-
-    ``duplicate_params`` reproduces the released stage-1 parameter list (see module doc).
-    With ``head_lr_mult == 1`` and no duplicates there is a single group, like the
-    released stage 2 (``model.parameters()``).
-    """
-    head = list(segmentor.head_parameters())
+    """SGD over :func:`segmentor_param_groups` (sequential duplicate updates when asked)."""
+    groups = segmentor_param_groups(segmentor, lr, head_lr_mult, duplicate_params)
     if duplicate_params:
-        uniq, mult = multiplicities(released_parameter_sequence(segmentor.stages()))
-        groups = [
-            {"params": uniq, "multiplicity": mult, "lr": lr},
-            {"params": head, "multiplicity": [1] * len(head), "lr": lr * head_lr_mult},
-        ]
         return SequentialDuplicateSGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    backbone = list(segmentor.backbone_parameters())
-    if head_lr_mult == 1.0:
-        groups = [{"params": backbone + head, "lr": lr}]
-    else:
-        groups = [{"params": backbone, "lr": lr}, {"params": head, "lr": lr * head_lr_mult}]
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
 
 

@@ -318,6 +318,10 @@ class Pipeline:
 
             convert_sync_bn(nets)
         nets.to(rt.device)
+        if rt.compile:
+            from dast.training.fast import compile_segmentor
+
+            compile_segmentor(nets.segmentor)
         if rt.channels_last:
             for m in nets.modules():
                 m.to(memory_format=torch.channels_last)

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from dast.atomic import TMP_MARK, write_json, write_text, write_with
+from dast.data.workers import loader_iterator, worker_init
 from dast.errors import DataError, UserError
 
 MODES = ("histogram", "exact-reference")
@@ -470,14 +471,14 @@ class _Run:
     progress: bool
 
     def probabilities(self, desc: str) -> Iterator[tuple[Tensor, list[str]]]:
-        from dast.training.trainer import ignore_stop_signals  # SIGTERM/SIGINT are the main process's
-
         loader = torch.utils.data.DataLoader(_Subset(self.dataset, self.order), batch_size=self.batch_size,
                                              shuffle=False, num_workers=self.num_workers, collate_fn=_collate,
                                              pin_memory=self.device.type == "cuda",
-                                             worker_init_fn=ignore_stop_signals if self.num_workers else None)
-        for images, names in tqdm(loader, desc=desc, unit="batch", disable=not self.progress, leave=False):
-            yield target_probabilities(self.model, images.to(self.device, non_blocking=True), self.amp_dtype), names
+                                             worker_init_fn=worker_init(self.num_workers))
+        with loader_iterator(loader) as batches:
+            for images, names in tqdm(batches, total=len(loader), desc=desc, unit="batch", disable=not self.progress,
+                                      leave=False):
+                yield target_probabilities(self.model, images.to(self.device, non_blocking=True), self.amp_dtype), names
 
 
 def _estimate(run: _Run, num_classes: int | None, **est_args: Any) -> ThresholdEstimator:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from dast.atomic import remove_stale_temps
 from dast.checkpoint import load_checkpoint
 from dast.config import Config
+from dast.data.workers import close_loader_iterator, worker_init
 from dast.errors import NumericalFault
 from dast.models.io import Networks, assign_weights, save_networks
 from dast.training.optim import discriminator_optimizer, poly_lr, segmentor_optimizer, set_lrs
@@ -94,19 +95,11 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return c[-1][1] if c else None
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """``worker_init_fn`` of DataLoader workers: SIGTERM and SIGINT sent to the whole process
-    group (Ctrl-C, a job scheduler) are left to the main process, which saves a checkpoint
-    and then shuts the workers down; a worker killed by them would crash the main process."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _loader(ds: Any, batch: int, seed: int, start: int, rt: Runtime, workers: int) -> Iterator[dict[str, Any]]:
     sampler = StepSampler(len(ds), batch, seed, start, rt.rank, rt.world_size)
     dl = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True,
                     pin_memory=rt.device.type == "cuda", persistent_workers=False,
-                    worker_init_fn=ignore_stop_signals if workers else None)
+                    worker_init_fn=worker_init(workers))
     return iter(dl)
 
 
@@ -188,11 +181,22 @@ def run_stage(
     remove_stale_temps(stage_dir)
     tr = cfg.train
     adv = cfg.adversarial
-    seg_opt = segmentor_optimizer(nets.segmentor, lr=plan.lr * plan.lr_mult, momentum=tr.momentum, weight_decay=tr.weight_decay,
-                                  head_lr_mult=plan.head_lr_mult, duplicate_params=plan.duplicate_params)
-    disc_opt = discriminator_optimizer(
-        [nets.discoverer if adv.discoverer else None, nets.corrector if adv.corrector else None], adv.lr, adv.betas
-    ) if plan.adversarial else None
+    graphed = rt.device.type == "cuda" and cfg.runtime.cuda_graphs and not rt.distributed
+    discs = [nets.discoverer if adv.discoverer else None, nets.corrector if adv.corrector else None] if plan.adversarial else []
+    seg_opt: torch.optim.Optimizer
+    disc_opt: torch.optim.Optimizer | None
+    if graphed:  # same update rules and state-dict format, with device-tensor learning rates
+        from dast.training.fast import fast_optimizers
+
+        seg_opt, disc_opt = fast_optimizers(nets.segmentor, discs, lr=plan.lr * plan.lr_mult, momentum=tr.momentum,
+                                            weight_decay=tr.weight_decay, head_lr_mult=plan.head_lr_mult,
+                                            duplicate_params=plan.duplicate_params, lr_d=adv.lr * plan.lr_mult,
+                                            betas=adv.betas)
+    else:
+        seg_opt = segmentor_optimizer(nets.segmentor, lr=plan.lr * plan.lr_mult, momentum=tr.momentum,
+                                      weight_decay=tr.weight_decay, head_lr_mult=plan.head_lr_mult,
+                                      duplicate_params=plan.duplicate_params)
+        disc_opt = discriminator_optimizer(discs, adv.lr, adv.betas)
     base_lr, base_lr_d = plan.lr * plan.lr_mult, adv.lr * plan.lr_mult
     mults = [1.0] if len(seg_opt.param_groups) == 1 else [1.0, plan.head_lr_mult]
     opts = {"segmentor": seg_opt, "discriminators": disc_opt}
@@ -231,6 +235,14 @@ def run_stage(
     models = wrap(nets) if wrap else StepModels(nets.segmentor, nets.discoverer, nets.corrector)
     for m in nets.modules():
         m.train()
+    step_fn: Callable[..., tuple[dict[str, torch.Tensor], bool]]
+    if graphed:  # runtime.cuda_graphs: the whole iteration replayed as CUDA graphs (dast.training.fast)
+        from dast.training.fast import GraphedStep
+
+        step_fn = GraphedStep(models, seg_opt, disc_opt, settings, rt.amp_dtype)
+    else:
+        def step_fn(xs, ys, xt, yt):  # type: ignore[no-untyped-def]
+            return train_step(models, seg_opt, disc_opt, xs, ys, xt, yt, settings, rt.autocast)
 
     def make_iters(at: int) -> tuple[Iterator[dict[str, Any]], Iterator[dict[str, Any]] | None]:
         src = _loader(source_ds, tr.batch_size, cfg.seed * 10 + 2 * plan.index, at, rt, tr.num_workers)
@@ -268,7 +280,7 @@ def run_stage(
                 xs = xs.contiguous(memory_format=torch.channels_last)
                 xt = xt.contiguous(memory_format=torch.channels_last)
             buffers.save()
-            out, applied = train_step(models, seg_opt, disc_opt, xs, ys, xt, yt, settings, rt.autocast)
+            out, applied = step_fn(xs, ys, xt, yt)
             if not applied:
                 # the update was not applied, so the weights are still those before this step;
                 # undo what the step's forward passes did to the running statistics
@@ -288,7 +300,11 @@ def run_stage(
                     last = latest_checkpoint(ckpt_dir)
                     if last is not None:
                         restore(last)
+                        if hasattr(step_fn, "reset"):
+                            step_fn.reset()  # the captured graphs hold the old buffers
                         step = start
+                        close_loader_iterator(src_it)
+                        close_loader_iterator(tgt_it)
                         src_it, tgt_it = make_iters(step)
                         lr_scale = scale
                         log.warning("%s: rolled back to step %d with learning-rate scale %g", plan.name, start, lr_scale)
@@ -344,6 +360,8 @@ def run_stage(
             if step % tr.checkpoint_every == 0 or step == plan.steps:
                 save(step)
     finally:
+        for it in (src_it, tgt_it):  # even when an exception leaves the loop
+            close_loader_iterator(it)
         if bar is not None:
             bar.close()
     if resume is None or start < plan.steps:
