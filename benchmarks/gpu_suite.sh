@@ -89,6 +89,8 @@ run_step ablation_resnet101 120 ablation_resnet101.jsonl \
   "${BENCH[@]}" --arch "$ARCH" --what step --modes eager-fp32,eager-bf16,fast-nograph,fast-fp32
 run_step tests_cuda 120 tests_cuda.txt \
   "$PY" -m pytest -q --noconftest -p no:cacheprovider tests/test_fast_mode.py -k cuda
+run_step tests_cuda_trainer 120 tests_cuda_trainer.txt \
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_train.py -k cuda_graphs
 
 run_step profile 90 profile.log "$PY" - "$OUT_DIR" <<'EOF'
 """torch.profiler over 3 steps of the fast step (resnet101, paper size): top GPU kernels."""

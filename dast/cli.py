@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 import traceback
 from typing import Sequence
@@ -50,8 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
     sub.required = True
     for name, module in COMMANDS:
-        if importlib.util.find_spec(f"dast.commands.{module}") is None:
-            continue
         mod = importlib.import_module(f"dast.commands.{module}")
         p = mod.add_parser(sub, name)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")

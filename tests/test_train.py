@@ -81,3 +81,29 @@ def test_whole_method_one_command(tiny_config, tmp_path: Path) -> None:
     assert (run / "figure4.png").stat().st_size > 1000
     assert (run / "config.yaml").is_file() and (run / "log.txt").is_file()
     assert list((run / "tb").glob("events.out.tfevents.*"))
+
+
+def test_cuda_graphs_falls_back_to_the_eager_step_without_cuda(tiny_config, tmp_path: Path) -> None:
+    cfg = tiny_config(selection={"enabled": False}, val=None, train={"steps": 2})
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "eager"), "--no-progress"]) == 0
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "graphs"), "--no-progress",
+                 "--set", "runtime.cuda_graphs=true"]) == 0
+    assert "runtime.cuda_graphs needs a single CUDA device" in (tmp_path / "graphs" / "log.txt").read_text()
+    _assert_same(_weights(tmp_path / "eager/final/model.safetensors"), _weights(tmp_path / "graphs/final/model.safetensors"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_training_matches_eager_training_on_cuda(tiny_config, tmp_path: Path) -> None:
+    # the graphed trainer path, including a resume (fresh capture from restored optimiser state)
+    cfg = tiny_config(selection={"enabled": False}, val=None, train={"steps": 8, "checkpoint_every": 4},
+                      runtime={"device": "cuda", "amp": "none", "channels_last": False})
+    eager, graphs = tmp_path / "eager", tmp_path / "graphs"
+    assert main(["train", "--config", str(cfg), "--out", str(eager), "--no-progress"]) == 0
+    flag = ["--set", "runtime.cuda_graphs=true", "--no-progress"]
+    assert main(["train", "--config", str(cfg), "--out", str(graphs), "--set", "train.steps=4", *flag]) == 0
+    assert main(["train", "--config", str(cfg), "--out", str(graphs), "--resume", *flag]) == 0
+    assert "needs a single CUDA device" not in (graphs / "log.txt").read_text()
+    a, b = _weights(eager / "final/model.safetensors"), _weights(graphs / "final/model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k].float(), a[k].float(), rtol=1e-3, atol=1e-4, msg=k)

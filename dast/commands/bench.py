@@ -6,24 +6,10 @@ import argparse
 import json
 import sys
 
-from dast.commands._common import add_device_argument, resolve_device
+from dast.commands._common import add_device_argument, nonnegative_int, positive_int, resolve_device
 from dast.errors import UserError
 
 ARCH_CHOICES = ("resnet101", "vgg16", "small")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    return 0 if text.strip() == "0" else _positive_int(text)
 
 
 def _list(text: str, choices: tuple[str, ...], flag: str) -> list[str]:
@@ -69,17 +55,17 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
                    help=f"what to measure, comma-separated: {', '.join(WHATS)} or all (default step)")
     p.add_argument("--modes", default="eager-fp32,fast", metavar="M[,M]",
                    help="modes to compare, comma-separated (default eager-fp32,fast)")
-    p.add_argument("--iters", type=_positive_int, default=20, help="timed iterations (default 20)")
-    p.add_argument("--warmup", type=_nonnegative_int, default=3, help="untimed iterations first (default 3)")
+    p.add_argument("--iters", type=positive_int, default=20, help="timed iterations (default 20)")
+    p.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed iterations first (default 3)")
     p.add_argument("--batches", default=None, metavar="B[,B]",
                    help="batch sizes for infer and pseudo (default 1,2,4,8 on CUDA, 1,2 on the CPU)")
     p.add_argument("--variant", choices=["reference", "paper"], default="reference",
                    help="network variant (default reference: the released code's networks and stage-1 SGD)")
-    p.add_argument("--num-classes", type=_positive_int, default=19, help="classes (default 19)")
+    p.add_argument("--num-classes", type=positive_int, default=19, help="classes (default 19)")
     p.add_argument("--interleave", choices=["auto", "on", "off"], default="auto",
                    help="time the modes round-robin, one iteration each, so a shared machine's load affects "
                         "them alike (auto: on for the CPU, off for CUDA, where all modes would share the memory)")
-    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="CPU threads for torch (default: torch's choice); 1 steadies timings on a shared machine")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the JSON lines to FILE (atomically)")
     return p

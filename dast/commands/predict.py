@@ -9,29 +9,9 @@ from pathlib import Path
 
 import torch
 
-from dast.commands._common import add_device_argument, existing_file, resolve_device
+from dast.commands._common import add_device_argument, existing_file, nonnegative_int, positive_int, resolve_device
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 0, got {value}")
-    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
@@ -47,12 +27,12 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
                    help="image files, folders (png/jpg/jpeg/bmp, not recursive) or glob patterns")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--save-logits", action="store_true", help="also write <stem>.npy with the raw logits")
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward pass (default 1)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="images per forward pass (default 1)")
     add_device_argument(p)
-    p.add_argument("--size", type=_positive_int, nargs=2, metavar=("W", "H"),
+    p.add_argument("--size", type=positive_int, nargs=2, metavar=("W", "H"),
                    help="resize inputs to W x H instead of the checkpoint's input size")
     p.add_argument("--amp", choices=sorted(AMP_DTYPES), default="off", help="autocast dtype (default off)")
-    p.add_argument("--workers", type=_nonnegative_int, default=min(4, os.cpu_count() or 1),
+    p.add_argument("--workers", type=nonnegative_int, default=min(4, os.cpu_count() or 1),
                    help="image-reading worker processes (default: up to 4)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p

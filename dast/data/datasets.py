@@ -427,15 +427,22 @@ def build_dataset(cfg: DatasetConfig, *, norm: str, num_classes: int, with_label
     return SegmentationDataset(FileSource(images, labels, reader), names=names, **common)
 
 
-def with_label_dir(base: SegmentationDataset, label_dir: str | Path) -> SegmentationDataset:
-    """``base``'s images paired with pseudo labels ``<label_dir>/<name>.png`` (train ids, 255 ignore)."""
-    d = Path(label_dir)
+def require_named_pngs(folder: str | Path, names: Sequence[str], what: str) -> Path:
+    """``folder`` as a Path, after checking that it holds ``<name>.png`` for every name;
+    otherwise a DataError naming the folder or the first missing file (``what``: e.g. "prediction")."""
+    d = Path(folder)
     if not d.is_dir():
-        raise DataError(f"pseudo-label folder not found: {d}")
-    missing = [n for n in base.names if not (d / f"{n}.png").is_file()]
+        raise DataError(f"{what} folder not found: {d}")
+    missing = [n for n in names if not (d / f"{n}.png").is_file()]
     if missing:
         more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
-        raise DataError(f"pseudo label missing: {d / (missing[0] + '.png')}{more}")
+        raise DataError(f"{what} missing: {d / (missing[0] + '.png')}{more}")
+    return d
+
+
+def with_label_dir(base: SegmentationDataset, label_dir: str | Path) -> SegmentationDataset:
+    """``base``'s images paired with pseudo labels ``<label_dir>/<name>.png`` (train ids, 255 ignore)."""
+    d = require_named_pngs(label_dir, base.names, "pseudo label")
     source = LabelDirSource(base.source, d, base.names, base.num_classes)
     return SegmentationDataset(source, names=base.names, table=base.table, kind=base.kind, size=base.size,
                                norm=base.norm, has_labels=True, augment=base.augment,

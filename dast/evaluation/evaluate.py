@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dast.data.datasets import SegmentationDataset
+from dast.data.datasets import SegmentationDataset, require_named_pngs
 from dast.data.labels import IGNORE, protocols_for
 from dast.data.readers import read_index_label
 from dast.data.workers import loader_iterator, worker_init
@@ -144,13 +144,7 @@ def evaluate_predictions(dataset: SegmentationDataset, pred_dir: str | Path, *, 
                          protocols: Optional[Mapping[str, Sequence[int]]] = None, workers: int = 4) -> dict[str, Any]:
     """mIoU of train-id prediction PNGs ``<pred_dir>/<name>.png`` at the native label size."""
     _require_labels(dataset)
-    d = Path(pred_dir)
-    if not d.is_dir():
-        raise DataError(f"prediction folder not found: {d}")
-    missing = [n for n in dataset.names if not (d / f"{n}.png").is_file()]
-    if missing:
-        more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
-        raise DataError(f"prediction missing: {d / (missing[0] + '.png')}{more}")
+    d = require_named_pngs(pred_dir, dataset.names, "prediction")
     n = dataset.num_classes
 
     def load(i: int) -> tuple[np.ndarray, np.ndarray]:

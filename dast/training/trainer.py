@@ -182,6 +182,9 @@ def run_stage(
     tr = cfg.train
     adv = cfg.adversarial
     graphed = rt.device.type == "cuda" and cfg.runtime.cuda_graphs and not rt.distributed
+    if cfg.runtime.cuda_graphs and not graphed:
+        log.warning("%s: runtime.cuda_graphs needs a single CUDA device (device %s, %d process(es)); running eagerly",
+                    plan.name, rt.device, rt.world_size)
     discs = [nets.discoverer if adv.discoverer else None, nets.corrector if adv.corrector else None] if plan.adversarial else []
     seg_opt: torch.optim.Optimizer
     disc_opt: torch.optim.Optimizer | None
