@@ -10,7 +10,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
                        description="Train and compare the DAST variants on procedurally generated game-like and "
                                    "camera-like street scenes, on the CPU. Writes DIR/report.json and figures.")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--quick", action="store_true", help="a much shorter run (about a minute)")
+    p.add_argument("--quick", action="store_true", help="a much shorter run (about 20 s on 2 cores)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--workers", type=int, default=None,
                    help="variants trained at the same time, one process each (default: CPU cores, at most 4)")

@@ -1,0 +1,137 @@
+"""Why does DA / DAST rank as it does on the demo? Table 3's ablation on the synthetic domains,
+plus the precision of the demo's pseudo labels.
+
+Part 1 (``--seeds``): trains, on the demo config (``dast.demo.DEMO_CONFIG``), the rows of the
+paper's Table 3 as stage 1 only, and scores each run's last and selected snapshot on the
+target val set:
+
+* ``baseline`` — AdaptSegNet: output-space discriminator, sigmoid BCE, lambda 0.001;
+* ``mse`` — the same discriminator with the least-squares loss (lambda 0.01, as in DA);
+* ``mse_lambda0.001`` — the least-squares loss at the baseline's lambda 0.001;
+* ``mse_2d`` — plus the discoverer on the features (no attention);
+* ``da`` — plus the attention f' = f + f*|tanh(D(f))| and the weighted corrector loss.
+
+Part 2 (``--demo-dirs``): for finished ``dast demo`` output folders, the pixel precision of
+the round-1 pseudo labels against the synthetic target labels, overall and per class, and
+the share of the target pixels they label.
+
+Prints one JSON object; ``--out`` also writes it. Example (2 cores: about 4 min per seed)::
+
+    python benchmarks/demo_ablation.py --seeds 0 1 2 --work /tmp/ablation --demo-dirs /tmp/demo_s0 /tmp/demo_s1 /tmp/demo_s2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from dast.config import deep_merge, from_tree
+from dast.data.datasets import build_dataset
+from dast.demo import DEMO_CONFIG, NO_ADVERSARY, train_variants
+
+STAGE1_ONLY = {"self_training": {"rounds": 0}}
+ROWS: dict[str, dict[str, Any]] = {
+    "baseline": {"adversarial": {**NO_ADVERSARY, "corrector": True, "loss": "bce", "lambda_c": 0.001}},
+    "mse": {"adversarial": {**NO_ADVERSARY, "corrector": True, "loss": "lsgan"}},
+    "mse_lambda0.001": {"adversarial": {**NO_ADVERSARY, "corrector": True, "loss": "lsgan", "lambda_c": 0.001}},
+    "mse_2d": {"adversarial": {"discoverer": True, "corrector": True, "attention": False, "loss": "lsgan",
+                               "corrector_weighting": "none"}},
+    "da": {},
+}
+
+
+def row_trees(seed: int) -> dict[str, dict[str, Any]]:
+    """The stage-1 config of every Table-3 row for one seed."""
+    base = deep_merge(copy.deepcopy(DEMO_CONFIG), {**STAGE1_ONLY, "seed": seed})
+    return {name: deep_merge(base, change) for name, change in ROWS.items()}
+
+
+def score(checkpoint: Path, val: Any) -> float:
+    from dast.evaluation.evaluate import evaluate_model
+    from dast.models.io import load_networks
+
+    nets, _, _ = load_networks(checkpoint, "cpu")
+    return float(evaluate_model(nets.target_model(), val, "cpu", progress=False)["miou"])
+
+
+def ablation(seeds: list[int], work: Path, workers: int) -> dict[str, Any]:
+    per_seed: dict[str, dict[str, dict[str, float]]] = {}
+    for seed in seeds:
+        trees = row_trees(seed)
+        runs = work / f"seed{seed}"
+        train_variants(trees, runs, workers, progress=False)
+        cfg = from_tree(trees["da"], "ablation")
+        val = build_dataset(cfg.val, norm=cfg.model.norm, num_classes=cfg.model.num_classes, with_labels=True,
+                            seed=cfg.seed + 2)
+        per_seed[str(seed)] = {
+            name: {"last": score(runs / name / "stage1" / "checkpoints" / f"step_{cfg.train.steps:08d}.safetensors", val),
+                   "selected": score(runs / name / "stage1" / "selected.safetensors", val)}
+            for name in trees
+        }
+        print(f"seed {seed}: " + json.dumps(per_seed[str(seed)]), file=sys.stderr, flush=True)
+    summary = {}
+    for name in ROWS:
+        for which in ("last", "selected"):
+            vals = [per_seed[str(s)][name][which] for s in seeds]
+            summary[f"{name}/{which}"] = {"mean": round(statistics.fmean(vals), 2), "min": round(min(vals), 2),
+                                          "max": round(max(vals), 2)}
+    return {"per_seed": per_seed, "summary": summary}
+
+
+def pseudo_label_precision(demo_dir: Path) -> dict[str, Any]:
+    """Precision of ``runs/dast/round1/pseudo_labels`` against the synthetic target labels."""
+    run = demo_dir / "runs" / "dast"
+    cfg = from_tree(yaml.safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))
+    target = build_dataset(cfg.target, norm=cfg.model.norm, num_classes=cfg.model.num_classes, with_labels=True,
+                           seed=cfg.seed + 1)
+    n = cfg.model.num_classes
+    correct, labelled, total = np.zeros(n), np.zeros(n), 0
+    for i, name in enumerate(target.names):
+        pl = np.asarray(Image.open(run / "round1" / "pseudo_labels" / f"{name}.png"))
+        gt = target.read_label_native(i)
+        assert pl.shape == gt.shape, (name, pl.shape, gt.shape)
+        total += pl.size
+        for c in range(n):
+            sel = pl == c
+            labelled[c] += sel.sum()
+            correct[c] += (sel & (gt == c)).sum()
+    names = list(target.table.names)
+    return {
+        "precision": round(100 * correct.sum() / max(labelled.sum(), 1), 1),
+        "labelled_fraction": round(100 * labelled.sum() / max(total, 1), 1),
+        "per_class_precision": {names[c]: (round(100 * correct[c] / labelled[c], 1) if labelled[c] else None) for c in range(n)},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="*", default=[], help="run the Table-3 ablation for these seeds")
+    ap.add_argument("--work", type=Path, default=Path("ablation_runs"), help="run folders (resumed if present)")
+    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="runs trained at the same time")
+    ap.add_argument("--demo-dirs", type=Path, nargs="*", default=[], help="finished `dast demo` folders to analyse")
+    ap.add_argument("--out", type=Path, help="also write the JSON here")
+    args = ap.parse_args(argv)
+    result: dict[str, Any] = {}
+    if args.seeds:
+        result["ablation"] = ablation(args.seeds, args.work, args.workers)
+    if args.demo_dirs:
+        result["pseudo_labels"] = {str(d): pseudo_label_precision(d) for d in args.demo_dirs}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
