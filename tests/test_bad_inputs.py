@@ -18,6 +18,7 @@ from PIL import Image
 
 import dast.atomic
 from dast.cli import main
+from dast.errors import DataError
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 CASES: list[dict[str, Any]] = yaml.safe_load((CORPUS / "cases.yaml").read_text())
@@ -232,6 +233,32 @@ def test_on_corrupt_skip_logs_and_trains_on(workspace: Path, capsys: pytest.Capt
     skipped = [line for line in log.splitlines() if "skipping unreadable sample b" in line]
     assert skipped and all(str(workspace / "ds/images/b.png") in line for line in skipped)
     assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_on_corrupt_skip_leaves_the_unreadable_target_image_out_of_self_training(
+        workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _corrupt_training_set(workspace)
+    run = workspace / "run"
+    code, _, err = run_cli(["train", "--config", str(workspace / "folder.yaml"), "--out", str(run),
+                            "--set", "source.on_corrupt=skip", "--set", "target.on_corrupt=skip",
+                            "--set", "self_training.rounds=1", "--no-progress"], capsys)
+    assert code == 0, err
+    labels = run / "round1" / "pseudo_labels"
+    names = sorted(p.stem for p in (workspace / "ds/images").glob("*.png"))
+    stats = yaml.safe_load((labels / "stats.json").read_text())
+    # every readable image labelled once under its own name; the unreadable one excused
+    assert stats["skipped"] == ["b"]
+    assert stats["num_images"] == len(names) - 1
+    assert sorted(p.stem for p in labels.glob("*.png")) == [n for n in names if n != "b"]
+    assert (run / "final" / "model.safetensors").is_file()
+    # with on_corrupt: fail the same folder is incomplete
+    from dast.data.datasets import build_dataset, with_label_dir
+    from dast.config import load_config
+
+    cfg = load_config(workspace / "folder.yaml")
+    target = build_dataset(cfg.target, norm="unit", num_classes=3, with_labels=False)
+    with pytest.raises(DataError, match="pseudo label missing: .*b.png"):
+        with_label_dir(target, labels)
 
 
 def test_a_fresh_run_that_fails_late_keeps_its_checkpoints(workspace: Path, monkeypatch: pytest.MonkeyPatch,

@@ -8,6 +8,7 @@ item ``i`` depends only on ``(seed, i)``, never on the worker process that loads
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -427,13 +428,15 @@ def build_dataset(cfg: DatasetConfig, *, norm: str, num_classes: int, with_label
     return SegmentationDataset(FileSource(images, labels, reader), names=names, **common)
 
 
-def require_named_pngs(folder: str | Path, names: Sequence[str], what: str) -> Path:
-    """``folder`` as a Path, after checking that it holds ``<name>.png`` for every name;
-    otherwise a DataError naming the folder or the first missing file (``what``: e.g. "prediction")."""
+def require_named_pngs(folder: str | Path, names: Sequence[str], what: str, may_lack: Sequence[str] = ()) -> Path:
+    """``folder`` as a Path, after checking that it holds ``<name>.png`` for every name not in
+    ``may_lack``; otherwise a DataError naming the folder or the first missing file
+    (``what``: e.g. "prediction")."""
     d = Path(folder)
     if not d.is_dir():
         raise DataError(f"{what} folder not found: {d}")
-    missing = [n for n in names if not (d / f"{n}.png").is_file()]
+    excused = set(may_lack)
+    missing = [n for n in names if n not in excused and not (d / f"{n}.png").is_file()]
     if missing:
         more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
         raise DataError(f"{what} missing: {d / (missing[0] + '.png')}{more}")
@@ -441,8 +444,18 @@ def require_named_pngs(folder: str | Path, names: Sequence[str], what: str) -> P
 
 
 def with_label_dir(base: SegmentationDataset, label_dir: str | Path) -> SegmentationDataset:
-    """``base``'s images paired with pseudo labels ``<label_dir>/<name>.png`` (train ids, 255 ignore)."""
-    d = require_named_pngs(label_dir, base.names, "pseudo label")
+    """``base``'s images paired with pseudo labels ``<label_dir>/<name>.png`` (train ids, 255 ignore).
+
+    With ``on_corrupt: skip``, the images that pseudo-labelling could not read (``skipped`` in
+    the folder's ``stats.json``) have no label; reading one fails and the sample is skipped."""
+    may_lack: list[str] = []
+    stats = Path(label_dir) / "stats.json"
+    if base.on_corrupt == "skip" and stats.is_file():
+        try:
+            may_lack = [str(n) for n in json.loads(stats.read_text()).get("skipped", [])]
+        except (OSError, ValueError, AttributeError) as exc:
+            raise DataError(f"cannot read {stats}: {exc}") from None
+    d = require_named_pngs(label_dir, base.names, "pseudo label", may_lack)
     source = LabelDirSource(base.source, d, base.names, base.num_classes)
     return SegmentationDataset(source, names=base.names, table=base.table, kind=base.kind, size=base.size,
                                norm=base.norm, has_labels=True, augment=base.augment,

@@ -32,7 +32,7 @@ import math
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -408,15 +408,24 @@ def _prepare_dir(out: Path) -> None:
 # Generation
 
 
-def _collate(items: list[dict[str, Any]]) -> tuple[Tensor, list[str]]:
+def _collate(items: list[dict[str, Any]]) -> tuple[Tensor | None, list[str], list[str]]:
+    """(images, their names, names of unreadable samples left out of the batch)."""
+    skipped = [item["skipped"] for item in items if "skipped" in item]
+    items = [item for item in items if "skipped" not in item]
     names = [item["name"] for item in items]
+    if not items:
+        return None, names, skipped
     shapes = {tuple(item["image"].shape) for item in items}
     if len(shapes) != 1:
         raise DataError(f"images of one batch differ in size ({', '.join(names)}): {sorted(shapes)}")
-    return torch.stack([item["image"] for item in items]), names
+    return torch.stack([item["image"] for item in items]), names, skipped
 
 
 class _Subset(torch.utils.data.Dataset):
+    """The samples at ``indices``. A dataset with ``on_corrupt: skip`` answers an unreadable
+    sample with the next readable one; that stand-in is dropped here (it has its own turn),
+    so each image is labelled once, under its own name, and the unreadable one gets no label."""
+
     def __init__(self, dataset: Any, indices: Sequence[int]) -> None:
         self.dataset, self.indices = dataset, list(indices)
 
@@ -424,7 +433,11 @@ class _Subset(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> Any:
-        return self.dataset[self.indices[i]]
+        j = self.indices[i]
+        item = self.dataset[j]
+        if "index" in item and int(item["index"]) != j % len(self.dataset):
+            return {"skipped": self.dataset.names[j % len(self.dataset)]}
+        return item
 
 
 def target_probabilities(model: nn.Module, images: Tensor, amp_dtype: torch.dtype | None = None) -> Tensor:
@@ -469,6 +482,7 @@ class _Run:
     device: torch.device
     amp_dtype: torch.dtype | None
     progress: bool
+    skipped: set[str] = field(default_factory=set)  # unreadable samples (on_corrupt: skip)
 
     def probabilities(self, desc: str) -> Iterator[tuple[Tensor, list[str]]]:
         loader = torch.utils.data.DataLoader(_Subset(self.dataset, self.order), batch_size=self.batch_size,
@@ -476,9 +490,12 @@ class _Run:
                                              pin_memory=self.device.type == "cuda",
                                              worker_init_fn=worker_init(self.num_workers))
         with loader_iterator(loader) as batches:
-            for images, names in tqdm(batches, total=len(loader), desc=desc, unit="batch", disable=not self.progress,
-                                      leave=False):
-                yield target_probabilities(self.model, images.to(self.device, non_blocking=True), self.amp_dtype), names
+            for images, names, skipped in tqdm(batches, total=len(loader), desc=desc, unit="batch",
+                                               disable=not self.progress, leave=False):
+                self.skipped.update(skipped)
+                if images is not None:
+                    yield target_probabilities(self.model, images.to(self.device, non_blocking=True),
+                                               self.amp_dtype), names
 
 
 def _estimate(run: _Run, num_classes: int | None, **est_args: Any) -> ThresholdEstimator:
@@ -523,6 +540,15 @@ def _write_labels(run: _Run, thresholds: Tensor, out: Path, palette: Sequence[Se
     finally:
         writer.close()
     return counts, len(seen)
+
+
+def _gather_names(names: set[str], distributed: bool) -> list[str]:
+    """The sorted union of ``names`` over all ranks."""
+    if not distributed:
+        return sorted(names)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, sorted(names))
+    return sorted(set().union(*everyone))
 
 
 def generate_pseudo_labels(model: nn.Module, dataset: Any, out_dir: str | Path, *, portion: float,
@@ -598,6 +624,7 @@ def generate_pseudo_labels(model: nn.Module, dataset: Any, out_dir: str | Path, 
         "selected_pixels": selected,
         "ignored_fraction": ignored / all_pixels if all_pixels else 0.0,
         "num_images": num_images,
+        "skipped": _gather_names(run.skipped, distributed),
         "seconds": round(time.time() - start, 3),
     }
     if rank == 0:
