@@ -424,6 +424,19 @@ def test_skip_policy_logs_the_batch_and_leaves_no_trace(tmp_path: Path, monkeypa
     assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
 
 
+def test_a_skipped_step_still_writes_its_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    victim = _source_names_at_step(2)[0]
+    poison(monkeypatch, lambda name, call: name == victim)
+    code, err, run = fault_run(tmp_path, capsys, {"checkpoint_every": 3}, policy="skip", max_consecutive=3)
+    assert code == 0, err
+    assert "stage1 step 2: non-finite loss" in _fault_lines(run)[0]
+    # step index 2 is the third step: the checkpoint due after it is there, with no NaN in it
+    ckpt = run / "stage1" / "checkpoints" / "step_00000003.safetensors"
+    assert _meta(ckpt)["stage_state"]["step"] == 3
+    assert all(torch.isfinite(v).all() for v in load_file(str(ckpt)).values() if v.is_floating_point())
+
+
 def test_rollback_policy_restores_the_last_checkpoint_with_a_lower_rate(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:

@@ -107,3 +107,24 @@ def test_cuda_graphs_training_matches_eager_training_on_cuda(tiny_config, tmp_pa
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k].float(), a[k].float(), rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_best_weights_from_an_abandoned_path_are_never_selected(tiny_config, tmp_path: Path) -> None:
+    # best.safetensors newer than the checkpoint a stage resumes from (a rollback, or a kill
+    # between an evaluation and the checkpoint after it) must not become the selected model
+    from dast.checkpoint import read_meta, save_checkpoint
+
+    cfg = tiny_config(self_training={"rounds": 0})
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress"]) == 0
+    stage = run / "stage1"
+    best = read_meta(stage / "best.safetensors")
+    bogus = {k: torch.zeros_like(v) for k, v in load_file(str(stage / "best.safetensors")).items()}
+    save_checkpoint(stage / "best.safetensors", bogus, {**best, "step": 99})
+    (stage / "selected.safetensors").unlink()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert "was discarded by a rollback; selecting the last step" in (run / "log.txt").read_text()
+    assert not (stage / "best.safetensors").exists()
+    selected = _weights(stage / "selected.safetensors")
+    last = _weights(stage / "checkpoints" / "step_00000004.safetensors")
+    assert all(torch.equal(selected[k], last[k]) for k in selected)

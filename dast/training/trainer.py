@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dast.atomic import remove_stale_temps
-from dast.checkpoint import load_checkpoint
+from dast.checkpoint import load_checkpoint, read_meta
 from dast.config import Config
 from dast.data.workers import close_loader_iterator, worker_init
 from dast.errors import NumericalFault
@@ -216,6 +216,10 @@ def run_stage(
         rng_from_flat(tensors, meta.get("rng", {}))
         st = meta["stage_state"]
         start, history, best, lr_scale = int(st["step"]), list(st["history"]), st["best"], float(st["lr_scale"])
+        if rt.is_main and _best_file_step(stage_dir / "best.safetensors") not in (None, (best or {}).get("step")):
+            # best weights saved after this checkpoint, on a path now abandoned (a rollback, or a
+            # kill between the evaluation and the checkpoint): never select them
+            (stage_dir / "best.safetensors").unlink()
 
     if resume is not None:
         restore(resume)
@@ -318,18 +322,15 @@ def run_stage(
                     lr_scale = scale
                     log.warning("%s: no checkpoint to roll back to yet; skipped step %d, learning-rate scale %g",
                                 plan.name, step, lr_scale)
-                step += 1
-                if bar is not None:
-                    bar.update(1)
-                continue
-            if fault_step is not None and step >= fault_step:
+                # a skipped step still counts: its evaluation and checkpoint (if due) follow
+            elif fault_step is not None and step >= fault_step:
                 # a step at or past the last faulty one succeeded: the fault streak is over
                 # (steps replayed after a rollback do not end it)
                 consecutive, fault_step = 0, None
             step += 1
             if bar is not None:
                 bar.update(1)
-            if step % tr.log_every == 0 or step == plan.steps:
+            if applied and (step % tr.log_every == 0 or step == plan.steps):
                 scalars = {k: float(v) for k, v in out.items()}
                 scalars["lr/segmentor"] = lr
                 scalars["lr/discriminators"] = lr_d
@@ -374,7 +375,7 @@ def run_stage(
     selected = stage_dir / "selected.safetensors"
     if rt.is_main:
         best_path = stage_dir / "best.safetensors"
-        if best is not None and best_path.exists() and cfg.selection.select_on != "last":
+        if best is not None and _best_file_step(best_path) == best["step"] and cfg.selection.select_on != "last":
             tensors, _ = load_checkpoint(best_path)
             sel = Networks(nets.spec, nets.segmentor, nets.discoverer, nets.corrector)
             # write the best weights as the selected model without disturbing `nets`
@@ -384,9 +385,20 @@ def run_stage(
                                                 "step": best["step"], "selection": best})
             log.info("%s: selected step %d (%s = %.2f)", plan.name, best["step"], best["key"], best["value"])
         else:
+            if best is not None and cfg.selection.select_on != "last":
+                log.warning("%s: the best snapshot (step %d) was discarded by a rollback; selecting the last step",
+                            plan.name, best["step"])
             save_networks(selected, nets, extra_meta={"stage": plan.name, "step": plan.steps, "selection": None})
             log.info("%s: selected the last step (%d)", plan.name, plan.steps)
     return StageResult(selected=selected, history=history, steps_done=plan.steps)
+
+
+def _best_file_step(path: Path) -> int | None:
+    """The step recorded in a stage's ``best.safetensors``; None if there is no such file."""
+    if not path.exists():
+        return None
+    step = read_meta(path).get("step")
+    return int(step) if step is not None else -1
 
 
 def parameter_digest(nets: Networks) -> dict[str, float]:
