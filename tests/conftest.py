@@ -14,6 +14,13 @@ import yaml
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test starts on one intra-op thread, whatever an earlier test set."""
+    torch.set_num_threads(1)
+    yield
+
 TINY = {
     "seed": 3,
     "variant": "paper",

@@ -37,15 +37,6 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the tiny models run many times faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _save_model(path: Path, num_classes: int, names: list[str] | None = None) -> None:
     from dast.models.io import ModelSpec, build_networks, save_networks
 

@@ -97,11 +97,8 @@ _STARTED: list[subprocess.Popen[bytes]] = []
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_and_no_strays():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _no_strays():
     yield
-    torch.set_num_threads(before)
     while _STARTED:  # a failed test leaves no training process behind
         proc = _STARTED.pop()
         if proc.poll() is None:

@@ -42,14 +42,6 @@ class _Payload:
         return (exec, (self.code,))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture()
 def evil(tmp_path: Path) -> dict[str, Path]:
     """Crafted files and the marker their code would create."""

@@ -110,7 +110,7 @@ def test_cuda_graphs_training_matches_eager_training_on_cuda(tiny_config, tmp_pa
 
 
 def test_best_weights_from_an_abandoned_path_are_never_selected(tiny_config, tmp_path: Path) -> None:
-    # best.safetensors newer than the checkpoint a stage resumes from (a rollback, or a kill
+    # a best snapshot newer than the checkpoint a stage resumes from (a rollback, or a kill
     # between an evaluation and the checkpoint after it) must not become the selected model
     from dast.checkpoint import read_meta, save_checkpoint
 
@@ -118,13 +118,36 @@ def test_best_weights_from_an_abandoned_path_are_never_selected(tiny_config, tmp
     run = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress"]) == 0
     stage = run / "stage1"
+    assert not list(stage.glob("best_step_*"))  # a finished stage keeps one best.safetensors
     best = read_meta(stage / "best.safetensors")
+    assert best["step"] == read_meta(stage / "selected.safetensors")["step"]
+    real = _weights(stage / "best.safetensors")
     bogus = {k: torch.zeros_like(v) for k, v in load_file(str(stage / "best.safetensors")).items()}
-    save_checkpoint(stage / "best.safetensors", bogus, {**best, "step": 99})
+    save_checkpoint(stage / "best_step_00000099.safetensors", bogus, {**best, "step": 99})
     (stage / "selected.safetensors").unlink()
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
-    assert "was discarded by a rollback; selecting the last step" in (run / "log.txt").read_text()
-    assert not (stage / "best.safetensors").exists()
-    selected = _weights(stage / "selected.safetensors")
-    last = _weights(stage / "checkpoints" / "step_00000004.safetensors")
-    assert all(torch.equal(selected[k], last[k]) for k in selected)
+    assert not (stage / "best_step_00000099.safetensors").exists()
+    _assert_same(_weights(stage / "selected.safetensors"), real)
+
+
+def test_a_best_snapshot_outlives_a_better_one_until_a_checkpoint_records_it(tmp_path: Path) -> None:
+    from dast.checkpoint import save_checkpoint
+    from dast.training.trainer import _find_best_file, _prune_best_files
+
+    def plant(step: int) -> Path:
+        path = tmp_path / f"best_step_{step:08d}.safetensors"
+        save_checkpoint(path, {"w": torch.full((1,), float(step))}, {"step": step})
+        return path
+
+    first, later = plant(3), plant(6)  # best at 3 (checkpointed at 4), a better one at 6
+    # a rollback to the checkpoint of step 4 restores best = step 3: its file is still there
+    _prune_best_files(tmp_path, {"step": 3})
+    assert first.exists() and not later.exists()
+    assert _find_best_file(tmp_path, {"step": 3}) == first
+    # a checkpoint recording best = step 6 retires the older one
+    later = plant(6)
+    _prune_best_files(tmp_path, {"step": 6})
+    assert later.exists() and not first.exists()
+    assert _find_best_file(tmp_path, {"step": 3}) is None
+    _prune_best_files(tmp_path, None)
+    assert not list(tmp_path.glob("best_step_*"))

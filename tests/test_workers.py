@@ -1,10 +1,11 @@
-"""DataLoader workers: out of the main process's group, never blocking the interpreter's exit,
-shut down deterministically when iteration fails."""
+"""DataLoader workers: deaf to the stop signals that are the main process's business, never
+blocking the interpreter's exit, shut down deterministically when iteration fails."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,11 +16,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from dast.data.workers import close_loader_iterator, loader_iterator, worker_init
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "setpgid"), reason="POSIX process groups")
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
 
 
-class _Groups(Dataset):
-    """Each item is the process group of the process that loaded it; item 3 cannot be read."""
+class _Pids(Dataset):
+    """Each item is the pid of the process that loaded it; item 3 cannot be read."""
 
     def __len__(self) -> int:
         return 6
@@ -27,19 +28,24 @@ class _Groups(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         if i == 3:
             raise ValueError("cannot read item 3")
-        return torch.tensor(os.getpgid(0))
+        return torch.tensor(os.getpid())
 
 
-def test_workers_leave_the_main_process_group() -> None:
-    loader = DataLoader(_Groups(), batch_size=1, num_workers=1, worker_init_fn=worker_init(1))
+def test_workers_survive_sigterm_and_sigint_sent_to_every_process() -> None:
+    # a job scheduler signals every process of the job: the workers must outlive it, so that
+    # the main process can checkpoint and shut them down itself
+    loader = DataLoader(_Pids(), batch_size=1, num_workers=1, worker_init_fn=worker_init(1))
     with loader_iterator(loader) as batches:
-        group = int(next(batches)[0])
-    assert group != os.getpgid(0)
+        pid = int(next(batches)[0])
+        assert pid != os.getpid()
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)
+        assert [int(b[0]) for b in (next(batches), next(batches))] == [pid, pid]
     assert not multiprocessing.active_children()
 
 
 def test_a_failing_iteration_shuts_its_workers_down() -> None:
-    loader = DataLoader(_Groups(), batch_size=1, num_workers=2, worker_init_fn=worker_init(2))
+    loader = DataLoader(_Pids(), batch_size=1, num_workers=2, worker_init_fn=worker_init(2))
     with pytest.raises(ValueError, match="cannot read item 3"):
         with loader_iterator(loader) as batches:
             for _ in batches:
@@ -48,7 +54,7 @@ def test_a_failing_iteration_shuts_its_workers_down() -> None:
 
 
 def test_close_loader_iterator_ends_workers_and_ignores_plain_iterators() -> None:
-    it = iter(DataLoader(_Groups(), batch_size=1, num_workers=1, worker_init_fn=worker_init(1)))
+    it = iter(DataLoader(_Pids(), batch_size=1, num_workers=1, worker_init_fn=worker_init(1)))
     next(it)
     assert multiprocessing.active_children()
     close_loader_iterator(it)

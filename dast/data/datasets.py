@@ -321,6 +321,18 @@ class SegmentationDataset(Dataset):
                 log.warning("skipping unreadable sample %s (%s): %s", self.names[k], self.source.describe(k), exc)
         raise DataError(f"no readable sample left in the {self.kind} dataset ({n} samples tried)")
 
+    def item_or_none(self, i: int) -> Optional[dict[str, Any]]:
+        """Sample ``i`` itself, never a stand-in: None if it cannot be read and the policy is
+        ``on_corrupt: skip`` (logged); with ``fail`` the DataError propagates."""
+        j = self._index(i)
+        try:
+            return self._item(j, int(i))
+        except DataError as exc:
+            if self.on_corrupt != "skip":
+                raise
+            log.warning("skipping unreadable sample %s (%s): %s", self.names[j], self.source.describe(j), exc)
+            return None
+
     def _item(self, k: int, i: int) -> dict[str, Any]:
         rgb, label = self.source.pair(k, self.has_labels)
         rgb = resize_image(rgb, self.size)

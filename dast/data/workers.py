@@ -1,7 +1,8 @@
 """Signal handling for DataLoader worker processes."""
 from __future__ import annotations
 
-import os
+import atexit
+import gc
 import signal
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, TypeVar
@@ -9,26 +10,50 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 T = TypeVar("T")
 
 
-def detach_worker(worker_id: int = 0) -> None:
-    """``worker_init_fn``: move the worker into its own process group.
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn``: SIGTERM and SIGINT are the main process's business.
 
-    SIGTERM and SIGINT sent to the whole group (Ctrl-C, a job scheduler, ``kill -- -PGID``)
-    then reach only the main process, which saves a checkpoint and shuts the workers down
-    through the DataLoader; a worker killed by them would crash the main process first.
-    A SIGTERM sent to the worker itself (``multiprocessing`` does so for daemon children at
-    interpreter exit) still ends it, so a leaked worker never blocks the exit. If the main
+    Ctrl-C reaches the whole foreground process group, and job schedulers (SLURM at a time
+    limit, ``systemctl stop``, ``pkill``) send SIGTERM to every process of a job. The main
+    process then saves a checkpoint and shuts its workers down through the DataLoader; a
+    worker that died of the signal first would make the DataLoader raise instead. If the main
     process dies, PyTorch's worker watchdog ends the orphaned workers within seconds.
     """
     del worker_id
-    if hasattr(os, "setpgid"):
-        os.setpgid(0, 0)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's graceful-stop handler
+
+
+def shutdown_leaked_workers() -> None:
+    """Shut down the workers of every DataLoader iterator still alive.
+
+    At interpreter exit ``multiprocessing`` ends daemon children with SIGTERM and then waits
+    for them; workers that ignore SIGTERM would make it wait forever. Registered to run
+    before that (see :func:`worker_init`), this ends them through the DataLoader's own
+    shutdown, whatever still references their iterators (an exception's traceback, say).
+    """
+    from torch.utils.data import dataloader
+
+    kind = getattr(dataloader, "_MultiProcessingDataLoaderIter", None)
+    if kind is None:
+        return
+    for obj in gc.get_objects():
+        if type(obj) is kind:
+            close_loader_iterator(obj)
 
 
 def worker_init(num_workers: int) -> Callable[[int], None] | None:
-    """The ``worker_init_fn`` for a DataLoader with ``num_workers`` workers."""
-    return detach_worker if num_workers > 0 else None
+    """The ``worker_init_fn`` for a DataLoader with ``num_workers`` workers.
+
+    With workers, also (re-)registers :func:`shutdown_leaked_workers` at exit: ``atexit``
+    runs the newest registration first, so it runs before ``multiprocessing``'s exit hook."""
+    if num_workers <= 0:
+        return None
+    import multiprocessing.util  # noqa: F401  (its exit hook is registered on import: ours must come later)
+
+    atexit.unregister(shutdown_leaked_workers)
+    atexit.register(shutdown_leaked_workers)
+    return ignore_stop_signals
 
 
 def close_loader_iterator(iterator: Any) -> None:

@@ -422,9 +422,10 @@ def _collate(items: list[dict[str, Any]]) -> tuple[Tensor | None, list[str], lis
 
 
 class _Subset(torch.utils.data.Dataset):
-    """The samples at ``indices``. A dataset with ``on_corrupt: skip`` answers an unreadable
-    sample with the next readable one; that stand-in is dropped here (it has its own turn),
-    so each image is labelled once, under its own name, and the unreadable one gets no label."""
+    """The samples at ``indices``. For training, a dataset with ``on_corrupt: skip`` answers an
+    unreadable sample with the next readable one; here each image is taken only as itself
+    (``item_or_none``), so it is labelled once, under its own name, and an unreadable one gets
+    no label."""
 
     def __init__(self, dataset: Any, indices: Sequence[int]) -> None:
         self.dataset, self.indices = dataset, list(indices)
@@ -434,10 +435,11 @@ class _Subset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Any:
         j = self.indices[i]
-        item = self.dataset[j]
-        if "index" in item and int(item["index"]) != j % len(self.dataset):
-            return {"skipped": self.dataset.names[j % len(self.dataset)]}
-        return item
+        only_itself = getattr(self.dataset, "item_or_none", None)
+        if only_itself is None:
+            return self.dataset[j]
+        item = only_itself(j)
+        return {"skipped": self.dataset.names[j % len(self.dataset)]} if item is None else item
 
 
 def target_probabilities(model: nn.Module, images: Tensor, amp_dtype: torch.dtype | None = None) -> Tensor:
@@ -610,6 +612,8 @@ def generate_pseudo_labels(model: nn.Module, dataset: Any, out_dir: str | Path, 
         dist.all_reduce(totals, op=dist.ReduceOp.SUM)
         dist.barrier()
     *selected, ignored, num_images = (int(v) for v in totals.tolist())
+    if num_images == 0:
+        raise DataError(f"no readable image to pseudo-label ({len(run.skipped)} unreadable)")
     all_pixels = sum(selected) + ignored
     stats: dict[str, Any] = {
         "thresholds": [float(v) for v in thresholds.cpu().tolist()],

@@ -1,8 +1,14 @@
 """The training loop of one stage: stage 1, or one self-training round.
 
 A stage owns a folder ``RUN/<stage>/`` with ``checkpoints/step_XXXXXXXX.safetensors``
-(full state, atomic, the last K kept), ``best.safetensors`` (the best snapshot by the
-selection score) and ``selected.safetensors`` (what the next stage starts from).
+(full state, atomic, the last K kept), ``best_step_XXXXXXXX.safetensors`` while it runs and
+``best.safetensors`` once it is done (the best snapshot by the selection score) and
+``selected.safetensors`` (what the next stage starts from).
+
+A best snapshot outlives the checkpoints that came before it: an older one is deleted only
+once a checkpoint records the newer one as the best, and one newer than the checkpoint a
+stage restores (after a rollback, or a kill between an evaluation and the next checkpoint)
+is deleted on restore. So the file of the best step of the restored history always exists.
 """
 
 from __future__ import annotations
@@ -216,10 +222,8 @@ def run_stage(
         rng_from_flat(tensors, meta.get("rng", {}))
         st = meta["stage_state"]
         start, history, best, lr_scale = int(st["step"]), list(st["history"]), st["best"], float(st["lr_scale"])
-        if rt.is_main and _best_file_step(stage_dir / "best.safetensors") not in (None, (best or {}).get("step")):
-            # best weights saved after this checkpoint, on a path now abandoned (a rollback, or a
-            # kill between the evaluation and the checkpoint): never select them
-            (stage_dir / "best.safetensors").unlink()
+        if rt.is_main:
+            _prune_best_files(stage_dir, best)  # those of an abandoned path
 
     if resume is not None:
         restore(resume)
@@ -233,6 +237,7 @@ def run_stage(
         save_training_state(ckpt_dir / f"step_{step:08d}.safetensors", nets, opts, meta)
         for _, old in checkpoints_in(ckpt_dir)[: -tr.keep_last]:
             old.unlink(missing_ok=True)
+        _prune_best_files(stage_dir, best)  # superseded now that a checkpoint records `best`
 
     settings = StepSettings(
         adv_loss=adv.loss, lambda_d=adv.lambda_d, lambda_c=adv.lambda_c, attention=adv.attention,
@@ -255,7 +260,11 @@ def run_stage(
         src = _loader(source_ds, tr.batch_size, cfg.seed * 10 + 2 * plan.index, at, rt, tr.num_workers)
         tgt = None
         if plan.adversarial or settings.attention or plan.pseudo_dir is not None:
-            tgt = _loader(target_ds, tr.batch_size, cfg.seed * 10 + 2 * plan.index + 1, at, rt, tr.num_workers)
+            try:
+                tgt = _loader(target_ds, tr.batch_size, cfg.seed * 10 + 2 * plan.index + 1, at, rt, tr.num_workers)
+            except BaseException:
+                close_loader_iterator(src)
+                raise
         return src, tgt
 
     src_it, tgt_it = make_iters(start)
@@ -352,7 +361,8 @@ def run_stage(
                 if key and key in scores and not math.isnan(scores[key]) and (best is None or scores[key] > best["value"]):
                     best = {"step": step, "value": scores[key], "key": key}
                     if rt.is_main:
-                        save_networks(stage_dir / "best.safetensors", nets, extra_meta={"stage": plan.name, "step": step, "selection": best})
+                        save_networks(_best_file(stage_dir, step), nets,
+                                      extra_meta={"stage": plan.name, "step": step, "selection": best})
                 if rt.is_main:
                     log.info("%s step %d evaluation: %s", plan.name, step, " ".join(f"{k}={v:.2f}" for k, v in scores.items()))
                     if hooks.log_scalars:
@@ -374,8 +384,8 @@ def run_stage(
         save(plan.steps)
     selected = stage_dir / "selected.safetensors"
     if rt.is_main:
-        best_path = stage_dir / "best.safetensors"
-        if best is not None and _best_file_step(best_path) == best["step"] and cfg.selection.select_on != "last":
+        best_path = _find_best_file(stage_dir, best)
+        if best is not None and best_path is not None and cfg.selection.select_on != "last":
             tensors, _ = load_checkpoint(best_path)
             sel = Networks(nets.spec, nets.segmentor, nets.discoverer, nets.corrector)
             # write the best weights as the selected model without disturbing `nets`
@@ -384,21 +394,45 @@ def run_stage(
             save_checkpoint(selected, tensors, {"kind": "model", "model": sel.spec.to_dict(), "stage": plan.name,
                                                 "step": best["step"], "selection": best})
             log.info("%s: selected step %d (%s = %.2f)", plan.name, best["step"], best["key"], best["value"])
+            if best_path.name != "best.safetensors":
+                best_path.replace(stage_dir / "best.safetensors")
+            _prune_best_files(stage_dir, None)
         else:
             if best is not None and cfg.selection.select_on != "last":
-                log.warning("%s: the best snapshot (step %d) was discarded by a rollback; selecting the last step",
+                log.warning("%s: the best snapshot (step %d) is not on disk; selecting the last step",
                             plan.name, best["step"])
             save_networks(selected, nets, extra_meta={"stage": plan.name, "step": plan.steps, "selection": None})
             log.info("%s: selected the last step (%d)", plan.name, plan.steps)
     return StageResult(selected=selected, history=history, steps_done=plan.steps)
 
 
-def _best_file_step(path: Path) -> int | None:
-    """The step recorded in a stage's ``best.safetensors``; None if there is no such file."""
-    if not path.exists():
+BEST_RE = re.compile(r"^best_step_(\d{8})\.safetensors$")
+
+
+def _best_file(stage_dir: Path, step: int) -> Path:
+    return stage_dir / f"best_step_{step:08d}.safetensors"
+
+
+def _prune_best_files(stage_dir: Path, best: dict[str, Any] | None) -> None:
+    """Delete the per-step best snapshots other than that of ``best`` (all if None)."""
+    keep = None if best is None else _best_file(stage_dir, int(best["step"])).name
+    for p in stage_dir.glob("best_step_*.safetensors"):
+        if BEST_RE.match(p.name) and p.name != keep:
+            p.unlink(missing_ok=True)
+
+
+def _find_best_file(stage_dir: Path, best: dict[str, Any] | None) -> Path | None:
+    """The snapshot of ``best``'s step: its per-step file, or a finished stage's
+    ``best.safetensors`` if that records the same step; None if neither exists."""
+    if best is None:
         return None
-    step = read_meta(path).get("step")
-    return int(step) if step is not None else -1
+    per_step = _best_file(stage_dir, int(best["step"]))
+    if per_step.exists():
+        return per_step
+    final = stage_dir / "best.safetensors"
+    if final.exists() and read_meta(final).get("step") == best["step"]:
+        return final
+    return None
 
 
 def parameter_digest(nets: Networks) -> dict[str, float]:
