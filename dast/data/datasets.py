@@ -308,25 +308,23 @@ class SegmentationDataset(Dataset):
         return i % len(self.names)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        """Sample ``i``; under ``on_corrupt: skip`` an unreadable one is replaced by the next
+        readable sample (its augmentation still drawn for ``i``)."""
         j = self._index(i)
         n = len(self.names)
-        tries = n if self.on_corrupt == "skip" else 1
-        for attempt in range(tries):
-            k = (j + attempt) % n
-            try:
-                return self._item(k, int(i))
-            except DataError as exc:
-                if self.on_corrupt != "skip":
-                    raise
-                log.warning("skipping unreadable sample %s (%s): %s", self.names[k], self.source.describe(k), exc)
+        for attempt in range(n if self.on_corrupt == "skip" else 1):
+            item = self.item_or_none((j + attempt) % n, draw=int(i))
+            if item is not None:
+                return item
         raise DataError(f"no readable sample left in the {self.kind} dataset ({n} samples tried)")
 
-    def item_or_none(self, i: int) -> Optional[dict[str, Any]]:
+    def item_or_none(self, i: int, draw: int | None = None) -> Optional[dict[str, Any]]:
         """Sample ``i`` itself, never a stand-in: None if it cannot be read and the policy is
-        ``on_corrupt: skip`` (logged); with ``fail`` the DataError propagates."""
+        ``on_corrupt: skip`` (logged); with ``fail`` the DataError propagates. ``draw`` (default
+        ``i``) seeds the augmentation."""
         j = self._index(i)
         try:
-            return self._item(j, int(i))
+            return self._item(j, int(i) if draw is None else draw)
         except DataError as exc:
             if self.on_corrupt != "skip":
                 raise
