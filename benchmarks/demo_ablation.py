@@ -31,13 +31,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
-from PIL import Image
 
 from dast.config import deep_merge, from_tree
 from dast.data.datasets import build_dataset
 from dast.demo import DEMO_CONFIG, NO_ADVERSARY, train_variants
+from dast.training.pseudo_labels import pseudo_label_precision
 
 STAGE1_ONLY = {"self_training": {"rounds": 0}}
 ROWS: dict[str, dict[str, Any]] = {
@@ -88,29 +87,13 @@ def ablation(seeds: list[int], work: Path, workers: int) -> dict[str, Any]:
     return {"per_seed": per_seed, "summary": summary}
 
 
-def pseudo_label_precision(demo_dir: Path) -> dict[str, Any]:
+def demo_pseudo_labels(demo_dir: Path) -> dict[str, Any]:
     """Precision of ``runs/dast/round1/pseudo_labels`` against the synthetic target labels."""
     run = demo_dir / "runs" / "dast"
     cfg = from_tree(yaml.safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))
     target = build_dataset(cfg.target, norm=cfg.model.norm, num_classes=cfg.model.num_classes, with_labels=True,
                            seed=cfg.seed + 1)
-    n = cfg.model.num_classes
-    correct, labelled, total = np.zeros(n), np.zeros(n), 0
-    for i, name in enumerate(target.names):
-        pl = np.asarray(Image.open(run / "round1" / "pseudo_labels" / f"{name}.png"))
-        gt = target.read_label_native(i)
-        assert pl.shape == gt.shape, (name, pl.shape, gt.shape)
-        total += pl.size
-        for c in range(n):
-            sel = pl == c
-            labelled[c] += sel.sum()
-            correct[c] += (sel & (gt == c)).sum()
-    names = list(target.table.names)
-    return {
-        "precision": round(100 * correct.sum() / max(labelled.sum(), 1), 1),
-        "labelled_fraction": round(100 * labelled.sum() / max(total, 1), 1),
-        "per_class_precision": {names[c]: (round(100 * correct[c] / labelled[c], 1) if labelled[c] else None) for c in range(n)},
-    }
+    return pseudo_label_precision(run / "round1" / "pseudo_labels", target)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds:
         result["ablation"] = ablation(args.seeds, args.work, args.workers)
     if args.demo_dirs:
-        result["pseudo_labels"] = {str(d): pseudo_label_precision(d) for d in args.demo_dirs}
+        result["pseudo_labels"] = {str(d): demo_pseudo_labels(d) for d in args.demo_dirs}
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

@@ -41,3 +41,7 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys) -> None:
         with Image.open(out / fig) as im:
             assert im.format == "PNG" and im.size[0] > 200
     assert "mIoU" in printed
+    pl = report["pseudo_labels"]  # round 1's labels scored against the synthetic target labels
+    assert 0.0 <= pl["precision"] <= 100.0 and 0.0 < pl["labelled_fraction"] <= 100.0
+    assert list(pl["per_class_precision"]) == list(report["variants"]["dast"]["per_class"])
+    assert "round-1 pseudo labels:" in printed

@@ -462,3 +462,24 @@ def test_cli_pseudo_label(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsy
     assert capsys.readouterr().err.strip() == "error: --portion must be in (0, 1], got 1.5"
     assert pseudo_label_set_complete(out)  # a rejected run leaves the finished set alone
     assert os.path.isfile(out / f"{target.names[0]}.png")
+
+
+def test_pseudo_label_precision_against_hand_counted_pixels(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from dast.training.pseudo_labels import pseudo_label_precision
+
+    gts = {"a": np.array([[0, 1], [2, 255]], np.uint8),   # 3 valid pixels, one ground-truth ignore
+           "b": np.ones((4, 4), np.uint8),                  # native 4x4, pseudo label 2x2: resized to it
+           "c": np.zeros((2, 2), np.uint8)}                 # unreadable: no label file, left out
+    Image.fromarray(np.array([[0, 0], [255, 2]], np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.array([[1, 1], [1, 0]], np.uint8)).save(tmp_path / "b.png")
+    names = list(gts)
+    ds = SimpleNamespace(num_classes=3, names=names, table=SimpleNamespace(names=("x", "y", "z")),
+                         read_label_native=lambda i: gts[names[i]])
+    got = pseudo_label_precision(tmp_path, ds)
+    # class x: labelled 2 (a) + 1 (b), right 1; class y: 3 labelled, 3 right; z only on an ignore pixel
+    assert got["per_class_labelled"] == {"x": 3, "y": 3, "z": 0}
+    assert got["per_class_precision"] == {"x": round(100 / 3, 2), "y": 100.0, "z": None}
+    assert got["precision"] == round(100 * 4 / 6, 2)
+    assert got["labelled_fraction"] == round(100 * 6 / 7, 2)

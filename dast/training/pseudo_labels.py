@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from dast.atomic import TMP_MARK, write_json, write_text, write_with
+from dast.data.transforms import resize_label
 from dast.data.workers import loader_iterator, worker_init
 from dast.errors import DataError, UserError
 
@@ -347,6 +348,41 @@ def label_relpath(name: str) -> Path:
 def label_path(out_dir: str | Path, name: str) -> Path:
     """``<out_dir>/<name>.png``: the pseudo label of the image called ``name``."""
     return Path(out_dir) / label_relpath(name)
+
+
+def pseudo_label_precision(label_dir: str | Path, dataset: Any) -> dict[str, Any]:
+    """Score a pseudo-label set against a labelled copy of its target ``dataset``.
+
+    Each ground truth is resized (nearest) to its pseudo label's size, as training pairs them.
+    Returns ``precision`` (% of the labelled pixels that are right, ground-truth ignore pixels
+    left out), ``labelled_fraction`` (% of the pixels that got a label), ``per_class_precision``
+    (None for a class never labelled) and ``per_class_labelled`` (pixel counts). Images
+    without a label file (unreadable ones, under ``on_corrupt: skip``) are left out.
+    """
+    n = int(dataset.num_classes)
+    correct = np.zeros(n, dtype=np.int64)
+    labelled = np.zeros(n, dtype=np.int64)
+    pixels = 0
+    for i, name in enumerate(dataset.names):
+        path = label_path(label_dir, name)
+        if not path.is_file():
+            continue
+        with Image.open(path) as im:
+            pl = np.asarray(im)
+        gt = resize_label(dataset.read_label_native(i), (pl.shape[1], pl.shape[0]))
+        valid = gt != IGNORE_INDEX
+        pixels += int(valid.sum())
+        pl, gt = pl[valid], gt[valid]
+        labelled += np.bincount(pl[pl < n], minlength=n)[:n]
+        correct += np.bincount(pl[(pl < n) & (pl == gt)], minlength=n)[:n]
+    names = list(getattr(getattr(dataset, "table", None), "names", [str(c) for c in range(n)]))
+    return {
+        "precision": round(100.0 * correct.sum() / labelled.sum(), 2) if labelled.sum() else None,
+        "labelled_fraction": round(100.0 * labelled.sum() / pixels, 2) if pixels else None,
+        "per_class_precision": {names[c]: (round(100.0 * correct[c] / labelled[c], 2) if labelled[c] else None)
+                                for c in range(n)},
+        "per_class_labelled": {names[c]: int(labelled[c]) for c in range(n)},
+    }
 
 
 def pseudo_label_set_complete(out_dir: str | Path) -> bool:
