@@ -35,7 +35,7 @@ import yaml
 
 from dast.config import deep_merge, from_tree
 from dast.data.datasets import build_dataset
-from dast.demo import DEMO_CONFIG, NO_ADVERSARY, train_variants
+from dast.demo import DEMO_CONFIG, NO_ADVERSARY, evaluate_checkpoint, train_variants
 from dast.training.pseudo_labels import pseudo_label_precision
 
 STAGE1_ONLY = {"self_training": {"rounds": 0}}
@@ -56,11 +56,7 @@ def row_trees(seed: int) -> dict[str, dict[str, Any]]:
 
 
 def score(checkpoint: Path, val: Any) -> float:
-    from dast.evaluation.evaluate import evaluate_model
-    from dast.models.io import load_networks
-
-    nets, _, _ = load_networks(checkpoint, "cpu")
-    return float(evaluate_model(nets.target_model(), val, "cpu", progress=False)["miou"])
+    return float(evaluate_checkpoint(checkpoint, val)[0]["miou"])
 
 
 def ablation(seeds: list[int], work: Path, workers: int) -> dict[str, Any]:

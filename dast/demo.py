@@ -108,7 +108,8 @@ def train_variants(trees: dict[str, dict[str, Any]], runs: Path, workers: int, p
     return seconds
 
 
-def _evaluate(checkpoint: Path, val: Any) -> tuple[dict[str, Any], Any]:
+def evaluate_checkpoint(checkpoint: Path, val: Any) -> tuple[dict[str, Any], Any]:
+    """(metrics of the target model on ``val``, the networks) for a checkpoint, on the CPU."""
     from dast.evaluation.evaluate import evaluate_model
     from dast.models.io import load_networks
 
@@ -174,7 +175,7 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, progress: b
     variants: dict[str, Any] = {}
     nets_by_variant = {}
     for v in VARIANTS:
-        metrics, nets = _evaluate(checkpoints[v], val)
+        metrics, nets = evaluate_checkpoint(checkpoints[v], val)
         nets_by_variant[v] = nets
         variants[v] = {"miou": float(metrics["miou"]), "per_class": metrics["per_class"]}
     lo, hi = variants["source_only"]["miou"], variants["oracle"]["miou"]

@@ -1,7 +1,8 @@
 """The training loop of one stage: stage 1, or one self-training round.
 
-A stage owns a folder ``RUN/<stage>/`` with ``checkpoints/step_XXXXXXXX.safetensors``
-(full state, atomic, the last K kept), ``best_step_XXXXXXXX.safetensors`` while it runs and
+A stage owns a folder ``RUN/<stage>/`` with ``checkpoints/step_<step>.safetensors``
+(full state, atomic, the last K kept; steps zero-padded to 8 digits),
+``best_step_<step>.safetensors`` while it runs and
 ``best.safetensors`` once it is done (the best snapshot by the selection score) and
 ``selected.safetensors`` (what the next stage starts from).
 
@@ -37,7 +38,12 @@ from dast.training.sampler import StepSampler
 from dast.training.state import restore_optimizers, rng_from_flat, save_training_state
 from dast.training.step import StepModels, StepSettings, train_step
 
-CKPT_RE = re.compile(r"^step_(\d{8})\.safetensors$")
+def _numbered(prefix: str) -> re.Pattern[str]:
+    return re.compile(rf"^{prefix}(\d{{8}})\.safetensors$")
+
+
+CKPT_RE = _numbered("step_")
+BEST_RE = _numbered("best_step_")
 
 
 class TrainingInterrupted(Exception):
@@ -84,13 +90,13 @@ class StageResult:
     steps_done: int = 0
 
 
-def checkpoints_in(folder: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints in ``folder``, sorted by step."""
+def checkpoints_in(folder: Path, pattern: re.Pattern[str] = CKPT_RE) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``folder`` (or other files named by step), sorted by step."""
     if not folder.is_dir():
         return []
     found = []
     for p in folder.iterdir():
-        m = CKPT_RE.match(p.name)
+        m = pattern.match(p.name)
         if m:
             found.append((int(m.group(1)), p))
     return sorted(found)
@@ -406,18 +412,15 @@ def run_stage(
     return StageResult(selected=selected, history=history, steps_done=plan.steps)
 
 
-BEST_RE = re.compile(r"^best_step_(\d{8})\.safetensors$")
-
-
 def _best_file(stage_dir: Path, step: int) -> Path:
     return stage_dir / f"best_step_{step:08d}.safetensors"
 
 
 def _prune_best_files(stage_dir: Path, best: dict[str, Any] | None) -> None:
     """Delete the per-step best snapshots other than that of ``best`` (all if None)."""
-    keep = None if best is None else _best_file(stage_dir, int(best["step"])).name
-    for p in stage_dir.glob("best_step_*.safetensors"):
-        if BEST_RE.match(p.name) and p.name != keep:
+    keep = None if best is None else int(best["step"])
+    for step, p in checkpoints_in(stage_dir, BEST_RE):
+        if step != keep:
             p.unlink(missing_ok=True)
 
 
