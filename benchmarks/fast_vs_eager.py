@@ -52,7 +52,7 @@ except ModuleNotFoundError as exc:  # PyYAML is only needed to write dataset fol
     from dast.data.synthetic import NUM_CLASSES, generate_scene
 from dast.data.transforms import normalize
 from dast.models.target_model import TargetModel
-from dast.training.fast import to_channels_last
+from dast.training.levers import to_channels_last
 
 
 def scenes(domain: str, count: int, size: tuple[int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -79,10 +79,22 @@ class AdversarialConfig(_Strict):
     loss: Literal["lsgan", "bce"] = "lsgan"
     lambda_d: float = 0.01
     lambda_c: float = 0.01
-    corrector_weighting: Optional[Literal["none", "attention"]] = None
+    # which terms the attention map weights: the segmentor's L_adv^C(E,P) on target outputs
+    # ("segmentor", the paper's text), the target term of C's own loss ("corrector"), both,
+    # or none (the release); null: the variant's choice. "attention" is the old name of "both".
+    corrector_weighting: Optional[Literal["none", "segmentor", "corrector", "both"]] = None
     corrector_width: int = Field(default=64, ge=1)  # channels of C's first conv (paper: 64; 128, 256, 512 follow)
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.99)
+    # an addition to the paper (off in every paper config): the segmentor's adversarial terms
+    # are 0 for the first warmup_steps stage-1 iterations, then ramp linearly to full over warmup_ramp
+    warmup_steps: int = Field(default=0, ge=0)
+    warmup_ramp: int = Field(default=0, ge=0)
+
+    @field_validator("corrector_weighting", mode="before")
+    @classmethod
+    def _legacy_weighting(cls, v: Any) -> Any:
+        return "both" if v == "attention" else v
 
 
 class TrainConfig(_Strict):
@@ -99,6 +111,9 @@ class TrainConfig(_Strict):
     batch_size: int = Field(default=1, ge=1)
     num_workers: int = Field(default=2, ge=0)
     reuse_discoverer: bool = True
+    # forward the target images through the segmentor in train mode at every step, without
+    # any loss (BatchNorm statistics only): the source_only_bn control of the demo
+    forward_target: bool = False
     checkpoint_every: int = Field(default=2000, ge=1)
     keep_last: int = Field(default=3, ge=1)
     log_every: int = Field(default=10, ge=1)
@@ -122,6 +137,9 @@ class SelfTrainingConfig(_Strict):
     poly_steps: Optional[int] = None
     head_lr_mult: Optional[float] = None
     mode: Literal["histogram", "exact-reference"] = "histogram"
+    # BatchNorm while a round trains: "train" (batch statistics, running ones updated) or
+    # "frozen" (eval mode, the stage-1 running statistics, as the released DAST_train.py); null: the variant's
+    batchnorm: Optional[Literal["train", "frozen"]] = None
     bins: int = Field(default=65536, ge=16)
     subsample: int = Field(default=4, ge=1)
     preview_count: int = Field(default=8, ge=0)
@@ -134,6 +152,9 @@ class SelectionConfig(_Strict):
     num_images: int = Field(default=500, ge=1)
     betas: list[float] = [0.5, 0.9]
     select_on: Literal["synthetic", "target", "last"] = "synthetic"
+    # an addition to the paper: the final model is the best selected snapshot over all
+    # stages (stage 1 and every round) instead of the last round's
+    across_stages: bool = False
 
     @field_validator("betas")
     @classmethod
@@ -151,6 +172,7 @@ class RuntimeConfig(_Strict):
     channels_last: Optional[bool] = None
     compile: bool = False  # torch.compile the segmentor halves (state-dict keys unchanged)
     cuda_graphs: bool = False  # replay the whole iteration as CUDA graphs (single GPU; see docs/performance.md)
+    optimizers: Literal["auto", "released", "foreach"] = "auto"  # auto: foreach with cuda_graphs, else released (torch SGD/Adam)
     deterministic: Optional[bool] = None  # null: true on CPU, false on CUDA (cuDNN autotuning)
 
 
@@ -322,10 +344,13 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
 
 
 VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
-    # The paper weights the corrector loss by the attention map; the release does not.
+    # The paper weights the segmentor's corrector loss by the attention map; the release does not.
     # Stage 2 of the release: SGD lr 2e-4, poly over 100k steps, one parameter group.
-    "paper": {"corrector_weighting": "attention", "st_lr": 2.5e-4, "st_poly_steps": 100000, "st_head": 10.0},
-    "reference": {"corrector_weighting": "none", "st_lr": 2e-4, "st_poly_steps": 100000, "st_head": 1.0},
+    # Stage 2 of the release also trains with BatchNorm in eval mode (model.eval() in test()/val()).
+    "paper": {"corrector_weighting": "segmentor", "st_lr": 2.5e-4, "st_poly_steps": 100000, "st_head": 10.0,
+              "st_batchnorm": "train"},
+    "reference": {"corrector_weighting": "none", "st_lr": 2e-4, "st_poly_steps": 100000, "st_head": 1.0,
+                  "st_batchnorm": "frozen"},
 }
 
 
@@ -350,6 +375,8 @@ def resolve(cfg: Config) -> Config:
         st.poly_steps = d["st_poly_steps"]
     if st.head_lr_mult is None:
         st.head_lr_mult = d["st_head"]
+    if st.batchnorm is None:
+        st.batchnorm = d["st_batchnorm"]
     if adv.attention and not adv.discoverer:
         raise ConfigError("config key 'adversarial.attention' needs 'adversarial.discoverer: true'")
     if out.source.kind == "folder" or out.target.kind == "folder":

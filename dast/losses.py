@@ -17,12 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = 255
+from dast.constants import IGNORE_INDEX
+
 AdvLossName = Literal["lsgan", "bce"]
 
 
 def upsample(logits: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear upsampling with ``align_corners=True`` to ``size`` = (height, width)."""
+    """Bilinear upsampling with ``align_corners=True`` to ``size`` = (height, width): the
+    one rule by which every prediction of dast reaches label resolution."""
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
@@ -41,7 +43,8 @@ def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_IND
 
 
 def segmentation_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """L_seg: upsample ``logits`` to the label size, then :func:`cross_entropy`."""
+    """L_seg: upsample ``logits`` to the label size (a no-op when they are already there),
+    then :func:`cross_entropy`."""
     return cross_entropy(upsample(logits, tuple(labels.shape[-2:])), labels, ignore_index)
 
 

@@ -41,7 +41,12 @@ def test_variant_defaults_resolve() -> None:
     cfg = REPO / "configs/gta5/resnet101/dast.yaml"
     paper = load_config(cfg)
     ref = load_config(cfg, ["variant=reference"])
-    assert paper.adversarial.corrector_weighting == "attention" and ref.adversarial.corrector_weighting == "none"
+    # the paper's text weights the segmentor's L_adv^C(E,P) only; the release weights nothing
+    assert paper.adversarial.corrector_weighting == "segmentor" and ref.adversarial.corrector_weighting == "none"
+    # the release trains its rounds with BatchNorm in eval mode
+    assert paper.self_training.batchnorm == "train" and ref.self_training.batchnorm == "frozen"
+    old_name = load_config(cfg, ["adversarial.corrector_weighting=attention"])  # run dirs written before the split
+    assert old_name.adversarial.corrector_weighting == "both"
     assert paper.train.duplicate_params is False and ref.train.duplicate_params is True
     assert ref.self_training.lr == 2e-4 and ref.self_training.head_lr_mult == 1.0
     assert paper.self_training.head_lr_mult == 10.0

@@ -12,16 +12,17 @@ from dast.benchmarking.agreement import LossTolerance, compare_losses, loss_hist
 from dast.benchmarking.modes import Schedule, TrainingSetup, build_nets, resolve_mode
 from dast.benchmarking.workloads import infer_fn
 from dast.models.target_model import TargetModel
-from dast.training.fast import (
+from dast.training.graphs import GraphedCallable, GraphedStep
+from dast.training.levers import compile_segmentor, device_capabilities
+from dast.training.optim import (
     CapturableAdam,
     ForeachSGD,
-    GraphedCallable,
-    GraphedStep,
-    compile_segmentor,
+    SequentialDuplicateSGD,
+    build_optimizers,
+    discriminator_optimizer,
     fast_optimizers,
-    fast_options,
+    segmentor_optimizer,
 )
-from dast.training.optim import SequentialDuplicateSGD, discriminator_optimizer, segmentor_optimizer
 from dast.training.step import StepModels, StepSettings, apply_updates, compute_gradients, losses_finite, train_step
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -190,18 +191,21 @@ def test_eager_fp32_mode_is_the_default_fp32_train_step_bit_for_bit() -> None:
         assert torch.equal(p, q)
 
 
-def test_fast_options_on_cpu() -> None:
-    opts = fast_options("cpu")
-    assert opts.amp_dtype == torch.bfloat16 and not opts.channels_last and not opts.cuda_graph
+def test_fast_mode_levers_on_cpu() -> None:
+    # bf16 only where this CPU computes it natively (emulated bf16 is slower than fp32)
+    native = device_capabilities("cpu").native_bf16
     mode = resolve_mode("fast", torch.device("cpu"))
-    assert mode.describe() == {"channels_last": False, "reuse_discoverer": True, "optimizers": "foreach",
-                               "cuda_graph": False, "compile": False, "amp": "bf16"}
+    why = mode.describe().pop("levers_why")
+    assert {k: v for k, v in mode.describe().items() if k != "levers_why"} == {
+        "channels_last": False, "reuse_discoverer": True, "optimizers": "foreach", "cuda_graph": False,
+        "compile": False, "amp": "bf16" if native else "none"}
+    assert set(why) == {"amp", "channels_last", "cuda_graphs", "compile", "optimizers"}
 
 
 def test_cuda_graph_helpers_refuse_cpu_tensors() -> None:
     seg, d, c = _nets()
-    so, do = fast_optimizers(seg, [d, c], lr=0.01, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0,
-                             duplicate_params=True, lr_d=1e-4, betas=(0.9, 0.99))
+    so, do = build_optimizers(seg, [d, c], family="foreach", lr=0.01, momentum=0.9, weight_decay=5e-4,
+                              head_lr_mult=10.0, duplicate_params=True, lr_d=1e-4, betas=(0.9, 0.99), tensor_lr=True)
     with pytest.raises(RuntimeError, match="needs a model on CUDA"):
         GraphedStep(StepModels(seg, d, c), so, do, StepSettings(), None)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
@@ -254,7 +258,8 @@ def test_cpu_fast_mode_tracks_eager_fp32_within_tolerance() -> None:
     report = compare_losses(runs["eager-fp32"][1], runs["fast"][1], LossTolerance(window=4))
     assert set(report) >= {"loss/seg", "loss/adv_d", "loss/adv_c", "loss/disc", "loss/d_target"}
     assert all(r["pass"] for r in report.values()), report
-    assert report["loss/seg"]["first_rel_diff"] > 0  # bf16 really ran
+    if device_capabilities(dev).native_bf16:
+        assert report["loss/seg"]["first_rel_diff"] > 0  # bf16 really ran (only where it is native)
     # inference from the fp32-trained weights: the shipped fast inference (fp32 on the CPU)
     # agrees on >= 99.5% of the pixels; opt-in bf16 stays close on this barely trained net
     eager = runs["eager-fp32"][0]
@@ -289,7 +294,7 @@ def test_compare_losses_rules_by_hand() -> None:
 
 
 def _cuda_setup(graph: bool, amp: torch.dtype | None = None, lr: float = 1e-3):
-    from dast.training.fast import autocast_factory
+    from dast.contexts import autocast_factory
 
     dev = torch.device("cuda")
     seg, d, c = (m.to(dev) for m in _nets())

@@ -132,7 +132,14 @@ def test_best_weights_from_an_abandoned_path_are_never_selected(tiny_config, tmp
 
 def test_a_best_snapshot_outlives_a_better_one_until_a_checkpoint_records_it(tmp_path: Path) -> None:
     from dast.checkpoint import save_checkpoint
-    from dast.training.trainer import _find_best_file, _prune_best_files
+    from dast.rundir import StageDir
+    from dast.training.snapshots import find_best_file, prune_best_files
+
+    def _prune_best_files(folder, best):
+        prune_best_files(StageDir(folder), best)
+
+    def _find_best_file(folder, best):
+        return find_best_file(StageDir(folder), best)
 
     def plant(step: int) -> Path:
         path = tmp_path / f"best_step_{step:08d}.safetensors"

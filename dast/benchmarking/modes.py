@@ -1,14 +1,17 @@
 """Execution modes of the benchmarks, and a training setup built for one mode.
 
-A mode is a named set of speed settings; :func:`resolve_mode` turns it into what a
-device can actually run (channels_last and CUDA graphs only on CUDA, bf16 only where
-supported). ``eager-fp32`` is the released code's way: fp32, D(f_t) evaluated three
-times, the released duplicated SGD in stage 1, NCHW.
+A mode is a named request for speed levers; :func:`resolve_mode` turns it into the levers
+a device runs (:func:`dast.training.levers.choose_levers`: channels_last and CUDA graphs
+only on CUDA, bf16 only where the device computes it natively), with the reason for each.
+``eager-fp32`` is the released code's way: fp32, D(f_t) evaluated three times, the
+released duplicated SGD in stage 1, NCHW. A :class:`TrainingSetup` builds its iteration
+with :class:`dast.training.engine.Engine` from the config :func:`bench_config` writes, so
+the benchmark times what ``dast train`` runs.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, ContextManager
 
 import torch
@@ -16,16 +19,13 @@ from torch import Tensor, nn
 
 from dast.errors import UserError
 from dast.models import build_corrector, build_discoverer, build_segmentor
-from dast.training.fast import (
-    GraphedStep,
-    autocast_factory,
-    bf16_supported,
-    compile_segmentor,
-    fast_optimizers,
-    to_channels_last,
-)
-from dast.training.optim import discriminator_optimizer, poly_lr, segmentor_optimizer, set_lrs
-from dast.training.step import StepModels, StepSettings, train_step
+from dast.config import Config, RuntimeConfig, from_tree
+from dast.contexts import autocast_factory
+from dast.models.io import ModelSpec, Networks
+from dast.training.engine import Engine, StagePlan
+from dast.training.graphs import GraphedStep
+from dast.training.levers import Levers, choose_levers, compile_segmentor, to_channels_last
+from dast.training.runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Mode:
     amp: str  # "none" | "bf16"
     channels_last: bool | None
     reuse_discoverer: bool
-    optimizers: str  # "released" | "foreach"
+    optimizers: str  # "released" | "foreach" (see dast.training.optim)
     cuda_graph: bool
     compile: bool
     about: str
@@ -59,20 +59,32 @@ MODES: dict[str, Mode] = {
 
 @dataclass(frozen=True)
 class ResolvedMode:
-    """What a mode runs on one device."""
+    """What a mode runs on one device: the levers :func:`choose_levers` gives its request."""
 
     name: str
-    amp_dtype: torch.dtype | None
-    channels_last: bool
+    levers: Levers
     reuse_discoverer: bool
-    optimizers: str
-    cuda_graph: bool
-    compile: bool
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return self.levers.amp_dtype
+
+    @property
+    def channels_last(self) -> bool:
+        return self.levers.channels_last
+
+    @property
+    def cuda_graph(self) -> bool:
+        return self.levers.cuda_graphs
+
+    @property
+    def compile(self) -> bool:
+        return self.levers.compile
 
     def describe(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["amp"] = {None: "none", torch.bfloat16: "bf16"}.get(self.amp_dtype, str(self.amp_dtype))
-        del d["amp_dtype"], d["name"]
+        """JSON-able fields: the levers, why each is on or off, and the D(f_t) reuse."""
+        d = self.levers.describe()
+        d["reuse_discoverer"] = self.reuse_discoverer
         return d
 
     def autocast(self, device: torch.device) -> Callable[[], ContextManager[Any]]:
@@ -91,13 +103,16 @@ def parse_modes(text: str) -> list[str]:
     return sorted(names, key=lambda n: n != "eager-fp32")
 
 
+def runtime_request(mode: Mode) -> RuntimeConfig:
+    """The ``runtime`` section of a config that asks for ``mode``'s levers."""
+    return RuntimeConfig(amp=mode.amp, channels_last=mode.channels_last, cuda_graphs=mode.cuda_graph,
+                         compile=mode.compile, optimizers=mode.optimizers)
+
+
 def resolve_mode(name: str, device: torch.device) -> ResolvedMode:
-    """The settings of mode ``name`` that ``device`` supports."""
+    """The levers of mode ``name`` on ``device`` (each falls back where the device would be slower)."""
     m = MODES[name]
-    cuda = device.type == "cuda"
-    amp = torch.bfloat16 if m.amp == "bf16" and bf16_supported(device) else None
-    cl = cuda if m.channels_last is None else m.channels_last
-    return ResolvedMode(name, amp, cl, m.reuse_discoverer, m.optimizers, m.cuda_graph and cuda, m.compile)
+    return ResolvedMode(name, choose_levers(runtime_request(m), device), m.reuse_discoverer)
 
 
 # ---------------------------------------------------------------------------------------
@@ -130,16 +145,42 @@ def build_nets(arch: str, num_classes: int, variant: str, seed: int) -> tuple[nn
     return seg, build_discoverer(seg.feature_channels), build_corrector(num_classes)
 
 
-class TrainingSetup:
-    """Networks, optimisers and the step function of one mode, ready to iterate.
+def bench_config(mode: ResolvedMode, schedule: Schedule, variant: str, num_classes: int) -> Config:
+    """The config whose stage ``dast train`` would build exactly as the benchmark does."""
+    levers = mode.levers
+    amp = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[levers.amp_dtype]
+    s = schedule
+    return from_tree({
+        "variant": variant,
+        "model": {"arch": "small", "num_classes": num_classes},
+        "source": {"kind": "synthetic"}, "target": {"kind": "synthetic", "domain": "target"},
+        "adversarial": {"lr": s.lr_d, "betas": list(s.betas)},
+        "train": {"lr": s.lr, "poly_steps": s.poly_steps, "momentum": s.momentum, "weight_decay": s.weight_decay,
+                  "power": s.power, "reuse_discoverer": mode.reuse_discoverer},
+        "runtime": {"amp": amp, "channels_last": levers.channels_last, "cuda_graphs": levers.cuda_graphs,
+                    "compile": levers.compile, "optimizers": levers.optimizers},
+    }, "bench")
 
-    ``step(i, xs, ys, xt, yt)`` sets the poly learning rates of iteration ``i`` and runs
-    one iteration (graph-replayed in CUDA-graph modes). The networks are moved to
-    ``device`` and converted to channels_last / compiled as the mode says.
+
+def bench_plan(schedule: Schedule, stage: int = 1) -> StagePlan:
+    """The stage plan of a benchmarked iteration (stage 2: with pseudo labels)."""
+    s = schedule
+    return StagePlan("stage1" if stage == 1 else "round1", 0 if stage == 1 else 1, steps=s.poly_steps,
+                     poly_steps=s.poly_steps, lr=s.lr, head_lr_mult=s.head_lr_mult, duplicate_params=s.duplicate_params,
+                     adversarial=True)
+
+
+class TrainingSetup:
+    """Networks and the :class:`~dast.training.engine.Engine` of one mode, ready to iterate.
+
+    ``step(i, xs, ys, xt, yt)`` runs iteration ``i`` through ``Engine.step`` (poly learning
+    rates, then the eager or graph-replayed step), exactly as ``dast train`` does for the
+    config :func:`bench_config` writes. The networks are moved to ``device`` and converted
+    to channels_last / compiled as the mode says.
     """
 
     def __init__(self, mode: ResolvedMode, nets: tuple[nn.Module, nn.Module, nn.Module], device: torch.device,
-                 schedule: Schedule = STAGE1, *, graph_warmup: int = 3) -> None:
+                 schedule: Schedule = STAGE1, *, graph_warmup: int = 3, variant: str = "reference") -> None:
         seg, disc, corr = (m.to(device) for m in nets)
         for m in (seg, disc, corr):
             m.train()
@@ -149,23 +190,23 @@ class TrainingSetup:
             compile_segmentor(seg)
         self.mode, self.device, self.schedule = mode, device, schedule
         self.segmentor, self.discoverer, self.corrector = seg, disc, corr
-        s = schedule
-        if mode.optimizers == "released":
-            self.seg_opt: torch.optim.Optimizer = segmentor_optimizer(
-                seg, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay,
-                head_lr_mult=s.head_lr_mult, duplicate_params=s.duplicate_params)
-            self.disc_opt = discriminator_optimizer([disc, corr], s.lr_d, s.betas)
-        else:
-            self.seg_opt, self.disc_opt = fast_optimizers(  # type: ignore[assignment]
-                seg, [disc, corr], lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay,
-                head_lr_mult=s.head_lr_mult, duplicate_params=s.duplicate_params, lr_d=s.lr_d, betas=s.betas,
-                tensor_lr=mode.cuda_graph)
-        self.mults = [1.0] if len(self.seg_opt.param_groups) == 1 else [1.0, s.head_lr_mult]
-        self.settings = StepSettings(reuse_discoverer=mode.reuse_discoverer)
-        self.models = StepModels(seg, disc, corr)
-        self.autocast = mode.autocast(device)
-        self.graphed = (GraphedStep(self.models, self.seg_opt, self.disc_opt, self.settings, mode.amp_dtype,
-                                    warmup=graph_warmup) if mode.cuda_graph else None)
+        num_classes = int(getattr(seg, "num_classes", 19))
+        cfg = bench_config(mode, schedule, variant, num_classes)
+        networks = Networks(ModelSpec(arch="small", num_classes=num_classes, variant=variant), seg, disc, corr)  # type: ignore[arg-type]
+        runtime = Runtime(device, mode.levers, deterministic=False)
+        self.engine = Engine.build(bench_plan(schedule), cfg, networks, runtime, graph_warmup=graph_warmup)
+
+    @property
+    def graphed(self) -> GraphedStep | None:
+        return self.engine.graphed
+
+    @property
+    def seg_opt(self) -> torch.optim.Optimizer:
+        return self.engine.seg_opt
+
+    @property
+    def disc_opt(self) -> torch.optim.Optimizer | None:
+        return self.engine.disc_opt
 
     def prepare_images(self, x: Tensor) -> Tensor:
         """Images on the device, channels_last when the mode uses it."""
@@ -173,10 +214,5 @@ class TrainingSetup:
         return x.contiguous(memory_format=torch.channels_last) if self.mode.channels_last else x
 
     def step(self, i: int, xs: Tensor, ys: Tensor, xt: Tensor, yt: Tensor | None) -> tuple[dict[str, Tensor], bool]:
-        s = self.schedule
-        set_lrs(self.seg_opt, poly_lr(s.lr, i, s.poly_steps, s.power), self.mults)
-        if self.disc_opt is not None:
-            set_lrs(self.disc_opt, poly_lr(s.lr_d, i, s.poly_steps, s.power), [1.0])
-        if self.graphed is not None:
-            return self.graphed(xs, ys, xt, yt)
-        return train_step(self.models, self.seg_opt, self.disc_opt, xs, ys, xt, yt, self.settings, self.autocast)
+        result = self.engine.step(i, xs, ys, xt, yt)
+        return result.scalars, result.applied

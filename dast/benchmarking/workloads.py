@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from dast.benchmarking.modes import STAGE1, STAGE2, ResolvedMode, TrainingSetup, build_nets, resolve_mode
 from dast.benchmarking.timing import Timing, device_name, measure, peak_memory_gib, reset_peak_memory, rss_gib
 from dast.models.target_model import TargetModel
-from dast.training.fast import GraphedCallable, compile_segmentor, to_channels_last
+from dast.losses import upsample
+from dast.training.graphs import GraphedCallable
+from dast.training.levers import compile_segmentor, to_channels_last
 
 WHATS = ("step", "step2", "infer", "pseudo")
 NUM_CLASSES = 19
@@ -73,7 +74,7 @@ def prepare_step(arch: str, mode: ResolvedMode, device: torch.device, sizes: Siz
                  variant: str, num_classes: int = NUM_CLASSES) -> Case:
     """One training iteration (batch 1 source + 1 target; stage 2 adds target pseudo labels)."""
     setup = TrainingSetup(mode, build_nets(arch, num_classes, variant, seed=0), device,
-                          STAGE1 if stage == 1 else STAGE2)
+                          STAGE1 if stage == 1 else STAGE2, variant=variant)
     gen = torch.Generator().manual_seed(1)
     xs = setup.prepare_images(random_images(1, sizes.source, gen))
     ys = random_labels(1, sizes.source, num_classes, gen).to(device)
@@ -129,8 +130,7 @@ def infer_fn(model: TargetModel, mode: ResolvedMode, device: torch.device,
         with torch.no_grad():
             with autocast():
                 logits, _ = model(x)
-            up = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=True)
-            return up.argmax(1).to(torch.uint8)
+            return upsample(logits.float(), (h, w)).argmax(1).to(torch.uint8)
 
     return _graphed(fn, mode)
 
@@ -143,8 +143,7 @@ def probability_fn(model: TargetModel, mode: ResolvedMode, device: torch.device)
         with torch.no_grad():
             with autocast():
                 logits, _ = model(x)
-            up = F.interpolate(logits.float(), size=tuple(x.shape[-2:]), mode="bilinear", align_corners=True)
-            return torch.softmax(up, dim=1)
+            return torch.softmax(upsample(logits.float(), tuple(x.shape[-2:])), dim=1)  # type: ignore[arg-type]
 
     return _graphed(fn, mode)
 

@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 def run(args: argparse.Namespace) -> int:
     from dast.errors import NumericalFault, UserError
     from dast.training.pipeline import train
-    from dast.training.trainer import TrainingInterrupted
+    from dast.training.loop import TrainingInterrupted
 
     run_dir = args.out
     resume = bool(args.resume)

@@ -8,7 +8,6 @@ confusion matrix is accumulated on the device.
 
 from __future__ import annotations
 
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -16,11 +15,10 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
+from dast.contexts import autocast
 from dast.data.datasets import SegmentationDataset, require_named_pngs
 from dast.data.labels import IGNORE, protocols_for
 from dast.data.readers import read_index_label
@@ -28,6 +26,8 @@ from dast.data.workers import loader_iterator, worker_init
 from dast.errors import DataError
 from dast.evaluation.confusion import ConfusionMatrix
 from dast.evaluation.metrics import compute_metrics
+from dast.losses import upsample
+from dast.progress import progress as report_progress
 
 
 class _EvalView(Dataset):
@@ -62,7 +62,8 @@ def _require_labels(dataset: SegmentationDataset) -> None:
 @torch.no_grad()
 def evaluate_confusion(model: nn.Module, dataset: SegmentationDataset, device: torch.device | str, *,
                        batch_size: int = 1, amp_dtype: Optional[torch.dtype] = None, progress: bool = True,
-                       indices: Optional[Sequence[int]] = None, num_workers: int = 0) -> tuple[ConfusionMatrix, int]:
+                       indices: Optional[Sequence[int]] = None, num_workers: int = 0,
+                       desc: str = "evaluating") -> tuple[ConfusionMatrix, int]:
     """Run ``model`` over ``dataset`` (or its ``indices``) and return (confusion matrix, images)."""
     _require_labels(dataset)
     device = torch.device(device)
@@ -76,8 +77,7 @@ def evaluate_confusion(model: nn.Module, dataset: SegmentationDataset, device: t
     count = 0
     try:
         with loader_iterator(loader) as batches:
-            bar = tqdm(batches, total=len(loader), desc="evaluating", unit="batch", file=sys.stderr,
-                       disable=None if progress else True, leave=False)
+            bar = report_progress(batches, total=len(loader), desc=desc, unit="batch", enabled=progress)
             for batch in bar:
                 start = 0
                 while start < len(batch):  # images of one forward pass must share a size
@@ -87,12 +87,10 @@ def evaluate_confusion(model: nn.Module, dataset: SegmentationDataset, device: t
                         end += 1
                     group = batch[start:end]
                     x = torch.stack([g[0] for g in group]).to(device, non_blocking=True)
-                    with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.bfloat16,
-                                        enabled=amp_dtype is not None):
+                    with autocast(device, amp_dtype):
                         logits = _logits(model(x))
                     for k, (_, label, _) in enumerate(group):
-                        up = F.interpolate(logits[k : k + 1].float(), size=tuple(label.shape), mode="bilinear",
-                                           align_corners=True)
+                        up = upsample(logits[k : k + 1].float(), tuple(label.shape))  # type: ignore[arg-type]
                         cm.update(up.argmax(1)[0], label.to(device, non_blocking=True), check=False)
                     count += len(group)
                     start = end
@@ -112,7 +110,7 @@ def _reduce_count(count: int, device: torch.device) -> int:
 def evaluate_model(model: nn.Module, dataset: SegmentationDataset, device: torch.device | str, *,
                    batch_size: int = 1, amp_dtype: Optional[torch.dtype] = None, progress: bool = True,
                    indices: Optional[Sequence[int]] = None, protocols: Optional[Mapping[str, Sequence[int]]] = None,
-                   distributed: bool = False, num_workers: int = 0) -> dict[str, Any]:
+                   distributed: bool = False, num_workers: int = 0, desc: str = "evaluating") -> dict[str, Any]:
     """mIoU of a target model (already on ``device``) on a labelled dataset (keys: :func:`compute_metrics`).
 
     ``indices`` restricts the evaluation to a shard; with ``distributed=True`` every rank
@@ -120,7 +118,7 @@ def evaluate_model(model: nn.Module, dataset: SegmentationDataset, device: torch
     ``protocols`` defaults to those of ``dataset.kind`` (16/13 classes for SYNTHIA).
     """
     cm, count = evaluate_confusion(model, dataset, device, batch_size=batch_size, amp_dtype=amp_dtype,
-                                   progress=progress, indices=indices, num_workers=num_workers)
+                                   progress=progress, indices=indices, num_workers=num_workers, desc=desc)
     if distributed:
         cm.all_reduce()
         count = _reduce_count(count, cm.device)
@@ -155,8 +153,7 @@ def evaluate_predictions(dataset: SegmentationDataset, pred_dir: str | Path, *, 
     cm = ConfusionMatrix(n, "cpu")
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         pairs = pool.map(load, range(len(dataset)))
-        for pred, label in tqdm(pairs, total=len(dataset), desc="evaluating", unit="img", file=sys.stderr,
-                                disable=None if progress else True, leave=False):
+        for pred, label in report_progress(pairs, total=len(dataset), desc="evaluating", enabled=progress):
             cm.update(pred, label)
     chosen = protocols_for(dataset.kind) if protocols is None else protocols
     return compute_metrics(cm.numpy(), dataset.table.names, chosen, len(dataset))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from dast.contexts import autocast
+from dast.losses import upsample
 from dast.models.attention import attend
 from dast.models.discriminators import Discoverer
 from dast.models.segmentor import Segmentor
@@ -30,3 +32,18 @@ class TargetModel(nn.Module):
             return self.segmentor.predict(f), alpha
         f_att, alpha = attend(f, self.discoverer(f))
         return self.segmentor.predict(f_att), alpha
+
+
+def predict_full_res(model: nn.Module, x: Tensor, size: tuple[int, int] | None = None,
+                     amp_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """The one forward-and-upsample rule: run the target model on ``x`` (under autocast to
+    ``amp_dtype`` when given) and upsample its float32 logits and attention bilinearly
+    (``align_corners=True``) to ``size`` = (height, width), the input size by default.
+
+    Returns (logits N x C x H x W, attention N x 1 x H x W). No gradients are recorded.
+    """
+    out_size = tuple(x.shape[-2:]) if size is None else (int(size[0]), int(size[1]))
+    with torch.no_grad():
+        with autocast(x.device, amp_dtype):
+            logits, alpha = model(x)
+        return upsample(logits.float(), out_size), upsample(alpha.float(), out_size)  # type: ignore[arg-type]

@@ -1,16 +1,6 @@
 """The whole DAST method in one call: stage 1 -> selection -> K self-training rounds ->
-final evaluation, each stage resumable, all outputs in one run directory::
-
-    RUN/config.yaml            the resolved config
-    RUN/manifest.json          which stages are complete, and what each selected
-    RUN/log.txt                plain-text log
-    RUN/tb/                    TensorBoard event files
-    RUN/stage1/                checkpoints/, best.safetensors, selected.safetensors
-    RUN/round<k>/pseudo_labels/  label PNGs, previews, stats.json, COMPLETE
-    RUN/round<k>/              checkpoints/, best.safetensors, selected.safetensors
-    RUN/final/                 model.safetensors, metrics.json
-    RUN/scalars.jsonl          every logged scalar (losses, learning rates, evaluations)
-    RUN/curves.json, RUN/figure4.png   selection score vs target mIoU over iterations
+final evaluation, each stage resumable, all outputs in one run directory (its layout is
+:mod:`dast.rundir`).
 
 Crash safety, resume and the config-change policy are described in docs/reliability.md.
 """
@@ -18,191 +8,63 @@ Crash safety, resume and the config-change policy are described in docs/reliabil
 from __future__ import annotations
 
 import json
-import logging
-import re
-import shutil
-import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import Any, Callable
 
 from dast.atomic import remove_stale_temps, write_json, write_text
-from dast.checkpoint import load_checkpoint
-from dast.config import Config, config_diff, from_tree, load_yaml_tree, to_yaml
-from dast.errors import ConfigError, UserError
-from dast.models.io import ModelSpec, Networks, assign_weights, build_networks, save_networks
+from dast.checkpoint import load_checkpoint, read_meta
+from dast.config import Config, to_yaml
+from dast.contexts import eval_mode
+from dast.data.datasets import build_dataset, with_label_dir
+from dast.data.labels import protocols_for
+from dast.data.transforms import denormalize
+from dast.errors import UserError
+from dast.evaluation.evaluate import evaluate_model
+from dast.inference.visualize import colorize, heatmap
+from dast.models.io import Networks, assign_weights, save_networks
+from dast.models.target_model import predict_full_res
+from dast.parallel import shard
+from dast.rundir import STAGE1, RunDir, round_name
+from dast.training.engine import StagePlan
+from dast.training.levers import compile_segmentor, to_channels_last
+from dast.training.loop import SignalFlag, StageCallbacks, StageResult, run_stage
+from dast.training.plots import plot_selection_curves
+from dast.training.pseudo_labels import generate_pseudo_labels, pseudo_label_set_complete
 from dast.training.runtime import Runtime, barrier, configure_backends, init_process_group, make_runtime, seed_everything
-from dast.training.trainer import SignalFlag, StageHooks, StagePlan, StageResult, run_stage
-
-# Keys a resumed run may change (only to larger values) without --force.
-GROWABLE = ("train.steps", "self_training.rounds", "self_training.steps")
-
-
-@dataclass
-class RunPaths:
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / "manifest.json"
-
-    def stage(self, name: str) -> Path:
-        return self.root / name
-
-
-def read_manifest(paths: RunPaths) -> dict[str, Any]:
-    if not paths.manifest.exists():
-        return {"stages": {}}
-    try:
-        return json.loads(paths.manifest.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{paths.manifest} is damaged; remove it to restart the run's bookkeeping") from exc
-
-
-def check_resume_config(stored: Config, requested: Config, manifest: dict[str, Any], force: bool) -> None:
-    """Refuse a resumed run whose config differs in anything but larger step counts.
-
-    A longer stage 1 is refused once a round has started, and longer rounds once a
-    second round has started: the later stages were built on the shorter results.
-    """
-    diffs = config_diff(stored, requested)
-    rounds = [k for k in manifest.get("stages", {}) if re.fullmatch(r"round\d+", k)]
-    bad = []
-    for key in diffs:
-        if key in GROWABLE:
-            old, new = _get(stored, key), _get(requested, key)
-            if new < old:
-                bad.append(f"{key} ({old} -> {new}: smaller)")
-            elif key == "train.steps" and rounds:
-                bad.append(f"{key} ({old} -> {new}: self-training already started from the shorter stage 1)")
-            elif key == "self_training.steps" and len(rounds) > 1:
-                bad.append(f"{key} ({old} -> {new}: a later round already started from a shorter round)")
-        else:
-            bad.append(f"{key} ({_get(stored, key)!r} -> {_get(requested, key)!r})")
-    if bad and not force:
-        raise ConfigError(
-            "the run directory was started with a different config: " + "; ".join(bad[:4])
-            + ("; ..." if len(bad) > 4 else "") + ". Only larger step counts may change on resume (use --force to override)"
-        )
-
-
-def _get(cfg: Config, dotted: str) -> Any:
-    node: Any = cfg
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return node
-
-
-# Warnings of the data modules (e.g. a sample skipped under ``on_corrupt: skip``) also go to
-# the run's log.
-DATA_LOGGER = "dast.data"
-
-
-def setup_logging(run_dir: Path, rt: Runtime) -> logging.Logger:
-    log = logging.getLogger(f"dast.run.{run_dir.resolve()}")
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    close_logging(log)
-    if rt.is_main:
-        fh = logging.FileHandler(run_dir / "log.txt", encoding="utf-8")
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(fh)
-        sh = logging.StreamHandler(sys.stderr)
-        sh.setLevel(logging.WARNING)
-        sh.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        log.addHandler(sh)
-        for h in (fh, sh):
-            logging.getLogger(DATA_LOGGER).addHandler(h)
-    return log
-
-
-def close_logging(log: logging.Logger) -> None:
-    """Detach and close the handlers :func:`setup_logging` gave ``log``."""
-    data_log = logging.getLogger(DATA_LOGGER)
-    for h in list(log.handlers):
-        log.removeHandler(h)
-        data_log.removeHandler(h)
-        h.close()
-
-
-# The corrector's five 4x4 stride-2 convolutions need at least 32 pixels on each side.
-MIN_CORRECTOR_SIDE = 32
-
-
-def check_training_sizes(cfg: Config) -> None:
-    """Refuse training images too small for the corrector (instead of a convolution error)."""
-    if not cfg.adversarial.corrector:
-        return
-    for name in ("source", "target"):
-        ds = getattr(cfg, name)
-        key, size = (f"{name}.augment.crop", ds.augment.crop) if ds.augment.crop else (f"{name}.size", ds.size)
-        if size is not None and min(size) < MIN_CORRECTOR_SIDE:
-            raise ConfigError(f"config key '{key}' is {list(size)}: training images need at least "
-                              f"{MIN_CORRECTOR_SIDE} pixels on each side for the corrector")
-
-
-def model_spec_for(cfg: Config) -> ModelSpec:
-    from dast.data.labels import table_for
-
-    table = table_for(cfg.source, cfg.model.num_classes)
-    adv = cfg.adversarial
-    return ModelSpec(
-        arch=cfg.model.arch, num_classes=cfg.model.num_classes, variant=cfg.variant, norm=cfg.model.norm,
-        input_size=tuple(cfg.target.size) if cfg.target.size else None,
-        discoverer=adv.discoverer, corrector=adv.corrector, attention=adv.attention, corrector_width=adv.corrector_width,
-        class_names=list(table.names), class_colors=[tuple(c) for c in table.colors],
-    )
-
-
-def initial_networks(cfg: Config, spec: ModelSpec) -> Networks:
-    """Fresh networks, with the segmentor (and any stored discriminators) from ``model.init``."""
-    nets = build_networks(spec)
-    if cfg.model.init:
-        tensors, meta = load_checkpoint(cfg.model.init)
-        init_spec = meta.get("model", {})
-        for key in ("arch", "num_classes"):
-            if key in init_spec and init_spec[key] != getattr(spec, key):
-                raise UserError(f"model.init {cfg.model.init} is for {key}={init_spec[key]!r}, the config asks for {getattr(spec, key)!r}")
-        from dast.models.io import load_state_strict, split_prefixed
-
-        load_state_strict(nets.segmentor, split_prefixed(tensors, "segmentor"), "segmentor", cfg.model.init)
-        for name, m in (("discoverer", nets.discoverer), ("corrector", nets.corrector)):
-            part = split_prefixed(tensors, name)
-            if m is not None and part:
-                load_state_strict(m, part, name, cfg.model.init)
-    return nets
+from dast.training.selection import build_selection_sets, selection_score
+from dast.training.setup import (
+    check_training_sizes,
+    close_logging,
+    discard_new_run,
+    end_torn_line,
+    first_missing,
+    initial_networks,
+    model_spec_for,
+    prepare_run_dir,
+    read_manifest,
+    setup_logging,
+)
+from dast.training.step import StepModels
 
 
 class Pipeline:
     """Runs (or resumes) a whole training run in ``run_dir``."""
 
     def __init__(self, cfg: Config, run_dir: Path, rt: Runtime, progress: bool = True) -> None:
-        self.cfg, self.paths, self.rt, self.progress = cfg, RunPaths(run_dir), rt, progress
+        self.cfg, self.paths, self.rt, self.progress = cfg, RunDir(run_dir), rt, progress
         self.log = setup_logging(run_dir, rt)
         self.writer = None
         if rt.is_main:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # heavy (tensorboard): only where logs are written
 
-            self.writer = SummaryWriter(str(run_dir / "tb"))
+            self.writer = SummaryWriter(str(self.paths.tensorboard))
+            end_torn_line(self.paths.scalars)
         self.curves: list[dict[str, Any]] = []
-        if rt.is_main:
-            _end_torn_line(run_dir / "scalars.jsonl")
-        from dast.data.labels import protocols_for
-
         # SYNTHIA-trained models report 16- and 13-class mIoU on Cityscapes too
         self.protocols = protocols_for(cfg.source.kind) if cfg.source.kind == "synthia" else None
 
     # ---------------------------------------------------------------- datasets
     def build_data(self) -> None:
-        from dast.data.datasets import build_dataset
-        from dast.training.selection import build_selection_sets
-
         cfg = self.cfg
         check_training_sizes(cfg)
         n, norm = cfg.model.num_classes, cfg.model.norm
@@ -217,22 +79,25 @@ class Pipeline:
                 self.source, self.target, cfg.selection.num_images, cfg.selection.betas, cfg.seed
             )
 
-    # ---------------------------------------------------------------- hooks
-    def evaluate(self, nets: Networks, plan: StagePlan | None = None, step: int = 0) -> dict[str, float]:
-        from dast.evaluation.evaluate import evaluate_model
-        from dast.training.selection import selection_score
+    # ---------------------------------------------------------------- callbacks of the stage loop
+    @property
+    def _shows_progress(self) -> bool:
+        return self.progress and self.rt.is_main
 
+    def evaluate(self, nets: Networks, plan: StagePlan | None = None, step: int = 0) -> dict[str, float]:
+        """The label-free selection score (``synthetic``) and, with a labelled val set, ``target``."""
+        rt = self.rt
         model = nets.target_model()
         scores: dict[str, float] = {}
         if self.selection_sets:
-            s = selection_score(model, self.selection_sets, self.rt.device, self.rt.amp_dtype,
-                                rank=self.rt.rank, world=self.rt.world_size)
+            s = selection_score(model, self.selection_sets, rt.device, rt.amp_dtype, rank=rt.rank,
+                                world=rt.world_size, progress=self._shows_progress)
             scores["synthetic"] = s.pop("score")
             scores.update({f"synthetic_{k}": v for k, v in s.items()})
         if self.val is not None:
-            idx = list(range(self.rt.rank, len(self.val), self.rt.world_size)) if self.rt.distributed else None
-            m = evaluate_model(model, self.val, self.rt.device, amp_dtype=self.rt.amp_dtype, progress=False, indices=idx,
-                               distributed=self.rt.distributed, protocols=self.protocols)
+            m = evaluate_model(model, self.val, rt.device, amp_dtype=rt.amp_dtype, progress=self._shows_progress,
+                               indices=shard(len(self.val), rt.rank, rt.world_size), distributed=rt.distributed,
+                               protocols=self.protocols, desc="evaluating target val")
             scores["target"] = float(m["miou"])
         return scores
 
@@ -242,43 +107,35 @@ class Pipeline:
             for k, v in scalars.items():
                 self.writer.add_scalar(k, v, step)
         if self.rt.is_main:
-            with open(self.paths.root / "scalars.jsonl", "a", encoding="utf-8") as fh:
+            with open(self.paths.scalars, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"step": step, **scalars}) + "\n")
 
     def log_images(self, nets: Networks, batch: dict[str, Any], plan: StagePlan, step: int) -> None:
         if self.writer is None:
             return
-        from dast.data.transforms import denormalize
-        from dast.inference.visualize import colorize, heatmap
-
         x = batch["image"][:1].to(self.rt.device)
-        with torch.no_grad():
-            from dast.training.runtime import eval_mode
-
-            with eval_mode(*nets.modules()):
-                logits, alpha = nets.target_model()(x)
-        size = tuple(x.shape[-2:])
-        pred = torch.nn.functional.interpolate(logits.float(), size=size, mode="bilinear", align_corners=True).argmax(1)[0]
-        att = torch.nn.functional.interpolate(alpha.float(), size=size, mode="bilinear", align_corners=True)[0, 0]
+        with eval_mode(*nets.modules()):
+            logits, alpha = predict_full_res(nets.target_model(), x)
+        pred = logits.argmax(1)[0]
         img = denormalize(batch["image"][0], self.cfg.model.norm)
         colors = nets.spec.class_colors
         self.writer.add_image(f"{plan.name}/input", img, step, dataformats="HWC")
-        self.writer.add_image(f"{plan.name}/prediction", colorize(pred.cpu().numpy().astype("uint8"), colors), step, dataformats="HWC")
-        self.writer.add_image(f"{plan.name}/attention", heatmap(att.clamp(0, 1).cpu().numpy()), step, dataformats="HWC")
+        self.writer.add_image(f"{plan.name}/prediction", colorize(pred.cpu().numpy().astype("uint8"), colors), step,
+                              dataformats="HWC")
+        self.writer.add_image(f"{plan.name}/attention", heatmap(alpha[0, 0].clamp(0, 1).cpu().numpy()), step,
+                              dataformats="HWC")
 
     def on_eval(self, history: list[dict[str, Any]]) -> None:
         merged = {(h["stage"], h["step"]): h for h in self.curves}
         for h in history:
             merged[(h["stage"], h["step"])] = h
         self.curves = sorted(merged.values(), key=lambda h: h["global_step"])
-        write_json(self.paths.root / "curves.json", self.curves)
+        write_json(self.paths.curves, self.curves)
 
     def plot_curves(self) -> None:
         """figure4.png from the evaluation history (at the end of each stage: plotting is slow)."""
         if self.rt.is_main and self.curves:
-            from dast.training.plots import plot_selection_curves
-
-            plot_selection_curves(self.curves, self.paths.root / "figure4.png")
+            plot_selection_curves(self.curves, self.paths.figure4)
 
     # ---------------------------------------------------------------- stages
     def plans(self) -> list[StagePlan]:
@@ -286,14 +143,14 @@ class Pipeline:
         tr, st = cfg.train, cfg.self_training
         has_disc = cfg.adversarial.discoverer or cfg.adversarial.corrector
         mult = float(self.rt.world_size) if cfg.distributed.lr_scaling == "linear" else 1.0
-        out = [StagePlan("stage1", 0, tr.steps, tr.poly_steps, tr.lr, float(tr.head_lr_mult), bool(tr.duplicate_params),
+        out = [StagePlan(STAGE1, 0, tr.steps, tr.poly_steps, tr.lr, float(tr.head_lr_mult), bool(tr.duplicate_params),
                          adversarial=has_disc, lr_mult=mult)]
         offset = tr.steps
         for k in range(1, st.rounds + 1):
-            out.append(StagePlan(f"round{k}", k, st.steps, int(st.poly_steps), float(st.lr), float(st.head_lr_mult), False,
-                                 adversarial=has_disc and st.adversarial, mu=st.mu,
-                                 pseudo_dir=self.paths.stage(f"round{k}") / "pseudo_labels", global_offset=offset,
-                                 lr_mult=mult))
+            out.append(StagePlan(round_name(k), k, st.steps, int(st.poly_steps), float(st.lr), float(st.head_lr_mult),
+                                 False, adversarial=has_disc and st.adversarial, mu=st.mu,
+                                 pseudo_dir=self.paths.round(k).pseudo_labels, global_offset=offset, lr_mult=mult,
+                                 batchnorm=str(st.batchnorm)))
             offset += st.steps
         return out
 
@@ -301,12 +158,11 @@ class Pipeline:
         st = self.cfg.self_training
         return min(st.portion + (k - 1) * st.portion_step, st.max_portion)
 
-    def run(self, stop: SignalFlag) -> dict[str, Any]:
+    def prepare_networks(self) -> Networks:
+        """The initial networks on the device, with the runtime's BatchNorm, memory format
+        and compilation."""
         cfg, rt = self.cfg, self.rt
-        seed_everything(cfg.seed)
-        self.build_data()
-        spec = model_spec_for(cfg)
-        nets = initial_networks(cfg, spec)
+        nets = initial_networks(cfg, model_spec_for(cfg))
         if cfg.model.batchnorm == "per_image":
             from dast.models.batchnorm import use_per_image_batchnorm
 
@@ -314,92 +170,111 @@ class Pipeline:
         if cfg.distributed.sync_bn and rt.distributed:
             if rt.device.type != "cuda":
                 raise UserError("distributed.sync_bn needs CUDA devices (SyncBatchNorm does not run on CPU)")
-            from dast.training.distributed import convert_sync_bn
+            from dast.training.distributed import convert_sync_bn  # DDP wrapping: distributed runs only
 
             convert_sync_bn(nets)
         nets.to(rt.device)
         if rt.compile:
-            from dast.training.fast import compile_segmentor
-
             compile_segmentor(nets.segmentor)
         if rt.channels_last:
-            for m in nets.modules():
-                m.to(memory_format=torch.channels_last)
-        manifest = read_manifest(self.paths)
-        if (self.paths.root / "curves.json").exists():
-            self.curves = json.loads((self.paths.root / "curves.json").read_text())
-        hooks = StageHooks(evaluate=self.evaluate if (self.selection_sets or self.val is not None) else None,
-                           log_scalars=self.log_scalars, log_images=self.log_images, on_eval=self.on_eval)
-        wrap = None
-        if rt.distributed:
-            from dast.training.distributed import wrap_for_ddp
+            to_channels_last(*nets.modules())
+        return nets
 
-            wrap = lambda n: wrap_for_ddp(n, rt, cfg)  # noqa: E731
+    def _ddp_wrap(self) -> Callable[[Networks], StepModels] | None:
+        if not self.rt.distributed:
+            return None
+        from dast.training.distributed import wrap_for_ddp  # DDP wrapping: distributed runs only
+
+        cfg, rt = self.cfg, self.rt
+        return lambda n: wrap_for_ddp(n, rt, cfg)
+
+    def run(self, stop: SignalFlag) -> dict[str, Any]:
+        seed_everything(self.cfg.seed)
+        self.build_data()
+        nets = self.prepare_networks()
+        manifest = read_manifest(self.paths)
+        if self.paths.curves.exists():
+            self.curves = json.loads(self.paths.curves.read_text())
+        callbacks = StageCallbacks(evaluate=self.evaluate if (self.selection_sets or self.val is not None) else None,
+                                   log_scalars=self.log_scalars, log_images=self.log_images, on_eval=self.on_eval)
+        wrap = self._ddp_wrap()
         previous: Path | None = None
         for plan in self.plans():
-            stage_dir = self.paths.stage(plan.name)
+            stage = self.paths.stage(plan.name)
             entry = manifest["stages"].get(plan.name, {})
-            if entry.get("status") == "complete" and entry.get("steps") == plan.steps and (stage_dir / "selected.safetensors").exists():
-                previous = stage_dir / "selected.safetensors"
+            if entry.get("status") == "complete" and entry.get("steps") == plan.steps and stage.selected.exists():
+                previous = stage.selected
                 continue
             if previous is not None:
                 tensors, _ = load_checkpoint(previous)
                 assign_weights(nets, tensors, str(previous))
+            target = self.target
             if plan.pseudo_dir is not None:
                 self.make_pseudo_labels(nets, plan)
-                from dast.data.datasets import with_label_dir
-
                 target = with_label_dir(self.target, plan.pseudo_dir)
-            else:
-                target = self.target
             manifest["stages"][plan.name] = {"status": "running", "steps": plan.steps}
             self.write_manifest(manifest)
-            result: StageResult = run_stage(cfg, plan, nets, rt, stage_dir, self.source, target, self.log, hooks, stop,
-                                            progress=self.progress, wrap=wrap)
-            barrier(rt)
+            result: StageResult = run_stage(self.cfg, plan, nets, self.rt, stage.root, self.source, target, self.log,
+                                            callbacks, stop, progress=self.progress, wrap=wrap)
+            barrier(self.rt)
             self.plot_curves()
             manifest["stages"][plan.name] = {"status": "complete", "steps": plan.steps,
                                              "selected": str(result.selected.relative_to(self.paths.root))}
             self.write_manifest(manifest)
             previous = result.selected
-        return self.finish(nets, previous, manifest)
+        return self.finish(nets, self.final_choice(previous), manifest)
 
     def make_pseudo_labels(self, nets: Networks, plan: StagePlan) -> None:
-        from dast.training.pseudo_labels import generate_pseudo_labels, pseudo_label_set_complete
-
         assert plan.pseudo_dir is not None
         if pseudo_label_set_complete(plan.pseudo_dir):
             return
         st = self.cfg.self_training
-        idx = list(range(self.rt.rank, len(self.target), self.rt.world_size)) if self.rt.distributed else None
         q = self.portion(plan.index)
         self.log.info("%s: pseudo labels at portion %.2f (%s)", plan.name, q, st.mode)
         stats = generate_pseudo_labels(
             nets.target_model(), self.target, plan.pseudo_dir, portion=q, cap=st.cap, mode=st.mode, bins=st.bins,
             subsample=st.subsample, device=self.rt.device, amp_dtype=self.rt.amp_dtype,
-            preview_count=st.preview_count, colors=nets.spec.class_colors, indices=idx, progress=self.progress and self.rt.is_main,
+            preview_count=st.preview_count, colors=nets.spec.class_colors,
+            indices=shard(len(self.target), self.rt.rank, self.rt.world_size), progress=self._shows_progress,
         )
         self.log.info("%s: pseudo labels written (ignored fraction %.3f)", plan.name, stats.get("ignored_fraction", float("nan")))
 
+    def final_choice(self, last: Path | None) -> Path | None:
+        """The model the run ends with: the last stage's selected snapshot, or, with
+        ``selection.across_stages``, the selected snapshot with the best score of all stages."""
+        if last is None or not self.cfg.selection.across_stages:
+            return last
+        scored = []
+        for name in self.paths.stage_names():
+            path = self.paths.stage(name).selected
+            sel = read_meta(path).get("selection") if path.exists() else None
+            if sel and sel.get("value") is not None:
+                scored.append((float(sel["value"]), name, path))
+        if not scored:
+            return last
+        value, name, path = max(scored, key=lambda t: t[0])  # the earliest stage wins a tie
+        self.log.info("final model: %s's selected snapshot (%s = %.2f; across stages)", name, "selection", value)
+        return path
+
     def finish(self, nets: Networks, selected: Path | None, manifest: dict[str, Any]) -> dict[str, Any]:
-        final = self.paths.stage("final")
         if selected is not None:
             tensors, _ = load_checkpoint(selected)
             assign_weights(nets, tensors, str(selected))
         metrics: dict[str, Any] = {}
         if self.val is not None:
-            from dast.evaluation.evaluate import evaluate_model
-
-            idx = list(range(self.rt.rank, len(self.val), self.rt.world_size)) if self.rt.distributed else None
-            metrics = evaluate_model(nets.target_model(), self.val, self.rt.device, amp_dtype=self.rt.amp_dtype,
-                                     progress=self.progress and self.rt.is_main, indices=idx,
-                                     distributed=self.rt.distributed, protocols=self.protocols)
+            rt = self.rt
+            metrics = evaluate_model(nets.target_model(), self.val, rt.device, amp_dtype=rt.amp_dtype,
+                                     progress=self._shows_progress, indices=shard(len(self.val), rt.rank, rt.world_size),
+                                     distributed=rt.distributed, protocols=self.protocols, desc="final evaluation")
         if self.rt.is_main:
-            save_networks(final / "model.safetensors", nets, extra_meta={"stage": "final"})
+            source = str(selected.relative_to(self.paths.root)) if selected is not None else None
+            save_networks(self.paths.final_model, nets, extra_meta={"stage": "final", "from": source})
             if metrics:
-                write_json(final / "metrics.json", metrics)
+                write_json(self.paths.final_metrics, metrics)
             manifest["status"] = "complete"
-            manifest["final"] = {"model": "final/model.safetensors", "metrics": "final/metrics.json" if metrics else None}
+            root = self.paths.root
+            manifest["final"] = {"model": str(self.paths.final_model.relative_to(root)), "from": source,
+                                 "metrics": str(self.paths.final_metrics.relative_to(root)) if metrics else None}
             self.write_manifest(manifest)
             if self.writer is not None:
                 self.writer.flush()
@@ -418,60 +293,6 @@ class Pipeline:
         close_logging(self.log)
 
 
-def _end_torn_line(path: Path) -> None:
-    """Terminate a last line left without its newline by a killed writer."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with open(path, "rb+") as fh:
-        fh.seek(-1, 2)
-        if fh.read(1) != b"\n":
-            fh.write(b"\n")
-
-
-def has_progress(run_dir: Path) -> bool:
-    """Whether a run directory holds trained weights worth keeping."""
-    return (any(run_dir.glob("*/checkpoints/step_*.safetensors")) or any(run_dir.glob("*/selected.safetensors"))
-            or (run_dir / "final").exists())
-
-
-def _discard_new_run(run_dir: Path, created: Path | None) -> None:
-    """Remove what a failed fresh run wrote: the folders it created, or the contents of
-    the empty folder it was given."""
-    if created is not None:
-        shutil.rmtree(created, ignore_errors=True)
-        return
-    for child in run_dir.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)
-
-
-def prepare_run_dir(run_dir: Path, cfg: Config | None, resume: bool, force: bool) -> Config:
-    """Create or validate the run directory; return the config to run with."""
-    paths = RunPaths(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} exists and is not a directory")
-    if resume:
-        if not paths.config.exists():
-            raise UserError(f"nothing to resume in {run_dir}: no config.yaml (start it without --resume)")
-        stored = from_tree(load_yaml_tree(paths.config), str(paths.config))
-        if cfg is None:
-            return stored
-        manifest = read_manifest(paths)
-        # a round whose pseudo labels exist has started, even before the manifest says so
-        for d in run_dir.glob("round*"):
-            if d.is_dir():
-                manifest.setdefault("stages", {}).setdefault(d.name, {"status": "started"})
-        check_resume_config(stored, cfg, manifest, force)
-        return cfg
-    if cfg is None:
-        raise UserError("--config is required unless --resume names an existing run directory")
-    if run_dir.exists() and any(run_dir.iterdir()) and not force:
-        raise UserError(f"run directory {run_dir} already exists and is not empty (use --resume to continue it, or --force)")
-    return cfg
-
-
 def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, force: bool = False,
           device: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) a run; returns the final metrics (empty without a labelled val set)."""
@@ -481,11 +302,11 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, forc
     init_process_group(rt)
     configure_backends(rt)
     fresh = not resume and not (run_dir.exists() and any(run_dir.iterdir()))
-    created = _first_missing(run_dir)
+    created = first_missing(run_dir)
     if rt.is_main:
         remove_stale_temps(run_dir)  # half-written files of a killed run (checkpoints, final/, curves)
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(RunPaths(run_dir).config, to_yaml(cfg))
+        write_text(RunDir(run_dir).config, to_yaml(cfg))
     barrier(rt)
     pipe = Pipeline(cfg, run_dir, rt, progress=progress)
     try:
@@ -494,17 +315,9 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, forc
     except UserError:
         # bad input found before anything was trained: leave no half-made run directory
         pipe.close()
-        if fresh and rt.is_main and not has_progress(run_dir):
-            _discard_new_run(run_dir, created)
+        if fresh and rt.is_main and not RunDir(run_dir).has_progress():
+            discard_new_run(run_dir, created)
         raise
     finally:
         pipe.close()
 
-
-def _first_missing(path: Path) -> Path | None:
-    """The outermost missing folder on the way to ``path`` (None when ``path`` exists)."""
-    missing = None
-    p = path.absolute()
-    while not p.exists() and p != p.parent:
-        missing, p = p, p.parent
-    return missing

@@ -6,24 +6,24 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from dast.config import RuntimeConfig
+from dast.contexts import autocast
 from dast.errors import UserError
+from dast.training.levers import Levers, choose_levers
 
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where and how a run executes."""
+    """Where and how a run executes: the device, its speed levers, and the process group."""
 
     device: torch.device
-    amp_dtype: torch.dtype | None
-    channels_last: bool
-    compile: bool
+    levers: Levers
     deterministic: bool
     rank: int = 0
     world_size: int = 1
@@ -37,11 +37,21 @@ class Runtime:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return self.levers.amp_dtype
+
+    @property
+    def channels_last(self) -> bool:
+        return self.levers.channels_last
+
+    @property
+    def compile(self) -> bool:
+        return self.levers.compile
+
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The autocast context of this runtime (a no-op in full precision)."""
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.amp_dtype)
 
 
 def distributed_env() -> tuple[int, int, int]:
@@ -53,7 +63,7 @@ def distributed_env() -> tuple[int, int, int]:
 
 
 def make_runtime(cfg: RuntimeConfig, device_override: str | None = None) -> Runtime:
-    """Resolve ``auto`` settings against the hardware."""
+    """Resolve ``auto`` settings against the hardware (levers: :func:`choose_levers`)."""
     rank, world, local = distributed_env()
     name = device_override or cfg.device
     if name == "auto":
@@ -64,20 +74,9 @@ def make_runtime(cfg: RuntimeConfig, device_override: str | None = None) -> Runt
         device = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    amp: torch.dtype | None
-    if cfg.amp == "auto":
-        amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    elif cfg.amp == "none":
-        amp = None
-    elif cfg.amp == "bf16":
-        amp = torch.bfloat16
-    else:
-        if device.type != "cuda":
-            raise UserError("runtime.amp 'fp16' needs a CUDA device; use 'bf16' or 'none' on CPU")
-        amp = torch.float16
-    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    levers = choose_levers(cfg, device, world_size=world)
     deterministic = cfg.deterministic if cfg.deterministic is not None else device.type == "cpu"
-    return Runtime(device, amp, channels_last, cfg.compile, deterministic, rank, world, local)
+    return Runtime(device, levers, deterministic, rank, world, local)
 
 
 def configure_backends(rt: Runtime) -> None:
@@ -120,17 +119,3 @@ def init_process_group(rt: Runtime) -> None:
 def barrier(rt: Runtime) -> None:
     if rt.distributed and dist.is_initialized():
         dist.barrier()
-
-
-@contextlib.contextmanager
-def eval_mode(*modules: torch.nn.Module | None) -> Iterator[None]:
-    """Put modules in eval mode for the block and restore their previous modes."""
-    mods = [m for m in modules if m is not None]
-    modes = [m.training for m in mods]
-    for m in mods:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, was in zip(mods, modes):
-            m.train(was)

@@ -10,7 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dast.data.fda import fda_image
 from dast.data.transforms import normalize, resize_image, resize_label
+from dast.evaluation.evaluate import evaluate_model
+from dast.parallel import shard
 
 
 class FDAValSet(Dataset):
@@ -40,7 +43,6 @@ class FDAValSet(Dataset):
 
     def read_image_rgb(self, i: int) -> np.ndarray:
         src = self.source.read_image_rgb(self.src_idx[i])
-        from dast.data.fda import fda_image
 
         tgt = resize_image(self.target.read_image_rgb(self.tgt_idx[i]), (src.shape[1], src.shape[0]))
         return fda_image(src, tgt, self.beta)
@@ -64,15 +66,14 @@ def build_selection_sets(source: Any, target: Any, num_images: int, betas: Seque
 
 
 def selection_score(model: torch.nn.Module, sets: Sequence[tuple[float, FDAValSet]], device: torch.device,
-                    amp_dtype: torch.dtype | None = None, batch_size: int = 1, rank: int = 0, world: int = 1) -> dict[str, float]:
+                    amp_dtype: torch.dtype | None = None, batch_size: int = 1, rank: int = 0, world: int = 1,
+                    progress: bool = False) -> dict[str, float]:
     """mIoU on each FDA set and their mean (``score``)."""
-    from dast.evaluation.evaluate import evaluate_model
-
     out: dict[str, float] = {}
     for beta, ds in sets:
-        indices = list(range(rank, len(ds), world)) if world > 1 else None
-        m = evaluate_model(model, ds, device, batch_size=batch_size, amp_dtype=amp_dtype, progress=False, indices=indices,
-                           distributed=world > 1, protocols={})
+        m = evaluate_model(model, ds, device, batch_size=batch_size, amp_dtype=amp_dtype, progress=progress,
+                           indices=shard(len(ds), rank, world), distributed=world > 1, protocols={},
+                           desc=f"selection (FDA beta {beta:g})")
         out[f"miou_beta{beta:g}"] = float(m["miou"])
     out["score"] = float(np.mean([out[f"miou_beta{b:g}"] for b, _ in sets])) if sets else float("nan")
     return out

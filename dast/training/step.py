@@ -1,14 +1,13 @@
-"""One training iteration of DAST (stage 1, and stage 2 with pseudo labels).
+"""One training iteration of DAST (stage 1, and stage 2 with pseudo labels), in three phases.
 
-Order of work, as in the released code:
+1. **source**: f_s = E(x_s), L_seg on the upsampled prediction, backward;
+2. **target**: the target batch through the target path, f_t = E(x_t), D(f_t), attention,
+   logits; lambda_d * L_adv^D + lambda_c * L_adv^C (+ mu * L_p_seg in stage 2), backward
+   into the segmentor only (the discriminators are frozen for this part);
+3. **discriminators**: the four terms of :data:`DISCRIMINATOR_TERMS` on the detached
+   source and target features and outputs, backward into D and C only;
 
-1. source batch: f_s = E(x_s), L_seg on the upsampled prediction, backward;
-2. target batch through the target path: f_t = E(x_t), D(f_t), attention, logits;
-   lambda_d * L_adv^D + lambda_c * L_adv^C (+ mu * L_p_seg in stage 2), backward into the
-   segmentor only (the discriminators are frozen for this part);
-3. discriminator losses on the source and target features and outputs, backward into
-   D and C only;
-4. both optimiser steps.
+then both optimiser steps (:func:`apply_updates`).
 
 The released code updates the segmentor before computing the discriminator losses.
 Those losses only use detached features computed before that update and the
@@ -19,14 +18,16 @@ updates.
 ``reuse_discoverer`` evaluates D(f_t) once per iteration instead of three times (for
 the attention, for the adversarial loss and for D's own update); the values are the
 same and the gradients are routed with ``torch.autograd.backward(inputs=...)``.
+
+Nothing here reads a value back to the host except :func:`train_step`'s finiteness
+check, so phases 1-3 can be captured in a CUDA graph (:mod:`dast.training.graphs`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, ContextManager
-
 import contextlib
+from dataclasses import InitVar, dataclass
+from typing import Callable, ContextManager, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,20 +40,36 @@ from dast.models.segmentor import Segmentor
 
 SOURCE_LABEL = 0.0
 TARGET_LABEL = 1.0
+Autocast = Callable[[], ContextManager[object]]
 
 
 @dataclass(frozen=True)
 class StepSettings:
-    """What one iteration computes."""
+    """What one iteration computes.
+
+    ``weight_segmentor_adv`` weights the segmentor's L_adv^C(E, P) on target outputs by the
+    attention map (the paper's text); ``weight_corrector_adv`` weights the target term of
+    the corrector's own loss. ``weight_corrector`` (init only) sets both at once.
+    ``forward_target`` runs the target batch through the segmentor without any loss, so
+    that BatchNorm sees target images (the ``source_only_bn`` control).
+    """
 
     adv_loss: str = "lsgan"
     lambda_d: float = 0.01
     lambda_c: float = 0.01
     attention: bool = True
-    weight_corrector: bool = False  # the paper's attention-weighted L_adv^C
+    weight_segmentor_adv: bool = False
+    weight_corrector_adv: bool = False
     reuse_discoverer: bool = True
     mu: float = 1.0  # weight of L_p_seg when pseudo labels are given
     adversarial: bool = True  # false: no discriminator losses at all (still trains S)
+    forward_target: bool = False
+    weight_corrector: InitVar[bool | None] = None
+
+    def __post_init__(self, weight_corrector: bool | None) -> None:
+        if weight_corrector is not None:
+            object.__setattr__(self, "weight_segmentor_adv", bool(weight_corrector))
+            object.__setattr__(self, "weight_corrector_adv", bool(weight_corrector))
 
 
 @dataclass
@@ -75,6 +92,67 @@ class StepModels:
     adversaries: torch.nn.Module | None = None
 
 
+class DiscriminatorTerm(NamedTuple):
+    """One term of the discriminators' loss: which output, which domain label."""
+
+    key: str  # loss/<key> in the scalars
+    label: float
+    weighted: bool  # the corrector's target term may carry the attention weight
+
+
+DISCRIMINATOR_TERMS = (
+    DiscriminatorTerm("d_source", SOURCE_LABEL, False),
+    DiscriminatorTerm("c_source", SOURCE_LABEL, False),
+    DiscriminatorTerm("d_target", TARGET_LABEL, False),
+    DiscriminatorTerm("c_target", TARGET_LABEL, True),
+)
+
+
+@dataclass
+class _Plan:
+    """The per-iteration decisions derived from the settings and the models."""
+
+    use_d: bool  # the discoverer's adversarial loss
+    use_c: bool  # the corrector's adversarial loss
+    attention: bool
+    reuse: bool
+    need_target: bool
+    disc: Discoverer | None
+    corr: Corrector | None
+    seg_inputs: list[Tensor] | None  # routed backward of the segmentor's losses
+    disc_params: list[Tensor]
+    pair: torch.nn.Module | None  # the DDP-wrapped discriminator pair
+    extract: Callable[[Tensor], Tensor]
+    predict: Callable[[Tensor], Tensor]
+    loss_scale: Callable[[Tensor], Tensor] | None = None  # fp16: GradScaler.scale before every backward
+
+    def backward(self, loss: Tensor, inputs: list[Tensor] | None, retain: bool = False) -> None:
+        """Backpropagate ``loss`` (scaled under fp16) into ``inputs`` (all leaves if None)."""
+        if self.loss_scale is not None:
+            loss = self.loss_scale(loss)
+        if inputs is None:
+            loss.backward(retain_graph=retain)
+        else:
+            torch.autograd.backward(loss, inputs=inputs, retain_graph=retain)
+
+    @property
+    def reuse_for_disc(self) -> bool:
+        return self.reuse and self.pair is None
+
+
+@dataclass
+class _Flow:
+    """What the phases hand on to each other."""
+
+    f_s: Tensor
+    up_s: Tensor
+    f_t: Tensor | None = None
+    d_t: Tensor | None = None
+    alpha: Tensor | None = None
+    up_t: Tensor | None = None
+    c_t: Tensor | None = None
+
+
 def _full(x: Tensor) -> Tensor:
     """Upcast half-precision activations to float32 for losses; leave fp32/fp64 alone."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -86,41 +164,191 @@ def _set_requires_grad(module: torch.nn.Module | None, flag: bool) -> None:
             p.requires_grad_(flag)
 
 
-def _backward(loss: Tensor, inputs: list[Tensor] | None, retain: bool = False) -> None:
-    if inputs is None:
-        loss.backward(retain_graph=retain)
-    else:
-        torch.autograd.backward(loss, inputs=inputs, retain_graph=retain)
+def _plan(models: StepModels, seg_opt: torch.optim.Optimizer, settings: StepSettings, has_pseudo: bool,
+          loss_scale: Callable[[Tensor], Tensor] | None = None) -> _Plan:
+    use_d = settings.adversarial and models.discoverer is not None
+    use_c = settings.adversarial and models.corrector is not None
+    disc = models.discoverer if (use_d or settings.attention) else None
+    corr = models.corrector if use_c else None
+    attention = settings.attention and models.discoverer is not None
+    reuse = settings.reuse_discoverer
+    seg_params = [p for g in seg_opt.param_groups for p in g["params"] if p.requires_grad]
+    disc_params = [p for m in ((disc if use_d else None), corr) if m is not None for p in m.parameters()]
+    return _Plan(
+        use_d=use_d, use_c=use_c, attention=attention, reuse=reuse,
+        need_target=use_d or use_c or attention or has_pseudo or settings.forward_target,
+        disc=disc, corr=corr,
+        seg_inputs=seg_params if reuse and (disc is not None or corr is not None) else None,
+        disc_params=disc_params, pair=models.adversaries if disc_params else None,
+        extract=models.extract or models.segmentor.extract, predict=models.predict or models.segmentor.predict,
+        loss_scale=loss_scale,
+    )
 
 
-def _pair_discriminator_step(
-    pair: torch.nn.Module, f_s: Tensor, up_s: Tensor, f_t: Tensor | None, up_t: Tensor | None, alpha: Tensor | None,
-    use_d: bool, use_c: bool, settings: StepSettings, autocast: Callable[[], ContextManager[object]],
-    out: dict[str, Tensor],
-) -> None:
-    """The discriminator update through one (DDP-wrapped) forward and one backward."""
+def _adversarial(term: Tensor, weight: float, scale: Tensor | float | None) -> Tensor:
+    """``weight * term``, times the warm-up ``scale`` when one is given."""
+    weighted = weight * term
+    return weighted if scale is None else weighted * scale
+
+
+def source_phase(p: _Plan, models: StepModels, images: Tensor, labels: Tensor, autocast: Autocast,
+                 out: dict[str, Tensor]) -> _Flow:
+    """L_seg on the source batch and its backward (no gradient all-reduce yet under DDP
+    when a second backward follows)."""
+    no_sync = models.seg_no_sync if (models.seg_no_sync is not None and p.need_target) else contextlib.nullcontext
+    with no_sync():
+        with autocast():
+            f_s = p.extract(images)
+            logits_s = p.predict(f_s)
+        up_s = losses.upsample(_full(logits_s), tuple(labels.shape[-2:]))
+        l_seg = losses.segmentation_loss(up_s, labels)
+        p.backward(l_seg, p.seg_inputs)
+    out["loss/seg"] = l_seg.detach()
+    return _Flow(f_s=f_s, up_s=up_s)
+
+
+def _target_forward(p: _Plan, images: Tensor, autocast: Autocast, flow: _Flow) -> None:
     with autocast():
-        d_s, c_s, d_t, c_t = pair(
-            f_s.detach() if use_d else None,
-            F.softmax(up_s.detach(), dim=1) if use_c else None,
-            f_t.detach() if (use_d and f_t is not None) else None,
-            F.softmax(up_t.detach(), dim=1) if (use_c and up_t is not None) else None,
+        f_t = p.extract(images)
+        d_t = alpha = None
+        if p.attention:
+            d_t = p.disc(f_t)  # type: ignore[misc]
+            f_att, alpha = attend(f_t, d_t)
+        else:
+            f_att = f_t
+            if p.use_d:
+                d_t = p.disc(f_t)  # type: ignore[misc]
+        logits_t = p.predict(f_att)
+    flow.f_t, flow.d_t, flow.alpha = f_t, d_t, alpha
+    flow.up_t = losses.upsample(_full(logits_t), tuple(images.shape[-2:]))
+
+
+def target_phase(p: _Plan, settings: StepSettings, images: Tensor, labels: Tensor | None, autocast: Autocast,
+                 flow: _Flow, out: dict[str, Tensor], adv_scale: Tensor | float | None) -> Tensor:
+    """The target path and the segmentor's adversarial and pseudo-label losses, backward
+    into the segmentor; returns their detached sum."""
+    loss_free = not (p.use_d or p.use_c or p.attention or labels is not None)
+    with torch.no_grad() if loss_free else contextlib.nullcontext():  # forward_target: BatchNorm only
+        _target_forward(p, images, autocast, flow)
+    up_t = flow.up_t
+    assert up_t is not None
+    g_loss = up_t.new_zeros(())
+    if p.use_d:
+        if not p.reuse and p.attention:  # released: a second evaluation of D for the loss
+            with autocast():
+                d_t_loss = p.disc(flow.f_t)  # type: ignore[misc, arg-type]
+        else:
+            d_t_loss = flow.d_t  # type: ignore[assignment]
+        l_adv_d = losses.adversarial_loss(settings.adv_loss, _full(d_t_loss), SOURCE_LABEL)  # type: ignore[arg-type]
+        g_loss = g_loss + _adversarial(l_adv_d, settings.lambda_d, adv_scale)
+        out["loss/adv_d"] = l_adv_d.detach()
+        out["out/d_target"] = d_t_loss.detach().float().mean()  # type: ignore[union-attr]
+    if p.use_c:
+        with autocast():
+            flow.c_t = p.corr(F.softmax(up_t, dim=1))  # type: ignore[misc]
+        c_t = _full(flow.c_t)
+        if settings.weight_segmentor_adv and flow.alpha is not None:
+            l_adv_c = losses.attention_weighted_corrector_loss(settings.adv_loss, c_t, SOURCE_LABEL,  # type: ignore[arg-type]
+                                                               _full(flow.alpha))
+        else:
+            l_adv_c = losses.adversarial_loss(settings.adv_loss, c_t, SOURCE_LABEL)  # type: ignore[arg-type]
+        g_loss = g_loss + _adversarial(l_adv_c, settings.lambda_c, adv_scale)
+        out["loss/adv_c"] = l_adv_c.detach()
+        out["out/c_target"] = flow.c_t.detach().float().mean()
+    if labels is not None:
+        l_pseg = losses.cross_entropy(up_t, labels)
+        g_loss = settings.mu * l_pseg + g_loss
+        out["loss/pseudo_seg"] = l_pseg.detach()
+    if g_loss.requires_grad:
+        p.backward(g_loss, p.seg_inputs, retain=p.reuse_for_disc and bool(p.disc_params))
+    return g_loss.detach()
+
+
+def _discriminator_outputs(p: _Plan, flow: _Flow, autocast: Autocast) -> dict[str, Tensor | None]:
+    """D(f_s), C(p_s), D(f_t), C(p_t) on detached inputs (the target ones taken from the
+    segmentor's graph when D(f_t) is reused)."""
+    with autocast():
+        d_s = p.disc(flow.f_s.detach()) if p.use_d else None  # type: ignore[misc]
+        c_s = p.corr(F.softmax(flow.up_s.detach(), dim=1)) if p.use_c else None  # type: ignore[misc]
+    d_t = c_t = None
+    if p.use_d:
+        if p.reuse_for_disc and flow.d_t is not None:
+            d_t = flow.d_t
+        else:
+            with autocast():
+                d_t = p.disc(flow.f_t.detach())  # type: ignore[misc, union-attr]
+    if p.use_c:
+        if p.reuse_for_disc and flow.c_t is not None:
+            c_t = flow.c_t
+        else:
+            with autocast():
+                c_t = p.corr(F.softmax(flow.up_t.detach(), dim=1))  # type: ignore[misc, union-attr]
+    return {"d_source": d_s, "c_source": c_s, "d_target": d_t, "c_target": c_t}
+
+
+def _pair_outputs(p: _Plan, flow: _Flow, autocast: Autocast) -> dict[str, Tensor | None]:
+    """The same four outputs through the DDP-wrapped pair (one forward)."""
+    with autocast():
+        d_s, c_s, d_t, c_t = p.pair(  # type: ignore[misc]
+            flow.f_s.detach() if p.use_d else None,
+            F.softmax(flow.up_s.detach(), dim=1) if p.use_c else None,
+            flow.f_t.detach() if (p.use_d and flow.f_t is not None) else None,
+            F.softmax(flow.up_t.detach(), dim=1) if (p.use_c and flow.up_t is not None) else None,
         )
-    total = f_s.new_zeros((), dtype=torch.float32)
-    for key, o, label in (("d_source", d_s, SOURCE_LABEL), ("c_source", c_s, SOURCE_LABEL),
-                          ("d_target", d_t, TARGET_LABEL), ("c_target", c_t, TARGET_LABEL)):
+    return {"d_source": d_s, "c_source": c_s, "d_target": d_t, "c_target": c_t}
+
+
+def _term_losses(settings: StepSettings, outputs: dict[str, Tensor | None], alpha: Tensor | None,
+                 out: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each present term of :data:`DISCRIMINATOR_TERMS` as a loss (and its logged scalars)."""
+    terms: dict[str, Tensor] = {}
+    for term in DISCRIMINATOR_TERMS:
+        o = outputs[term.key]
         if o is None:
             continue
-        weight = None
-        if key == "c_target" and settings.weight_corrector and alpha is not None:
-            weight = losses.resize_weight(_full(alpha), tuple(o.shape[-2:]))
-        loss = losses.adversarial_loss(settings.adv_loss, _full(o), label, weight)
-        out[f"loss/{key}"] = loss.detach()
-        if key.endswith("source"):
-            out[f"out/{key}"] = o.detach().float().mean()
-        total = total + loss
-    total.backward()
-    out["loss/disc"] = total.detach()
+        if term.weighted and settings.weight_corrector_adv and alpha is not None:
+            loss = losses.attention_weighted_corrector_loss(settings.adv_loss, _full(o), term.label, _full(alpha))  # type: ignore[arg-type]
+        else:
+            loss = losses.adversarial_loss(settings.adv_loss, _full(o), term.label)  # type: ignore[arg-type]
+        out[f"loss/{term.key}"] = loss.detach()
+        if term.label == SOURCE_LABEL:
+            out[f"out/{term.key}"] = o.detach().float().mean()
+        terms[term.key] = loss
+    return terms
+
+
+def _sum(terms: dict[str, Tensor], keys: tuple[str, ...], like: Tensor) -> Tensor:
+    total = like.new_zeros((), dtype=torch.float32)
+    for k in keys:
+        if k in terms:
+            total = total + terms[k]
+    return total
+
+
+def discriminator_phase(p: _Plan, settings: StepSettings, flow: _Flow, autocast: Autocast,
+                        out: dict[str, Tensor]) -> None:
+    """The discriminators' losses and their backward into D and C only."""
+    if p.pair is not None:
+        terms = _term_losses(settings, _pair_outputs(p, flow, autocast), flow.alpha, out)
+        total = _sum(terms, ("d_source", "c_source", "d_target", "c_target"), flow.f_s)
+        p.backward(total, None)
+        out["loss/disc"] = total.detach()
+        return
+    terms = _term_losses(settings, _discriminator_outputs(p, flow, autocast), flow.alpha, out)
+    l_src = _sum(terms, ("d_source", "c_source"), flow.f_s)
+    if l_src.requires_grad:
+        p.backward(l_src, p.disc_params if p.reuse else None)
+    l_tgt = _sum(terms, ("d_target", "c_target"), flow.f_s)
+    if p.reuse_for_disc:
+        # D(f_t) and C(p_t) come from the segmentor's graph, where p_t depends on D
+        # through the attention: route each loss to its own discriminator only.
+        if p.use_d:
+            p.backward(terms["d_target"], list(p.disc.parameters()), retain=p.use_c)  # type: ignore[union-attr]
+        if p.use_c:
+            p.backward(terms["c_target"], list(p.corr.parameters()))  # type: ignore[union-attr]
+    elif l_tgt.requires_grad:
+        p.backward(l_tgt, None)
+    out["loss/disc"] = (l_src + l_tgt).detach()
 
 
 def compute_gradients(
@@ -132,155 +360,39 @@ def compute_gradients(
     target_images: Tensor,
     target_labels: Tensor | None,
     settings: StepSettings,
-    autocast: Callable[[], ContextManager[object]],
+    autocast: Autocast,
+    *,
+    adv_scale: Tensor | float | None = None,
+    loss_scale: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[dict[str, Tensor], bool]:
     """Phases 1-3 of an iteration: clear the gradients, compute every loss and backward.
 
-    Returns (detached scalars for logging, whether ``disc_opt`` has gradients to apply).
-    Nothing here reads a value back to the host, so the whole phase can be captured in a
-    CUDA graph (see :mod:`dast.training.fast`).
+    ``adv_scale`` multiplies the segmentor's adversarial terms (the warm-up ramp); None
+    leaves them as they are. ``loss_scale`` (fp16: ``GradScaler.scale``) is applied to
+    every loss right before its backward; the logged losses stay unscaled. Returns
+    (detached scalars for logging, whether ``disc_opt`` has gradients to apply).
     """
-    seg = models.segmentor
-    use_d = settings.adversarial and models.discoverer is not None
-    use_c = settings.adversarial and models.corrector is not None
-    disc = models.discoverer if (use_d or settings.attention) else None
-    corr = models.corrector if use_c else None
-    attention = settings.attention and models.discoverer is not None
-    reuse = settings.reuse_discoverer
-    need_target = use_d or use_c or attention or target_labels is not None
-
+    p = _plan(models, seg_opt, settings, target_labels is not None, loss_scale)
     seg_opt.zero_grad(set_to_none=True)
     if disc_opt is not None:
         disc_opt.zero_grad(set_to_none=True)
-    seg_params = [p for g in seg_opt.param_groups for p in g["params"] if p.requires_grad]
-    disc_params = [p for m in ((disc if use_d else None), corr) if m is not None for p in m.parameters()]
-    if not reuse:  # the released way: freeze D and C while the segmentor's losses backpropagate
-        _set_requires_grad(disc, False)
-        _set_requires_grad(corr, False)
-    g_inputs = seg_params if reuse and (disc is not None or corr is not None) else None
+    if not p.reuse:  # the released way: freeze D and C while the segmentor's losses backpropagate
+        _set_requires_grad(p.disc, False)
+        _set_requires_grad(p.corr, False)
     out: dict[str, Tensor] = {}
-
-    extract = models.extract or seg.extract
-    predict = models.predict or seg.predict
-    pair = models.adversaries if disc_params else None
-    reuse_for_disc = reuse and pair is None
-
-    # ---- 1. source: L_seg (no gradient all-reduce yet when a second backward follows)
-    no_sync = models.seg_no_sync if (models.seg_no_sync is not None and need_target) else contextlib.nullcontext
-    with no_sync():
-        with autocast():
-            f_s = extract(source_images)
-            logits_s = predict(f_s)
-        up_s = losses.upsample(_full(logits_s), tuple(source_labels.shape[-2:]))
-        l_seg = losses.cross_entropy(up_s, source_labels)
-        _backward(l_seg, g_inputs)
-    out["loss/seg"] = l_seg.detach()
-    total = l_seg.detach()
-
-    # ---- 2. target path and the segmentor's adversarial / pseudo-label losses
-    d_t = c_t = alpha = up_t = f_t = None
-    if need_target:
-        with autocast():
-            f_t = extract(target_images)
-            if attention:
-                d_t = disc(f_t)  # type: ignore[misc]
-                f_att, alpha = attend(f_t, d_t)
-            else:
-                f_att = f_t
-                if use_d:
-                    d_t = disc(f_t)  # type: ignore[misc]
-            logits_t = predict(f_att)
-        up_t = losses.upsample(_full(logits_t), tuple(target_images.shape[-2:]))
-        g_loss = up_t.new_zeros(())
-        if use_d:
-            if not reuse and attention:  # released: a second evaluation of D for the loss
-                with autocast():
-                    d_t_loss = disc(f_t)  # type: ignore[misc]
-            else:
-                d_t_loss = d_t
-            l_adv_d = losses.adversarial_loss(settings.adv_loss, _full(d_t_loss), SOURCE_LABEL)  # type: ignore[union-attr]
-            g_loss = g_loss + settings.lambda_d * l_adv_d
-            out["loss/adv_d"] = l_adv_d.detach()
-            out["out/d_target"] = d_t_loss.detach().float().mean()  # type: ignore[union-attr]
-        if use_c:
-            with autocast():
-                c_t = corr(F.softmax(up_t, dim=1))  # type: ignore[misc]
-            weight = None
-            if settings.weight_corrector and alpha is not None:
-                weight = losses.resize_weight(_full(alpha), tuple(c_t.shape[-2:]))
-            l_adv_c = losses.adversarial_loss(settings.adv_loss, _full(c_t), SOURCE_LABEL, weight)
-            g_loss = g_loss + settings.lambda_c * l_adv_c
-            out["loss/adv_c"] = l_adv_c.detach()
-            out["out/c_target"] = c_t.detach().float().mean()
-        if target_labels is not None:
-            l_pseg = losses.cross_entropy(up_t, target_labels)
-            g_loss = settings.mu * l_pseg + g_loss
-            out["loss/pseudo_seg"] = l_pseg.detach()
-        if g_loss.requires_grad:
-            _backward(g_loss, g_inputs, retain=reuse_for_disc and bool(disc_params))
-        total = total + g_loss.detach()
-    if not reuse:
-        _set_requires_grad(disc, True)
-        _set_requires_grad(corr, True)
-
-    # ---- 3. discriminator losses
-    if pair is not None and disc_opt is not None:
-        _pair_discriminator_step(pair, f_s, up_s, f_t, up_t, alpha, use_d, use_c, settings, autocast, out)
-    elif disc_params and disc_opt is not None:
-        d_inputs = disc_params if reuse else None
-        l_src = f_s.new_zeros((), dtype=torch.float32)
-        with autocast():
-            d_s = disc(f_s.detach()) if use_d else None  # type: ignore[misc]
-            c_s = corr(F.softmax(up_s.detach(), dim=1)) if use_c else None  # type: ignore[misc]
-        if d_s is not None:
-            l_d_s = losses.adversarial_loss(settings.adv_loss, _full(d_s), SOURCE_LABEL)
-            l_src = l_src + l_d_s
-            out["loss/d_source"] = l_d_s.detach()
-            out["out/d_source"] = d_s.detach().float().mean()
-        if c_s is not None:
-            l_c_s = losses.adversarial_loss(settings.adv_loss, _full(c_s), SOURCE_LABEL)
-            l_src = l_src + l_c_s
-            out["loss/c_source"] = l_c_s.detach()
-            out["out/c_source"] = c_s.detach().float().mean()
-        if l_src.requires_grad:
-            _backward(l_src, d_inputs)
-        l_tgt = f_s.new_zeros((), dtype=torch.float32)
-        if use_d:
-            if reuse_for_disc and d_t is not None:
-                d_t_disc = d_t
-            else:
-                with autocast():
-                    d_t_disc = disc(f_t.detach())  # type: ignore[misc, union-attr]
-            l_d_t = losses.adversarial_loss(settings.adv_loss, _full(d_t_disc), TARGET_LABEL)
-            l_tgt = l_tgt + l_d_t
-            out["loss/d_target"] = l_d_t.detach()
-        if use_c:
-            if reuse_for_disc and c_t is not None:
-                c_t_disc = c_t
-            else:
-                with autocast():
-                    c_t_disc = corr(F.softmax(up_t.detach(), dim=1))  # type: ignore[misc, union-attr]
-            weight = None
-            if settings.weight_corrector and alpha is not None:
-                weight = losses.resize_weight(_full(alpha), tuple(c_t_disc.shape[-2:]))
-            l_c_t = losses.adversarial_loss(settings.adv_loss, _full(c_t_disc), TARGET_LABEL, weight)
-            l_tgt = l_tgt + l_c_t
-            out["loss/c_target"] = l_c_t.detach()
-        if reuse_for_disc:
-            # D(f_t) and C(p_t) come from the segmentor's graph, where p_t depends on D
-            # through the attention: route each loss to its own discriminator only.
-            if use_d:
-                _backward(l_d_t, [p for p in disc.parameters()], retain=use_c)  # type: ignore[union-attr]
-            if use_c:
-                _backward(l_c_t, [p for p in corr.parameters()])  # type: ignore[union-attr]
-        elif l_tgt.requires_grad:
-            _backward(l_tgt, None)
-        out["loss/disc"] = (l_src + l_tgt).detach()
-
+    flow = source_phase(p, models, source_images, source_labels, autocast, out)
+    total = out["loss/seg"]
+    if p.need_target:
+        total = total + target_phase(p, settings, target_images, target_labels, autocast, flow, out, adv_scale)
+    if not p.reuse:
+        _set_requires_grad(p.disc, True)
+        _set_requires_grad(p.corr, True)
+    if p.disc_params and disc_opt is not None:
+        discriminator_phase(p, settings, flow, autocast, out)
     out["loss/total"] = total
-    if alpha is not None:
-        out["attention/mean"] = alpha.detach().float().mean()
-    return out, bool(disc_params)
+    if flow.alpha is not None:
+        out["attention/mean"] = flow.alpha.detach().float().mean()
+    return out, bool(p.disc_params)
 
 
 def losses_finite(out: dict[str, Tensor]) -> Tensor:
@@ -290,7 +402,7 @@ def losses_finite(out: dict[str, Tensor]) -> Tensor:
 
 
 def apply_updates(seg_opt: torch.optim.Optimizer, disc_opt: torch.optim.Optimizer | None, disc_active: bool) -> None:
-    """Phase 4: step the segmentor optimiser, and the discriminators' when they have gradients."""
+    """Step the segmentor optimiser, and the discriminators' when they have gradients."""
     seg_opt.step()
     if disc_opt is not None and disc_active:
         disc_opt.step()
@@ -305,8 +417,10 @@ def train_step(
     target_images: Tensor,
     target_labels: Tensor | None,
     settings: StepSettings,
-    autocast: Callable[[], ContextManager[object]],
+    autocast: Autocast,
     check_finite: bool = True,
+    *,
+    adv_scale: Tensor | float | None = None,
 ) -> tuple[dict[str, Tensor], bool]:
     """Run one iteration. Returns (detached scalars for logging, whether it was applied).
 
@@ -314,7 +428,7 @@ def train_step(
     the second value is False (this check reads one flag back to the host).
     """
     out, disc_active = compute_gradients(models, seg_opt, disc_opt, source_images, source_labels,
-                                         target_images, target_labels, settings, autocast)
+                                         target_images, target_labels, settings, autocast, adv_scale=adv_scale)
     if check_finite and not bool(losses_finite(out)):
         seg_opt.zero_grad(set_to_none=True)
         if disc_opt is not None:

@@ -1,0 +1,39 @@
+"""The one autocast context and the one eval-mode context of dast."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Callable, ContextManager, Iterator
+
+import torch
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | None) -> ContextManager[Any]:
+    """Autocast to ``dtype`` on ``device``'s type, or a no-op for full precision (``None``).
+
+    The weight-cast cache is off: the values are the same, and a region that runs under
+    it can be captured in a CUDA graph.
+    """
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype, cache_enabled=False)
+
+
+def autocast_factory(device: torch.device | str, dtype: torch.dtype | None) -> Callable[[], ContextManager[Any]]:
+    """``() -> context``: :func:`autocast` bound to a device and dtype (what the step takes)."""
+    return functools.partial(autocast, device, dtype)
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: torch.nn.Module | None) -> Iterator[None]:
+    """Put modules in eval mode for the block and restore each one's previous mode."""
+    mods = [m for m in modules if m is not None]
+    modes = [m.training for m in mods]
+    for m in mods:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, was in zip(mods, modes):
+            m.train(was)

@@ -1,0 +1,199 @@
+"""Setting up a run: its directory, its logging, its config checks and its first networks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from dast.checkpoint import load_checkpoint
+from dast.config import Config, config_diff, from_tree, load_yaml_tree
+from dast.data.labels import table_for
+from dast.errors import ConfigError, UserError
+from dast.models.io import ModelSpec, Networks, build_networks, load_state_strict, split_prefixed
+from dast.rundir import ROUND_RE, RunDir
+from dast.training.runtime import Runtime
+
+
+def read_manifest(paths: RunDir) -> dict[str, Any]:
+    if not paths.manifest.exists():
+        return {"stages": {}}
+    try:
+        return json.loads(paths.manifest.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{paths.manifest} is damaged; remove it to restart the run's bookkeeping") from exc
+
+
+# Keys a resumed run may change (only to larger values) without --force.
+GROWABLE = ("train.steps", "self_training.rounds", "self_training.steps")
+
+
+def check_resume_config(stored: Config, requested: Config, manifest: dict[str, Any], force: bool) -> None:
+    """Refuse a resumed run whose config differs in anything but larger step counts.
+
+    A longer stage 1 is refused once a round has started, and longer rounds once a
+    second round has started: the later stages were built on the shorter results.
+    """
+    diffs = config_diff(stored, requested)
+    rounds = [k for k in manifest.get("stages", {}) if ROUND_RE.match(k)]
+    bad = []
+    for key in diffs:
+        if key in GROWABLE:
+            old, new = _get(stored, key), _get(requested, key)
+            if new < old:
+                bad.append(f"{key} ({old} -> {new}: smaller)")
+            elif key == "train.steps" and rounds:
+                bad.append(f"{key} ({old} -> {new}: self-training already started from the shorter stage 1)")
+            elif key == "self_training.steps" and len(rounds) > 1:
+                bad.append(f"{key} ({old} -> {new}: a later round already started from a shorter round)")
+        else:
+            bad.append(f"{key} ({_get(stored, key)!r} -> {_get(requested, key)!r})")
+    if bad and not force:
+        raise ConfigError(
+            "the run directory was started with a different config: " + "; ".join(bad[:4])
+            + ("; ..." if len(bad) > 4 else "") + ". Only larger step counts may change on resume (use --force to override)"
+        )
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+# Warnings of the data modules (e.g. a sample skipped under ``on_corrupt: skip``) also go to
+# the run's log.
+DATA_LOGGER = "dast.data"
+
+
+def setup_logging(run_dir: Path, rt: Runtime) -> logging.Logger:
+    log = logging.getLogger(f"dast.run.{run_dir.resolve()}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    close_logging(log)
+    if rt.is_main:
+        fh = logging.FileHandler(RunDir(run_dir).log, encoding="utf-8")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(fh)
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setLevel(logging.WARNING)
+        sh.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        log.addHandler(sh)
+        for h in (fh, sh):
+            logging.getLogger(DATA_LOGGER).addHandler(h)
+    return log
+
+
+def close_logging(log: logging.Logger) -> None:
+    """Detach and close the handlers :func:`setup_logging` gave ``log``."""
+    data_log = logging.getLogger(DATA_LOGGER)
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        data_log.removeHandler(h)
+        h.close()
+
+
+# The corrector's five 4x4 stride-2 convolutions need at least 32 pixels on each side.
+MIN_CORRECTOR_SIDE = 32
+
+
+def check_training_sizes(cfg: Config) -> None:
+    """Refuse training images too small for the corrector (instead of a convolution error)."""
+    if not cfg.adversarial.corrector:
+        return
+    for name in ("source", "target"):
+        ds = getattr(cfg, name)
+        key, size = (f"{name}.augment.crop", ds.augment.crop) if ds.augment.crop else (f"{name}.size", ds.size)
+        if size is not None and min(size) < MIN_CORRECTOR_SIDE:
+            raise ConfigError(f"config key '{key}' is {list(size)}: training images need at least "
+                              f"{MIN_CORRECTOR_SIDE} pixels on each side for the corrector")
+
+
+def model_spec_for(cfg: Config) -> ModelSpec:
+    """The model spec a run of ``cfg`` trains and stores in its checkpoints."""
+    table = table_for(cfg.source, cfg.model.num_classes)
+    adv = cfg.adversarial
+    return ModelSpec(
+        arch=cfg.model.arch, num_classes=cfg.model.num_classes, variant=cfg.variant, norm=cfg.model.norm,
+        input_size=tuple(cfg.target.size) if cfg.target.size else None,
+        discoverer=adv.discoverer, corrector=adv.corrector, attention=adv.attention, corrector_width=adv.corrector_width,
+        class_names=list(table.names), class_colors=[tuple(c) for c in table.colors],
+    )
+
+
+def initial_networks(cfg: Config, spec: ModelSpec) -> Networks:
+    """Fresh networks, with the segmentor (and any stored discriminators) from ``model.init``."""
+    nets = build_networks(spec)
+    if cfg.model.init:
+        tensors, meta = load_checkpoint(cfg.model.init)
+        init_spec = meta.get("model", {})
+        for key in ("arch", "num_classes"):
+            if key in init_spec and init_spec[key] != getattr(spec, key):
+                raise UserError(f"model.init {cfg.model.init} is for {key}={init_spec[key]!r}, the config asks for {getattr(spec, key)!r}")
+        load_state_strict(nets.segmentor, split_prefixed(tensors, "segmentor"), "segmentor", cfg.model.init)
+        for name, m in (("discoverer", nets.discoverer), ("corrector", nets.corrector)):
+            part = split_prefixed(tensors, name)
+            if m is not None and part:
+                load_state_strict(m, part, name, cfg.model.init)
+    return nets
+
+
+def end_torn_line(path: Path) -> None:
+    """Terminate a last line left without its newline by a killed writer."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as fh:
+        fh.seek(-1, 2)
+        if fh.read(1) != b"\n":
+            fh.write(b"\n")
+
+
+def discard_new_run(run_dir: Path, created: Path | None) -> None:
+    """Remove what a failed fresh run wrote: the folders it created, or the contents of
+    the empty folder it was given."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for child in run_dir.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
+def prepare_run_dir(run_dir: Path, cfg: Config | None, resume: bool, force: bool) -> Config:
+    """Create or validate the run directory; return the config to run with."""
+    paths = RunDir(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} exists and is not a directory")
+    if resume:
+        if not paths.config.exists():
+            raise UserError(f"nothing to resume in {run_dir}: no config.yaml (start it without --resume)")
+        stored = from_tree(load_yaml_tree(paths.config), str(paths.config))
+        if cfg is None:
+            return stored
+        manifest = read_manifest(paths)
+        # a round whose pseudo labels exist has started, even before the manifest says so
+        for name in paths.stage_names():
+            if ROUND_RE.match(name):
+                manifest.setdefault("stages", {}).setdefault(name, {"status": "started"})
+        check_resume_config(stored, cfg, manifest, force)
+        return cfg
+    if cfg is None:
+        raise UserError("--config is required unless --resume names an existing run directory")
+    if run_dir.exists() and any(run_dir.iterdir()) and not force:
+        raise UserError(f"run directory {run_dir} already exists and is not empty (use --resume to continue it, or --force)")
+    return cfg
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost missing folder on the way to ``path`` (None when ``path`` exists)."""
+    missing = None
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        missing, p = p, p.parent
+    return missing
