@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dast.atomic import remove_stale_temps, write_json, write_text
-from dast.checkpoint import load_checkpoint, read_meta
+from dast.checkpoint import load_checkpoint
 from dast.config import Config, to_yaml
 from dast.contexts import eval_mode
 from dast.data.datasets import build_dataset, with_label_dir
@@ -32,6 +32,7 @@ from dast.training.plots import plot_selection_curves
 from dast.training.pseudo_labels import generate_pseudo_labels, pseudo_label_set_complete
 from dast.training.runtime import Runtime, barrier, configure_backends, init_process_group, make_runtime, seed_everything
 from dast.training.selection import build_selection_sets, selection_score
+from dast.training.snapshots import best_across_stages
 from dast.training.setup import (
     check_training_sizes,
     close_logging,
@@ -244,16 +245,11 @@ class Pipeline:
         ``selection.across_stages``, the selected snapshot with the best score of all stages."""
         if last is None or not self.cfg.selection.across_stages:
             return last
-        scored = []
-        for name in self.paths.stage_names():
-            path = self.paths.stage(name).selected
-            sel = read_meta(path).get("selection") if path.exists() else None
-            if sel and sel.get("value") is not None:
-                scored.append((float(sel["value"]), name, path))
-        if not scored:
+        best = best_across_stages(self.paths)
+        if best is None:
             return last
-        value, name, path = max(scored, key=lambda t: t[0])  # the earliest stage wins a tie
-        self.log.info("final model: %s's selected snapshot (%s = %.2f; across stages)", name, "selection", value)
+        path, name, value = best
+        self.log.info("final model: the selected snapshot of %s (selection score %.2f, best across stages)", name, value)
         return path
 
     def finish(self, nets: Networks, selected: Path | None, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from dast.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from dast.models.io import Networks, save_networks
-from dast.rundir import StageDir
+from dast.rundir import RunDir, StageDir
 
 
 def prune_best_files(stage: StageDir, best: dict[str, Any] | None) -> None:
@@ -65,3 +65,15 @@ def write_selected(stage: StageDir, nets: Networks, stage_name: str, steps: int,
         log.warning("%s: the best snapshot (step %d) is not on disk; selecting the last step", stage_name, best["step"])
     save_networks(stage.selected, nets, extra_meta={"stage": stage_name, "step": steps, "selection": None})
     log.info("%s: selected the last step (%d)", stage_name, steps)
+
+
+def best_across_stages(run: RunDir) -> tuple[Path, str, float] | None:
+    """(path, stage, score) of the selected snapshot with the best selection score over all
+    stages of ``run`` (the earliest stage wins a tie); None when no stage recorded a score."""
+    best: tuple[Path, str, float] | None = None
+    for name in run.stage_names():
+        path = run.stage(name).selected
+        sel = read_meta(path).get("selection") if path.exists() else None
+        if sel and sel.get("value") is not None and (best is None or float(sel["value"]) > best[2]):
+            best = (path, name, float(sel["value"]))
+    return best
