@@ -122,6 +122,7 @@ class SelfTrainingConfig(_Strict):
     poly_steps: Optional[int] = None
     head_lr_mult: Optional[float] = None
     mode: Literal["histogram", "exact-reference"] = "histogram"
+    rule: Literal["ratio", "threshold"] = "ratio"  # ratio: released argmax(p/t); threshold: keep argmax p where p >= t_c
     bins: int = Field(default=65536, ge=16)
     subsample: int = Field(default=4, ge=1)
     preview_count: int = Field(default=8, ge=0)
