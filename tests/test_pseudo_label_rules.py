@@ -107,6 +107,20 @@ def test_threshold_rule_matches_its_formula_and_never_changes_a_class() -> None:
     assert (ratio[ratio != 255] != pred[ratio != 255]).any()  # the ratio rule does relabel here
 
 
+def test_rules_differ_exactly_where_ratio_relabels_and_agree_above_one_half() -> None:
+    g = torch.Generator().manual_seed(11)
+    prob = torch.softmax(torch.randn(4, 6, 13, 9, generator=g) * 3, dim=1)
+    argmax = prob.argmax(1)
+    low = torch.tensor([0.3, 0.9, 0.2, 0.45, 0.6, 0.35])
+    ratio, thr = select_labels(prob, low, "ratio").long(), select_labels(prob, low, "threshold").long()
+    relabelled = (ratio != 255) & (ratio != argmax)
+    assert relabelled.any()
+    assert torch.equal(ratio != thr, relabelled)
+    assert torch.equal(thr[thr != 255], argmax[thr != 255])
+    high = torch.tensor([0.5, 0.9, 0.51, 0.7, 0.6, 1.0])  # every t_c >= 1/2: nothing can be relabelled
+    assert torch.equal(select_labels(prob, high, "ratio"), select_labels(prob, high, "threshold"))
+
+
 # --------------------------------------------------------------------------- a model whose output is the hand-made map
 
 

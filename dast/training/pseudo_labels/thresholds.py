@@ -110,6 +110,8 @@ def select_labels(prob: Tensor, thresholds: Tensor, rule: str = "ratio") -> Tens
 
     ``"ratio"``: ``argmax(p / t)``, 255 where ``max(p / t) < 1`` (released).
     ``"threshold"``: ``argmax(p)``, 255 where ``p_argmax < t_argmax``.
+    The two differ exactly at the pixels ``"ratio"`` gives another class than their argmax,
+    which needs that class's threshold below 1/2.
     """
     check_rule(rule)
     t = thresholds.to(device=prob.device, dtype=torch.float32)
