@@ -76,7 +76,7 @@ if mode == "replace":
     os.replace = replace
 elif mode == "png":
     import io
-    import dast.training.pseudo_labels as pl
+    import dast.training.pseudo_labels.generate as pl
     from dast.atomic import temp_name
     real_save = pl._save_png
     def save(path, img):

@@ -37,6 +37,9 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
                    help="upper bound of a threshold (default: self_training.cap)")
     p.add_argument("--mode", choices=["histogram", "exact-reference"], default=None,
                    help="threshold estimation (default: self_training.mode)")
+    p.add_argument("--rule", choices=["ratio", "threshold"], default=None,
+                   help="labelling rule: ratio = argmax(p/t), released; threshold = argmax p kept where "
+                        "p >= t_c (default: self_training.rule)")
     p.add_argument("--bins", type=int, metavar="N", default=None, help="histogram bins (default: self_training.bins)")
     p.add_argument("--subsample", type=int, metavar="S", default=None,
                    help="keep every N-th pixel per image per class (default: self_training.subsample)")
@@ -124,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         stats = generate_pseudo_labels(
             nets.target_model(), dataset, staging, portion=portion, cap=cap,
-            mode=args.mode or st.mode, bins=bins, subsample=subsample, device=device,
+            mode=args.mode or st.mode, rule=args.rule or st.rule, bins=bins, subsample=subsample, device=device,
             batch_size=args.batch_size, amp_dtype=_AMP[args.amp],
             preview_count=st.preview_count if args.preview_count is None else args.preview_count,
             colors=colors, progress=not args.no_progress, num_workers=num_workers,
@@ -133,6 +136,6 @@ def run(args: argparse.Namespace) -> int:
         replace_folder(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    summary = {k: stats[k] for k in ("num_images", "mode", "portion", "ignored_fraction", "seconds")}
+    summary = {k: stats[k] for k in ("num_images", "mode", "rule", "portion", "ignored_fraction", "seconds")}
     print(json.dumps({"out": str(args.out), **summary}))
     return 0

@@ -3,11 +3,12 @@
 Everything here is a pure function on numpy arrays, except the ``save_*`` helpers,
 which write PNG files atomically through :mod:`dast.atomic`. Matplotlib is used through
 its object API only (``Figure`` + the Agg canvas); no global pyplot state is touched.
+The class colours (:func:`palette_for`, :func:`generated_palette`, :func:`color_lut`) live
+in :mod:`dast.palette` and are re-exported here.
 """
 
 from __future__ import annotations
 
-import colorsys
 import io
 import os
 from pathlib import Path
@@ -17,70 +18,12 @@ import numpy as np
 from PIL import Image
 
 from dast.atomic import write_with
+from dast.palette import Color, color_lut, generated_palette, palette_for
 
-IGNORE_INDEX = 255
 HEATMAP_CMAP = "inferno"
 
-Color = tuple[int, int, int]
-
-
-def generated_palette(num_classes: int) -> list[Color]:
-    """A fixed, distinct palette for ``num_classes`` classes; never pure black.
-
-    Up to 20 classes use matplotlib's qualitative ``tab20`` colours (the ``tab10`` hues
-    first); beyond that, hues are spaced by the golden ratio with alternating brightness.
-    """
-    from matplotlib import colormaps
-
-    if num_classes <= 0:
-        return []
-    if num_classes <= 20:
-        tab20 = colormaps["tab20"].colors
-        order = list(range(0, 20, 2)) + list(range(1, 20, 2))  # saturated hues, then light ones
-        return [tuple(int(round(255 * c)) for c in tab20[i]) for i in order[:num_classes]]  # type: ignore[misc]
-    out: list[Color] = []
-    golden = 0.618033988749895
-    for i in range(num_classes):
-        hue = (i * golden) % 1.0
-        sat = 0.65 if i % 2 else 0.9
-        val = 0.95 if (i // 2) % 2 == 0 else 0.7
-        r, g, b = colorsys.hsv_to_rgb(hue, sat, val)
-        out.append((int(round(255 * r)), int(round(255 * g)), int(round(255 * b))))
-    return out
-
-
-def _cityscapes_colors() -> list[Color]:
-    """The 19 Cityscapes train-id colours from the project's label table."""
-    from dast.data.labels import cityscapes_table
-
-    return [tuple(int(v) for v in c) for c in cityscapes_table().colors]  # type: ignore[misc]
-
-
-def palette_for(num_classes: int, colors: Sequence[Sequence[int]] | None = None) -> list[Color]:
-    """Colours for ``num_classes`` classes.
-
-    Given ``colors`` (one RGB triple per class) are used as they are; otherwise 19 classes
-    get the Cityscapes colours and any other count a :func:`generated_palette`.
-    """
-    if colors:
-        if len(colors) != num_classes:
-            raise ValueError(f"{len(colors)} class colours given for {num_classes} classes")
-        return [tuple(int(v) for v in c) for c in colors]  # type: ignore[misc]
-    if num_classes == 19:
-        return _cityscapes_colors()
-    return generated_palette(num_classes)
-
-
-def color_lut(colors: Sequence[Sequence[int]]) -> np.ndarray:
-    """A 256 x 3 uint8 lookup table: class ``i`` -> ``colors[i]``; every other value -> black."""
-    lut = np.zeros((256, 3), dtype=np.uint8)
-    arr = np.asarray(colors, dtype=np.int64).reshape(-1, 3) if len(colors) else np.zeros((0, 3), np.int64)
-    if len(arr) > IGNORE_INDEX:
-        raise ValueError(f"at most {IGNORE_INDEX} classes can be coloured, got {len(arr)}")
-    if arr.size and (arr.min() < 0 or arr.max() > 255):
-        raise ValueError("class colours must be RGB triples in 0..255")
-    lut[: len(arr)] = arr.astype(np.uint8)
-    return lut
+__all__ = ["Color", "color_lut", "colorize", "figure_grid", "generated_palette", "heatmap", "label_png_bytes",
+           "overlay", "palette_for", "png_bytes", "save_png"]
 
 
 def colorize(label: np.ndarray, colors: Sequence[Sequence[int]]) -> np.ndarray:
