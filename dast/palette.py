@@ -14,7 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-IGNORE_INDEX = 255
+from dast.constants import IGNORE_INDEX
+
 
 Color = tuple[int, int, int]
 

@@ -20,7 +20,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dast.config import AugmentConfig, DatasetConfig
-from dast.data.labels import IGNORE, ClassTable, table_for
+from dast.constants import IGNORE_INDEX
+from dast.data.labels import ClassTable, table_for
+from dast.rundir import PL_STATS
 from dast.data.readers import label_reader, read_image, read_index_label
 from dast.data.transforms import normalize, resize_image, resize_label
 from dast.errors import ConfigError, DataError
@@ -248,7 +250,7 @@ def augment_pair(rgb: np.ndarray, label: Optional[np.ndarray], aug: AugmentConfi
             ph, pw = max(ch - h, 0), max(cw - w, 0)
             rgb = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), constant_values=0)
             if label is not None:
-                label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE)
+                label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE_INDEX)
             h, w = rgb.shape[:2]
         y0 = int(rng.integers(0, h - ch + 1))
         x0 = int(rng.integers(0, w - cw + 1))
@@ -459,7 +461,7 @@ def with_label_dir(base: SegmentationDataset, label_dir: str | Path) -> Segmenta
     With ``on_corrupt: skip``, the images that pseudo-labelling could not read (``skipped`` in
     the folder's ``stats.json``) have no label; reading one fails and the sample is skipped."""
     may_lack: list[str] = []
-    stats = Path(label_dir) / "stats.json"
+    stats = Path(label_dir) / PL_STATS
     if base.on_corrupt == "skip" and stats.is_file():
         try:
             may_lack = [str(n) for n in json.loads(stats.read_text()).get("skipped", [])]

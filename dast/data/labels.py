@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import yaml
 
+from dast.constants import IGNORE_INDEX
 from dast.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from dast.config import DatasetConfig
 
-IGNORE = 255
 CITYSCAPES_NUM_CLASSES = 19
 CITYSCAPES_MAX_ID = 33  # label ids stored in GTA5 and Cityscapes label PNGs: 0..33
 SYNTHIA_MAX_ID = 22  # SYNTHIA-RAND-CITYSCAPES class ids: 0 (void) .. 22 (lanemarking)
@@ -53,8 +53,8 @@ class ClassTable:
             raise ValueError(f"{len(names)} class names but {len(colors)} colours")
         if not names:
             raise ValueError("a class table needs at least one class")
-        if len(names) > IGNORE:
-            raise ValueError(f"at most {IGNORE} classes are supported, got {len(names)}")
+        if len(names) > IGNORE_INDEX:
+            raise ValueError(f"at most {IGNORE_INDEX} classes are supported, got {len(names)}")
         for c in colors:
             if len(c) != 3 or any(not 0 <= v <= 255 for v in c):
                 raise ValueError(f"a class colour must be three values in 0..255, got {c}")
@@ -85,7 +85,7 @@ def cityscapes_id_to_train_lut() -> np.ndarray:
     """(256,) uint8: Cityscapes label id -> train id (255 for ignored and unknown ids)."""
     from cityscapesscripts.helpers.labels import labels
 
-    lut = np.full(256, IGNORE, dtype=np.uint8)
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     for label in labels:
         if 0 <= label.id < 256 and 0 <= label.trainId < CITYSCAPES_NUM_CLASSES:
             lut[label.id] = label.trainId
@@ -104,7 +104,7 @@ def train_to_cityscapes_id() -> np.ndarray:
 
 def synthia_id_to_train_lut() -> np.ndarray:
     """(65536,) uint8: SYNTHIA class id -> Cityscapes train id (255 elsewhere)."""
-    lut = np.full(65536, IGNORE, dtype=np.uint8)
+    lut = np.full(65536, IGNORE_INDEX, dtype=np.uint8)
     for sid, tid in SYNTHIA_TO_TRAIN.items():
         lut[sid] = tid
     return lut
@@ -141,8 +141,8 @@ def parse_class_list(data: Any, source: str) -> ClassTable:
             raise ConfigError(f"{source}: class {i} ({entry['name']}) colour must be three values in 0..255")
         names.append(str(entry["name"]))
         colors.append(rgb)  # type: ignore[arg-type]
-    if len(names) > IGNORE:
-        raise ConfigError(f"{source}: at most {IGNORE} classes are supported, got {len(names)}")
+    if len(names) > IGNORE_INDEX:
+        raise ConfigError(f"{source}: at most {IGNORE_INDEX} classes are supported, got {len(names)}")
     return ClassTable(tuple(names), tuple(colors))
 
 

@@ -14,9 +14,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from dast.constants import IGNORE_INDEX
 from dast.data.labels import (
     CITYSCAPES_MAX_ID,
-    IGNORE,
     cityscapes_id_to_train_lut,
     synthia_id_to_train_lut,
 )
@@ -137,7 +137,7 @@ def read_synthia_label(path: PathLike) -> np.ndarray:
 def read_index_label(path: PathLike, num_classes: int) -> np.ndarray:
     """A single-channel class-index PNG (values < num_classes, 255 = ignore) -> uint8."""
     arr = read_single_channel(path)
-    _check_max(arr, path, num_classes - 1, (IGNORE,))
+    _check_max(arr, path, num_classes - 1, (IGNORE_INDEX,))
     return arr.astype(np.uint8)
 
 

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from dast.contexts import autocast
 from dast.data.datasets import SegmentationDataset, require_named_pngs
-from dast.data.labels import IGNORE, protocols_for
+from dast.constants import IGNORE_INDEX
+from dast.data.labels import protocols_for
 from dast.data.readers import read_index_label
 from dast.data.workers import loader_iterator, worker_init
 from dast.errors import DataError
@@ -128,7 +129,7 @@ def evaluate_model(model: nn.Module, dataset: SegmentationDataset, device: torch
 
 def _read_prediction(path: Path, num_classes: int, label_shape: tuple[int, ...], name: str) -> np.ndarray:
     pred = read_index_label(path, num_classes)
-    if (pred == IGNORE).any():
+    if (pred == IGNORE_INDEX).any():
         raise DataError(f"prediction {path} contains 255; predictions must be class ids 0..{num_classes - 1}")
     if pred.shape != label_shape:
         raise DataError(

@@ -123,7 +123,7 @@ def status_html(run: RunContents) -> str:
                 sel += f" ({_e(s.selected_key)} = {_num(s.selected_value, 2)})"
         rows.append([_e(s.name), _badge(s.status), _e(s.steps if s.steps is not None else "–"), sel,
                      _e(s.latest_checkpoint if s.latest_checkpoint is not None else "–")])
-    final = run.root / "final" / "model.safetensors"
+    final = RunDir(run.root).final_model
     rows.append(["final", _badge("complete" if final.is_file() else "not started"), "&ndash;", "&ndash;", "&ndash;"])
     overall = "complete" if run.finished else "not finished"
     return (f"<p>Run: {_badge(overall)}</p>"
@@ -301,7 +301,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, samples:
     """Render the report and write it atomically (default ``RUN_DIR/report.html``)."""
     from dast.atomic import write_text
 
-    path = Path(out) if out is not None else Path(run_dir) / "report.html"
+    path = Path(out) if out is not None else RunDir(Path(run_dir)).report
     page = render_report(run_dir, samples=samples, device=device)
     write_text(path, page)
     return path

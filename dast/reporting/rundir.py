@@ -8,19 +8,16 @@ is not a run directory at all is a :class:`UserError`.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from dast.config import Config
 from dast.errors import UserError
+from dast.rundir import PL_COMPLETE, PL_PREVIEW, PL_STATS, STAGE1, RunDir, StageDir, round_name, stage_sort_key
 
-STAGE1 = "stage1"
 PREVIEW_LIMIT = 12
 LOG_TAIL_LINES = 40
-_ROUND = re.compile(r"^round(\d+)$")
-_STEP_FILE = re.compile(r"^step_(\d+)\.safetensors$")
 
 
 @dataclass
@@ -68,15 +65,7 @@ class RunContents:
 
     @property
     def finished(self) -> bool:
-        return self.manifest.get("status") == "complete" and (self.root / "final" / "model.safetensors").is_file()
-
-
-def stage_sort_key(name: str) -> tuple[int, int, str]:
-    """stage1 first, then round1, round2, ... in numeric order, then anything else."""
-    if name == STAGE1:
-        return (0, 0, name)
-    m = _ROUND.match(name)
-    return (1, int(m.group(1)), name) if m else (2, 0, name)
+        return self.manifest.get("status") == "complete" and RunDir(self.root).final_model.is_file()
 
 
 def read_scalars(path: Path) -> dict[str, dict[int, float]]:
@@ -116,7 +105,7 @@ def _load_config(root: Path) -> tuple[str, dict[str, Any], Optional[Config], Opt
 
     from dast.config import from_tree
 
-    path = root / "config.yaml"
+    path = RunDir(root).config
     if not root.exists():
         raise UserError(f"run directory not found: {root}")
     if not root.is_dir():
@@ -140,22 +129,16 @@ def planned_stages(cfg: Optional[Config], manifest: dict[str, Any], root: Path) 
     """The stages the config asks for, plus any the manifest or the directory already has."""
     names = {STAGE1}
     if cfg is not None:
-        names.update(f"round{k}" for k in range(1, cfg.self_training.rounds + 1))
+        names.update(round_name(k) for k in range(1, cfg.self_training.rounds + 1))
     names.update(str(k) for k in manifest.get("stages", {}))
-    names.update(p.name for p in root.iterdir() if p.is_dir() and _ROUND.match(p.name))
+    names.update(RunDir(root).stage_names())
     return sorted(names, key=stage_sort_key)
 
 
 def latest_checkpoint(stage_dir: Path) -> Optional[tuple[int, Path]]:
     """(step, path) of the newest ``checkpoints/step_*.safetensors`` of a stage, if any."""
-    best: Optional[tuple[int, Path]] = None
-    folder = stage_dir / "checkpoints"
-    if folder.is_dir():
-        for p in folder.iterdir():
-            m = _STEP_FILE.match(p.name)
-            if m and (best is None or int(m.group(1)) > best[0]):
-                best = (int(m.group(1)), p)
-    return best
+    found = StageDir(stage_dir).checkpoint_files()
+    return found[-1] if found else None
 
 
 def _stage_info(root: Path, name: str, entry: dict[str, Any]) -> StageInfo:
@@ -164,7 +147,7 @@ def _stage_info(root: Path, name: str, entry: dict[str, Any]) -> StageInfo:
     stage_dir = root / name
     status = str(entry.get("status") or ("started" if stage_dir.is_dir() else "not started"))
     info = StageInfo(name=name, status=status, steps=entry.get("steps"))
-    selected = stage_dir / "selected.safetensors"
+    selected = StageDir(stage_dir).selected
     if selected.is_file():
         try:
             sel = read_meta(selected).get("selection") or {}
@@ -179,19 +162,19 @@ def _stage_info(root: Path, name: str, entry: dict[str, Any]) -> StageInfo:
 
 
 def _round_labels(root: Path, name: str) -> RoundLabels:
-    folder = root / name / "pseudo_labels"
-    rl = RoundLabels(name=name, folder=folder, exists=folder.is_dir(), complete=(folder / "COMPLETE").is_file())
+    folder = RunDir(root).stage(name).pseudo_labels
+    rl = RoundLabels(name=name, folder=folder, exists=folder.is_dir(), complete=(folder / PL_COMPLETE).is_file())
     if not rl.exists:
         rl.note = "no pseudo labels yet (the round has not started)"
         return rl
     notes: list[str] = []
-    stats = _read_json(folder / "stats.json", notes, f"{name} pseudo-label stats")
+    stats = _read_json(folder / PL_STATS, notes, f"{name} pseudo-label stats")
     rl.stats = stats if isinstance(stats, dict) else None
     if notes:
         rl.note = notes[0]
     elif not rl.complete:
         rl.note = "incomplete: the labels are still being written (no COMPLETE marker)"
-    preview = folder / "preview"
+    preview = folder / PL_PREVIEW
     if preview.is_dir():
         for p in sorted(preview.glob("*.png"))[:PREVIEW_LIMIT]:
             try:
@@ -216,35 +199,36 @@ def _log_tail(path: Path) -> list[str]:
 def read_run(run_dir: str | Path) -> RunContents:
     """Read a run directory; a directory without a dast ``config.yaml`` is a UserError."""
     root = Path(run_dir)
+    run = RunDir(root)
     text, tree, cfg, cfg_error = _load_config(root)
     notes: list[str] = []
     if cfg_error:
         notes.append(f"config.yaml does not validate with this dast version ({cfg_error}); samples are skipped")
-    manifest = _read_json(root / "manifest.json", notes, "the manifest")
+    manifest = _read_json(run.manifest, notes, "the manifest")
     if not isinstance(manifest, dict):
         manifest = {"stages": {}}
     manifest.setdefault("stages", {})
-    curves = _read_json(root / "curves.json", notes, "the evaluation history")
-    metrics = _read_json(root / "final" / "metrics.json", notes, "the final metrics")
+    curves = _read_json(run.curves, notes, "the evaluation history")
+    metrics = _read_json(run.final_metrics, notes, "the final metrics")
     stages = [_stage_info(root, n, manifest["stages"].get(n, {})) for n in planned_stages(cfg, manifest, root)]
     rounds = [_round_labels(root, s.name) for s in stages if s.name != STAGE1]
     return RunContents(
         root=root, config_text=text, config_tree=tree, config=cfg, manifest=manifest,
-        scalars=read_scalars(root / "scalars.jsonl"),
+        scalars=read_scalars(run.scalars),
         curves=[c for c in curves if isinstance(c, dict)] if isinstance(curves, list) else [],
         metrics=metrics if isinstance(metrics, dict) and isinstance(metrics.get("per_class"), dict) else None,
-        stages=stages, rounds=rounds, log_tail=_log_tail(root / "log.txt"), notes=notes,
+        stages=stages, rounds=rounds, log_tail=_log_tail(run.log), notes=notes,
     )
 
 
 def choose_model(run: RunContents) -> Optional[tuple[Path, str]]:
     """The model to show predictions of: the final model, else the latest selected one,
     else the newest training checkpoint. Returns (path, description) or None."""
-    final = run.root / "final" / "model.safetensors"
+    final = RunDir(run.root).final_model
     if final.is_file():
         return final, "the final model (final/model.safetensors)"
     for stage in reversed(run.stages):
-        sel = run.root / stage.name / "selected.safetensors"
+        sel = RunDir(run.root).stage(stage.name).selected
         if sel.is_file():
             return sel, f"the selected model of {stage.name} ({stage.name}/selected.safetensors; the run is not finished)"
     for stage in reversed(run.stages):
@@ -259,7 +243,7 @@ def choose_model(run: RunContents) -> Optional[tuple[Path, str]]:
 def missing_parts(run: RunContents) -> list[str]:
     """What an unfinished run still lacks, one short phrase each."""
     out = [f"{s.name} is {s.status}" for s in run.stages if s.status != "complete"]
-    if not (run.root / "final" / "model.safetensors").is_file():
+    if not RunDir(run.root).final_model.is_file():
         out.append("no final model (final/model.safetensors)")
     if run.metrics is None:
         if run.config is not None and run.config.val is None:

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dast.constants import IGNORE_INDEX
 from dast.config import Config, DatasetConfig
 from dast.data.transforms import normalize, resize_label
 from dast.inference.visualize import colorize, heatmap, palette_for, png_bytes
 
 DISPLAY_WIDTH = 512  # wider images are shrunk before they are embedded
-IGNORE = 255
 
 
 @dataclass
@@ -53,7 +53,7 @@ def _shrink(arr: np.ndarray, nearest: bool) -> np.ndarray:
 
 def pixel_accuracy(pred: np.ndarray, label: np.ndarray) -> Optional[float]:
     """Percentage of labelled pixels (not 255) predicted right; None when none is labelled."""
-    valid = label != IGNORE
+    valid = label != IGNORE_INDEX
     n = int(valid.sum())
     return float((pred[valid] == label[valid]).sum() * 100.0 / n) if n else None
 

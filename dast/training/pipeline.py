@@ -233,7 +233,8 @@ class Pipeline:
         q = self.portion(plan.index)
         self.log.info("%s: pseudo labels at portion %.2f (%s)", plan.name, q, st.mode)
         stats = generate_pseudo_labels(
-            nets.target_model(), self.target, plan.pseudo_dir, portion=q, cap=st.cap, mode=st.mode, bins=st.bins,
+            nets.target_model(), self.target, plan.pseudo_dir, portion=q, cap=st.cap, mode=st.mode, rule=st.rule,
+            bins=st.bins,
             subsample=st.subsample, device=self.rt.device, amp_dtype=self.rt.amp_dtype,
             preview_count=st.preview_count, colors=nets.spec.class_colors,
             indices=shard(len(self.target), self.rt.rank, self.rt.world_size), progress=self._shows_progress,

@@ -31,15 +31,16 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from dast.atomic import TMP_MARK, write_json, write_text, write_with
 from dast.data.workers import loader_iterator, worker_init
 from dast.errors import DataError, UserError
+from dast.models.target_model import predict_full_res
 from dast.palette import color_lut, palette_for
+from dast.progress import progress
+from dast.rundir import PL_COMPLETE, PL_PREVIEW, PL_STATS
 from dast.training.pseudo_labels.thresholds import (
     IGNORE_INDEX,
     ThresholdEstimator,
@@ -50,9 +51,7 @@ from dast.training.pseudo_labels.thresholds import (
     select_labels,
 )
 
-COMPLETE_NAME = "COMPLETE"
-STATS_NAME = "stats.json"
-PREVIEW_DIR = "preview"
+COMPLETE_NAME, STATS_NAME, PREVIEW_DIR = PL_COMPLETE, PL_STATS, PL_PREVIEW  # the layout of dast.rundir
 MARKER_NAME = ".dast-pseudo-labels.json"
 
 
@@ -185,10 +184,7 @@ class _Subset(torch.utils.data.Dataset):
 
 def target_probabilities(model: nn.Module, images: Tensor, amp_dtype: torch.dtype | None = None) -> Tensor:
     """Softmax of the target-path logits upsampled (bilinear, align_corners) to the input size."""
-    ctx = torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-    with ctx:
-        logits, _ = model(images)
-    logits = F.interpolate(logits.float(), size=tuple(images.shape[-2:]), mode="bilinear", align_corners=True)
+    logits, _ = predict_full_res(model, images, amp_dtype=amp_dtype)
     return torch.softmax(logits, dim=1)
 
 
@@ -213,8 +209,8 @@ class _Run:
                                              pin_memory=self.device.type == "cuda",
                                              worker_init_fn=worker_init(self.num_workers))
         with loader_iterator(loader) as batches:
-            for images, names, skipped, labels in tqdm(batches, total=len(loader), desc=desc, unit="batch",
-                                                       disable=not self.progress, leave=False):
+            for images, names, skipped, labels in progress(batches, total=len(loader), desc=desc, unit="batch",
+                                                           enabled=self.progress):
                 self.skipped.update(skipped)
                 if images is not None:
                     yield target_probabilities(self.model, images.to(self.device, non_blocking=True),

@@ -39,11 +39,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from dast.constants import IGNORE_INDEX
 from dast.errors import UserError
 
 MODES = ("histogram", "exact-reference")
 RULES = ("ratio", "threshold")
-IGNORE_INDEX = 255
 _RADIX = 1 << 16
 
 
