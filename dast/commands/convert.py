@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from dast import __version__
 from dast.checkpoint import load_torch_file
@@ -24,6 +25,7 @@ from dast.data.transforms import NORMS
 from dast.errors import UserError
 from dast.models.convert import CONVERT_ARCHS, FORMATS, ConversionReport, imagenet_to_dast, official_to_dast
 from dast.models.io import Networks, save_networks
+from dast.models.known_weights import KNOWN_WEIGHTS, FileProvenance, KnownWeights, inspect_file
 
 _ARCH_HELP = "backbone (small: dast's tiny demo backbone, which has no released weights)"
 
@@ -103,15 +105,17 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-keys", type=int, default=8, help="list at most this many keys per category (default: 8)")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, known: Sequence[KnownWeights] = KNOWN_WEIGHTS) -> int:
+    """Run ``dast convert``; ``known`` is the table of recognised weight files."""
     if args.source == "labels":
         return _labels(args)
     if args.num_classes < 2:
         raise UserError(f"--num-classes must be at least 2, got {args.num_classes}")
     if args.source == "official":
-        nets, report, meta = _official(args)
+        nets, report, meta, inputs = _official(args, known)
     else:
-        nets, report, meta = _imagenet(args)
+        nets, report, meta, inputs = _imagenet(args, known)
+    meta["inputs"] = [p.to_dict() for p in inputs]
     out = Path(args.out)
     save_networks(out, nets, {"converted": meta, "dast_version": __version__})
     print(report.summary(args.max_keys))
@@ -123,13 +127,28 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.source == "official" and not spec.discoverer:
         print("note: without --discriminators the model has no attention, unlike the network the authors evaluated")
+    for p in inputs:
+        if args.source == "imagenet" and p.known is not None and p.known.norm not in (None, spec.norm):
+            print(f"note: {p.known.file_name} expects norm {p.known.norm}, but the checkpoint stores norm {spec.norm}; "
+                  f"pass --norm {p.known.norm} unless you mean it")
     sys.stdout.flush()
     return 0
 
 
-def _official(args: argparse.Namespace) -> tuple[Networks, ConversionReport, dict[str, object]]:
+def _provenance(paths: Sequence[Path], known: Sequence[KnownWeights]) -> list[FileProvenance]:
+    """Hash and identify the input files, printing what was found."""
+    found = [inspect_file(p, known) for p in paths]
+    for p in found:
+        print("\n".join(p.lines()))
+    sys.stdout.flush()
+    return found
+
+
+def _official(args: argparse.Namespace, known: Sequence[KnownWeights]
+              ) -> tuple[Networks, ConversionReport, dict[str, object], list[FileProvenance]]:
     seg_path = existing_file(args.segmentor, "segmentor checkpoint")
     d_path = existing_file(args.discriminators, "discriminators checkpoint") if args.discriminators else None
+    inputs = _provenance([seg_path] + ([d_path] if d_path else []), known)
     seg_sd = load_torch_file(seg_path)
     d_sd = load_torch_file(d_path) if d_path else None
     source = str(seg_path) if d_path is None else f"{seg_path} + {d_path}"
@@ -137,20 +156,22 @@ def _official(args: argparse.Namespace) -> tuple[Networks, ConversionReport, dic
         seg_sd, d_sd, args.arch, args.num_classes, variant=args.variant,
         allow_unexpected=args.allow_unexpected, allow_missing=args.allow_missing, source=source,
     )
-    meta = {"from": "official", "segmentor": seg_path.name,
-            "discriminators": d_path.name if d_path else None, "report": report.to_dict()}
-    return nets, report, meta
+    meta: dict[str, object] = {"from": "official", "segmentor": seg_path.name,
+                               "discriminators": d_path.name if d_path else None, "report": report.to_dict()}
+    return nets, report, meta, inputs
 
 
-def _imagenet(args: argparse.Namespace) -> tuple[Networks, ConversionReport, dict[str, object]]:
+def _imagenet(args: argparse.Namespace, known: Sequence[KnownWeights]
+              ) -> tuple[Networks, ConversionReport, dict[str, object], list[FileProvenance]]:
     path = existing_file(args.weights, "weight file")
+    inputs = _provenance([path], known)
     sd = load_torch_file(path)
     nets, report = imagenet_to_dast(
         sd, args.arch, args.num_classes, args.variant, args.fmt, norm=args.norm,
         allow_unexpected=args.allow_unexpected, allow_missing=args.allow_missing, source=str(path),
     )
-    meta = {"from": "imagenet", "weights": path.name, "report": report.to_dict()}
-    return nets, report, meta
+    meta: dict[str, object] = {"from": "imagenet", "weights": path.name, "report": report.to_dict()}
+    return nets, report, meta, inputs
 
 
 def _labels(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ from dast.checkpoint import load_checkpoint
 from dast.config import Config, config_diff, from_tree, load_yaml_tree, to_yaml
 from dast.errors import ConfigError, UserError
 from dast.models.io import ModelSpec, Networks, assign_weights, build_networks, save_networks
+from dast.models.known_weights import random_init_warning
 from dast.training.runtime import Runtime, barrier, configure_backends, init_process_group, make_runtime, seed_everything
 from dast.training.trainer import SignalFlag, StageHooks, StagePlan, StageResult, run_stage
 
@@ -160,8 +161,12 @@ def model_spec_for(cfg: Config) -> ModelSpec:
     )
 
 
-def initial_networks(cfg: Config, spec: ModelSpec) -> Networks:
-    """Fresh networks, with the segmentor (and any stored discriminators) from ``model.init``."""
+def initial_networks(cfg: Config, spec: ModelSpec, log: logging.Logger | None = None) -> Networks:
+    """Fresh networks, with the segmentor (and any stored discriminators) from ``model.init``;
+    warns (on ``log``) when a ResNet-101 / VGG-16 run has no init and starts from random weights."""
+    warning = random_init_warning(cfg.model.arch, cfg.model.init)
+    if warning:
+        (log or logging.getLogger(__name__)).warning(warning)
     nets = build_networks(spec)
     if cfg.model.init:
         tensors, meta = load_checkpoint(cfg.model.init)
@@ -306,7 +311,7 @@ class Pipeline:
         seed_everything(cfg.seed)
         self.build_data()
         spec = model_spec_for(cfg)
-        nets = initial_networks(cfg, spec)
+        nets = initial_networks(cfg, spec, self.log)
         if cfg.model.batchnorm == "per_image":
             from dast.models.batchnorm import use_per_image_batchnorm
 
