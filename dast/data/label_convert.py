@@ -88,13 +88,14 @@ def colour_lookup(table: ClassTable, ignore: Iterable[Sequence[int]] = (), sourc
         owner[code] = name
         codes.append(code)
         values.append(index)
+    ignored: set[int] = set()
     for ignore_colour in ignore:
         rgb = tuple(int(v) for v in ignore_colour)
         code = int(encode_rgb(np.array(rgb, np.uint8)))
-        if code in owner and owner[code] != "(ignore)":
+        if code in owner:
             raise ConfigError(f"ignore colour {rgb} is the colour of class '{owner[code]}' in {source}")
-        if code not in owner:
-            owner[code] = "(ignore)"
+        if code not in ignored:
+            ignored.add(code)
             codes.append(code)
             values.append(IGNORE)
     order = np.argsort(np.array(codes, np.int64), kind="stable")
