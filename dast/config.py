@@ -40,6 +40,22 @@ class AugmentConfig(_Strict):
     flip: bool = False
     scale: Optional[tuple[float, float]] = None
     crop: Optional[tuple[int, int]] = None  # (width, height)
+    # photometric, on images only (docs/datasets.md); 0 = off. A jitter of strength s
+    # multiplies by a factor drawn from [max(0, 1 - s), 1 + s].
+    brightness: float = Field(default=0.0, ge=0)
+    contrast: float = Field(default=0.0, ge=0)
+    saturation: float = Field(default=0.0, ge=0)
+    hue: float = Field(default=0.0, ge=0, le=0.5)  # largest hue shift, in turns of the colour wheel
+    blur_prob: float = Field(default=0.0, ge=0, le=1)  # Gaussian blur with a sigma drawn from blur_sigma
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # (min, max) in pixels
+    grayscale_prob: float = Field(default=0.0, ge=0, le=1)
+
+    @field_validator("blur_sigma")
+    @classmethod
+    def _sigma_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= v[0] <= v[1]:
+            raise ValueError("blur_sigma must be (min, max) with 0 <= min <= max")
+        return v
 
 
 class DatasetConfig(_Strict):

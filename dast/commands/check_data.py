@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         existing_file(args.list_file, "list file")
     result = scan_dataset(args.dataset, args.root, args.split, args.list_file, num_classes,
                           images=args.images, labels=None if args.no_labels else args.labels,
-                          workers=args.workers, progress=not args.quiet)
+                          workers=args.workers, progress=not args.quiet, classes=args.classes)
     for line in result.problems:
         print(line)
     what = f"{result.num_images} images, {result.num_labels} labels checked in {args.root}"

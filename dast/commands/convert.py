@@ -1,10 +1,12 @@
-"""`dast convert`: released checkpoints and ImageNet initialisations -> dast checkpoints.
+"""`dast convert`: released checkpoints and ImageNet initialisations -> dast checkpoints,
+and colour label images -> class-index labels.
 
     dast convert official --segmentor SEG.pth [--discriminators D.pth] --arch resnet101 --num-classes 19 --out CKPT
     dast convert imagenet --weights FILE --arch resnet101 [--variant paper] --out CKPT
+    dast convert labels --classes classes.yaml --in RGB_LABEL_DIR --out INDEX_LABEL_DIR [--ignore-color R,G,B ...]
 
 Foreign files are read with ``torch.load(weights_only=True)``; the result is a
-``.safetensors`` dast checkpoint. See docs/weights.md.
+``.safetensors`` dast checkpoint. See docs/weights.md and docs/datasets.md.
 """
 
 from __future__ import annotations
@@ -12,14 +14,18 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from dast import __version__
 from dast.checkpoint import load_torch_file
-from dast.commands._common import existing_file
+from dast.commands._common import existing_file, positive_int
+from dast.data.label_convert import LabelConversion, convert_label_folder, parse_rgb
+from dast.data.labels import read_class_file
 from dast.data.transforms import NORMS
 from dast.errors import UserError
 from dast.models.convert import CONVERT_ARCHS, FORMATS, ConversionReport, imagenet_to_dast, official_to_dast
 from dast.models.io import Networks, save_networks
+from dast.models.known_weights import KNOWN_WEIGHTS, FileProvenance, KnownWeights, inspect_file
 
 _ARCH_HELP = "backbone (small: dast's tiny demo backbone, which has no released weights)"
 
@@ -27,8 +33,9 @@ _ARCH_HELP = "backbone (small: dast's tiny demo backbone, which has no released 
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     p = subparsers.add_parser(
         name,
-        help="convert released checkpoints or ImageNet weights into a dast checkpoint",
-        description="Convert the authors' released checkpoints or ImageNet initialisations into a dast checkpoint.",
+        help="convert released checkpoints or ImageNet weights into a dast checkpoint, or colour labels into index labels",
+        description="Convert the authors' released checkpoints or ImageNet initialisations into a dast checkpoint, "
+        "or colour label images into class-index labels.",
     )
     sub = p.add_subparsers(dest="source", metavar="<source>", parser_class=type(p))
     sub.required = True
@@ -62,7 +69,32 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
                    "imagenet for torchvision weights)")
     i.add_argument("--format", dest="fmt", choices=FORMATS, default="auto", help="file layout (default: detect)")
     _common_flags(i)
+
+    lab = sub.add_parser(
+        "labels",
+        help="colour label images -> single-channel class-index labels",
+        description="Convert colour label PNGs (each class painted in its colour from classes.yaml) into "
+        "single-channel class-index PNGs with the same file names, as folder datasets need. A colour that is "
+        "in no class stops the conversion; nothing is written unless every file converts.",
+    )
+    lab.add_argument("--classes", required=True, metavar="classes.yaml",
+                     help="class list: {name, color} entries in index order")
+    lab.add_argument("--in", dest="in_dir", required=True, metavar="RGB_LABEL_DIR", help="folder of colour label PNGs")
+    lab.add_argument("--out", required=True, metavar="INDEX_LABEL_DIR", help="folder to write the index PNGs into")
+    lab.add_argument("--ignore-color", dest="ignore_colors", action="append", type=_rgb_arg, default=[],
+                     metavar="R,G,B", help="a colour whose pixels become 255 (ignored); repeatable")
+    lab.add_argument("--force", action="store_true", help="replace a non-empty --out folder (its contents are deleted)")
+    lab.add_argument("--workers", type=positive_int, default=None, help="converter threads (default: up to 8)")
+    lab.add_argument("--quiet", action="store_true", help="no progress bar")
+    lab.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     return p
+
+
+def _rgb_arg(text: str) -> tuple[int, int, int]:
+    try:
+        return parse_rgb(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _common_flags(p: argparse.ArgumentParser) -> None:
@@ -73,13 +105,17 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-keys", type=int, default=8, help="list at most this many keys per category (default: 8)")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, known: Sequence[KnownWeights] = KNOWN_WEIGHTS) -> int:
+    """Run ``dast convert``; ``known`` is the table of recognised weight files."""
+    if args.source == "labels":
+        return _labels(args)
     if args.num_classes < 2:
         raise UserError(f"--num-classes must be at least 2, got {args.num_classes}")
     if args.source == "official":
-        nets, report, meta = _official(args)
+        nets, report, meta, inputs = _official(args, known)
     else:
-        nets, report, meta = _imagenet(args)
+        nets, report, meta, inputs = _imagenet(args, known)
+    meta["inputs"] = [p.to_dict() for p in inputs]
     out = Path(args.out)
     save_networks(out, nets, {"converted": meta, "dast_version": __version__})
     print(report.summary(args.max_keys))
@@ -91,13 +127,28 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.source == "official" and not spec.discoverer:
         print("note: without --discriminators the model has no attention, unlike the network the authors evaluated")
+    for p in inputs:
+        if args.source == "imagenet" and p.known is not None and p.known.norm not in (None, spec.norm):
+            print(f"note: {p.known.file_name} expects norm {p.known.norm}, but the checkpoint stores norm {spec.norm}; "
+                  f"pass --norm {p.known.norm} unless you mean it")
     sys.stdout.flush()
     return 0
 
 
-def _official(args: argparse.Namespace) -> tuple[Networks, ConversionReport, dict[str, object]]:
+def _provenance(paths: Sequence[Path], known: Sequence[KnownWeights]) -> list[FileProvenance]:
+    """Hash and identify the input files, printing what was found."""
+    found = [inspect_file(p, known) for p in paths]
+    for p in found:
+        print("\n".join(p.lines()))
+    sys.stdout.flush()
+    return found
+
+
+def _official(args: argparse.Namespace, known: Sequence[KnownWeights]
+              ) -> tuple[Networks, ConversionReport, dict[str, object], list[FileProvenance]]:
     seg_path = existing_file(args.segmentor, "segmentor checkpoint")
     d_path = existing_file(args.discriminators, "discriminators checkpoint") if args.discriminators else None
+    inputs = _provenance([seg_path] + ([d_path] if d_path else []), known)
     seg_sd = load_torch_file(seg_path)
     d_sd = load_torch_file(d_path) if d_path else None
     source = str(seg_path) if d_path is None else f"{seg_path} + {d_path}"
@@ -105,17 +156,42 @@ def _official(args: argparse.Namespace) -> tuple[Networks, ConversionReport, dic
         seg_sd, d_sd, args.arch, args.num_classes, variant=args.variant,
         allow_unexpected=args.allow_unexpected, allow_missing=args.allow_missing, source=source,
     )
-    meta = {"from": "official", "segmentor": seg_path.name,
-            "discriminators": d_path.name if d_path else None, "report": report.to_dict()}
-    return nets, report, meta
+    meta: dict[str, object] = {"from": "official", "segmentor": seg_path.name,
+                               "discriminators": d_path.name if d_path else None, "report": report.to_dict()}
+    return nets, report, meta, inputs
 
 
-def _imagenet(args: argparse.Namespace) -> tuple[Networks, ConversionReport, dict[str, object]]:
+def _imagenet(args: argparse.Namespace, known: Sequence[KnownWeights]
+              ) -> tuple[Networks, ConversionReport, dict[str, object], list[FileProvenance]]:
     path = existing_file(args.weights, "weight file")
+    inputs = _provenance([path], known)
     sd = load_torch_file(path)
     nets, report = imagenet_to_dast(
         sd, args.arch, args.num_classes, args.variant, args.fmt, norm=args.norm,
         allow_unexpected=args.allow_unexpected, allow_missing=args.allow_missing, source=str(path),
     )
-    meta = {"from": "imagenet", "weights": path.name, "report": report.to_dict()}
-    return nets, report, meta
+    meta: dict[str, object] = {"from": "imagenet", "weights": path.name, "report": report.to_dict()}
+    return nets, report, meta, inputs
+
+
+def _labels(args: argparse.Namespace) -> int:
+    classes = existing_file(args.classes, "class list")
+    table = read_class_file(classes)
+    done = convert_label_folder(table, args.in_dir, args.out, ignore=args.ignore_colors, force=args.force,
+                                classes_name=str(classes), workers=args.workers, progress=not args.quiet)
+    print(_label_summary(done, table.names))
+    return 0
+
+
+def _label_summary(done: LabelConversion, names: tuple[str, ...]) -> str:
+    total = int(done.pixels.sum()) + done.ignored
+    share = [f"{n} {100.0 * int(c) / max(total, 1):.1f}%" for n, c in zip(names, done.pixels)]
+    lines = [
+        (f"converted {done.files} label file{'s' if done.files != 1 else ''} into {done.out_dir}: "
+         f"{len(names)} classes, {100.0 * done.ignored / max(total, 1):.1f}% of the pixels ignored (255)"),
+        "pixels per class: " + ", ".join(share),
+    ]
+    absent = [n for n, c in zip(names, done.pixels) if int(c) == 0]
+    if absent:
+        lines.append(f"note: no pixel of class{'es' if len(absent) > 1 else ''} {', '.join(absent)}")
+    return "\n".join(lines)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from dast.data.datasets import Layout, layout_for, read_list_file
@@ -44,6 +45,38 @@ def _label_checker(kind: str, root: Path, num_classes: Optional[int]) -> Callabl
             num_classes = read_class_file(root / "classes.yaml").num_classes
         return label_reader("folder", num_classes if num_classes is not None else 255)
     return label_reader(kind, 19)
+
+
+def colour_label_hint(path: Path, label_dir: Path, classes: Optional[str | Path]) -> Optional[str]:
+    """The problem line for a colour (RGB/RGBA) label in a folder dataset, suggesting
+    ``dast convert labels``; None when ``path`` is not a colour image."""
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+    except Exception:  # noqa: BLE001 - an unreadable file keeps the reader's own message
+        return None
+    if mode not in ("RGB", "RGBA"):
+        return None
+    out = label_dir.with_name(f"{label_dir.name}_index")
+    return (
+        f"label {path} is an {mode} colour image, not a class-index map; convert colour labels with "
+        f"'dast convert labels --classes {classes or 'classes.yaml'} --in {label_dir} --out {out}' "
+        f"and use {out.name} as the label folder"
+    )
+
+
+def _with_colour_hint(read_label: Callable[[Path], np.ndarray], label_dir: Path,
+                      classes: Optional[str | Path]) -> Callable[[Path], np.ndarray]:
+    def read(path: Path) -> np.ndarray:
+        try:
+            return read_label(path)
+        except DataError as exc:
+            hint = colour_label_hint(path, label_dir, classes)
+            if hint is None:
+                raise
+            raise DataError(hint) from exc
+
+    return read
 
 
 def _check_pair(image: Path, label: Optional[Path], read_label: Callable[[Path], np.ndarray]) -> list[str]:
@@ -111,8 +144,12 @@ def _structure(layout: Layout, list_file: Optional[str | Path], result: CheckRes
 
 def scan_dataset(kind: str, root: str | Path, split: str = "train", list_file: Optional[str | Path] = None,
                  num_classes: Optional[int] = None, *, images: str = "images", labels: Optional[str] = "labels",
-                 workers: Optional[int] = None, progress: bool = True) -> CheckResult:
-    """Check every file of a dataset; a missing root is a :class:`UserError`."""
+                 workers: Optional[int] = None, progress: bool = True,
+                 classes: Optional[str | Path] = None) -> CheckResult:
+    """Check every file of a dataset; a missing root is a :class:`UserError`.
+
+    ``classes`` (folder datasets) is the class list named in the hint for colour labels
+    (default: ``ROOT/classes.yaml`` when it exists)."""
     r = Path(root)
     if not r.exists():
         raise UserError(f"dataset root not found: {r}")
@@ -122,6 +159,10 @@ def scan_dataset(kind: str, root: str | Path, split: str = "train", list_file: O
     result = CheckResult()
     pairs = _structure(layout, list_file, result)
     read_label = _label_checker(kind, r, num_classes)
+    if kind == "folder" and layout.label_dir is not None:
+        if classes is None and (r / "classes.yaml").is_file():
+            classes = r / "classes.yaml"
+        read_label = _with_colour_hint(read_label, layout.label_dir, classes)
     n_workers = workers if workers is not None else min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool:
         found = pool.map(lambda p: _check_pair(p[0], p[1], read_label), pairs)

@@ -24,7 +24,18 @@ from dast.constants import IGNORE_INDEX
 from dast.data.labels import ClassTable, table_for
 from dast.rundir import PL_STATS
 from dast.data.readers import label_reader, read_image, read_index_label
-from dast.data.transforms import normalize, resize_image, resize_label
+from dast.data.transforms import (
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    gaussian_blur,
+    jitter_factor,
+    normalize,
+    resize_image,
+    resize_label,
+    to_grayscale,
+)
 from dast.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -235,7 +246,8 @@ class LabelDirSource:
 
 def augment_pair(rgb: np.ndarray, label: Optional[np.ndarray], aug: AugmentConfig,
                  rng: np.random.Generator) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Random scale, then crop (padding with 0 / 255 where needed), then horizontal flip."""
+    """Random scale, then crop (padding with 0 / 255 where needed), then horizontal flip,
+    then the photometric changes of :func:`photometric_augment` (image only)."""
     if aug.scale is not None:
         s = float(rng.uniform(aug.scale[0], aug.scale[1]))
         h, w = rgb.shape[:2]
@@ -261,12 +273,35 @@ def augment_pair(rgb: np.ndarray, label: Optional[np.ndarray], aug: AugmentConfi
         rgb = rgb[:, ::-1]
         if label is not None:
             label = label[:, ::-1]
-    rgb = np.ascontiguousarray(rgb)
+    rgb = photometric_augment(np.ascontiguousarray(rgb), aug, rng)
     return rgb, (np.ascontiguousarray(label) if label is not None else None)
 
 
+def photometric_augment(rgb: np.ndarray, aug: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """Brightness, contrast, saturation and hue jitter, then grayscale, then Gaussian blur,
+    each only when switched on. Nothing is drawn from ``rng`` for an operation that is off,
+    so turning these on leaves the geometric draws (made before) unchanged."""
+    if aug.brightness > 0:
+        rgb = adjust_brightness(rgb, jitter_factor(rng, aug.brightness))
+    if aug.contrast > 0:
+        rgb = adjust_contrast(rgb, jitter_factor(rng, aug.contrast))
+    if aug.saturation > 0:
+        rgb = adjust_saturation(rgb, jitter_factor(rng, aug.saturation))
+    if aug.hue > 0:
+        rgb = adjust_hue(rgb, float(rng.uniform(-aug.hue, aug.hue)))
+    if aug.grayscale_prob > 0 and rng.random() < aug.grayscale_prob:
+        rgb = to_grayscale(rgb)
+    if aug.blur_prob > 0 and rng.random() < aug.blur_prob:
+        rgb = gaussian_blur(rgb, float(rng.uniform(aug.blur_sigma[0], aug.blur_sigma[1])))
+    return rgb
+
+
+def _photometric_enabled(aug: AugmentConfig) -> bool:
+    return bool(aug.brightness or aug.contrast or aug.saturation or aug.hue or aug.blur_prob or aug.grayscale_prob)
+
+
 def _augment_enabled(aug: AugmentConfig) -> bool:
-    return bool(aug.flip or aug.scale is not None or aug.crop is not None)
+    return bool(aug.flip or aug.scale is not None or aug.crop is not None or _photometric_enabled(aug))
 
 
 # ---------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from dast.errors import DataError
 
 PathLike = str | os.PathLike[str]
 SINGLE_CHANNEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L", "1")
+COLOUR_LABEL_HINT = " (a colour label? convert colour labels to class indices with 'dast convert labels')"
 
 
 def _reason(exc: BaseException) -> str:
@@ -72,11 +73,14 @@ def image_size(path: PathLike) -> tuple[int, int]:
         raise DataError(f"cannot read image {p}: {_reason(exc)}") from None
 
 
-def read_single_channel(path: PathLike) -> np.ndarray:
-    """Read a single-channel label PNG (grey or palette) as its raw pixel values."""
+def read_single_channel(path: PathLike, colour_hint: str = "") -> np.ndarray:
+    """Read a single-channel label PNG (grey or palette) as its raw pixel values.
+
+    ``colour_hint`` is appended to the error for an RGB or RGBA image."""
     img = _open_fully(path, "label")
     if img.mode not in SINGLE_CHANNEL_MODES:
-        raise DataError(f"expected a single-channel label image, got {img.mode}: {path}")
+        hint = colour_hint if img.mode in ("RGB", "RGBA") else ""
+        raise DataError(f"expected a single-channel label image, got {img.mode}: {path}{hint}")
     arr = np.asarray(img)
     if arr.ndim != 2:
         raise DataError(f"expected a single-channel label image, got shape {arr.shape}: {path}")
@@ -136,7 +140,7 @@ def read_synthia_label(path: PathLike) -> np.ndarray:
 
 def read_index_label(path: PathLike, num_classes: int) -> np.ndarray:
     """A single-channel class-index PNG (values < num_classes, 255 = ignore) -> uint8."""
-    arr = read_single_channel(path)
+    arr = read_single_channel(path, COLOUR_LABEL_HINT)
     _check_max(arr, path, num_classes - 1, (IGNORE_INDEX,))
     return arr.astype(np.uint8)
 

@@ -163,7 +163,7 @@ class Pipeline:
         """The initial networks on the device, with the runtime's BatchNorm, memory format
         and compilation."""
         cfg, rt = self.cfg, self.rt
-        nets = initial_networks(cfg, model_spec_for(cfg))
+        nets = initial_networks(cfg, model_spec_for(cfg), self.log)
         if cfg.model.batchnorm == "per_image":
             from dast.models.batchnorm import use_per_image_batchnorm
 

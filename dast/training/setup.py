@@ -14,6 +14,7 @@ from dast.config import Config, config_diff, from_tree, load_yaml_tree
 from dast.data.labels import table_for
 from dast.errors import ConfigError, UserError
 from dast.models.io import ModelSpec, Networks, build_networks, load_state_strict, split_prefixed
+from dast.models.known_weights import random_init_warning
 from dast.rundir import ROUND_RE, RunDir
 from dast.training.runtime import Runtime
 
@@ -125,8 +126,12 @@ def model_spec_for(cfg: Config) -> ModelSpec:
     )
 
 
-def initial_networks(cfg: Config, spec: ModelSpec) -> Networks:
-    """Fresh networks, with the segmentor (and any stored discriminators) from ``model.init``."""
+def initial_networks(cfg: Config, spec: ModelSpec, log: logging.Logger | None = None) -> Networks:
+    """Fresh networks, with the segmentor (and any stored discriminators) from ``model.init``;
+    warns (on ``log``) when a ResNet-101 / VGG-16 run has no init and starts from random weights."""
+    warning = random_init_warning(cfg.model.arch, cfg.model.init)
+    if warning:
+        (log or logging.getLogger(__name__)).warning(warning)
     nets = build_networks(spec)
     if cfg.model.init:
         tensors, meta = load_checkpoint(cfg.model.init)
