@@ -483,3 +483,22 @@ def test_pseudo_label_precision_against_hand_counted_pixels(tmp_path: Path) -> N
     assert got["per_class_precision"] == {"x": round(100 / 3, 2), "y": 100.0, "z": None}
     assert got["precision"] == round(100 * 4 / 6, 2)
     assert got["labelled_fraction"] == round(100 * 6 / 7, 2)
+
+
+def test_pseudo_labels_ignore_the_target_augmentation(tmp_path: Path) -> None:
+    # labels are made from the images as they are: a target set with flips and colour jitter
+    # switched on (for training) gives the same pseudo labels as the same set without them
+    from dast.config import DatasetConfig
+    from dast.data.datasets import build_dataset
+
+    model = _tiny_model(7)
+    sets = {}
+    for name, augment in (("plain", {}), ("augmented", {"flip": True, "brightness": 0.4, "hue": 0.2})):
+        cfg = DatasetConfig(kind="synthetic", domain="target", count=4, size=(48, 32), with_labels=False,
+                            augment=augment)
+        ds = build_dataset(cfg, norm="unit", num_classes=7, with_labels=False, seed=5)
+        assert not torch.equal(ds[0]["image"], ds.prepare_image(0)) or name == "plain"
+        generate_pseudo_labels(model, ds, tmp_path / name, portion=0.5, progress=False)
+        sets[name] = {p.name: np.array(Image.open(p)) for p in sorted((tmp_path / name).glob("*.png"))}
+    assert sets["plain"].keys() == sets["augmented"].keys() and len(sets["plain"]) == 4
+    assert all(np.array_equal(sets["plain"][k], sets["augmented"][k]) for k in sets["plain"])

@@ -355,25 +355,26 @@ class SegmentationDataset(Dataset):
                 return item
         raise DataError(f"no readable sample left in the {self.kind} dataset ({n} samples tried)")
 
-    def item_or_none(self, i: int, draw: int | None = None) -> Optional[dict[str, Any]]:
+    def item_or_none(self, i: int, draw: int | None = None, augment: bool = True) -> Optional[dict[str, Any]]:
         """Sample ``i`` itself, never a stand-in: None if it cannot be read and the policy is
         ``on_corrupt: skip`` (logged); with ``fail`` the DataError propagates. ``draw`` (default
-        ``i``) seeds the augmentation."""
+        ``i``) seeds the augmentation; ``augment=False`` skips it (pseudo-labelling and
+        evaluation see the images as they are)."""
         j = self._index(i)
         try:
-            return self._item(j, int(i) if draw is None else draw)
+            return self._item(j, int(i) if draw is None else draw, augment)
         except DataError as exc:
             if self.on_corrupt != "skip":
                 raise
             log.warning("skipping unreadable sample %s (%s): %s", self.names[j], self.source.describe(j), exc)
             return None
 
-    def _item(self, k: int, i: int) -> dict[str, Any]:
+    def _item(self, k: int, i: int, augment: bool = True) -> dict[str, Any]:
         rgb, label = self.source.pair(k, self.has_labels)
         rgb = resize_image(rgb, self.size)
         if label is not None:
             label = resize_label(label, (rgb.shape[1], rgb.shape[0]))
-        if _augment_enabled(self.augment):
+        if augment and _augment_enabled(self.augment):
             rgb, label = augment_pair(rgb, label, self.augment, np.random.default_rng([self.seed, i]))
         out: dict[str, Any] = {"image": normalize(rgb, self.norm), "name": self.names[k], "index": k}
         if label is not None:

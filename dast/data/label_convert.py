@@ -32,7 +32,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from dast.atomic import TMP_MARK
-from dast.data.labels import IGNORE, ClassTable
+from dast.constants import IGNORE_INDEX
+from dast.data.labels import ClassTable
 from dast.errors import ConfigError, DataError, UserError
 
 RGB = tuple[int, int, int]
@@ -97,7 +98,7 @@ def colour_lookup(table: ClassTable, ignore: Iterable[Sequence[int]] = (), sourc
         if code not in ignored:
             ignored.add(code)
             codes.append(code)
-            values.append(IGNORE)
+            values.append(IGNORE_INDEX)
     order = np.argsort(np.array(codes, np.int64), kind="stable")
     return ColourLookup(np.array(codes, np.int32)[order], np.array(values, np.uint8)[order], table.num_classes)
 
@@ -159,7 +160,7 @@ def convert_label_file(src: Path, dst: Path, lookup: ColourLookup, hint_source: 
     index = colours_to_index(read_colour_label(src), lookup, str(src), hint_source)
     Image.fromarray(index).save(dst, format="PNG")  # a 2-D uint8 array is a mode 'L' image
     counts = np.bincount(index.ravel(), minlength=256)
-    return np.concatenate([counts[: lookup.num_classes], counts[IGNORE:]]).astype(np.int64)
+    return np.concatenate([counts[: lookup.num_classes], counts[IGNORE_INDEX:]]).astype(np.int64)
 
 
 @dataclass(frozen=True)

@@ -164,8 +164,8 @@ def _collate(items: list[dict[str, Any]]) -> Batch:
 class _Subset(torch.utils.data.Dataset):
     """The samples at ``indices``. For training, a dataset with ``on_corrupt: skip`` answers an
     unreadable sample with the next readable one; here each image is taken only as itself
-    (``item_or_none``), so it is labelled once, under its own name, and an unreadable one gets
-    no label."""
+    (``item_or_none``), without augmentation, so it is labelled once, under its own name, and
+    an unreadable one gets no label."""
 
     def __init__(self, dataset: Any, indices: Sequence[int]) -> None:
         self.dataset, self.indices = dataset, list(indices)
@@ -178,7 +178,7 @@ class _Subset(torch.utils.data.Dataset):
         only_itself = getattr(self.dataset, "item_or_none", None)
         if only_itself is None:
             return self.dataset[j]
-        item = only_itself(j)
+        item = only_itself(j, augment=False)  # label the images as they are, never an augmented copy
         return {"skipped": self.dataset.names[j % len(self.dataset)]} if item is None else item
 
 
