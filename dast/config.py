@@ -156,6 +156,7 @@ class SelfTrainingConfig(_Strict):
     # BatchNorm while a round trains: "train" (batch statistics, running ones updated) or
     # "frozen" (eval mode, the stage-1 running statistics, as the released DAST_train.py); null: the variant's
     batchnorm: Optional[Literal["train", "frozen"]] = None
+    eval_every: Optional[int] = Field(default=None, ge=1)  # null: train.eval_every
     rule: Literal["ratio", "threshold"] = "ratio"  # ratio: released argmax(p/t); threshold: keep argmax p where p >= t_c
     bins: int = Field(default=65536, ge=16)
     subsample: int = Field(default=4, ge=1)

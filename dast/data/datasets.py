@@ -362,7 +362,8 @@ class SegmentationDataset(Dataset):
         evaluation see the images as they are)."""
         j = self._index(i)
         try:
-            return self._item(j, int(i) if draw is None else draw, augment)
+            d = int(i) if draw is None else draw
+            return self._item(j, d) if augment else self._item(j, d, augment=False)
         except DataError as exc:
             if self.on_corrupt != "skip":
                 raise

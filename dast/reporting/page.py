@@ -11,6 +11,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 
 from dast.errors import UserError
+from dast.rundir import RunDir
 from dast.reporting.figures import GROUP_TITLES, group_order, miou_curves_png, scalar_group_png, split_scalars
 from dast.reporting.rundir import RunContents, choose_model, class_names, missing_parts, read_run
 from dast.reporting.samples import SampleSet, predict_samples

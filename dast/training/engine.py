@@ -50,11 +50,7 @@ class StagePlan:
     global_offset: int = 0  # iterations done by earlier stages (for plots)
     lr_mult: float = 1.0  # learning-rate scaling for data-parallel runs (distributed.lr_scaling)
     batchnorm: str = "train"  # "frozen": the networks train in eval mode (released self-training)
-
-    @property
-    def uses_target(self) -> bool:
-        """Whether the stage reads target images at all."""
-        return True
+    eval_every: int | None = None  # evaluation cadence (None: train.eval_every)
 
 
 @dataclass(frozen=True)

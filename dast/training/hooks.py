@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -157,16 +159,24 @@ class EvalHook(Hook):
 
 class LogHook(Hook):
     """The progress bar, the loss scalars every ``log_every`` steps, TensorBoard images
-    every ``image_every`` steps and, with ``digest_every``, per-rank parameter digests."""
+    every ``image_every`` steps and, with ``digest_every``, per-rank parameter digests.
+
+    ``heartbeat`` (a run's name) prints ``<name>: <stage> step <n>/<total> (<s> s)`` on
+    stderr every ``heartbeat_every`` seconds and at the stage's end: what runs training in
+    parallel processes without a bar (``dast demo``) show instead."""
 
     def __init__(self, log_every: int, image_every: int, digest_every: int, progress: bool,
                  log_scalars: Callable[[Scalars, int], None] | None = None,
-                 log_images: Callable[[Networks, Batch, StagePlan, int], None] | None = None) -> None:
+                 log_images: Callable[[Networks, Batch, StagePlan, int], None] | None = None,
+                 heartbeat: str | None = None, heartbeat_every: float = 30.0) -> None:
         self.log_every, self.image_every, self.digest_every = log_every, image_every, digest_every
         self.progress, self.log_scalars, self.log_images = progress, log_scalars, log_images
+        self.heartbeat, self.heartbeat_every = heartbeat, heartbeat_every
         self.bar: Any = None
+        self._t0 = self._last_beat = time.monotonic()
 
     def before_stage(self, loop: "StageLoop") -> None:
+        self._t0 = self._last_beat = time.monotonic()
         if self.progress and loop.runtime.is_main:
             self.bar = tqdm(total=loop.plan.steps, initial=loop.state.step, desc=loop.plan.name, unit="it",
                             dynamic_ncols=True, mininterval=1.0)
@@ -196,6 +206,11 @@ class LogHook(Hook):
             self.log_images(loop.nets, target if target is not None else source, plan, plan.global_offset + step)
         if self.digest_every and step % self.digest_every == 0:
             _write_digest(loop.run_digests, plan.name, step, loop.nets)
+        now = time.monotonic()
+        if self.heartbeat and main and (now - self._last_beat >= self.heartbeat_every or step == plan.steps):
+            self._last_beat = now
+            sys.stderr.write(f"{self.heartbeat}: {plan.name} step {step}/{plan.steps} ({now - self._t0:.0f} s)\n")
+            sys.stderr.flush()
 
     def close(self, loop: "StageLoop") -> None:
         if self.bar is not None:

@@ -189,7 +189,7 @@ def selection_key(cfg: Config) -> str | None:
 
 def run_stage(cfg: Config, plan: StagePlan, nets: Networks, rt: Runtime, stage_dir: Path, source_ds: Any,
               target_ds: Any, log: logging.Logger, callbacks: StageCallbacks, stop: SignalFlag, progress: bool = True,
-              wrap: Callable[[Networks], StepModels] | None = None) -> StageResult:
+              wrap: Callable[[Networks], StepModels] | None = None, heartbeat: str | None = None) -> StageResult:
     """Train one stage to ``plan.steps`` (resuming from its latest checkpoint), then write
     ``selected.safetensors``."""
     engine = Engine.build(plan, cfg, nets, rt, wrap=wrap, log=log)
@@ -200,9 +200,9 @@ def run_stage(cfg: Config, plan: StagePlan, nets: Networks, rt: Runtime, stage_d
                                                                     target_ds if reads_target else None), log, stop,
         checkpoints=CheckpointHook(tr.checkpoint_every, tr.keep_last),
         logger=LogHook(tr.log_every, tr.image_every, tr.digest_every, progress, callbacks.log_scalars,
-                       callbacks.log_images),
+                       callbacks.log_images, heartbeat=heartbeat),
         faults=FaultHook(cfg.faults.policy, cfg.faults.max_consecutive, cfg.faults.lr_factor),
-        evaluator=EvalHook(callbacks.evaluate, tr.eval_every, selection_key(cfg), cfg.selection.select_on,
+        evaluator=EvalHook(callbacks.evaluate, plan.eval_every or tr.eval_every, selection_key(cfg), cfg.selection.select_on,
                            callbacks.log_scalars, callbacks.on_eval),
         run_digests=RunDir(stage_dir.parent).digests(rt.rank),
     )

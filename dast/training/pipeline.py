@@ -51,8 +51,10 @@ from dast.training.step import StepModels
 class Pipeline:
     """Runs (or resumes) a whole training run in ``run_dir``."""
 
-    def __init__(self, cfg: Config, run_dir: Path, rt: Runtime, progress: bool = True) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, rt: Runtime, progress: bool = True,
+                 heartbeat: str | None = None) -> None:
         self.cfg, self.paths, self.rt, self.progress = cfg, RunDir(run_dir), rt, progress
+        self.heartbeat = heartbeat
         self.log = setup_logging(run_dir, rt)
         self.writer = None
         if rt.is_main:
@@ -151,7 +153,7 @@ class Pipeline:
             out.append(StagePlan(round_name(k), k, st.steps, int(st.poly_steps), float(st.lr), float(st.head_lr_mult),
                                  False, adversarial=has_disc and st.adversarial, mu=st.mu,
                                  pseudo_dir=self.paths.round(k).pseudo_labels, global_offset=offset, lr_mult=mult,
-                                 batchnorm=str(st.batchnorm)))
+                                 batchnorm=str(st.batchnorm), eval_every=st.eval_every))
             offset += st.steps
         return out
 
@@ -216,7 +218,8 @@ class Pipeline:
             manifest["stages"][plan.name] = {"status": "running", "steps": plan.steps}
             self.write_manifest(manifest)
             result: StageResult = run_stage(self.cfg, plan, nets, self.rt, stage.root, self.source, target, self.log,
-                                            callbacks, stop, progress=self.progress, wrap=wrap)
+                                            callbacks, stop, progress=self.progress, wrap=wrap,
+                                            heartbeat=self.heartbeat)
             barrier(self.rt)
             self.plot_curves()
             manifest["stages"][plan.name] = {"status": "complete", "steps": plan.steps,
@@ -291,8 +294,9 @@ class Pipeline:
 
 
 def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, force: bool = False,
-          device: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) a run; returns the final metrics (empty without a labelled val set)."""
+          device: str | None = None, progress: bool = True, heartbeat: str | None = None) -> dict[str, Any]:
+    """Train (or resume) a run; returns the final metrics (empty without a labelled val set).
+    ``heartbeat``: a name under which to print a progress line now and then (no bar)."""
     run_dir = Path(run_dir)
     cfg = prepare_run_dir(run_dir, cfg, resume, force)
     rt = make_runtime(cfg.runtime, device)
@@ -305,7 +309,7 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, forc
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(RunDir(run_dir).config, to_yaml(cfg))
     barrier(rt)
-    pipe = Pipeline(cfg, run_dir, rt, progress=progress)
+    pipe = Pipeline(cfg, run_dir, rt, progress=progress, heartbeat=heartbeat)
     try:
         with SignalFlag() as stop:
             return pipe.run(stop)
