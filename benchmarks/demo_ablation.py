@@ -35,7 +35,7 @@ import yaml
 
 from dast.config import deep_merge, from_tree
 from dast.data.datasets import build_dataset
-from dast.demo import DEMO_CONFIG, NO_ADVERSARY, evaluate_checkpoint, train_variants
+from dast.demo import DEMO_CONFIG, NO_ADVERSARY, evaluate_checkpoint, train_runs
 from dast.training.pseudo_labels import pseudo_label_precision
 
 STAGE1_ONLY = {"self_training": {"rounds": 0}}
@@ -64,7 +64,7 @@ def ablation(seeds: list[int], work: Path, workers: int) -> dict[str, Any]:
     for seed in seeds:
         trees = row_trees(seed)
         runs = work / f"seed{seed}"
-        train_variants(trees, runs, workers, progress=False)
+        train_runs(trees, runs, workers, progress=False)
         cfg = from_tree(trees["da"], "ablation")
         val = build_dataset(cfg.val, norm=cfg.model.norm, num_classes=cfg.model.num_classes, with_labels=True,
                             seed=cfg.seed + 2)

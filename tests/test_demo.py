@@ -1,4 +1,5 @@
-"""`dast demo --quick` end to end, and the demo config's single source of truth."""
+"""`dast demo --quick` end to end, the demo config's single source of truth, and the
+several-seed statistics."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from PIL import Image
 
 from dast.cli import main
 from dast.config import load_yaml_tree
-from dast.demo import DEMO_CONFIG, VARIANTS, gap_recovered
+from dast.demo import DEMO_CONFIG, VARIANTS, gap_recovered, summarize_seeds
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,4 +45,36 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys) -> None:
     pl = report["pseudo_labels"]  # round 1's labels scored against the synthetic target labels
     assert 0.0 <= pl["precision"] <= 100.0 and 0.0 < pl["labelled_fraction"] <= 100.0
     assert list(pl["per_class_precision"]) == list(report["variants"]["dast"]["per_class"])
-    assert "round-1 pseudo labels:" in printed
+    for v in VARIANTS:  # the reported (label-free selected) snapshot and the last step of each method
+        m = report["variants"][v]
+        assert m["snapshot"].startswith(("stage1", "round1")) and 0.0 <= m["last"]["miou"] <= 100.0
+    assert report["variants"]["dast"]["last"]["snapshot"] == "round1 step 40"
+    mech = report["mechanisms"]
+    assert 0.0 <= mech["attention"]["auroc"] <= 1.0 and mech["attention"]["pixels"] == 24 * 48 * 96
+    assert set(mech["discriminators"]) == {"D", "C"}
+    assert set(mech["pseudo_labels"]["rules"]) == {"ratio", "threshold"}
+    assert "attention AUROC" in printed and "pseudo labels (threshold rule)" in printed
+
+
+def test_several_seed_summary_by_hand() -> None:
+    def report(seed, so_bn, base, dast):
+        return {"seed": seed, "variants": {"source_only_bn": {"miou": so_bn, "last": {"miou": so_bn}},
+                                           "baseline": {"miou": base, "last": {"miou": base}},
+                                           "dast": {"miou": dast, "last": {"miou": dast - 1}}}}
+
+    s = summarize_seeds([report(0, 30.0, 35.0, 40.0), report(1, 32.0, 36.0, 34.0), report(2, 31.0, 37.0, 41.0)])
+    assert s["seeds"] == [0, 1, 2]
+    assert s["methods"]["dast"]["mean"] == pytest.approx(115 / 3) and s["methods"]["dast"]["per_seed"] == [40, 34, 41]
+    assert s["methods"]["dast"]["std"] == pytest.approx(3.7859388972, rel=1e-9)  # sample std
+    assert s["methods"]["dast"]["last_mean"] == pytest.approx(115 / 3 - 1)
+    vs_base = s["paired"]["dast"]["vs_baseline"]
+    assert vs_base["per_seed"] == [5.0, -2.0, 4.0] and vs_base["positive"] == 2 and vs_base["mean"] == pytest.approx(7 / 3)
+    assert s["paired"]["baseline"]["vs_source_only_bn"]["per_seed"] == [5.0, 4.0, 6.0]
+    assert "vs_baseline" not in s["paired"]["baseline"]
+
+
+def test_bad_seeds_are_user_errors(capsys, tmp_path: Path) -> None:
+    for bad in ("0,x", "1,1", "-3"):
+        assert main(["demo", "--out", str(tmp_path / "d"), "--seeds", bad]) == 2
+        assert "--seeds" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

@@ -1,0 +1,94 @@
+"""The demo's experiment: its config, the runs it trains and the variants it reports.
+
+Five runs share every setting but the one they test:
+
+* ``source_only`` — the segmentor on source labels only;
+* ``source_only_bn`` — the same, with the target images forwarded through the segmentor in
+  train mode at every step (no loss): its BatchNorm statistics see the target, as in every
+  adapted run, so it is the matched control of the adaptation methods;
+* ``baseline`` — AdaptSegNet single-level: an output-space discriminator with sigmoid BCE;
+* ``dast`` — stage 1 is DA (discoverer + corrector + attention), then self-training rounds;
+* ``oracle`` — the segmentor trained on *target* labels: the ceiling.
+
+The reported variants are snapshots of these runs (:data:`VARIANT_SNAPSHOTS`): ``da`` is the
+``dast`` run's stage 1, ``dast`` its last round, ``dast_best`` the best snapshot of all its
+stages by the label-free score (``selection.across_stages``, an addition to the paper).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from dast.config import deep_merge
+
+VARIANTS = ("source_only", "source_only_bn", "baseline", "da", "dast", "dast_best", "oracle")
+RUNS = ("dast", "baseline", "source_only_bn", "source_only", "oracle")  # longest first
+SHIFTS = ("appearance", "appearance+layout")
+
+# variant -> (run, stage); "last round" and "across stages" are resolved from the run's config
+VARIANT_SNAPSHOTS: dict[str, tuple[str, str]] = {
+    "source_only": ("source_only", "stage1"),
+    "source_only_bn": ("source_only_bn", "stage1"),
+    "baseline": ("baseline", "stage1"),
+    "da": ("dast", "stage1"),
+    "dast": ("dast", "last_round"),
+    "dast_best": ("dast", "across_stages"),
+    "oracle": ("oracle", "stage1"),
+}
+
+# The canonical demo config; dast/configs/demo.yaml holds the same values (a test checks).
+DEMO_CONFIG: dict[str, Any] = {
+    "seed": 0,
+    "variant": "paper",
+    "model": {"arch": "small", "num_classes": 7, "norm": "unit"},
+    "source": {"kind": "synthetic", "domain": "source", "count": 300, "size": [128, 64]},
+    "target": {"kind": "synthetic", "domain": "target", "count": 300, "size": [128, 64], "with_labels": False},
+    "val": {"kind": "synthetic", "domain": "target", "count": 100, "size": [128, 64]},
+    "adversarial": {"discoverer": True, "corrector": True, "attention": True, "loss": "lsgan",
+                    "lambda_d": 0.01, "lambda_c": 0.01, "lr": 1.0e-4, "corrector_width": 16},
+    "train": {"steps": 1000, "poly_steps": 2000, "lr": 0.01, "batch_size": 4, "num_workers": 0,
+              "checkpoint_every": 250, "keep_last": 2, "eval_every": 250, "image_every": 250, "log_every": 25},
+    "self_training": {"rounds": 1, "steps": 300, "poly_steps": 2000, "portion": 0.5, "lr": 0.002, "eval_every": 75},
+    "selection": {"enabled": True, "num_images": 60, "betas": [0.5, 0.9]},
+    "runtime": {"device": "cpu"},
+}
+
+# --quick: the same pipeline at a fraction of the cost (for tests and a first look)
+QUICK: dict[str, Any] = {
+    "source": {"count": 64, "size": [96, 48]},
+    "target": {"count": 64, "size": [96, 48]},
+    "val": {"count": 24, "size": [96, 48]},
+    "train": {"steps": 120, "poly_steps": 240, "checkpoint_every": 60, "eval_every": 60, "image_every": 60, "log_every": 20},
+    "self_training": {"steps": 40, "poly_steps": 240, "eval_every": 20},
+    "selection": {"num_images": 12},
+}
+
+NO_ADVERSARY = {"discoverer": False, "corrector": False, "attention": False}
+
+
+def demo_tree(*, quick: bool = False, seed: int = 0, shift: str | None = None,
+              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The DAST run's config tree: :data:`DEMO_CONFIG` (+ :data:`QUICK`), the seed, the
+    synthetic domains' shift and any ``overrides`` (a nested mapping, e.g. from a sweep)."""
+    tree = deep_merge(DEMO_CONFIG, QUICK) if quick else copy.deepcopy(DEMO_CONFIG)
+    tree["seed"] = int(seed)
+    if shift is not None:
+        for name in ("source", "target", "val"):
+            tree[name]["shift"] = shift
+    return deep_merge(tree, overrides or {})
+
+
+def run_trees(base: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The config of every run of :data:`RUNS`, derived from the DAST run's ``base``."""
+    src_only = deep_merge(base, {"adversarial": NO_ADVERSARY, "self_training": {"rounds": 0}})
+    baseline = deep_merge(base, {"adversarial": {"discoverer": False, "corrector": True, "attention": False,
+                                                 "loss": "bce", "lambda_c": 0.001},
+                                 "self_training": {"rounds": 0}})
+    return {
+        "dast": copy.deepcopy(base),
+        "baseline": baseline,
+        "source_only_bn": deep_merge(src_only, {"train": {"forward_target": True}}),
+        "source_only": src_only,
+        "oracle": deep_merge(src_only, {"source": {"domain": "target"}}),
+    }

@@ -1,0 +1,90 @@
+"""The demo's measurements of *why*: does the attention find the hard pixels, do the
+discriminators tell the domains apart, how right are the pseudo labels.
+
+* :func:`attention_auroc` — the paper's Figure-3 claim, that alpha = |tanh(D(f))| marks the
+  regions that adapt badly: the AUROC with which DA's alpha ranks the target val pixels that
+  the *source-only* model gets wrong above those it gets right (0.5: alpha finds nothing).
+* :func:`discriminator_separation` — the mean outputs of D and C on source and on target
+  over stage 1 (least squares: source -> 0, target -> 1), from ``scalars.jsonl``.
+* :func:`pseudo_label_report` — precision and labelled share of the pseudo labels the
+  stage-1 model would give the target training images, per class, under both labelling rules.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dast.constants import IGNORE_INDEX
+from dast.contexts import eval_mode
+from dast.evaluation.auroc import auroc
+from dast.models.io import Networks
+from dast.models.target_model import predict_full_res
+from dast.training.pseudo_labels import pseudo_label_quality
+
+SEPARATION_KEYS = {"D": ("out/d_source", "out/d_target"), "C": ("out/c_source", "out/c_target")}
+
+
+def attention_auroc(da: Networks, source_only: Networks, val: Any) -> dict[str, float]:
+    """How well DA's attention ranks the pixels the source-only model gets wrong (see module doc)."""
+    scores, wrong = [], []
+    da_model, so_model = da.target_model(), source_only.target_model()
+    with eval_mode(*da.modules(), *source_only.modules()):
+        for i in range(len(val)):
+            label = np.asarray(val.read_label_native(i))
+            x = val.prepare_image(i)[None]
+            _, alpha = predict_full_res(da_model, x, label.shape)
+            logits, _ = predict_full_res(so_model, x, label.shape)
+            valid = label != IGNORE_INDEX
+            pred = logits.argmax(1)[0].numpy()
+            scores.append(alpha[0, 0].numpy()[valid])
+            wrong.append((pred != label)[valid])
+    s, w = np.concatenate(scores), np.concatenate(wrong)
+    return {"auroc": auroc(s, w), "pixels": int(s.size), "source_only_error_rate": float(w.mean()),
+            "mean_attention_on_errors": float(s[w].mean()) if w.any() else float("nan"),
+            "mean_attention_on_correct": float(s[~w].mean()) if (~w).any() else float("nan")}
+
+
+def read_scalar_series(path: Path, prefix: str) -> dict[str, list[tuple[int, float]]]:
+    """``{key: [(step, value), ...]}`` of the scalars logged under ``<prefix>/``."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    if not path.is_file():
+        return series
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line of a killed run
+        for key, value in row.items():
+            if key.startswith(prefix + "/"):
+                series.setdefault(key[len(prefix) + 1:], []).append((int(row["step"]), float(value)))
+    return series
+
+
+def discriminator_separation(scalars: Path, stage: str = "stage1", tail: float = 0.2) -> dict[str, Any]:
+    """Mean D and C outputs on source and target, over the last ``tail`` of the stage's
+    logged steps, and the whole series (for the figure)."""
+    series = read_scalar_series(scalars, stage)
+    out: dict[str, Any] = {"series": {}}
+    for net, (src_key, tgt_key) in SEPARATION_KEYS.items():
+        src, tgt = series.get(src_key, []), series.get(tgt_key, [])
+        if not src or not tgt:
+            continue
+        k = max(1, int(round(len(src) * tail)))
+        s, t = float(np.mean([v for _, v in src[-k:]])), float(np.mean([v for _, v in tgt[-k:]]))
+        out[net] = {"source": s, "target": t, "gap": t - s}
+        out["series"][net] = {"steps": [st for st, _ in src], "source": [v for _, v in src],
+                              "target": [v for _, v in tgt]}
+    return out
+
+
+def pseudo_label_report(model_nets: Networks, target_with_labels: Any, portion: float, cap: float,
+                        mode: str) -> dict[str, Any]:
+    """:func:`pseudo_label_quality` of the model that makes round 1's labels, both rules."""
+    with torch.no_grad():
+        return pseudo_label_quality(model_nets.target_model(), target_with_labels, portion=portion, cap=cap,
+                                    mode=mode, rules=("ratio", "threshold"))

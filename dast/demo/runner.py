@@ -1,0 +1,129 @@
+"""Training the demo's runs and scoring its variants."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dast.checkpoint import read_meta
+from dast.config import Config, from_tree
+from dast.data.datasets import build_dataset
+from dast.evaluation.evaluate import evaluate_model
+from dast.models.io import Networks, load_networks
+from dast.rundir import RunDir, round_name
+from dast.training.pipeline import train
+from dast.training.snapshots import best_across_stages
+
+
+def _train(tree: dict[str, Any], run_dir: Path, label: str | None, progress: bool) -> float:
+    """Train one run (resuming a finished or interrupted one); return its seconds."""
+    t0 = time.time()
+    torch.set_num_threads(1)  # tiny networks: one thread per run, runs in parallel instead
+    cfg = from_tree(tree, "demo")
+    train(cfg, run_dir, resume=RunDir(run_dir).config.exists(), progress=progress, heartbeat=label)
+    return time.time() - t0
+
+
+def train_runs(trees: dict[str, dict[str, Any]], runs: Path, workers: int, progress: bool) -> dict[str, float]:
+    """Train every run, ``workers`` at a time in separate processes (in the given order).
+
+    In parallel, each run prints a heartbeat line (run, stage, step/total, seconds) now and
+    then instead of a progress bar."""
+    seconds: dict[str, float] = {}
+    if workers <= 1:
+        for name, tree in trees.items():
+            if progress:
+                print(f"== training {name}", flush=True)
+            seconds[name] = _train(tree, runs / name, None, progress)
+        return seconds
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_train, tree, runs / name, name if progress else None, False): name
+                   for name, tree in trees.items()}
+        if progress:
+            print(f"== training {', '.join(trees)} ({workers} at a time)", flush=True)
+        for fut in as_completed(futures):
+            name = futures[fut]
+            seconds[name] = fut.result()
+            if progress:
+                print(f"   {name} done in {seconds[name]:.0f} s", flush=True)
+    return seconds
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One scored model: where it is, which stage and step, and its label-free score."""
+
+    path: Path
+    stage: str
+    step: int | None
+    selection: float | None
+
+    def describe(self) -> str:
+        return f"{self.stage} step {self.step}" if self.step is not None else self.stage
+
+
+def _snapshot(path: Path, stage: str) -> Snapshot:
+    meta = read_meta(path)
+    sel = meta.get("selection") or {}
+    step = meta.get("step", sel.get("step"))
+    if step is None and isinstance(meta.get("stage_state"), dict):
+        step = meta["stage_state"].get("step")
+    return Snapshot(path, stage, int(step) if step is not None else None,
+                    float(sel["value"]) if sel.get("value") is not None else None)
+
+
+def variant_snapshots(runs: Path, snapshots: dict[str, tuple[str, str]], rounds: int) -> dict[str, dict[str, Snapshot]]:
+    """For every variant: its ``selected`` snapshot (what the method reports) and its ``last``
+    one (the stage's final step, the same for every method)."""
+    out: dict[str, dict[str, Snapshot]] = {}
+    for variant, (run_name, which) in snapshots.items():
+        run = RunDir(runs / run_name)
+        stage = round_name(rounds) if which in ("last_round", "across_stages") and rounds else "stage1"
+        last_path = run.stage(stage).latest_checkpoint()
+        selected = _snapshot(run.stage(stage).selected, stage)
+        if which == "across_stages":
+            best = best_across_stages(run)
+            if best is not None:
+                selected = _snapshot(best[0], best[1])
+        out[variant] = {"selected": selected}
+        if last_path is not None:
+            out[variant]["last"] = _snapshot(last_path, stage)
+    return out
+
+
+def load(snapshot: Snapshot) -> Networks:
+    nets, _, _ = load_networks(snapshot.path, "cpu")
+    return nets
+
+
+def evaluate_checkpoint(checkpoint: Path, val: Any) -> tuple[dict[str, Any], Networks]:
+    """(metrics of the target model on ``val``, the networks) for a checkpoint, on the CPU."""
+    nets, _, _ = load_networks(checkpoint, "cpu")
+    return evaluate_model(nets.target_model(), val, "cpu", progress=False), nets
+
+
+def datasets(tree: dict[str, Any]) -> tuple[Config, Any, Any]:
+    """(config, labelled target val set, the target training set with its labels) of a run."""
+    cfg = from_tree(tree, "demo")
+    n, norm = cfg.model.num_classes, cfg.model.norm
+    val = build_dataset(cfg.val, norm=norm, num_classes=n, with_labels=True, seed=cfg.seed + 2)  # type: ignore[arg-type]
+    target = build_dataset(cfg.target, norm=norm, num_classes=n, with_labels=True, seed=cfg.seed + 1)
+    return cfg, val, target
+
+
+def progress_line(text: str, enabled: bool) -> None:
+    if enabled:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
