@@ -31,7 +31,7 @@ from dast.config import deep_merge, from_tree
 
 VARIANTS = ("source_only", "baseline", "da", "dast", "oracle")
 
-# The canonical demo config; configs/demo.yaml holds the same values (a test checks).
+# The canonical demo config; dast/configs/demo.yaml holds the same values (a test checks).
 DEMO_CONFIG: dict[str, Any] = {
     "seed": 0,
     "variant": "paper",
