@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from dast.config import PaperRow, packaged_config_names, read_paper_row, resolve_config_path
+from dast.config import PACKAGED_CONFIG_DIR, PaperRow, packaged_config_names, read_paper_row
 
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
@@ -40,8 +40,9 @@ def config_records() -> list[dict[str, Any]]:
     """One record per packaged config (not the ``base/`` building blocks), sorted by name."""
     out = []
     for name in packaged_config_names():
-        row = read_paper_row(name)
-        out.append({"name": name, "path": str(resolve_config_path(name)),
+        path = PACKAGED_CONFIG_DIR / f"{name}.yaml"  # the packaged file, even if a local file has its name
+        row = read_paper_row(path)
+        out.append({"name": name, "path": str(path),
                     "paper": row.model_dump() if row is not None else None, "numbers": paper_numbers(row)})
     return out
 
