@@ -256,18 +256,16 @@ class Segmenter:
         with self.session():
             raw, att = self.forward_batch(x)
             up, att_up = self.upsample(raw, att, (h, w))
-            labels = up.argmax(dim=1)
+            labels = up.argmax(dim=1)  # int64
             probs = torch.softmax(up, dim=1) if probabilities else None
 
-        def out(t: torch.Tensor | None) -> np.ndarray | None:
-            if t is None:
-                return None
+        def out(t: torch.Tensor) -> np.ndarray:
             arr = t.cpu().numpy()
             return arr if batched else arr[0]
 
         return Prediction(
-            labels=out(labels.to(torch.int64)),  # type: ignore[arg-type]
-            probabilities=out(probs),
+            labels=out(labels),
+            probabilities=out(probs) if probs is not None else None,
             attention=out(att_up) if attention and self.has_attention else None,
             logits=out(raw) if logits else None,
         )
