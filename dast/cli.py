@@ -30,6 +30,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("bench", "bench"),
     ("make-data", "make_data"),
     ("sweep", "sweep"),
+    ("configs", "configs"),
 )
 
 

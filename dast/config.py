@@ -2,8 +2,12 @@
 
 * Unknown keys and wrong types are rejected with one line that names the key and, for
   a misspelt key, suggests the nearest valid one.
-* A config file may start with ``extends: other.yaml`` (relative to the file) to inherit
-  from another file; mappings are merged key by key.
+* A config file may start with ``extends: other.yaml`` (relative to the file, or the name
+  of a packaged config such as ``base/common``) to inherit from another file; mappings
+  are merged key by key.
+* ``--config`` takes a file or the name of a config shipped in ``dast/configs/``
+  (:func:`resolve_config_path`); a file's own ``paper:`` block (the paper's number for its
+  row, :class:`PaperRow`) is metadata for ``dast configs`` and is not inherited or trained on.
 * Values left at ``null`` that depend on the variant (``paper`` or ``reference``) are
   filled in by :func:`resolve`, so the saved config of a run is fully explicit.
 """
@@ -21,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dast.errors import ConfigError
 
 DatasetKind = Literal["gta5", "synthia", "cityscapes", "folder", "synthetic"]
+
+PACKAGED_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 class _Strict(BaseModel):
@@ -292,10 +298,11 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a YAML config, following ``extends:`` chains."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+    """Read a YAML config (a file or a packaged config name), following ``extends:`` chains.
+
+    Each file's ``paper:`` block is validated and dropped (see :func:`read_paper_row`).
+    """
+    p = resolve_config_path(path)
     if p.resolve() in _seen:
         raise ConfigError(f"config {p} extends itself")
     try:
@@ -306,10 +313,11 @@ def load_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, 
         raise ConfigError(f"config {p} is not valid YAML{at}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config {p} must be a mapping at the top level")
+    _paper_row(data.pop("paper", None), p)
     parent = data.pop("extends", None)
     if parent is None:
         return data
-    base = load_yaml_tree(p.parent / str(parent), _seen + (p.resolve(),))
+    base = load_yaml_tree(resolve_config_path(str(parent), relative_to=p.parent), _seen + (p.resolve(),))
     return deep_merge(base, data)
 
 
@@ -356,9 +364,118 @@ def from_tree(tree: dict[str, Any], source: str = "") -> Config:
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
-    """Load a YAML config file, apply ``--set`` overrides, validate and resolve it."""
-    tree = apply_overrides(load_yaml_tree(path), overrides)
-    return from_tree(tree, str(path))
+    """Load a YAML config (a file or a packaged config name, see :func:`resolve_config_path`),
+    apply ``--set`` overrides, validate and resolve it."""
+    p = resolve_config_path(path)
+    tree = apply_overrides(load_yaml_tree(p), overrides)
+    return from_tree(tree, str(p))
+
+
+# ---------------------------------------------------------------------------------------
+# Packaged configs: names, resolution, the paper's number for each row
+
+
+def packaged_config_names(include_base: bool = False) -> list[str]:
+    """The names of the configs shipped in ``dast/configs/`` (``gta5/resnet101/dast``, ``demo``,
+    ...), sorted; the ``base/`` building blocks only with ``include_base``."""
+    names = [p.relative_to(PACKAGED_CONFIG_DIR).with_suffix("").as_posix()
+             for p in PACKAGED_CONFIG_DIR.rglob("*.yaml")]
+    return sorted(n for n in names if include_base or not n.startswith("base/"))
+
+
+def _config_name(name: str) -> str:
+    """``configs/gta5/resnet101/dast.yaml`` -> ``gta5/resnet101/dast``: the packaged-config
+    name a string stands for (a leading ``configs/``, written for a source checkout, and
+    the ``.yaml`` suffix are optional)."""
+    name = name.strip().replace("\\", "/")
+    for prefix in ("dast/configs/", "configs/"):
+        name = name.removeprefix(prefix)
+    for suffix in (".yaml", ".yml"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def _packaged_config(name: str) -> Path | None:
+    """The packaged file a config name refers to, or None."""
+    name = _config_name(name)
+    if not name or Path(name).is_absolute():
+        return None
+    root = PACKAGED_CONFIG_DIR.resolve()
+    candidate = (root / f"{name}.yaml").resolve()
+    return candidate if candidate.is_relative_to(root) and candidate.is_file() else None
+
+
+def _config_suggestions(name: str) -> str:
+    names = packaged_config_names(include_base=True)
+    key = _config_name(name)
+    close = [n for n in names if n.endswith("/" + key) or n.startswith(key + "/")] if key else []
+    close += [n for n in difflib.get_close_matches(key, names, n=3, cutoff=0.6) if n not in close]
+    if not close:
+        return "; `dast configs` lists the packaged configs"
+    return " (did you mean " + " or ".join(f"'{n}'" for n in close[:3]) + "?)"
+
+
+def resolve_config_path(name_or_path: str | Path, relative_to: Path | None = None) -> Path:
+    """The config file ``name_or_path`` refers to.
+
+    An existing file wins (relative paths are taken from ``relative_to`` when given, else
+    from the working directory). Otherwise it is the name of a packaged config:
+    ``gta5/resnet101/dast``, with or without ``.yaml``, or ``demo``; a leading
+    ``configs/`` (a path written for the source checkout) is accepted too. Neither is a
+    :class:`ConfigError` that suggests close names.
+    """
+    raw = str(name_or_path)
+    p = Path(raw)
+    if relative_to is not None and not p.is_absolute():
+        p = relative_to / p
+    if p.is_file():
+        return p
+    packaged = _packaged_config(raw)
+    if packaged is not None:
+        return packaged
+    if p.is_dir():
+        raise ConfigError(f"config file not found: {p} is a directory{_config_suggestions(raw)}")
+    raise ConfigError(f"config file not found: {p}: no such file and no packaged config of that name"
+                      f"{_config_suggestions(raw)}")
+
+
+class PaperRow(_Strict):
+    """The ``paper:`` block of a packaged config: what the paper reports for its row.
+
+    ``miou`` is GTA5 -> Cityscapes mIoU over 19 classes; ``miou_16`` / ``miou_13`` are the
+    SYNTHIA -> Cityscapes mIoU over 16 classes and mIoU* over 13. ``None`` means the paper
+    does not report it.
+    """
+
+    row: str
+    tables: list[int] = []
+    miou: Optional[float] = None
+    miou_16: Optional[float] = None
+    miou_13: Optional[float] = None
+    note: Optional[str] = None
+
+
+def _paper_row(block: Any, source: Path) -> PaperRow | None:
+    if block is None:
+        return None
+    if not isinstance(block, dict):
+        raise ConfigError(f"config {source}: 'paper' must be a mapping (row, tables, miou, ...)")
+    try:
+        return PaperRow.model_validate(block)
+    except ValidationError as err:
+        e = err.errors()[0]
+        loc = ".".join(str(x) for x in ("paper", *e["loc"]))
+        raise ConfigError(f"config key '{loc}' in {source}: {e['msg'].lower()}") from None
+
+
+def read_paper_row(path: str | Path) -> PaperRow | None:
+    """The ``paper:`` block of one config file itself (not inherited), or None."""
+    p = resolve_config_path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {p} is not valid YAML") from exc
+    return _paper_row(data.get("paper") if isinstance(data, dict) else None, p)
 
 
 VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {

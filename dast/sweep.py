@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from dast.config import resolve_config_path
 from dast.errors import UserError
 
 
@@ -45,10 +46,7 @@ class Job:
 def plan_jobs(configs: Sequence[str], seeds: Sequence[int], out: Path, overrides: Sequence[str] = ()) -> list[Job]:
     """One job per (config, seed); run directories are ``out/<config stem>_seed<seed>``
     (``<folder>_<stem>`` when two configs share a stem, e.g. gta5/resnet101/da.yaml)."""
-    paths = [Path(c) for c in configs]
-    for p in paths:
-        if not p.is_file():
-            raise UserError(f"config file not found: {p}")
+    paths = [resolve_config_path(c) for c in configs]
     stems = [p.stem for p in paths]
     names = [f"{p.parent.parent.name}_{p.parent.name}_{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in paths]
     if len(set(names)) != len(names):

@@ -10,11 +10,11 @@ from dast.cli import main
 from dast.config import ConfigError, apply_overrides, config_diff, load_config, load_yaml_tree
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "base" not in p.parts)
+ALL_CONFIGS = sorted(p for p in (REPO / "dast" / "configs").rglob("*.yaml") if "base" not in p.parts)
 
 
 def test_there_is_a_config_per_paper_row() -> None:
-    names = {str(p.relative_to(REPO / "configs")) for p in ALL_CONFIGS}
+    names = {str(p.relative_to(REPO / "dast" / "configs")) for p in ALL_CONFIGS}
     for pair in ("gta5", "synthia"):
         for arch in ("resnet101", "vgg16"):
             for row in ("source_only", "baseline", "mse", "mse_2d", "da", "dast"):
@@ -22,7 +22,7 @@ def test_there_is_a_config_per_paper_row() -> None:
     assert "demo.yaml" in names
 
 
-@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(REPO / "dast" / "configs")))
 def test_every_config_validates_and_names_its_paper_row(path: Path) -> None:
     cfg = load_config(path)
     if path.name != "demo.yaml":
@@ -38,7 +38,7 @@ def test_every_config_validates_and_names_its_paper_row(path: Path) -> None:
 
 
 def test_variant_defaults_resolve() -> None:
-    cfg = REPO / "configs/gta5/resnet101/dast.yaml"
+    cfg = REPO / "dast/configs/gta5/resnet101/dast.yaml"
     paper = load_config(cfg)
     ref = load_config(cfg, ["variant=reference"])
     # the paper's text weights the segmentor's L_adv^C(E,P) only; the release weights nothing
@@ -50,13 +50,13 @@ def test_variant_defaults_resolve() -> None:
     assert paper.train.duplicate_params is False and ref.train.duplicate_params is True
     assert ref.self_training.lr == 2e-4 and ref.self_training.head_lr_mult == 1.0
     assert paper.self_training.head_lr_mult == 10.0
-    vgg = load_config(REPO / "configs/gta5/vgg16/da.yaml", ["variant=reference"])
+    vgg = load_config(REPO / "dast/configs/gta5/vgg16/da.yaml", ["variant=reference"])
     assert vgg.train.duplicate_params is False and vgg.train.head_lr_mult == 1.0
     assert set(config_diff(paper, ref)) >= {"variant", "adversarial.corrector_weighting", "train.duplicate_params"}
 
 
 def test_overrides_parse_yaml_values() -> None:
-    tree = apply_overrides(load_yaml_tree(REPO / "configs/demo.yaml"), ["train.steps=7", "selection.betas=[0.25]", "adversarial.lr=3e-4"])
+    tree = apply_overrides(load_yaml_tree(REPO / "dast/configs/demo.yaml"), ["train.steps=7", "selection.betas=[0.25]", "adversarial.lr=3e-4"])
     from dast.config import from_tree
 
     cfg = from_tree(tree)
@@ -73,7 +73,7 @@ def test_overrides_parse_yaml_values() -> None:
     ],
 )
 def test_bad_override_is_one_line_error(override: str, fragment: str, tmp_path: Path, capsys) -> None:
-    code = main(["train", "--config", str(REPO / "configs/demo.yaml"), "--out", str(tmp_path / "run"), "--set", override])
+    code = main(["train", "--config", str(REPO / "dast/configs/demo.yaml"), "--out", str(tmp_path / "run"), "--set", override])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0]
@@ -82,7 +82,7 @@ def test_bad_override_is_one_line_error(override: str, fragment: str, tmp_path: 
 
 def test_unknown_key_in_file_names_it(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text((REPO / "configs/demo.yaml").read_text() + "\nselection:\n  num_imgs: 3\n")
+    bad.write_text((REPO / "dast/configs/demo.yaml").read_text() + "\nselection:\n  num_imgs: 3\n")
     code = main(["train", "--config", str(bad), "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "selection.num_imgs" in err and "did you mean 'selection.num_images'" in err

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_configs_demo_yaml_is_the_demo_config() -> None:
-    assert load_yaml_tree(REPO / "configs" / "demo.yaml") == json.loads(json.dumps(DEMO_CONFIG))
+    assert load_yaml_tree(REPO / "dast" / "configs" / "demo.yaml") == json.loads(json.dumps(DEMO_CONFIG))
 
 
 def test_gap_recovered() -> None:

@@ -27,7 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
                     "DIR/COMPLETE. Defaults come from the config's self_training section.",
     )
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="dast model checkpoint")
-    p.add_argument("--config", required=True, metavar="FILE", help="YAML config whose 'target' dataset is labelled")
+    p.add_argument("--config", required=True, metavar="CONFIG",
+                   help="YAML config file or packaged config name (`dast configs`) whose 'target' dataset is labelled")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (cleared if it holds an earlier set)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (repeatable)")
@@ -86,12 +87,12 @@ def replace_folder(new: Path, out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dast.config import load_config
+    from dast.config import load_config, resolve_config_path
     from dast.data.datasets import build_dataset
     from dast.models.io import load_networks
     from dast.training.pseudo_labels import generate_pseudo_labels
 
-    cfg_path = existing_file(args.config, "config file")
+    cfg_path = resolve_config_path(args.config)
     ckpt = existing_file(args.checkpoint, "checkpoint")
     cfg = load_config(cfg_path, args.overrides)
     st = cfg.self_training

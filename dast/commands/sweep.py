@@ -10,7 +10,7 @@ from pathlib import Path
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     p = sub.add_parser(name, help="run many trainings (configs x seeds) across GPUs",
                        description="Schedule `dast train` runs, one per GPU (or CPU slot), resuming finished or interrupted ones.")
-    p.add_argument("--configs", nargs="+", required=True, help="config files")
+    p.add_argument("--configs", nargs="+", required=True, help="config files or packaged config names (`dast configs`)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (default: 0)")
     p.add_argument("--out", required=True, help="folder for the run directories and logs")
     p.add_argument("--gpus", default="all", help="comma-separated CUDA ids, 'all', or 'cpu' (default: all)")

@@ -12,7 +12,7 @@ from dast.config import load_config
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     p = sub.add_parser(name, help="train a model (stage 1 and self-training rounds)",
                        description="Train DAST from a YAML config into a run directory. Works under torchrun.")
-    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--config", help="YAML config file, or the name of a packaged config (`dast configs` lists them)")
     p.add_argument("--out", help="run directory")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=100 (repeatable)")

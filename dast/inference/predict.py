@@ -1,41 +1,43 @@
 """Predict target images with a trained model: trainId PNGs, colour pictures, attention maps.
 
-Preprocessing follows the checkpoint: RGB read with PIL, resized to ``spec.input_size``
-(PIL bicubic; kept as is when the spec has none), normalised with ``spec.norm``. The
-target path (segmentor + discoverer attention) runs in eval mode without gradients. Its
-logits are upsampled bilinearly (``align_corners=True``) to the original image size
-before the argmax, as in the evaluation protocol.
+The model runs through :class:`dast.inference.segmenter.Segmenter`, the one inference
+path: preprocessing follows the checkpoint (RGB read with PIL, resized to
+``spec.input_size`` with PIL bicubic, kept as is when the spec has none, normalised with
+``spec.norm``); the target path (segmentor + discoverer attention) runs in eval mode
+without gradients; its logits are upsampled bilinearly (``align_corners=True``) to the
+original image size before the argmax, as in the evaluation protocol. This module adds
+the folder work around it: input expansion, output naming, batching by size, reader
+processes and a thread pool that writes the files.
 """
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from dast.atomic import write_with
-from dast.data.transforms import normalize, resize_image
 from dast.data.workers import loader_iterator, worker_init
 from dast.errors import DataError, UserError
+from dast.inference.images import image_size, read_rgb
+from dast.inference.segmenter import Segmenter, prepare_image
 from dast.inference.visualize import colorize, heatmap, overlay, palette_for, save_png
 from dast.models.io import ModelSpec, Networks
+
+__all__ = ["expand_inputs", "image_size", "output_paths", "output_stem", "plan_outputs", "predict_paths", "read_rgb",
+           "size_batches", "write_prediction"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 CITYSCAPES_SUFFIX = "_leftImg8bit"
 OUTPUT_SUFFIXES = ("", "_color", "_overlay", "_attention")
 _GLOB_CHARS = "*?["
-
-_READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def is_image_file(path: Path) -> bool:
@@ -126,31 +128,6 @@ def plan_outputs(inputs: Sequence[Path], out_dir: Path, save_logits: bool) -> li
     return plans
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    """Read an image file as H x W x 3 uint8 RGB; an unreadable file is a :class:`DataError`."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            rgb = im.convert("RGB")
-    except _READ_ERRORS as exc:
-        raise DataError(f"cannot read image {path}: {_reason(exc)}") from exc
-    return np.asarray(rgb, dtype=np.uint8)
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding the pixels."""
-    try:
-        with Image.open(path) as im:
-            return int(im.size[0]), int(im.size[1])
-    except _READ_ERRORS as exc:
-        raise DataError(f"cannot read image {path}: {_reason(exc)}") from exc
-
-
 @dataclass(frozen=True)
 class _Sample:
     index: int
@@ -175,7 +152,7 @@ class _ImageSet(Dataset):
             rgb = read_rgb(self.paths[i])
         except DataError as exc:
             return _Sample(i, None, None, str(exc))
-        return _Sample(i, rgb, normalize(resize_image(rgb, self.size), self.norm), None)
+        return _Sample(i, rgb, prepare_image(rgb, self.size, self.norm), None)
 
 
 def _collate(samples: list[_Sample]) -> list[_Sample]:
@@ -217,25 +194,6 @@ def write_prediction(files: dict[str, Path], rgb: np.ndarray, label: np.ndarray,
         _save_npy(files["logits"], logits)
 
 
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
-    if amp_dtype is None or amp_dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-
-@contextlib.contextmanager
-def _eval_mode(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
-    """Put ``modules`` in eval mode and restore their previous train/eval flags afterwards."""
-    flags = [(m, m.training) for top in modules for m in top.modules()]
-    for top in modules:
-        top.eval()
-    try:
-        yield
-    finally:
-        for m, was in flags:
-            m.training = was
-
-
 def class_colors(spec: ModelSpec) -> list[tuple[int, int, int]]:
     """The colours of the checkpoint's classes (Cityscapes or a generated palette if unset)."""
     return palette_for(spec.num_classes, spec.class_colors or None)
@@ -258,21 +216,20 @@ def predict_paths(nets: Networks, inputs: Sequence[Path], out_dir: str | os.Path
     spec = nets.spec
     if spec.num_classes > 255:
         raise UserError(f"trainId PNGs hold at most 255 classes; this model has {spec.num_classes}")
-    device = torch.device(device)
     out = Path(out_dir)
     paths = [Path(p) for p in inputs]
     plans = plan_outputs(paths, out, save_logits)
-    batches = size_batches(paths, spec.input_size, batch_size)
+    segmenter = Segmenter(nets, device, amp_dtype=amp_dtype)
+    batches = size_batches(paths, segmenter.input_size, batch_size)
     colors = class_colors(spec)
-    target = nets.target_model()
-    loader = DataLoader(_ImageSet(paths, spec.input_size, spec.norm), batch_sampler=batches, collate_fn=_collate,
-                        num_workers=max(0, num_workers), worker_init_fn=worker_init(num_workers))
+    loader = DataLoader(_ImageSet(paths, segmenter.input_size, segmenter.norm), batch_sampler=batches,
+                        collate_fn=_collate, num_workers=max(0, num_workers), worker_init_fn=worker_init(num_workers))
     records: list[dict[str, Any] | None] = [None] * len(paths)
     pending: list[Future[None]] = []
     max_pending = 8
     writers = max(1, min(4, os.cpu_count() or 1))
     out.mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(max_workers=writers) as pool, _eval_mode([target]), torch.no_grad(), \
+    with ThreadPoolExecutor(max_workers=writers) as pool, segmenter.session(), \
             tqdm(total=len(paths), unit="img", desc="predict", disable=not progress) as bar, \
             loader_iterator(loader) as batches:
         for samples in batches:
@@ -281,18 +238,15 @@ def predict_paths(nets: Networks, inputs: Sequence[Path], out_dir: str | os.Path
                 for f in pending:
                     f.result()
                 raise DataError(bad.error)
-            x = torch.stack([s.x for s in samples]).to(device)  # type: ignore[misc]
-            with _autocast(device, amp_dtype):
-                logits, att = target(x)
-            logits, att = logits.float(), att.float()
+            x = torch.stack([s.x for s in samples])  # type: ignore[misc]
+            logits, att = segmenter.forward_batch(x)
             for j, s in enumerate(samples):
                 rgb = s.rgb
                 assert rgb is not None
                 h, w = rgb.shape[:2]
-                up = F.interpolate(logits[j : j + 1], size=(h, w), mode="bilinear", align_corners=True)
+                up, a = segmenter.upsample(logits[j : j + 1], att[j : j + 1], (h, w))
                 label = up.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
-                a = F.interpolate(att[j : j + 1], size=(h, w), mode="bilinear", align_corners=True)
-                att_np = a[0, 0].clamp(0.0, 1.0).cpu().numpy()
+                att_np = a[0].cpu().numpy()
                 raw = logits[j].cpu().numpy().astype(np.float32, copy=False) if save_logits else None
                 files = plans[s.index]
                 pending.append(pool.submit(write_prediction, files, rgb, label, att_np, colors, raw))

@@ -111,7 +111,8 @@ def _load_config(root: Path) -> tuple[str, dict[str, Any], Optional[Config], Opt
     if not root.is_dir():
         raise UserError(f"{root} is not a directory (expected a dast run directory)")
     if not path.is_file():
-        raise UserError(f"{root} is not a dast run directory: it has no config.yaml (made by `dast train --out`)")
+        raise UserError(f"{root} is not a dast run directory: it has no config.yaml (made by `dast train --out`), "
+                        "nor is it a demo folder (report.json, made by `dast demo --out`)")
     try:
         text = path.read_text(encoding="utf-8")
         tree = yaml.safe_load(text)

@@ -1,0 +1,294 @@
+"""``dast report DEMO_OUT``: one HTML page for a folder written by ``dast demo --out``.
+
+A demo folder holds ``report.json`` (``{"variants": {name: {"miou", "per_class", ...}}, ...}``),
+the figures it names and ``runs/<run>/`` run directories. The page shows the results table
+built from whatever variants and fields ``report.json`` holds (none is assumed), embeds the
+figures, and links each run's own report, which is written next to it
+(``runs/<run>/report.html``) with :func:`dast.reporting.page.write_report`.
+
+Only ``report.json`` itself must be readable; a missing figure or run directory, or a run
+whose report cannot be made, becomes a note on the page.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from dast.errors import UserError
+from dast.reporting.page import CSS, _e, _note, _num, _table, img_tag, write_report
+from dast.reporting.rundir import read_run
+
+REPORT_JSON = "report.json"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# report.json keys with a section of their own; any other key is shown generically
+_KNOWN_KEYS = ("variants", "figures", "runs", "train_seconds", "pseudo_labels")
+# per-variant keys with a column of their own, in this order
+_VARIANT_KEYS = ("miou", "gap_recovered", "per_class")
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    """``value`` if it is a dict, else an empty one (report.json fields may be absent or odd)."""
+    return value if isinstance(value, dict) else {}
+
+
+def is_demo_folder(path: str | Path) -> bool:
+    """Whether ``path`` looks like a ``dast demo`` output folder (``report.json``, no ``config.yaml``)."""
+    root = Path(path)
+    return (root / REPORT_JSON).is_file() and not (root / "config.yaml").is_file()
+
+
+@dataclass
+class RunLink:
+    """One run directory of the demo and the variants whose checkpoint lies in it."""
+
+    name: str
+    folder: Path
+    variants: list[str] = field(default_factory=list)
+    report: Optional[Path] = None
+    status: str = "missing"
+    miou: Optional[float] = None
+    note: Optional[str] = None
+
+
+@dataclass
+class DemoContents:
+    """What the demo page shows, read from a demo folder."""
+
+    root: Path
+    report: dict[str, Any]
+    figures: list[tuple[str, Optional[bytes]]]
+    runs: list[RunLink]
+
+
+def read_report_json(root: Path) -> dict[str, Any]:
+    """``root/report.json`` as a dict with a ``variants`` mapping; anything else is a UserError."""
+    path = root / REPORT_JSON
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} cannot be read as JSON ({type(exc).__name__}); is {root} a dast demo folder?") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("variants"), dict):
+        raise UserError(f"{root} is not a dast demo folder: {path.name} has no 'variants' mapping "
+                        "(made by `dast demo --out`)")
+    return data
+
+
+def _figures(root: Path, report: dict[str, Any]) -> list[tuple[str, Optional[bytes]]]:
+    names = report.get("figures")
+    if not isinstance(names, list):
+        names = sorted(p.name for p in root.glob("*.png"))
+    out: list[tuple[str, Optional[bytes]]] = []
+    for name in names:
+        path = root / str(name)
+        try:
+            data = path.read_bytes() if path.is_file() else None
+        except OSError:
+            data = None
+        out.append((str(name), data if data is not None and data.startswith(PNG_MAGIC) else None))
+    return out
+
+
+def _run_folder(root: Path, checkpoint: str) -> Optional[Path]:
+    """The run directory (the nearest folder inside ``root`` with a config.yaml) a checkpoint
+    path lies in; ``root`` is resolved, and so is the answer."""
+    for parent in (root / checkpoint).resolve().parents:
+        if root not in parent.parents:
+            return None
+        if (parent / "config.yaml").is_file():
+            return parent
+    return None
+
+
+def find_runs(root: Path, report: dict[str, Any]) -> list[RunLink]:
+    """Every run directory the report names (``runs``: variant -> checkpoint path) plus any
+    other ``runs/*/`` folder with a ``config.yaml``, in the report's order."""
+    root = root.resolve()
+    links: dict[Path, RunLink] = {}
+    named = _mapping(report.get("runs"))
+    for variant, checkpoint in named.items():
+        folder = _run_folder(root, str(checkpoint))
+        if folder is None:  # the run directory is gone: still list the variant
+            missing = (root / str(checkpoint)).resolve()
+            link = links.setdefault(missing, RunLink(name=str(checkpoint), folder=missing,
+                                                     note=f"no run directory holds {checkpoint}"))
+        else:
+            link = links.setdefault(folder, RunLink(name=folder.relative_to(root).as_posix(), folder=folder))
+        link.variants.append(str(variant))
+    runs_dir = root / "runs"
+    if runs_dir.is_dir():
+        for folder in sorted(p for p in runs_dir.iterdir() if (p / "config.yaml").is_file()):
+            links.setdefault(folder, RunLink(name=folder.relative_to(root).as_posix(), folder=folder))
+    return list(links.values())
+
+
+def write_run_reports(runs: list[RunLink], samples: int, device: torch.device | str) -> None:
+    """Write ``report.html`` in each run directory; a failure becomes the run's note."""
+    for link in runs:
+        if link.note is not None:
+            continue
+        try:
+            run = read_run(link.folder)
+            link.status = "complete" if run.finished else "not finished"
+            link.miou = run.metrics.get("miou") if run.metrics is not None else None
+            link.report = write_report(link.folder, samples=samples, device=device)
+        except UserError as exc:
+            link.status = "unreadable"
+            link.note = f"no report: {exc}"
+
+
+# ------------------------------------------------------------------------------ sections
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "&ndash;" if value is None else _e(value)
+    return _num(value) if isinstance(value, float) else _e(value)
+
+
+def results_html(report: dict[str, Any]) -> str:
+    """The results table: a row per variant (in the report's order, whatever their names),
+    mIoU, gap recovered, any other scalar field, then the per-class IoU."""
+    variants = {str(k): v for k, v in report["variants"].items() if isinstance(v, dict)}
+    if not variants:
+        return _note("report.json lists no variants.", "warn")
+    extra: list[str] = []
+    classes: list[str] = []
+    for v in variants.values():
+        extra += [k for k, x in v.items() if k not in _VARIANT_KEYS and k not in extra and _scalar(x)]
+        per_class = v.get("per_class")
+        if isinstance(per_class, dict):
+            classes += [str(c) for c in per_class if str(c) not in classes]
+    head = ["variant", "<b>mIoU</b>", "gap recovered", *[_e(k) for k in extra], *[_e(c) for c in classes]]
+    rows = []
+    for name, v in variants.items():
+        gap = v.get("gap_recovered")
+        per_class = _mapping(v.get("per_class"))
+        rows.append([_e(name), f"<b>{_cell(v.get('miou'))}</b>",
+                     f"{gap:.0f}%" if isinstance(gap, (int, float)) and not isinstance(gap, bool) else "&ndash;",
+                     *[_cell(v.get(k)) for k in extra], *[_cell(per_class.get(c)) for c in classes]])
+    intro = ("<p>mIoU and per-class IoU (%) on the demo's target val images; <i>gap recovered</i> is the share "
+             "of the source-only &rarr; oracle mIoU gap a variant closes.</p>")
+    return intro + _table(head, rows)
+
+
+def _mapping_html(data: dict[str, Any]) -> str:
+    """A dict shown generically: its scalars as a list, each dict of scalars as a one-row table."""
+    facts = [f"{_e(k)}: <b>{_cell(v)}</b>" for k, v in data.items() if _scalar(v)]
+    parts = [f"<p>{', '.join(facts)}</p>"] if facts else []
+    for key, value in data.items():
+        if isinstance(value, dict) and all(_scalar(x) for x in value.values()):
+            parts.append(f"<h3>{_e(key)}</h3>" + _table([_e(k) for k in value], [[_cell(x) for x in value.values()]],
+                                                       left=0))
+        elif not _scalar(value):
+            parts.append(f"<h3>{_e(key)}</h3><pre>{_e(json.dumps(value, indent=2))}</pre>")
+    return "".join(parts)
+
+
+def other_fields_html(report: dict[str, Any]) -> str:
+    """Sections for report.json fields the page has no special place for (added by later versions)."""
+    parts = []
+    for key, value in report.items():
+        if key in _KNOWN_KEYS or _scalar(value):
+            continue
+        body = _mapping_html(value) if isinstance(value, dict) else f"<pre>{_e(json.dumps(value, indent=2))}</pre>"
+        parts.append(f'<section id="field-{_e(key)}"><h2>{_e(key)}</h2>{body}</section>')
+    return "".join(parts)
+
+
+def figures_html(figures: list[tuple[str, Optional[bytes]]]) -> str:
+    if not figures:
+        return _note("No figures (report.json names none and the folder holds no PNG).", "warn")
+    parts = []
+    for name, data in figures:
+        if data is None:
+            parts.append(f"<h3>{_e(name)}</h3>" + _note(f"{_e(name)} is missing or not a PNG.", "warn"))
+        else:
+            parts.append(f"<h3>{_e(name)}</h3>{img_tag(data, name, 'fig')}")
+    return "".join(parts)
+
+
+def runs_html(runs: list[RunLink], page: Path, report: dict[str, Any]) -> str:
+    if not runs:
+        return _note("No run directories (runs/*/config.yaml) found.", "warn")
+    seconds = _mapping(report.get("train_seconds"))
+    rows = []
+    for link in runs:
+        if link.report is not None:
+            href = Path(os.path.relpath(link.report, page.parent)).as_posix()
+            cell = f'<a href="{_e(href)}">{_e(href)}</a>'
+        else:
+            cell = _e(link.note or "no report")
+        rows.append([_e(link.name), _e(", ".join(link.variants) or "–"), _e(link.status),
+                     _cell(link.miou), _cell(seconds.get(link.folder.name)), cell])
+    intro = ("<p>Each run directory has its own report (status, curves, sample predictions, pseudo labels), "
+             "linked by a path relative to this page: keep the folder together when copying it.</p>")
+    return intro + _table(["run", "variants", "status", "final mIoU", "training s", "report"], rows, left=3)
+
+
+def header_html(contents: DemoContents) -> str:
+    from dast import __version__
+
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    facts = [("demo folder", _e(contents.root.resolve()))]
+    facts += [(_e(k), _cell(v)) for k, v in contents.report.items() if _scalar(v)]
+    facts += [("dast", _e(__version__)), ("torch", _e(torch.__version__)), ("generated", _e(now))]
+    rows = "".join(f"<tr><th class=l>{k}</th><td class=l>{v}</td></tr>" for k, v in facts)
+    nav = ("<nav>" + "".join(f'<a href="#{sid}">{title}</a>' for sid, title in
+                             (("results", "Results"), ("figures", "Figures"), ("runs", "Runs"), ("raw", "report.json")))
+           + "</nav>")
+    return f"<h1>DAST demo report: {_e(contents.root.resolve().name)}</h1>{nav}<table>{rows}</table>"
+
+
+# ------------------------------------------------------------------------------ the page
+
+
+def read_demo(demo_dir: str | Path) -> DemoContents:
+    """Read a demo folder (report.json, figures, run directories); only report.json must be readable."""
+    root = Path(demo_dir)
+    if not root.is_dir():
+        raise UserError(f"demo folder not found: {root}" if not root.exists() else f"{root} is not a directory")
+    report = read_report_json(root)
+    return DemoContents(root=root, report=report, figures=_figures(root, report), runs=find_runs(root, report))
+
+
+def render_demo_page(contents: DemoContents, page: Path) -> str:
+    """The demo page as one HTML string; run-report links are relative to ``page``."""
+    report = contents.report
+    pseudo = report.get("pseudo_labels")
+    sections = [("results", "Results", results_html(report))]
+    if isinstance(pseudo, dict):
+        sections.append(("pseudo-labels", "Round-1 pseudo labels against the target labels", _mapping_html(pseudo)))
+    sections += [("figures", "Figures", figures_html(contents.figures)),
+                 ("runs", "Runs", runs_html(contents.runs, page, report))]
+    body = "".join(f'<section id="{sid}"><h2>{title}</h2>{html}</section>' for sid, title, html in sections)
+    body += other_fields_html(report)
+    body += ('<section id="raw"><h2>report.json</h2><details><summary>the file as written by dast demo</summary>'
+             f"<pre>{_e(json.dumps(report, indent=2))}</pre></details></section>")
+    title = f"DAST demo report: {contents.root.resolve().name}"
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{_e(title)}</title><style>{CSS}</style></head><body>"
+            f"{header_html(contents)}{body}</body></html>\n")
+
+
+def write_demo_report(demo_dir: str | Path, out: str | Path | None = None, *, samples: int = 4,
+                      device: torch.device | str = "cpu") -> tuple[Path, list[RunLink]]:
+    """Write every run's ``report.html``, then the demo page (default ``DEMO_DIR/report.html``),
+    each atomically. Returns (the page, the runs with their report paths or notes)."""
+    from dast.atomic import write_text
+
+    contents = read_demo(demo_dir)
+    page = Path(out) if out is not None else contents.root / "report.html"
+    write_run_reports(contents.runs, samples, device)
+    write_text(page, render_demo_page(contents, page))
+    return page, contents.runs
