@@ -27,13 +27,14 @@ def autocast_factory(device: torch.device | str, dtype: torch.dtype | None) -> C
 
 @contextlib.contextmanager
 def eval_mode(*modules: torch.nn.Module | None) -> Iterator[None]:
-    """Put modules in eval mode for the block and restore each one's previous mode."""
-    mods = [m for m in modules if m is not None]
-    modes = [m.training for m in mods]
-    for m in mods:
-        m.eval()
+    """Put modules in eval mode for the block and restore every submodule's previous mode
+    (a module whose parts were in mixed modes gets exactly those back)."""
+    flags = [(m, m.training) for top in modules if top is not None for m in top.modules()]
+    for top in modules:
+        if top is not None:
+            top.eval()
     try:
         yield
     finally:
-        for m, was in zip(mods, modes):
-            m.train(was)
+        for m, was in flags:
+            m.training = was

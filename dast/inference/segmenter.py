@@ -27,13 +27,14 @@ from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from dast.contexts import autocast, eval_mode
 from dast.data.transforms import normalize, resize_image
 from dast.errors import UserError
 from dast.inference.images import read_rgb
 from dast.inference.visualize import palette_for
+from dast.losses import upsample
 from dast.models.io import ModelSpec, Networks, load_networks
 
 ImageInput = Union[Image.Image, np.ndarray, torch.Tensor, str, "os.PathLike[str]"]
@@ -137,25 +138,6 @@ def as_rgb_images(image: Any) -> tuple[list[np.ndarray], bool]:
                           f"or an image path, got {type(image).__name__}")
 
 
-@contextlib.contextmanager
-def eval_mode(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
-    """Put ``modules`` in eval mode and restore their previous train/eval flags afterwards."""
-    flags = [(m, m.training) for top in modules for m in top.modules()]
-    for top in modules:
-        top.eval()
-    try:
-        yield
-    finally:
-        for m, was in flags:
-            m.training = was
-
-
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
-    if amp_dtype is None or amp_dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-
 class Segmenter:
     """Predict label maps (and probabilities, attention, logits) with a trained model.
 
@@ -213,7 +195,7 @@ class Segmenter:
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
         """Eval mode (previous flags restored on exit) and no gradients."""
-        with eval_mode([self.model]), torch.no_grad():
+        with eval_mode(self.model), torch.no_grad():
             yield
 
     def forward_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,7 +205,7 @@ class Segmenter:
         is all zeros for a model without discoverer attention. Call inside :meth:`session`.
         """
         x = x.to(self.device)
-        with _autocast(self.device, self.amp_dtype):
+        with autocast(self.device, None if self.amp_dtype == torch.float32 else self.amp_dtype):
             logits, att = self.model(x)
         return logits.float(), att.float()
 
@@ -234,9 +216,7 @@ class Segmenter:
 
         Returns (logits N x C x H x W, attention N x H x W clamped to [0, 1]).
         """
-        up = F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
-        att = F.interpolate(attention, size=size, mode="bilinear", align_corners=True)[:, 0].clamp(0.0, 1.0)
-        return up, att
+        return upsample(logits, size), upsample(attention, size)[:, 0].clamp(0.0, 1.0)
 
     # ------------------------------------------------------------------ the predictor
 

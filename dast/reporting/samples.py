@@ -8,10 +8,11 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from dast.constants import IGNORE_INDEX
+from dast.contexts import eval_mode
+from dast.models.target_model import predict_full_res
 from dast.config import Config, DatasetConfig
 from dast.data.transforms import normalize, resize_label
 from dast.inference.visualize import colorize, heatmap, palette_for, png_bytes
@@ -83,17 +84,15 @@ def predict_samples(model_path: Path, cfg: Config, count: int, device: torch.dev
     colors = palette_for(spec.num_classes, spec.class_colors or None)
     names = list(spec.class_names) or list(ds.table.names)
     out = SampleSet(dataset=which, class_names=names, class_colors=colors, has_labels=with_labels)
-    model = nets.target_model().eval()
-    with torch.no_grad():
+    model = nets.target_model()
+    with eval_mode(model):
         for i in range(min(count, len(ds))):
             rgb = ds.read_image_rgb(i)
             h, w = rgb.shape[:2]
             x = normalize(rgb, spec.norm).unsqueeze(0).to(device)
-            logits, att = model(x)
-            up = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=True)
+            up, a = predict_full_res(model, x, (h, w))
             pred = up.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
-            a = F.interpolate(att.float(), size=(h, w), mode="bilinear", align_corners=True)[0, 0]
-            a_np = a.clamp(0.0, 1.0).cpu().numpy()
+            a_np = a[0, 0].clamp(0.0, 1.0).cpu().numpy()
             gt = resize_label(np.asarray(ds.read_label_native(i), dtype=np.uint8), (w, h)) if with_labels else None
             out.samples.append(Sample(
                 name=ds.names[i],
