@@ -23,29 +23,31 @@ from dast.training.pipeline import train
 from dast.training.snapshots import best_across_stages
 
 
-def _train(tree: dict[str, Any], run_dir: Path, label: str | None, progress: bool) -> float:
+def _train(tree: dict[str, Any], run_dir: Path, label: str | None, progress: bool, force: bool = False) -> float:
     """Train one run (resuming a finished or interrupted one); return its seconds."""
     t0 = time.time()
     torch.set_num_threads(1)  # tiny networks: one thread per run, runs in parallel instead
     cfg = from_tree(tree, "demo")
-    train(cfg, run_dir, resume=RunDir(run_dir).config.exists(), progress=progress, heartbeat=label)
+    train(cfg, run_dir, resume=RunDir(run_dir).config.exists(), force=force, progress=progress, heartbeat=label)
     return time.time() - t0
 
 
-def train_runs(trees: dict[str, dict[str, Any]], runs: Path, workers: int, progress: bool) -> dict[str, float]:
+def train_runs(trees: dict[str, dict[str, Any]], runs: Path, workers: int, progress: bool,
+               force: bool = False) -> dict[str, float]:
     """Train every run, ``workers`` at a time in separate processes (in the given order).
 
     In parallel, each run prints a heartbeat line (run, stage, step/total, seconds) now and
-    then instead of a progress bar."""
+    then instead of a progress bar. ``force`` resumes runs whose config changed (a sweep
+    that continues a finished stage 1 with other self-training settings)."""
     seconds: dict[str, float] = {}
     if workers <= 1:
         for name, tree in trees.items():
             if progress:
                 print(f"== training {name}", flush=True)
-            seconds[name] = _train(tree, runs / name, None, progress)
+            seconds[name] = _train(tree, runs / name, None, progress, force)
         return seconds
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_train, tree, runs / name, name if progress else None, False): name
+        futures = {pool.submit(_train, tree, runs / name, name if progress else None, False, force): name
                    for name, tree in trees.items()}
         if progress:
             print(f"== training {', '.join(trees)} ({workers} at a time)", flush=True)

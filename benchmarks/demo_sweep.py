@@ -1,0 +1,211 @@
+"""Choose the demo's settings without target labels: a sweep scored by the label-free
+FDA-restyled synthetic validation score (the paper's own model-selection criterion).
+
+Two phases, each over several seeds, with every run trained by ``dast train``'s pipeline:
+
+* ``stage1``: each setting of :data:`STAGE1` (learning rates at the paper's
+  segmentor:discriminator ratio or the old demo's, lambda, the adversarial warm-up, the
+  corrector weighting) trains DA's stage 1 (and the baseline for the learning-rate
+  settings); a setting's score is the mean over seeds of the synthetic score of the snapshot
+  stage 1 selects.
+* ``self-training``: from the stage-1 runs of ``--stage1-setting``, each setting of
+  :data:`SELF_TRAINING` (BatchNorm mode, learning rate, steps, portion q, labelling rule)
+  trains round 1 (the stage-1 folder is copied, so stage 1 is not retrained); a setting's
+  score is the synthetic score of the snapshot the round selects.
+
+The target val mIoU of the same snapshots is printed beside each score, only for
+information: nothing is chosen on it. Prints a Markdown table and writes JSON with
+``--out``. Example (2 cores)::
+
+    python benchmarks/demo_sweep.py stage1 --seeds 100 101 --work /tmp/sweep --out stage1.json
+    python benchmarks/demo_sweep.py self-training --seeds 100 101 --work /tmp/sweep \\
+        --stage1-setting <best stage-1 setting> --out st.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from dast.atomic import write_json
+from dast.checkpoint import read_meta
+from dast.config import deep_merge
+from dast.demo import demo_tree, run_trees, train_runs
+from dast.rundir import RunDir
+
+PAPER_RATIO = 2.5  # segmentor : discriminator learning rate, 2.5e-4 : 1e-4 in the paper
+
+
+def _lr(seg: float, ratio: float = PAPER_RATIO) -> dict[str, Any]:
+    return {"train": {"lr": seg}, "adversarial": {"lr": seg / ratio}}
+
+
+WARMUP = "warm-up"  # settings with this in their name start the adversarial terms after 20% of
+# stage 1 and ramp them up over the next 20% (the steps depend on the demo's size)
+
+
+def _warmup(tree: dict[str, Any]) -> dict[str, Any]:
+    fifth = max(1, int(tree["train"]["steps"]) // 5)
+    return {"adversarial": {"warmup_steps": fifth, "warmup_ramp": fifth}}
+
+
+STAGE1: dict[str, dict[str, Any]] = {
+    "old demo: lr 0.01, D/C lr 1e-4 (ratio 100), lambda 0.01": _lr(0.01, 100.0),
+    "lr 0.01, ratio 2.5, lambda 0.01": _lr(0.01),
+    "lr 0.01, ratio 2.5, lambda 0.001": deep_merge(_lr(0.01), {"adversarial": {"lambda_d": 0.001, "lambda_c": 0.001}}),
+    "lr 0.01, ratio 2.5, lambda 0.01, warm-up": _lr(0.01),
+    "lr 0.0025, ratio 2.5, lambda 0.01": _lr(0.0025),
+    "lr 0.0025, ratio 2.5, lambda 0.001": deep_merge(_lr(0.0025), {"adversarial": {"lambda_d": 0.001, "lambda_c": 0.001}}),
+    "lr 0.0025, ratio 2.5, lambda 0.01, warm-up": _lr(0.0025),
+    "lr 0.01, ratio 2.5, lambda 0.01, weighting both": deep_merge(_lr(0.01), {"adversarial": {"corrector_weighting": "both"}}),
+}
+
+SELF_TRAINING: dict[str, dict[str, Any]] = {
+    "base: BN train, lr 0.002, 300 steps, q 0.5, ratio rule": {},
+    "BN frozen (as released)": {"self_training": {"batchnorm": "frozen"}},
+    "lr 0.0005": {"self_training": {"lr": 0.0005}},
+    "600 steps": {"self_training": {"steps": 600, "eval_every": 150}},
+    "q 0.3": {"self_training": {"portion": 0.3}},
+    "threshold rule": {"self_training": {"rule": "threshold"}},
+}
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")[:60]
+
+
+def _selected(run: RunDir, stage: str) -> dict[str, Any]:
+    """The label-free score of a stage's selected snapshot, with the target mIoU of the same
+    evaluation (information only) and the last evaluation's scores."""
+    sel = read_meta(run.stage(stage).selected).get("selection") or {}
+    curves = [h for h in json.loads(run.curves.read_text()) if h["stage"] == stage] if run.curves.exists() else []
+    at = next((h for h in curves if h["step"] == sel.get("step")), {})
+    last = curves[-1] if curves else {}
+    return {"step": sel.get("step"), "synthetic": sel.get("value"), "target_info": at.get("target"),
+            "last_synthetic": last.get("synthetic"), "last_target_info": last.get("target")}
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+def _summaries(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    return {name: {k: _mean([r[k] for r in per_seed.values()]) for k in
+                   ("synthetic", "target_info", "last_synthetic", "last_target_info")}
+            for name, per_seed in results.items()}
+
+
+def setting_overrides(name: str, change: dict[str, Any], quick: bool) -> dict[str, Any]:
+    """A stage-1 setting's config changes (the warm-up sized to the demo's stage 1)."""
+    if WARMUP in name:
+        return deep_merge(change, _warmup(demo_tree(quick=quick)))
+    return change
+
+
+def sweep_stage1(seeds: list[int], work: Path, quick: bool, workers: int, shift: str | None,
+                 progress: bool) -> dict[str, Any]:
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    baseline: dict[str, dict[str, dict[str, Any]]] = {}
+    trees: dict[str, dict[str, Any]] = {}
+    for name, change in STAGE1.items():
+        change = setting_overrides(name, change, quick)
+        for seed in seeds:
+            base = demo_tree(quick=quick, seed=seed, shift=shift, overrides=deep_merge(change, {"self_training": {"rounds": 0}}))
+            runs = run_trees(base)
+            trees[f"{_slug(name)}_s{seed}"] = runs["dast"]
+            if "weighting" not in name and "warm-up" not in name and "lambda 0.001" not in name:
+                trees[f"{_slug(name)}_s{seed}_baseline"] = runs["baseline"]
+    train_runs(trees, work / "stage1", workers, progress)
+    for name in STAGE1:
+        for seed in seeds:
+            results.setdefault(name, {})[str(seed)] = _selected(RunDir(work / "stage1" / f"{_slug(name)}_s{seed}"), "stage1")
+            b = work / "stage1" / f"{_slug(name)}_s{seed}_baseline"
+            if b.exists():
+                baseline.setdefault(name, {})[str(seed)] = _selected(RunDir(b), "stage1")
+    return {"phase": "stage1", "seeds": seeds, "settings": STAGE1, "da": results, "da_mean": _summaries(results),
+            "baseline": baseline, "baseline_mean": _summaries(baseline)}
+
+
+def sweep_self_training(seeds: list[int], work: Path, quick: bool, workers: int, shift: str | None,
+                        stage1_setting: str, progress: bool) -> dict[str, Any]:
+    if stage1_setting not in STAGE1:
+        raise SystemExit(f"error: unknown stage-1 setting {stage1_setting!r}; choose from: " + "; ".join(STAGE1))
+    trees: dict[str, dict[str, Any]] = {}
+    for name, change in SELF_TRAINING.items():
+        for seed in seeds:
+            src = work / "stage1" / f"{_slug(stage1_setting)}_s{seed}"
+            if not (src / "stage1" / "selected.safetensors").exists():
+                raise SystemExit(f"error: {src} has no finished stage 1; run the stage1 phase first")
+            run = work / "self_training" / f"{_slug(name)}_s{seed}"
+            if not run.exists():  # stage 1 is reused, not retrained (its manifest entry says complete)
+                shutil.copytree(src, run, ignore=shutil.ignore_patterns("final", "report.html"))
+            stage1 = setting_overrides(stage1_setting, STAGE1[stage1_setting], quick)
+            overrides = deep_merge(stage1, deep_merge({"self_training": {"rounds": 1}}, change))
+            trees[run.name] = demo_tree(quick=quick, seed=seed, shift=shift, overrides=overrides)
+    train_runs(trees, work / "self_training", workers, progress, force=True)
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in SELF_TRAINING:
+        for seed in seeds:
+            run = RunDir(work / "self_training" / f"{_slug(name)}_s{seed}")
+            results.setdefault(name, {})[str(seed)] = {**_selected(run, "round1"),
+                                                      "stage1": _selected(run, "stage1")}
+    start = {name: {"stage1": {s: r["stage1"] for s, r in per_seed.items()}} for name, per_seed in results.items()}
+    stage1_mean = _mean([r["stage1"]["synthetic"] for per_seed in results.values() for r in per_seed.values()])
+    return {"phase": "self-training", "seeds": seeds, "stage1_setting": stage1_setting, "stage1_synthetic_mean":
+            stage1_mean, "settings": SELF_TRAINING, "dast": results, "dast_mean": _summaries(results), "start": start}
+
+
+def _fmt(v: float | None) -> str:
+    return f"{v:.1f}" if v is not None else "-"
+
+
+def table(means: dict[str, dict[str, Any]], title: str) -> str:
+    best = max(means, key=lambda n: means[n]["synthetic"] if means[n]["synthetic"] is not None else -1.0)
+    lines = [f"### {title}", "", "| setting | label-free score (selected) | label-free (last) | target mIoU, info only "
+             "(selected) | target mIoU, info only (last) |", "|---|---|---|---|---|"]
+    for name, m in means.items():
+        mark = " **(chosen)**" if name == best else ""
+        lines.append(f"| {name}{mark} | {_fmt(m['synthetic'])} | {_fmt(m['last_synthetic'])} | "
+                     f"{_fmt(m['target_info'])} | {_fmt(m['last_target_info'])} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("phase", choices=["stage1", "self-training"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[100, 101])
+    p.add_argument("--work", type=Path, required=True, help="folder for the runs (reused: finished runs are kept)")
+    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
+    p.add_argument("--quick", action="store_true", help="the --quick demo sizes (a smoke test of the sweep)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--shift", choices=["appearance", "appearance+layout"], default=None)
+    p.add_argument("--stage1-setting", default=None, help="the stage-1 setting the rounds start from")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    progress = not args.no_progress
+    if args.phase == "stage1":
+        out = sweep_stage1(args.seeds, args.work, args.quick, args.workers, args.shift, progress)
+        text = (table(out["da_mean"], "DA, stage 1") + "\n\n"
+                + table(out["baseline_mean"], "AdaptSegNet baseline (its own lambda 0.001 and BCE; the learning rates of the row)"))
+    else:
+        if args.stage1_setting is None:
+            p.error("self-training needs --stage1-setting")
+        out = sweep_self_training(args.seeds, args.work, args.quick, args.workers, args.shift,
+                                  args.stage1_setting, progress)
+        text = table(out["dast_mean"], f"DAST round 1 from '{args.stage1_setting}' (stage 1's own label-free "
+                                       f"score: {_fmt(out['stage1_synthetic_mean'])})")
+    print(text)
+    if args.out:
+        write_json(args.out, {**copy.deepcopy(out), "table": text})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
