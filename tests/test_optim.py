@@ -27,7 +27,7 @@ def test_released_resnet101_parameter_list_multiplicities() -> None:
     seg = build_segmentor("resnet101", 19, "reference")
     seq = released_parameter_sequence(seg.stages())
     unique, mult = multiplicities(seq)
-    assert len(seq) == 318 and len(unique) == 105  # DESIGN.md §3.3
+    assert len(seq) == 318 and len(unique) == 105  # the released generator: 318 entries for 105 tensors (docs/variants.md)
     names = {id(p): n for n, p in seg.named_parameters()}
     for p, k in zip(unique, mult):
         n = names[id(p)]

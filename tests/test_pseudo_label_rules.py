@@ -260,7 +260,7 @@ def test_quality_equals_precision_of_the_written_sets(tmp_path: Path, mode: str)
 def test_config_rule_defaults_to_ratio_in_both_variants() -> None:
     from dast.config import load_config
 
-    cfg = Path(__file__).resolve().parents[1] / "configs" / "gta5" / "resnet101" / "dast.yaml"
+    cfg = Path(__file__).resolve().parents[1] / "dast" / "configs" / "gta5" / "resnet101" / "dast.yaml"
     for variant in ("paper", "reference"):
         assert load_config(cfg, [f"variant={variant}"]).self_training.rule == "ratio"
     assert load_config(cfg, ["self_training.rule=threshold"]).self_training.rule == "threshold"

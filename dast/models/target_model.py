@@ -40,10 +40,14 @@ def predict_full_res(model: nn.Module, x: Tensor, size: tuple[int, int] | None =
     ``amp_dtype`` when given) and upsample its float32 logits and attention bilinearly
     (``align_corners=True``) to ``size`` = (height, width), the input size by default.
 
-    Returns (logits N x C x H x W, attention N x 1 x H x W). No gradients are recorded.
+    Returns (logits N x C x H x W, attention N x 1 x H x W; zeros for a model that returns no
+    attention). No gradients are recorded.
     """
     out_size = tuple(x.shape[-2:]) if size is None else (int(size[0]), int(size[1]))
     with torch.no_grad():
         with autocast(x.device, amp_dtype):
             logits, alpha = model(x)
-        return upsample(logits.float(), out_size), upsample(alpha.float(), out_size)  # type: ignore[arg-type]
+        up = upsample(logits.float(), out_size)  # type: ignore[arg-type]
+        if alpha is None:  # a model without attention (a plain segmentor wrapped to return a pair)
+            return up, torch.zeros_like(up[:, :1])
+        return up, upsample(alpha.float(), out_size)  # type: ignore[arg-type]
