@@ -156,17 +156,18 @@ def model_spec_for(cfg: Config) -> ModelSpec:
         arch=cfg.model.arch, num_classes=cfg.model.num_classes, variant=cfg.variant, norm=cfg.model.norm,
         input_size=tuple(cfg.target.size) if cfg.target.size else None,
         discoverer=adv.discoverer, corrector=adv.corrector, attention=adv.attention, corrector_width=adv.corrector_width,
+        timm_name=cfg.model.timm_name, output_stride=cfg.model.output_stride,
         class_names=list(table.names), class_colors=[tuple(c) for c in table.colors],
     )
 
 
 def initial_networks(cfg: Config, spec: ModelSpec) -> Networks:
     """Fresh networks, with the segmentor (and any stored discriminators) from ``model.init``."""
-    nets = build_networks(spec)
+    nets = build_networks(spec, pretrained=cfg.model.pretrained)
     if cfg.model.init:
         tensors, meta = load_checkpoint(cfg.model.init)
         init_spec = meta.get("model", {})
-        for key in ("arch", "num_classes"):
+        for key in ("arch", "num_classes", "timm_name"):
             if key in init_spec and init_spec[key] != getattr(spec, key):
                 raise UserError(f"model.init {cfg.model.init} is for {key}={init_spec[key]!r}, the config asks for {getattr(spec, key)!r}")
         from dast.models.io import load_state_strict, split_prefixed

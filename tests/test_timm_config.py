@@ -1,0 +1,62 @@
+"""`model.arch: timm` config rules and the missing-timm hint (these need no timm)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+
+from dast.cli import main
+from dast.config import load_config
+from dast.errors import ConfigError
+from dast.models.io import ModelSpec, build_networks
+
+TIMM = ["--set", "model.arch=timm", "--set", "model.timm_name=resnet10t", "--set", "model.norm=imagenet"]
+
+
+def _overrides(args: list[str]) -> list[str]:
+    return [a for a in args if a != "--set"]
+
+
+def test_timm_keys_must_fit_together(tiny_config) -> None:
+    cfg = tiny_config()
+    ok = load_config(cfg, _overrides(TIMM))
+    assert (ok.model.arch, ok.model.timm_name, ok.model.output_stride, ok.model.pretrained) == ("timm", "resnet10t", None, False)
+    with pytest.raises(ConfigError, match=r"'model.timm_name' is required with model.arch: timm"):
+        load_config(cfg, ["model.arch=timm", "model.norm=imagenet"])
+    with pytest.raises(ConfigError, match=r"model.arch: timm needs variant: paper"):
+        load_config(cfg, [*_overrides(TIMM), "variant=reference"])
+    with pytest.raises(ConfigError, match=r"'model.timm_name' applies to model.arch: timm only"):
+        load_config(cfg, ["model.timm_name=resnet10t"])
+    with pytest.raises(ConfigError, match=r"'model.pretrained' applies to model.arch: timm only"):
+        load_config(cfg, ["model.pretrained=true"])
+    with pytest.raises(ConfigError, match=r"'model.output_stride' is 16, but arch 'small' has output stride 8"):
+        load_config(cfg, ["model.output_stride=16"])
+
+
+def test_caffe_norm_with_timm_warns(tiny_config, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = tiny_config()
+    with caplog.at_level(logging.WARNING, logger="dast.config"):
+        load_config(cfg, ["model.arch=timm", "model.timm_name=resnet10t", "model.norm=caffe"])
+    assert "timm backbones expect model.norm: imagenet" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dast.config"):
+        load_config(cfg, _overrides(TIMM))
+        load_config(cfg, ["model.arch=timm", "model.timm_name=resnet10t", "model.norm=unit"])  # random init: fine
+    assert caplog.text == ""
+
+
+def test_missing_timm_gives_the_install_hint(tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` raises ImportError, installed or not
+    with pytest.raises(ConfigError, match=r"needs the timm package: pip install 'dast\[timm\]'"):
+        build_networks(ModelSpec(arch="timm", num_classes=3, timm_name="resnet10t"))
+    run = tmp_path / "run"
+    code = main(["train", "--config", str(tiny_config(selection={"enabled": False}, val=None)), "--out", str(run),
+                 "--no-progress", *TIMM])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1] == "error: a timm backbone (model.arch: timm) needs the timm package: pip install 'dast[timm]'"
+    assert not run.exists()  # nothing half-made
