@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from dast.cli import main
 from dast.errors import ConfigError, UserError
+from dast.models.batchnorm import PerImageBatchNorm2d, use_per_image_batchnorm
 from dast.models.io import ModelSpec, build_networks, load_networks, save_networks
 from dast.models.timm_backbone import aspp_rates, build_timm_segmentor, create_timm_encoder
 from dast.training.optim import segmentor_param_groups
@@ -101,6 +102,25 @@ def test_pretrained_without_weights_or_network_is_one_clear_error(monkeypatch: p
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as without network: nothing is fetched
     with pytest.raises(UserError, match=r"could not fetch timm's weights for 'test_resnet' .*needs network access"):
         create_timm_encoder("test_resnet", pretrained=True)
+
+
+def test_per_image_batchnorm_converts_plain_batchnorm_and_refuses_fused_ones() -> None:
+    torch.manual_seed(0)
+    seg = build_timm_segmentor("resnet10t", 3)
+    n_bn = sum(type(m) is torch.nn.BatchNorm2d for m in seg.modules())
+    use_per_image_batchnorm(seg)
+    assert n_bn > 0 and sum(isinstance(m, PerImageBatchNorm2d) for m in seg.modules()) == n_bn
+    x = _x(2, 64, 96)
+    with torch.no_grad():  # batch of two == each image alone (train mode: per-image statistics)
+        both = seg.train()(x)
+        alone = torch.cat([seg(x[:1]), seg(x[1:])])
+    torch.testing.assert_close(both, alone, rtol=0, atol=1e-5)
+    fused = build_timm_segmentor("test_efficientnet", 3)
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"per_image replaces plain BatchNorm2d layers only.*BatchNormAct2d"):
+        use_per_image_batchnorm(fused)
+    assert not any(isinstance(m, PerImageBatchNorm2d) for m in fused.modules())
+    assert all(torch.equal(before[k], v) for k, v in fused.state_dict().items())
 
 
 # ---------------------------------------------------------------------------- weights

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from dast.cli import main
-from dast.config import load_config
+from dast.config import config_diff, load_config
 from dast.errors import ConfigError
 from dast.models.io import ModelSpec, build_networks
 
+REPO = Path(__file__).resolve().parents[1]
 TIMM = ["--set", "model.arch=timm", "--set", "model.timm_name=resnet10t", "--set", "model.norm=imagenet"]
 
 
@@ -60,3 +61,9 @@ def test_missing_timm_gives_the_install_hint(tiny_config, tmp_path: Path, monkey
     assert code == 2
     assert err[-1] == "error: a timm backbone (model.arch: timm) needs the timm package: pip install 'dast[timm]'"
     assert not run.exists()  # nothing half-made
+
+
+def test_demo_timm_is_the_demo_with_a_timm_encoder() -> None:
+    demo, timm_demo = load_config(REPO / "configs/demo.yaml"), load_config(REPO / "configs/demo_timm.yaml")
+    assert set(config_diff(demo, timm_demo)) == {"model.arch", "model.timm_name", "model.norm"}
+    assert (timm_demo.model.timm_name, timm_demo.model.norm, timm_demo.model.pretrained) == ("resnet10t", "imagenet", False)
