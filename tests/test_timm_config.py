@@ -7,7 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 
+from dast.checkpoint import save_checkpoint
 from dast.cli import main
 from dast.config import config_diff, load_config
 from dast.errors import ConfigError
@@ -67,3 +70,18 @@ def test_demo_timm_is_the_demo_with_a_timm_encoder() -> None:
     demo, timm_demo = load_config(REPO / "configs/demo.yaml"), load_config(REPO / "configs/demo_timm.yaml")
     assert set(config_diff(demo, timm_demo)) == {"model.arch", "model.timm_name", "model.norm"}
     assert (timm_demo.model.timm_name, timm_demo.model.norm, timm_demo.model.pretrained) == ("resnet10t", "imagenet", False)
+
+
+def test_a_timm_checkpoint_without_timm_gives_the_install_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "timm", None)
+    spec = ModelSpec(arch="timm", num_classes=3, norm="imagenet", timm_name="resnet10t", input_size=(64, 32))
+    ckpt = tmp_path / "model.safetensors"
+    save_checkpoint(ckpt, {"segmentor.classifier.conv2d_list.0.bias": torch.zeros(3)}, {"kind": "model", "model": spec.to_dict()})
+    image = tmp_path / "street.png"
+    Image.new("RGB", (64, 32)).save(image)
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(ckpt), "--input", str(image), "--out", str(out), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: a timm backbone (model.arch: timm) needs the timm package: "
+                                               "pip install 'dast[timm]'")
+    assert not out.exists()
