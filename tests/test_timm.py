@@ -73,6 +73,8 @@ def test_aspp_rates_follow_the_stride() -> None:
 def test_bad_names_and_strides_are_config_errors() -> None:
     with pytest.raises(ConfigError, match=r"'resnet_10t' is not a timm model \(did you mean 'resnet10t'\?\)"):
         create_timm_encoder("resnet_10t")
+    with pytest.raises(ConfigError, match=r"'resnet10t.bogus': RuntimeError: Invalid pretrained tag \(bogus\)"):
+        create_timm_encoder("resnet10t.bogus")
     with pytest.raises(ConfigError, match=r"'test_vit' cannot run at output stride 8; its native output stride is 16"):
         create_timm_encoder("test_vit", output_stride=8)
     assert create_timm_encoder("test_vit", output_stride=16).output_stride == 16

@@ -108,7 +108,10 @@ def _create_or_explain(timm: ModuleType, name: str, pretrained: bool, kwargs: di
     try:
         return _create_body(timm, name, pretrained, kwargs)
     except RuntimeError as exc:
-        if pretrained and "pretrained" in str(exc).lower():
+        text = str(exc).lower()
+        if "pretrained tag" in text:  # a name such as resnet50.bogus_tag
+            raise ConfigError(f"model.timm_name {name!r}: {_first_sentence(exc)}") from None
+        if pretrained and "pretrained" in text:
             raise ConfigError(f"model.pretrained: timm has no pretrained weights for {name!r}; set model.pretrained: "
                               "false or convert a weight file with `dast convert imagenet --arch timm`") from None
         raise
