@@ -200,6 +200,9 @@ def test_convert_rejects_a_file_of_another_model(tmp_path: Path, capsys: pytest.
     torch.save(timm.create_model("test_efficientnet").state_dict(), other)
     assert _convert(other, "test_resnet", out) == 2
     assert "does the file hold timm model 'test_resnet'?" in capsys.readouterr().err
+    ckpt = _trained_like_checkpoint(tmp_path)
+    assert _convert(ckpt, "resnet10t", out) == 2
+    assert "already a dast checkpoint" in capsys.readouterr().err
     assert not out.exists()
     assert main(["convert", "imagenet", "--arch", "small", "--timm-name", "x", "--weights", str(other),
                  "--out", str(out)]) == 2

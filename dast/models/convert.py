@@ -516,6 +516,8 @@ def timm_to_dast(
     from dast.models.timm_backbone import TimmEncoder, encoder_key, full_model_keys
 
     sd = _strip_common_prefix(weights_sd, "module.")
+    if any(k.startswith("segmentor.") for k in sd):
+        raise CheckpointError(f"{source}: this is already a dast checkpoint; use it as model.init (or with --checkpoint)")
     spec = ModelSpec(arch="timm", num_classes=num_classes, variant="paper", norm=norm or "imagenet",
                      timm_name=timm_name, output_stride=output_stride)
     nets = build_networks(spec)
@@ -537,16 +539,16 @@ def timm_to_dast(
     except CheckpointError as exc:
         raise CheckpointError(f"{exc} (does the file hold timm model {timm_name!r}?)") from None
     _account_missing(nets, written, report, (prefix,))
-    problems = []
+    problems, flags = [], []
     if report.unexpected and not allow_unexpected:
         problems.append(f"{_few(report.unexpected)} fit no part of timm model {timm_name!r}")
+        flags.append("--allow-unexpected")
     if report.missing and not allow_missing:
         problems.append(f"{_few(report.missing, strip=prefix)} of its encoder are not in the file")
+        flags.append("--allow-missing")
     if problems:
-        flags = " / ".join(f for f, on in (("--allow-unexpected", report.unexpected and not allow_unexpected),
-                                             ("--allow-missing", report.missing and not allow_missing)) if on)
         raise CheckpointError(f"{source}: {'; '.join(problems)} (is it a checkpoint of another model?"
-                              f" {flags} to go on anyway)")
+                              f" {' / '.join(flags)} to go on anyway)")
     return nets, report
 
 
