@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 from pathlib import Path
 from typing import Any, Iterable, Literal, Optional
 
@@ -85,11 +86,14 @@ class DatasetConfig(_Strict):
 class ModelConfig(_Strict):
     """The segmentor."""
 
-    arch: Literal["resnet101", "vgg16", "small"] = "resnet101"
+    arch: Literal["resnet101", "vgg16", "small", "timm"] = "resnet101"
     num_classes: int = Field(default=19, ge=2)
     init: Optional[str] = None  # a dast checkpoint (e.g. from `dast convert imagenet`)
     norm: Literal["caffe", "imagenet", "unit"] = "caffe"
     batchnorm: Literal["batch", "per_image"] = "batch"  # per_image keeps batch-1 normalisation at any batch size
+    output_stride: Optional[int] = None  # null: the architecture's default (8)
+    timm_name: Optional[str] = None  # arch timm: a timm.list_models() name, e.g. resnet50 (docs/backbones.md)
+    pretrained: bool = False  # arch timm: timm's own pretrained weights (network access or timm's cache)
 
 
 class AdversarialConfig(_Strict):
@@ -514,6 +518,7 @@ def resolve(cfg: Config) -> Config:
         st.batchnorm = d["st_batchnorm"]
     if adv.attention and not adv.discoverer:
         raise ConfigError("config key 'adversarial.attention' needs 'adversarial.discoverer: true'")
+    _check_backbone(out)
     if out.source.kind == "folder" or out.target.kind == "folder":
         for ds in (out.source, out.target, out.val):
             if ds is not None and ds.kind == "folder" and ds.classes is not None:
@@ -523,6 +528,26 @@ def resolve(cfg: Config) -> Config:
                         f"lists {len(ds.classes)} classes"
                     )
     return out
+
+
+def _check_backbone(cfg: Config) -> None:
+    """The ``model.arch: timm`` keys fit together (see docs/backbones.md)."""
+    m = cfg.model
+    if m.arch != "timm":
+        for key, value in (("timm_name", m.timm_name), ("pretrained", m.pretrained)):
+            if value:
+                raise ConfigError(f"config key 'model.{key}' applies to model.arch: timm only (arch is {m.arch!r}; "
+                                  "for resnet101/vgg16 weights use `dast convert imagenet` and model.init)")
+        if m.output_stride not in (None, 8):
+            raise ConfigError(f"config key 'model.output_stride' is {m.output_stride}, but arch {m.arch!r} has output stride 8")
+        return
+    if not m.timm_name:
+        raise ConfigError("config key 'model.timm_name' is required with model.arch: timm (a timm model, e.g. resnet50)")
+    if cfg.variant == "reference":
+        raise ConfigError("model.arch: timm needs variant: paper (the reference variant reproduces the released DeepLab networks)")
+    if m.norm == "caffe" or (m.pretrained and m.norm != "imagenet"):
+        logging.getLogger(__name__).warning(
+            "model.norm is %r, but timm backbones expect model.norm: imagenet (RGB, ImageNet mean and std)", m.norm)
 
 
 def to_yaml(cfg: Config) -> str:

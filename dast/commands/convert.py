@@ -3,6 +3,7 @@ and colour label images -> class-index labels.
 
     dast convert official --segmentor SEG.pth [--discriminators D.pth] --arch resnet101 --num-classes 19 --out CKPT
     dast convert imagenet --weights FILE --arch resnet101 [--variant paper] --out CKPT
+    dast convert imagenet --weights FILE --arch timm --timm-name NAME [--output-stride N] --out CKPT
     dast convert labels --classes classes.yaml --in RGB_LABEL_DIR --out INDEX_LABEL_DIR [--ignore-color R,G,B ...]
 
 Foreign files are read with ``torch.load(weights_only=True)``; the result is a
@@ -24,6 +25,7 @@ from dast.data.labels import read_class_file
 from dast.data.transforms import NORMS
 from dast.errors import UserError
 from dast.models.convert import CONVERT_ARCHS, FORMATS, ConversionReport, imagenet_to_dast, official_to_dast
+from dast.models.convert import IMAGENET_ARCHS, timm_to_dast
 from dast.models.io import Networks, save_networks
 from dast.models.known_weights import KNOWN_WEIGHTS, FileProvenance, KnownWeights, inspect_file
 
@@ -61,7 +63,10 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
         "The classifier, D and C are freshly initialised.",
     )
     i.add_argument("--weights", required=True, metavar="FILE", help="the weight file (.pth or .safetensors)")
-    i.add_argument("--arch", required=True, choices=CONVERT_ARCHS, help=_ARCH_HELP)
+    i.add_argument("--arch", required=True, choices=IMAGENET_ARCHS, help=_ARCH_HELP + "; timm: any timm backbone")
+    i.add_argument("--timm-name", metavar="NAME", help="with --arch timm: the timm model the file holds (e.g. resnet50)")
+    i.add_argument("--output-stride", type=int, metavar="N",
+                   help="with --arch timm: output stride of the encoder (default: 8 where the family can dilate)")
     i.add_argument("--variant", choices=("paper", "reference"), default="paper", help="network variant (default: paper)")
     i.add_argument("--num-classes", type=int, default=19, help="number of classes (default: 19)")
     i.add_argument("--norm", choices=[n for n in NORMS if n != "unit"], default=None,
@@ -163,9 +168,23 @@ def _official(args: argparse.Namespace, known: Sequence[KnownWeights]
 
 def _imagenet(args: argparse.Namespace, known: Sequence[KnownWeights]
               ) -> tuple[Networks, ConversionReport, dict[str, object], list[FileProvenance]]:
+    if (args.arch == "timm") != (args.timm_name is not None):
+        raise UserError("--timm-name goes with --arch timm, and --arch timm needs --timm-name")
+    if args.output_stride is not None and args.arch != "timm":
+        raise UserError("--output-stride applies to --arch timm only")
     path = existing_file(args.weights, "weight file")
     inputs = _provenance([path], known)
     sd = load_torch_file(path)
+    if args.arch == "timm":
+        if args.variant != "paper" or args.fmt != "auto":
+            raise UserError("--arch timm takes neither --variant reference nor --format")
+        nets, report = timm_to_dast(
+            sd, args.timm_name, args.num_classes, output_stride=args.output_stride, norm=args.norm,
+            allow_unexpected=args.allow_unexpected, allow_missing=args.allow_missing, source=str(path),
+        )
+        meta: dict[str, object] = {"from": "timm", "weights": path.name, "timm_name": args.timm_name,
+                                   "report": report.to_dict()}
+        return nets, report, meta, inputs
     nets, report = imagenet_to_dast(
         sd, args.arch, args.num_classes, args.variant, args.fmt, norm=args.norm,
         allow_unexpected=args.allow_unexpected, allow_missing=args.allow_missing, source=str(path),

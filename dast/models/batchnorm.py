@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from dast.errors import ConfigError
+
 
 class PerImageBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d that normalises each image of a batch on its own when training."""
@@ -23,7 +25,22 @@ class PerImageBatchNorm2d(nn.BatchNorm2d):
 
 
 def use_per_image_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every ``nn.BatchNorm2d`` in ``module`` by :class:`PerImageBatchNorm2d` in place."""
+    """Replace every ``nn.BatchNorm2d`` in ``module`` by :class:`PerImageBatchNorm2d` in place.
+
+    Subclasses of BatchNorm2d (timm's ``BatchNormAct2d`` in EfficientNet, MobileNet,
+    RegNet ...) have their own forward and would keep pooling the batch's statistics:
+    such a network is a ConfigError, and nothing is replaced.
+    """
+    others = sorted({type(m).__name__ for m in module.modules()
+                     if isinstance(m, nn.BatchNorm2d) and type(m) not in (nn.BatchNorm2d, PerImageBatchNorm2d)})
+    if others:
+        raise ConfigError(f"model.batchnorm: per_image replaces plain BatchNorm2d layers only, and this network also "
+                          f"has {', '.join(others)}; use model.batchnorm: batch (or train.batch_size: 1)")
+    _replace_batchnorm(module)
+    return module
+
+
+def _replace_batchnorm(module: nn.Module) -> None:
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
             new = PerImageBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
@@ -33,5 +50,4 @@ def use_per_image_batchnorm(module: nn.Module) -> nn.Module:
             new.to(next(iter(child.buffers())).device)
             setattr(module, name, new)
         else:
-            use_per_image_batchnorm(child)
-    return module
+            _replace_batchnorm(child)

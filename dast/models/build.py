@@ -6,6 +6,9 @@ Variants (see ``docs/variants.md``):
   block keeps its identity shortcut.
 * ``reference``: the released code. Only the first two ASPP branches are summed, and
   the split-off block has a freshly initialised 1x1 projection shortcut.
+
+``timm`` builds any timm backbone as the encoder (:mod:`dast.models.timm_backbone`,
+``docs/backbones.md``); it has only the ``paper`` variant.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from dast.models.discriminators import Corrector, Discoverer
 from dast.models.resnet import ResNetEncoder, deeplab_init, kaiming_init, resnet_tail
 from dast.models.segmentor import Segmentor
 from dast.models.target_model import TargetModel
+from dast.models.timm_backbone import build_timm_segmentor
 from dast.models.vgg import VGGEncoder, vgg_tail
 
-ARCHS = ("resnet101", "vgg16", "small")
+ARCHS = ("resnet101", "vgg16", "small", "timm")
 VARIANTS = ("paper", "reference")
 Variant = Literal["paper", "reference"]
 
@@ -38,9 +42,20 @@ def _check(arch: str, variant: str) -> None:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
 
 
-def build_segmentor(arch: str, num_classes: int, variant: str = "paper") -> Segmentor:
-    """Build a DeepLab-v2 segmentor with random weights (load pretrained ones afterwards)."""
+def build_segmentor(arch: str, num_classes: int, variant: str = "paper", *, timm_name: str | None = None,
+                    output_stride: int | None = None, pretrained: bool = False) -> Segmentor:
+    """Build a DeepLab-v2 segmentor with random weights (load pretrained ones afterwards).
+
+    ``arch="timm"`` needs ``timm_name``; ``output_stride`` and ``pretrained`` (timm's own
+    weights) apply to it alone.
+    """
     _check(arch, variant)
+    if arch == "timm":
+        if timm_name is None:
+            raise ValueError("arch 'timm' needs a timm model name")
+        if variant == "reference":
+            raise ValueError("arch 'timm' has no reference variant (the released quirks are DeepLab-specific)")
+        return build_timm_segmentor(timm_name, num_classes, output_stride, pretrained)
     reference = variant == "reference"
     active = 2 if reference else None
     if arch == "vgg16":

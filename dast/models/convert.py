@@ -32,6 +32,7 @@ from dast.models.io import ModelSpec, Networks, build_networks
 from dast.models.vgg import torchvision_feature_index_map
 
 CONVERT_ARCHS = ("resnet101", "vgg16", "small")
+IMAGENET_ARCHS = CONVERT_ARCHS + ("timm",)  # `dast convert imagenet` also takes timm backbones
 FORMATS = ("auto", "deeplab", "torchvision", "dast")
 RELEASED_INPUT_SIZE = (1024, 512)  # (width, height) of the released target images
 _RESNET_STEM = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
@@ -488,3 +489,71 @@ def _expected_fresh(arch: str, variant: str, fmt: str) -> tuple[str, ...]:
     if variant == "reference":
         return ("segmentor.tail.0.downsample.",)
     return ()
+
+
+# ---------------------------------------------------------------------------
+# timm backbones
+
+
+def timm_to_dast(
+    weights_sd: Mapping[str, Tensor],
+    timm_name: str,
+    num_classes: int,
+    *,
+    output_stride: int | None = None,
+    norm: str | None = None,
+    allow_unexpected: bool = False,
+    allow_missing: bool = False,
+    source: str = "weight file",
+) -> tuple[Networks, ConversionReport]:
+    """Build fresh dast networks whose timm encoder comes from a local state dict.
+
+    The file holds the whole timm model (timm's own format, or torchvision's where the
+    keys coincide, as for ResNets) or just its features-only part. Keys of the model
+    past the deepest feature map (its classifier, a final norm) are ``skipped``; keys that
+    fit no part of the model are ``unexpected``. ``norm`` defaults to ``imagenet``.
+    """
+    from dast.models.timm_backbone import TimmEncoder, encoder_key, full_model_keys
+
+    sd = _strip_common_prefix(weights_sd, "module.")
+    if any(k.startswith("segmentor.") for k in sd):
+        raise CheckpointError(f"{source}: this is already a dast checkpoint; use it as model.init (or with --checkpoint)")
+    spec = ModelSpec(arch="timm", num_classes=num_classes, variant="paper", norm=norm or "imagenet",
+                     timm_name=timm_name, output_stride=output_stride)
+    nets = build_networks(spec)
+    encoder = nets.segmentor.encoder
+    assert isinstance(encoder, TimmEncoder)
+    prefix = "segmentor.encoder.body."
+    feature_keys = frozenset(k[len(prefix):] for k in nets.state_tensors() if k.startswith(prefix))
+    whole = full_model_keys(encoder)
+    report = ConversionReport(source_format="timm")
+    mapped: list[tuple[str, str | None, Tensor]] = []
+    for key, v in sd.items():
+        dst = encoder_key(key, feature_keys)
+        if dst is None and key in whole:
+            report.skipped.append(key)
+        else:
+            mapped.append((key, None if dst is None else prefix + dst, v))
+    try:
+        written = _load_mapped(nets, mapped, report, source)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc} (does the file hold timm model {timm_name!r}?)") from None
+    _account_missing(nets, written, report, (prefix,))
+    problems, flags = [], []
+    if report.unexpected and not allow_unexpected:
+        problems.append(f"{_few(report.unexpected)} fit no part of timm model {timm_name!r}")
+        flags.append("--allow-unexpected")
+    if report.missing and not allow_missing:
+        problems.append(f"{_few(report.missing, strip=prefix)} of its encoder are not in the file")
+        flags.append("--allow-missing")
+    if problems:
+        raise CheckpointError(f"{source}: {'; '.join(problems)} (is it a checkpoint of another model?"
+                              f" {' / '.join(flags)} to go on anyway)")
+    return nets, report
+
+
+def _few(keys: Sequence[str], strip: str = "", shown: int = 3) -> str:
+    """``5 keys ('a', 'b', 'c', ...)``: a count and the first few keys."""
+    names = ", ".join(repr(k.removeprefix(strip)) for k in keys[:shown])
+    more = ", ..." if len(keys) > shown else ""
+    return f"{len(keys)} key{'s' if len(keys) > 1 else ''} ({names}{more})"

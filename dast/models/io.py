@@ -30,6 +30,8 @@ class ModelSpec:
     corrector: bool = True
     attention: bool = True
     corrector_width: int = 64
+    timm_name: str | None = None  # arch "timm": the timm model the encoder is cut from
+    output_stride: int | None = None
     class_names: list[str] = field(default_factory=list)
     class_colors: list[tuple[int, int, int]] = field(default_factory=list)
 
@@ -79,13 +81,17 @@ class Networks:
         return out
 
 
-def build_networks(spec: ModelSpec) -> Networks:
-    """Build freshly initialised networks for ``spec``."""
+def build_networks(spec: ModelSpec, pretrained: bool = False) -> Networks:
+    """Build freshly initialised networks for ``spec`` (``pretrained``: timm's own
+    weights for a timm encoder; no other architecture has them)."""
     if spec.arch not in ARCHS:
         raise CheckpointError(f"unknown architecture {spec.arch!r} (known: {', '.join(ARCHS)})")
     if spec.variant not in VARIANTS:
         raise CheckpointError(f"unknown variant {spec.variant!r} (known: {', '.join(VARIANTS)})")
-    seg = build_segmentor(spec.arch, spec.num_classes, spec.variant)
+    if spec.arch == "timm" and (not spec.timm_name or spec.variant != "paper"):
+        raise CheckpointError(f"a timm model needs a timm name and variant 'paper' (got {spec.timm_name!r}, {spec.variant!r})")
+    seg = build_segmentor(spec.arch, spec.num_classes, spec.variant, timm_name=spec.timm_name,
+                          output_stride=spec.output_stride, pretrained=pretrained)
     disc = build_discoverer(seg.feature_channels) if spec.discoverer else None
     corr = build_corrector(spec.num_classes, spec.corrector_width) if spec.corrector else None
     return Networks(spec, seg, disc, corr)

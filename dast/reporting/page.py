@@ -99,7 +99,8 @@ def header_html(run: RunContents, model_note: str) -> str:
              ("generated", _e(now)), ("samples from", model_note)]
     if cfg is not None:
         rounds = cfg.self_training.rounds
-        facts.insert(1, ("method", _e(f"{cfg.model.arch}, variant {cfg.variant}, {cfg.source.kind} -> {cfg.target.kind}, "
+        arch = f"timm {cfg.model.timm_name}" if cfg.model.arch == "timm" else cfg.model.arch
+        facts.insert(1, ("method", _e(f"{arch}, variant {cfg.variant}, {cfg.source.kind} -> {cfg.target.kind}, "
                                        f"{cfg.train.steps} stage-1 steps, {rounds} round{'s' if rounds != 1 else ''} "
                                        f"of {cfg.self_training.steps} steps")))
     rows = "".join(f"<tr><th class=l>{k}</th><td class=l>{v}</td></tr>" for k, v in facts)

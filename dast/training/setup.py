@@ -122,6 +122,7 @@ def model_spec_for(cfg: Config) -> ModelSpec:
         arch=cfg.model.arch, num_classes=cfg.model.num_classes, variant=cfg.variant, norm=cfg.model.norm,
         input_size=tuple(cfg.target.size) if cfg.target.size else None,
         discoverer=adv.discoverer, corrector=adv.corrector, attention=adv.attention, corrector_width=adv.corrector_width,
+        timm_name=cfg.model.timm_name, output_stride=cfg.model.output_stride,
         class_names=list(table.names), class_colors=[tuple(c) for c in table.colors],
     )
 
@@ -132,11 +133,11 @@ def initial_networks(cfg: Config, spec: ModelSpec, log: logging.Logger | None = 
     warning = random_init_warning(cfg.model.arch, cfg.model.init)
     if warning:
         (log or logging.getLogger(__name__)).warning(warning)
-    nets = build_networks(spec)
+    nets = build_networks(spec, pretrained=cfg.model.pretrained)
     if cfg.model.init:
         tensors, meta = load_checkpoint(cfg.model.init)
         init_spec = meta.get("model", {})
-        for key in ("arch", "num_classes"):
+        for key in ("arch", "num_classes", "timm_name"):
             if key in init_spec and init_spec[key] != getattr(spec, key):
                 raise UserError(f"model.init {cfg.model.init} is for {key}={init_spec[key]!r}, the config asks for {getattr(spec, key)!r}")
         load_state_strict(nets.segmentor, split_prefixed(tensors, "segmentor"), "segmentor", cfg.model.init)
