@@ -78,3 +78,13 @@ def test_bad_seeds_are_user_errors(capsys, tmp_path: Path) -> None:
         assert main(["demo", "--out", str(tmp_path / "d"), "--seeds", bad]) == 2
         assert "--seeds" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_demo_with_a_timm_backbone_needs_timm_and_writes_nothing_without_it(capsys, tmp_path: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("timm") is not None:
+        pytest.skip("timm is installed here; the missing-package path cannot be checked")
+    assert main(["demo", "--out", str(tmp_path / "d"), "--quick", "--timm", "resnet10t", "--no-progress"]) == 2
+    assert "pip install 'dast[timm]'" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

@@ -33,6 +33,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument("--shift", choices=SHIFTS, default=None,
                    help="how the synthetic domains differ: appearance (default: same layouts, different "
                         "textures, light, colours, optics) or appearance+layout")
+    p.add_argument("--timm", default=None, metavar="NAME",
+                   help="train every run with this timm CNN as the encoder instead of dast's tiny ResNet "
+                        "(e.g. resnet10t; random init, ImageNet input normalisation; needs pip install 'dast[timm]')")
     p.add_argument("--workers", type=int, default=None,
                    help="runs trained at the same time, one process each (default: CPU cores, at most 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or heartbeat lines")
@@ -44,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.workers is not None and args.workers < 1:
         raise UserError("--workers must be at least 1")
-    common = dict(quick=args.quick, progress=not args.no_progress, workers=args.workers, shift=args.shift)
+    overrides = {"model": {"arch": "timm", "timm_name": args.timm, "norm": "imagenet"}} if args.timm else None
+    common = dict(quick=args.quick, progress=not args.no_progress, workers=args.workers, shift=args.shift,
+                  overrides=overrides)
     if args.seeds is not None:
         seeds = _seeds(args.seeds)
         report = run_demo_seeds(args.out, seeds, **common)  # type: ignore[arg-type]

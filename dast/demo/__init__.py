@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from dast.atomic import write_json
+from dast.config import from_tree
 from dast.demo.config import (
     DEMO_CONFIG,
     NO_ADVERSARY,
@@ -44,14 +45,23 @@ from dast.demo.runner import (
 )
 from dast.demo.summary import format_report, format_seeds, gap_recovered, summarize_seeds
 from dast.evaluation.evaluate import evaluate_model
+from dast.models.io import build_networks
 from dast.rundir import DemoDir
 from dast.training.pseudo_labels import pseudo_label_precision
+from dast.training.setup import model_spec_for
 
 FIGURES = ("figure3.png", "miou_curve.png", "discriminators.png")
 
 __all__ = ["DEMO_CONFIG", "FIGURES", "NO_ADVERSARY", "QUICK", "RUNS", "SHIFTS", "VARIANTS", "demo_tree",
            "evaluate_checkpoint", "format_report", "format_seeds", "gap_recovered", "run_demo", "run_demo_seeds",
            "run_trees", "summarize_seeds", "train_runs"]
+
+
+def check_runs(trees: dict[str, dict[str, Any]]) -> None:
+    """Validate every run's config and build the DAST run's networks once (a missing optional
+    package or an impossible model fails with one line, before the demo writes anything)."""
+    configs = {name: from_tree(tree, f"demo run {name}") for name, tree in trees.items()}
+    build_networks(model_spec_for(configs["dast"]))
 
 
 def _score(snapshots: dict[str, dict[str, Any]], val: Any, nets_out: dict[str, Any]) -> dict[str, Any]:
@@ -91,9 +101,10 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, progress: b
     """
     t0 = time.time()
     demo = DemoDir(Path(out))
-    demo.root.mkdir(parents=True, exist_ok=True)
     base = demo_tree(quick=quick, seed=seed, shift=shift, overrides=overrides)
     trees = run_trees(base)
+    check_runs(trees)  # bad settings fail here, before anything is written
+    demo.root.mkdir(parents=True, exist_ok=True)
     n = workers if workers is not None else default_workers()
     train_seconds = train_runs(trees, demo.runs, n, progress)
     progress_line("== scoring the variants and measuring the mechanisms", progress)
