@@ -56,6 +56,7 @@ class DatasetConfig(_Strict):
     classes: Optional[list[ClassSpec]] = None  # folder datasets
     domain: Literal["source", "target"] = "source"  # synthetic datasets
     count: int = Field(default=200, ge=1)  # synthetic datasets
+    shift: Literal["appearance", "appearance+layout"] = "appearance"  # synthetic datasets: what differs between the domains
     augment: AugmentConfig = AugmentConfig()
     on_corrupt: Literal["fail", "skip"] = "fail"
 
@@ -68,6 +69,7 @@ class ModelConfig(_Strict):
     init: Optional[str] = None  # a dast checkpoint (e.g. from `dast convert imagenet`)
     norm: Literal["caffe", "imagenet", "unit"] = "caffe"
     batchnorm: Literal["batch", "per_image"] = "batch"  # per_image keeps batch-1 normalisation at any batch size
+    output_stride: Optional[int] = None  # null: the architecture's default (8)
 
 
 class AdversarialConfig(_Strict):

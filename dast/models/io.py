@@ -30,6 +30,7 @@ class ModelSpec:
     corrector: bool = True
     attention: bool = True
     corrector_width: int = 64
+    output_stride: int | None = None  # None: the architecture's default (8)
     class_names: list[str] = field(default_factory=list)
     class_colors: list[tuple[int, int, int]] = field(default_factory=list)
 
@@ -85,7 +86,10 @@ def build_networks(spec: ModelSpec) -> Networks:
         raise CheckpointError(f"unknown architecture {spec.arch!r} (known: {', '.join(ARCHS)})")
     if spec.variant not in VARIANTS:
         raise CheckpointError(f"unknown variant {spec.variant!r} (known: {', '.join(VARIANTS)})")
-    seg = build_segmentor(spec.arch, spec.num_classes, spec.variant)
+    try:
+        seg = build_segmentor(spec.arch, spec.num_classes, spec.variant, spec.output_stride)
+    except ValueError as exc:  # e.g. an output stride the architecture does not support
+        raise CheckpointError(str(exc)) from None
     disc = build_discoverer(seg.feature_channels) if spec.discoverer else None
     corr = build_corrector(spec.num_classes, spec.corrector_width) if spec.corrector else None
     return Networks(spec, seg, disc, corr)

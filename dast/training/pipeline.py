@@ -150,12 +150,19 @@ def check_training_sizes(cfg: Config) -> None:
 def model_spec_for(cfg: Config) -> ModelSpec:
     from dast.data.labels import table_for
 
+    from dast.models.build import check_output_stride
+
     table = table_for(cfg.source, cfg.model.num_classes)
     adv = cfg.adversarial
+    try:
+        check_output_stride(cfg.model.arch, cfg.model.output_stride)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'model.output_stride': {exc}") from None
     return ModelSpec(
         arch=cfg.model.arch, num_classes=cfg.model.num_classes, variant=cfg.variant, norm=cfg.model.norm,
         input_size=tuple(cfg.target.size) if cfg.target.size else None,
         discoverer=adv.discoverer, corrector=adv.corrector, attention=adv.attention, corrector_width=adv.corrector_width,
+        output_stride=cfg.model.output_stride,
         class_names=list(table.names), class_colors=[tuple(c) for c in table.colors],
     )
 
