@@ -35,10 +35,11 @@ VARIANTS = ("source_only", "baseline", "da", "dast", "oracle")
 DEMO_CONFIG: dict[str, Any] = {
     "seed": 0,
     "variant": "paper",
-    "model": {"arch": "small", "num_classes": 7, "norm": "unit"},
-    "source": {"kind": "synthetic", "domain": "source", "count": 300, "size": [128, 64]},
-    "target": {"kind": "synthetic", "domain": "target", "count": 300, "size": [128, 64], "with_labels": False},
-    "val": {"kind": "synthetic", "domain": "target", "count": 100, "size": [128, 64]},
+    "model": {"arch": "small", "num_classes": 7, "norm": "unit", "output_stride": 4},
+    "source": {"kind": "synthetic", "domain": "source", "count": 300, "size": [128, 64], "shift": "appearance"},
+    "target": {"kind": "synthetic", "domain": "target", "count": 300, "size": [128, 64], "with_labels": False,
+               "shift": "appearance"},
+    "val": {"kind": "synthetic", "domain": "target", "count": 100, "size": [128, 64], "shift": "appearance"},
     "adversarial": {"discoverer": True, "corrector": True, "attention": True, "loss": "lsgan",
                     "lambda_d": 0.01, "lambda_c": 0.01, "lr": 1.0e-4, "corrector_width": 16},
     "train": {"steps": 1000, "poly_steps": 2000, "lr": 0.01, "batch_size": 4, "num_workers": 0,
@@ -59,6 +60,18 @@ QUICK: dict[str, Any] = {
 }
 
 NO_ADVERSARY = {"discoverer": False, "corrector": False, "attention": False}
+
+
+def demo_tree(*, quick: bool = False, seed: int = 0, shift: str = "appearance") -> dict[str, Any]:
+    """The demo's DAST config tree for ``seed``, with ``shift`` on its source, target and val sets."""
+    from dast.data.synthetic import check_shift
+
+    check_shift(shift)
+    base = deep_merge(DEMO_CONFIG, QUICK) if quick else copy.deepcopy(DEMO_CONFIG)
+    base["seed"] = int(seed)
+    for part in ("source", "target", "val"):
+        base[part]["shift"] = shift
+    return base
 
 
 def variant_trees(base: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -147,18 +160,19 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool = True,
-             workers: int | None = None) -> dict[str, Any]:
+             workers: int | None = None, shift: str = "appearance") -> dict[str, Any]:
     """Train and evaluate the five variants; write report.json and the figures in ``out``.
 
     ``workers`` runs (default: one per CPU core, at most 4) train at the same time.
+    ``shift`` sets the synthetic domain shift of the source, target and val sets
+    (:data:`dast.data.synthetic.SHIFTS`).
     """
     from dast.data.datasets import build_dataset
 
     t0 = time.time()
+    base = demo_tree(quick=quick, seed=seed, shift=shift)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    base = deep_merge(DEMO_CONFIG, QUICK) if quick else copy.deepcopy(DEMO_CONFIG)
-    base["seed"] = int(seed)
     trees = variant_trees(base)
     n = workers if workers is not None else min(4, os.cpu_count() or 1)
     train_seconds = train_variants(trees, out / "runs", n, progress)
@@ -182,6 +196,7 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, progress: b
     for v in VARIANTS:
         variants[v]["gap_recovered"] = gap_recovered(variants[v]["miou"], lo, hi)
     report: dict[str, Any] = {"variants": variants, "seed": int(seed), "seconds": 0.0, "quick": bool(quick), "workers": n,
+              "shift": shift,
               "train_seconds": {k: round(v, 1) for k, v in train_seconds.items()},
               "figures": ["figure3.png", "miou_curve.png"], "runs": {v: str(p.relative_to(out)) for v, p in checkpoints.items()}}
     labels_dir = out / "runs" / "dast" / "round1" / "pseudo_labels"

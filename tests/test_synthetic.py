@@ -202,6 +202,28 @@ def test_make_data_cli_both(tmp_path: Path) -> None:
             np.testing.assert_array_equal(np.asarray(im), generate_scene(domain, 1, 1, (48, 32))[0])
 
 
+def test_make_data_cli_shift(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "legacy"
+    argv = ["make-data", "--out", str(out), "--count", "2", "--size", "48", "32", "--no-progress"]
+    assert main([*argv, "--shift", "appearance+layout"]) == 0
+    assert "appearance+layout shift" in capsys.readouterr().out
+    for domain in DOMAINS:
+        with Image.open(out / domain / "labels" / f"{domain}_00001.png") as im:
+            np.testing.assert_array_equal(np.asarray(im), generate_scene(domain, 1, 0, (48, 32), "appearance+layout")[1])
+    shared = tmp_path / "shared"
+    assert main(["make-data", "--out", str(shared), "--count", "2", "--size", "48", "32", "--no-progress"]) == 0
+    for i in range(2):
+        with Image.open(shared / "source" / "labels" / f"source_0000{i}.png") as a, \
+                Image.open(shared / "target" / "labels" / f"target_0000{i}.png") as b:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the default: appearance only
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--shift", "layout"])
+    assert exc.value.code == 2 and "invalid choice: 'layout'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown domain shift"):
+        write_folder_dataset(tmp_path / "x", "source", 1, 0, (32, 32), progress=False, shift="both")
+    assert not (tmp_path / "x").exists()
+
+
 def test_make_data_cli_single_domain_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "src"
     assert main(["make-data", "--out", str(out), "--domain", "source", "--count", "1", "--size", "32", "32"]) == 0

@@ -584,13 +584,16 @@ def write_folder_dataset(
     size: tuple[int, int],
     progress: bool = True,
     fsync: bool = True,
+    shift: str = DEFAULT_SHIFT,
 ) -> Path:
     """Write ``count`` scenes as a ``folder`` dataset under ``root`` and return ``root``.
 
     Layout: ``images/<stem>.png`` (RGB), ``labels/<stem>.png`` (single-channel class
-    indices) and ``classes.yaml``. Every file is written atomically.
+    indices) and ``classes.yaml``. Every file is written atomically. ``shift`` is passed
+    to :func:`generate_scene`.
     """
     domain_id(domain)
+    check_shift(shift)
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
     out = Path(root)
@@ -603,7 +606,7 @@ def write_folder_dataset(
 
         indices = tqdm(range(count), desc=f"{domain} scenes", unit="img")
     for i in indices:  # type: ignore[union-attr]
-        img, label = generate_scene(domain, i, seed, size)
+        img, label = generate_scene(domain, i, seed, size, shift)
         stem = scene_stem(domain, i)
         write_with(out / "images" / f"{stem}.png", lambda p, a=img: _save_png(a, p), fsync=fsync)
         write_with(out / "labels" / f"{stem}.png", lambda p, a=label: _save_png(a, p), fsync=fsync)
