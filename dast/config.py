@@ -79,6 +79,7 @@ class DatasetConfig(_Strict):
     classes: Optional[list[ClassSpec]] = None  # folder datasets
     domain: Literal["source", "target"] = "source"  # synthetic datasets
     count: int = Field(default=200, ge=1)  # synthetic datasets
+    shift: Literal["appearance", "appearance+layout"] = "appearance"  # synthetic datasets: what differs between the domains
     augment: AugmentConfig = AugmentConfig()
     on_corrupt: Literal["fail", "skip"] = "fail"
 
@@ -538,8 +539,10 @@ def _check_backbone(cfg: Config) -> None:
             if value:
                 raise ConfigError(f"config key 'model.{key}' applies to model.arch: timm only (arch is {m.arch!r}; "
                                   "for resnet101/vgg16 weights use `dast convert imagenet` and model.init)")
-        if m.output_stride not in (None, 8):
-            raise ConfigError(f"config key 'model.output_stride' is {m.output_stride}, but arch {m.arch!r} has output stride 8")
+        allowed = (None, 4, 8) if m.arch == "small" else (None, 8)
+        if m.output_stride not in allowed:
+            raise ConfigError(f"config key 'model.output_stride' is {m.output_stride}, but arch {m.arch!r} runs at "
+                              + ("output stride 4 or 8" if m.arch == "small" else "output stride 8"))
         return
     if not m.timm_name:
         raise ConfigError("config key 'model.timm_name' is required with model.arch: timm (a timm model, e.g. resnet50)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from dast.data.fda import fda_image, fda_transfer, low_frequency_window
 
@@ -96,3 +97,34 @@ def test_rejects_bad_inputs() -> None:
         fda_transfer(a, a, 1.5)
     with pytest.raises(ValueError, match="H x W x C"):
         fda_transfer(np.zeros((4, 4)), np.zeros((4, 4)), 0.5)
+
+
+def test_selection_set_restyles_each_image_once_and_matches_a_fresh_restyle(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dast.data.fda as fda
+    from dast.config import DatasetConfig
+    from dast.data.datasets import build_dataset
+    from dast.training.selection import FDAValSet
+
+    def synthetic(domain: str, seed: int):  # type: ignore[no-untyped-def]
+        cfg = DatasetConfig(kind="synthetic", domain=domain, count=6, size=(48, 32))
+        return build_dataset(cfg, norm="unit", num_classes=7, with_labels=True, seed=seed)
+
+    source, target = synthetic("source", 0), synthetic("target", 1)
+    calls: list[int] = []
+    real = fda.fda_image
+    monkeypatch.setattr(fda, "fda_image", lambda *a: calls.append(1) or real(*a))
+    ds = FDAValSet(source, target, num_images=4, beta=0.5, seed=3)
+    first = [ds.prepare_image(i) for i in range(len(ds))] + [ds.prepare_image(i) for i in range(len(ds))]
+    assert len(calls) == 4  # the second pass reads the cache
+    for i in range(len(ds)):
+        src = source.read_image_rgb(ds.src_idx[i])
+        want = real(src, target.read_image_rgb(ds.tgt_idx[i]), 0.5)
+        np.testing.assert_array_equal(ds.read_image_rgb(i), want)
+        assert torch.equal(first[i], first[i + len(ds)])
+        assert not ds.read_image_rgb(i).flags.writeable
+    # past the byte budget images are restyled again each time, with the same result
+    small = FDAValSet(source, target, num_images=4, beta=0.5, seed=3)
+    small.CACHE_BYTES = 48 * 32 * 3  # room for one image
+    calls.clear()
+    again = [small.read_image_rgb(i) for i in range(4)] + [small.read_image_rgb(i) for i in range(4)]
+    assert len(calls) == 7 and all(np.array_equal(a, ds.read_image_rgb(i % 4)) for i, a in enumerate(again))

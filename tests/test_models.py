@@ -7,6 +7,7 @@ import torch
 
 from dast.models import attend, attention_map, build_corrector, build_discoverer, build_segmentor
 from dast.models.build import count_parameters
+from dast.models.resnet import Bottleneck
 from dast.models.target_model import TargetModel
 
 
@@ -35,7 +36,7 @@ def test_bn_affine_frozen_in_resnet101() -> None:
             assert not m.weight.requires_grad and not m.bias.requires_grad
 
 
-@pytest.mark.parametrize("arch,channels,hw", [("small", 256, (9, 13)), ("vgg16", 512, (8, 12))])
+@pytest.mark.parametrize("arch,channels,hw", [("small", 128, (9, 13)), ("vgg16", 512, (8, 12))])
 def test_output_stride_8_and_shapes(arch: str, channels: int, hw: tuple[int, int]) -> None:
     # ResNet's ceil-mode max-pool gives H/8 + 1 for multiples of 8 (as released); VGG gives H/8
     seg = build_segmentor(arch, 5, "paper").eval()
@@ -43,6 +44,40 @@ def test_output_stride_8_and_shapes(arch: str, channels: int, hw: tuple[int, int
     f = seg.extract(x)
     assert f.shape == (1, channels, *hw)
     assert seg.predict(f).shape == (1, 5, *hw)
+
+
+def test_small_output_stride_4_keeps_the_parameters_and_doubles_the_resolution() -> None:
+    torch.manual_seed(0)
+    os8 = build_segmentor("small", 5, "paper").eval()
+    os4 = build_segmentor("small", 5, "paper", output_stride=4).eval()
+    os4.load_state_dict(os8.state_dict())  # the same tensors: only layer2's stride differs
+    assert os8.encoder.layer2[0].conv1.stride == (2, 2) and os4.encoder.layer2[0].conv1.stride == (1, 1)
+    assert os8.encoder.layer2[0].downsample[0].stride == (2, 2) and os4.encoder.layer2[0].downsample[0].stride == (1, 1)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert os4.extract(x).shape == (1, 128, 17, 25)  # 64x96 -> stem and ceil-mode pool 17x25
+        assert os4(x).shape == (1, 5, 17, 25)
+
+
+@pytest.mark.parametrize("arch,stride", [("small", 16), ("small", 2), ("resnet101", 4), ("vgg16", 16)])
+def test_unsupported_output_stride_is_a_clear_error(arch: str, stride: int) -> None:
+    with pytest.raises(ValueError, match=rf"^output stride {stride} is not supported by the {arch} architecture "
+                                         rf"\(supported: {'4, 8' if arch == 'small' else '8'}\)$"):
+        build_segmentor(arch, 5, "paper", output_stride=stride)
+
+
+def test_small_backbone_shape_and_zero_initialised_residual_branches() -> None:
+    seg = build_segmentor("small", 5, "paper")
+    enc = seg.encoder
+    assert enc.conv1.out_channels == 24 and seg.feature_channels == 128
+    assert [len(stage) for stage in (enc.layer1, enc.layer2, enc.layer3, enc.layer4, seg.tail)] == [1, 1, 1, 1, 1]
+    blocks = [m for m in seg.modules() if isinstance(m, Bottleneck)]
+    assert len(blocks) == 5 and all(torch.count_nonzero(b.bn3.weight) == 0 for b in blocks)
+    assert all(torch.count_nonzero(b.bn1.weight) == b.bn1.weight.numel() for b in blocks)
+    # so a block starts as its shortcut: the identity-shortcut tail passes a non-negative input through
+    f = torch.relu(torch.randn(2, 128, 5, 7))
+    with torch.no_grad():
+        assert torch.equal(seg.tail.eval()(f), f)
 
 
 def test_resnet_ceil_mode_output_size() -> None:
@@ -120,3 +155,24 @@ def test_target_model_matches_manual_attention_path() -> None:
     assert torch.allclose(logits, manual, atol=1e-6)
     assert alpha.shape == (2, 1, 6, 8)
     assert torch.allclose(plain, seg(x)) and torch.count_nonzero(zero) == 0
+
+
+def test_checkpoint_records_the_output_stride(tmp_path) -> None:
+    from dast.checkpoint import read_meta
+    from dast.errors import CheckpointError
+    from dast.models.io import ModelSpec, build_networks, load_networks, save_networks
+
+    torch.manual_seed(0)
+    nets = build_networks(ModelSpec(arch="small", num_classes=4, norm="unit", output_stride=4))
+    save_networks(tmp_path / "os4.safetensors", nets)
+    assert read_meta(tmp_path / "os4.safetensors")["model"]["output_stride"] == 4
+    loaded, _, _ = load_networks(tmp_path / "os4.safetensors")
+    assert loaded.spec.output_stride == 4 and loaded.segmentor.encoder.layer2[0].conv1.stride == (1, 1)
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        assert torch.equal(loaded.target_model().eval()(x)[0], nets.target_model().eval()(x)[0])
+    # a spec this version cannot build is a checkpoint error, not a crash
+    bad = ModelSpec(arch="small", num_classes=4, norm="unit")
+    save_networks(tmp_path / "os16.safetensors", build_networks(bad), extra_meta={"model": {**bad.to_dict(), "output_stride": 16}})
+    with pytest.raises(CheckpointError, match="output stride 16 is not supported by the small architecture"):
+        load_networks(tmp_path / "os16.safetensors")

@@ -1,7 +1,8 @@
-"""The synthetic demo domains: determinism, labels, domain differences, folder output, CLI."""
+"""The synthetic demo domains: determinism, labels, domain differences, shifts, folder output, CLI."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from dast.cli import main
 from dast.data.synthetic import (
     DOMAINS,
     NUM_CLASSES,
+    SHIFTS,
     SKY,
     SYNTHETIC_CLASSES,
     generate_scene,
@@ -61,20 +63,24 @@ def test_labels_in_range_and_every_class_appears(domain: str) -> None:
     assert seen.all(), [SYNTHETIC_CLASSES[i][0] for i in np.flatnonzero(~seen)]
 
 
-def test_domains_differ_in_colour_statistics() -> None:
+@pytest.mark.parametrize("shift", SHIFTS)
+def test_domains_differ_in_colour_statistics(shift: str) -> None:
     def stats(domain: str) -> tuple[np.ndarray, float, float]:
-        imgs = [generate_scene(domain, i, 0, (96, 48))[0].astype(np.float64) for i in range(8)]
-        x = np.stack(imgs)
+        scenes = [generate_scene(domain, i, 0, (96, 48), shift=shift) for i in range(8)]
+        x = np.stack([img for img, _ in scenes]).astype(np.float64)
+        labels = np.stack([label for _, label in scenes])
         saturation = (x.max(-1) - x.min(-1)).mean()
-        # high-frequency energy: mean absolute difference of horizontal neighbours
-        detail = np.abs(np.diff(x, axis=2)).mean()
+        # high-frequency energy: mean absolute difference of horizontal neighbours within
+        # one region (object outlines are layout, not appearance)
+        same = labels[:, :, 1:] == labels[:, :, :-1]
+        detail = np.abs(np.diff(x, axis=2)).mean(-1)[same].mean()
         return x.reshape(-1, 3).mean(0), saturation, detail
 
     src_mean, src_sat, src_detail = stats("source")
     tgt_mean, tgt_sat, tgt_detail = stats("target")
     assert np.abs(src_mean - tgt_mean).max() > 5.0
     assert src_sat > 1.3 * tgt_sat  # the game is more saturated
-    assert tgt_detail > src_detail  # the camera adds texture and noise
+    assert tgt_detail > 1.2 * src_detail  # the camera adds texture and noise
 
 
 def test_source_regions_are_flat_target_regions_are_noisy() -> None:
@@ -86,15 +92,77 @@ def test_source_regions_are_flat_target_regions_are_noisy() -> None:
         assert (spread <= 2) == flat, (domain, spread)
 
 
-def test_layout_statistics_differ() -> None:
+def test_layout_statistics_differ_under_the_appearance_and_layout_shift() -> None:
     def road_top_row(domain: str) -> float:
         rows = []
         for i in range(10):
-            _, label = generate_scene(domain, i, 0, (128, 64))
+            _, label = generate_scene(domain, i, 0, (128, 64), shift="appearance+layout")
             rows.append(np.flatnonzero((label == 0).any(axis=1)).min())
         return float(np.mean(rows))
 
     assert road_top_row("target") < road_top_row("source")  # the target's horizon sits higher
+
+
+# sha256(image bytes + label bytes)[:16] of scenes generated before the appearance shift
+# existed; the appearance+layout shift must keep drawing exactly these scenes.
+ORIGINAL_SCENES = {
+    ("source", 0, 0, (128, 64)): "896100334bdd0ad5",
+    ("source", 3, 7, (64, 32)): "abbd83629a87a258",
+    ("source", 11, 2, (96, 48)): "40060abedc7d80fe",
+    ("source", 5, 1, (160, 96)): "b17d517f1453b295",
+    ("target", 0, 0, (128, 64)): "7fa1bbcb61b83336",
+    ("target", 3, 7, (64, 32)): "50a3a784f4b4eca3",
+    ("target", 11, 2, (96, 48)): "ee277d29d0925dbb",
+    ("target", 5, 1, (160, 96)): "b13e65f11aa310b1",
+}
+
+
+@pytest.mark.parametrize("args", sorted(ORIGINAL_SCENES))
+def test_appearance_and_layout_shift_draws_the_original_scenes(args: tuple) -> None:
+    domain, index, seed, size = args
+    img, label = generate_scene(domain, index, seed, size, shift="appearance+layout")
+    assert hashlib.sha256(img.tobytes() + label.tobytes()).hexdigest()[:16] == ORIGINAL_SCENES[args]
+    default, _ = generate_scene(domain, index, seed, size)
+    assert not np.array_equal(default, img)  # the default is the appearance shift
+
+
+@pytest.mark.parametrize("index,seed,size", [(0, 0, (128, 64)), (7, 3, (96, 48)), (42, 11, (64, 32))])
+def test_appearance_shift_same_label_map_different_pixels(index: int, seed: int, size: tuple[int, int]) -> None:
+    src_img, src_label = generate_scene("source", index, seed, size)
+    tgt_img, tgt_label = generate_scene("target", index, seed, size, shift="appearance")
+    np.testing.assert_array_equal(src_label, tgt_label)
+    assert np.abs(src_img.astype(int) - tgt_img.astype(int)).mean() > 10.0
+    # a different seed (the demo's source and target sets) is a different scene
+    _, other = generate_scene("target", index, seed + 1, size)
+    assert not np.array_equal(other, src_label)
+
+
+def test_appearance_shift_pixel_shares_equal_and_every_class_present() -> None:
+    counts = {d: np.zeros(NUM_CLASSES) for d in DOMAINS}
+    for d in DOMAINS:
+        for i in range(20):
+            counts[d] += np.bincount(generate_scene(d, i, 0, (128, 64))[1].ravel(), minlength=NUM_CLASSES)
+    np.testing.assert_array_equal(counts["source"], counts["target"])
+    share = counts["source"] / counts["source"].sum()
+    assert share.min() > 0.02, dict(zip([n for n, _ in SYNTHETIC_CLASSES], share.round(3)))
+
+
+def test_rejects_an_unknown_shift() -> None:
+    with pytest.raises(ValueError, match=r"unknown domain shift 'layout'; choose one of appearance, appearance\+layout"):
+        generate_scene("source", 0, 0, SIZE, shift="layout")
+    assert SHIFTS == ("appearance", "appearance+layout")
+
+
+def test_synthetic_dataset_passes_its_shift() -> None:
+    from dast.config import DatasetConfig
+    from dast.data.datasets import build_dataset
+
+    for shift in SHIFTS:
+        cfg = DatasetConfig(kind="synthetic", domain="target", count=2, size=(48, 32), shift=shift)
+        ds = build_dataset(cfg, norm="unit", num_classes=NUM_CLASSES, seed=3)
+        img, label = generate_scene("target", 1, 3, (48, 32), shift=shift)
+        np.testing.assert_array_equal(ds.read_image_rgb(1), img)
+        np.testing.assert_array_equal(ds.read_label_native(1), label)
 
 
 def test_rejects_bad_arguments() -> None:
@@ -132,6 +200,28 @@ def test_make_data_cli_both(tmp_path: Path) -> None:
         with Image.open(out / domain / "images" / f"{domain}_00001.png") as im:
             assert im.size == (48, 32)
             np.testing.assert_array_equal(np.asarray(im), generate_scene(domain, 1, 1, (48, 32))[0])
+
+
+def test_make_data_cli_shift(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "legacy"
+    argv = ["make-data", "--out", str(out), "--count", "2", "--size", "48", "32", "--no-progress"]
+    assert main([*argv, "--shift", "appearance+layout"]) == 0
+    assert "appearance+layout shift" in capsys.readouterr().out
+    for domain in DOMAINS:
+        with Image.open(out / domain / "labels" / f"{domain}_00001.png") as im:
+            np.testing.assert_array_equal(np.asarray(im), generate_scene(domain, 1, 0, (48, 32), "appearance+layout")[1])
+    shared = tmp_path / "shared"
+    assert main(["make-data", "--out", str(shared), "--count", "2", "--size", "48", "32", "--no-progress"]) == 0
+    for i in range(2):
+        with Image.open(shared / "source" / "labels" / f"source_0000{i}.png") as a, \
+                Image.open(shared / "target" / "labels" / f"target_0000{i}.png") as b:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the default: appearance only
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--shift", "layout"])
+    assert exc.value.code == 2 and "invalid choice: 'layout'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown domain shift"):
+        write_folder_dataset(tmp_path / "x", "source", 1, 0, (32, 32), progress=False, shift="both")
+    assert not (tmp_path / "x").exists()
 
 
 def test_make_data_cli_single_domain_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dast.commands._common import nonnegative_int
+from dast.data.synthetic import DEFAULT_SHIFT, SHIFTS
 from dast.errors import UserError
 
 
@@ -19,8 +20,6 @@ def _seeds(text: str) -> list[int]:
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
-    from dast.demo import SHIFTS
-
     p = sub.add_parser(name, help="run source-only, baseline, DA, DAST and oracle on synthetic domains",
                        description="Train and compare the DAST variants on procedurally generated game-like and "
                                    "camera-like street scenes, on the CPU. Writes DIR/report.json and figures.")
@@ -30,9 +29,10 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument("--seeds", default=None, metavar="S,S,...",
                    help="several seeds (e.g. 0,1,2,3,4): each in DIR/seed<S>/, then mean +- std and paired "
                         "differences in DIR/report.json and DIR/seeds.png")
-    p.add_argument("--shift", choices=SHIFTS, default=None,
-                   help="how the synthetic domains differ: appearance (default: same layouts, different "
-                        "textures, light, colours, optics) or appearance+layout")
+    p.add_argument("--shift", choices=SHIFTS, default=DEFAULT_SHIFT,
+                   help="what differs between the synthetic source and target: appearance only (a shared layout "
+                        "distribution: textures, light, colours, optics) or appearance and layout (the original "
+                        "demo domains); default: %(default)s")
     p.add_argument("--timm", default=None, metavar="NAME",
                    help="train every run with this timm CNN as the encoder instead of dast's tiny ResNet "
                         "(e.g. resnet10t; random init, ImageNet input normalisation; needs pip install 'dast[timm]')")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dast.data.synthetic import DOMAINS, MIN_SIZE, write_folder_dataset
+from dast.data.synthetic import DEFAULT_SHIFT, DOMAINS, MIN_SIZE, SHIFTS, write_folder_dataset
 from dast.errors import UserError
 
 
@@ -24,6 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
     p.add_argument("--count", type=int, default=200, metavar="N", help="scenes per domain (default: 200)")
     p.add_argument("--size", type=int, nargs=2, default=(128, 64), metavar=("W", "H"), help="image size (default: 128 64)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="generator seed (default: 0)")
+    p.add_argument("--shift", choices=SHIFTS, default=DEFAULT_SHIFT,
+                   help="what differs between the domains: appearance only (the same label maps for the same "
+                        "seed and index) or appearance and layout (the original demo domains); default: %(default)s")
     p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     return p
 
@@ -43,6 +46,6 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     for domain in domains:
         root = out / domain if args.domain == "both" else out
-        write_folder_dataset(root, domain, args.count, args.seed, (w, h), progress=progress)
-        print(f"wrote {args.count} {domain} scenes ({w}x{h}) to {root}")
+        write_folder_dataset(root, domain, args.count, args.seed, (w, h), progress=progress, shift=args.shift)
+        print(f"wrote {args.count} {domain} scenes ({w}x{h}, {args.shift} shift) to {root}")
     return 0

@@ -187,10 +187,11 @@ class SyntheticSource:
 
     CACHE_LIMIT = 4096  # scenes kept in memory (a few MB at demo sizes)
 
-    def __init__(self, domain: str, seed: int, size: tuple[int, int]) -> None:
+    def __init__(self, domain: str, seed: int, size: tuple[int, int], shift: str = "appearance") -> None:
         self.domain = domain
         self.seed = seed
         self.size = size
+        self.shift = shift
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def pair(self, j: int, with_label: bool) -> tuple[np.ndarray, Optional[np.ndarray]]:
@@ -198,7 +199,7 @@ class SyntheticSource:
 
         hit = self._cache.get(j)
         if hit is None:
-            rgb, label = generate_scene(self.domain, j, self.seed, self.size)
+            rgb, label = generate_scene(self.domain, j, self.seed, self.size, self.shift)
             hit = (np.array(rgb, np.uint8), np.array(label, np.uint8))
             for arr in hit:
                 arr.setflags(write=False)  # shared by every later read
@@ -471,7 +472,7 @@ def build_dataset(cfg: DatasetConfig, *, norm: str, num_classes: int, with_label
         if cfg.size is None:
             raise ConfigError("a synthetic dataset needs 'size' (width, height) for its generated scenes")
         names = [scene_stem(cfg.domain, k) for k in range(cfg.count)]
-        return SegmentationDataset(SyntheticSource(cfg.domain, seed, cfg.size), names=names, **common)
+        return SegmentationDataset(SyntheticSource(cfg.domain, seed, cfg.size, cfg.shift), names=names, **common)
     names, images, labels = _file_samples(cfg, want)
     reader = label_reader(cfg.kind, table.num_classes) if want else None
     return SegmentationDataset(FileSource(images, labels, reader), names=names, **common)

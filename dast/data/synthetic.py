@@ -6,14 +6,27 @@ classes can be learnt from shape and context in either one. They differ the way 
 engine differs from a car camera:
 
 * ``source`` (game-like): saturated flat colours with simple per-object shading, hard
-  edges, no noise. A high horizon, a wide road, large and few objects.
+  edges, no noise.
 * ``target`` (camera-like): muted, textured surfaces (asphalt grain, leaves, facades,
   clouds), cast shadows and uneven illumination, a per-image white balance and exposure,
-  vignetting, lens blur and sensor noise. A lower horizon, a narrower road, smaller and
-  more frequent people, cars and trees.
+  vignetting, lens blur and sensor noise.
 
-Every scene is a pure function of ``(domain, index, seed, size)``: the random generator
-is ``np.random.default_rng([seed, domain_id, index])``. See ``docs/synthetic.md``.
+Two *shifts* are available:
+
+* ``appearance`` (the default): both domains draw their layout (horizon, vanishing
+  point, street geometry, buildings, object counts, positions and sizes) from one
+  shared distribution, :data:`SHARED_LAYOUT`, with a random generator that does not
+  depend on the domain. Scene ``i`` of seed ``s`` therefore has the same label map in
+  both domains; only the pixels differ.
+* ``appearance+layout`` (the original demo domains): each domain has its own layout
+  statistics as well (:data:`SOURCE_LAYOUT`: a high horizon, a wide road, few large
+  objects; :data:`TARGET_LAYOUT`: a lower horizon, a narrower road, more and smaller
+  objects), and one generator per domain draws everything.
+
+Every scene is a pure function of ``(domain, index, seed, size, shift)``. The appearance
+generator is ``np.random.default_rng([seed, domain_id, index])``; under the appearance
+shift the layout generator is ``np.random.default_rng([seed, LAYOUT_STREAM, index])``.
+See ``docs/synthetic.md``.
 """
 
 from __future__ import annotations
@@ -46,9 +59,15 @@ Range = tuple[float, float]
 Colour = tuple[float, float, float]
 
 
+SHIFTS: tuple[str, ...] = ("appearance", "appearance+layout")
+DEFAULT_SHIFT = "appearance"
+LAYOUT_STREAM = 1000  # the layout generator's key in place of the domain id (0, 1)
+
+
 @dataclass(frozen=True)
-class DomainStyle:
-    """Layout statistics and palette of one domain (lengths in metres unless noted)."""
+class Layout:
+    """Geometry statistics of a scene (lengths in metres unless noted). Everything that
+    decides the label map comes from here and from the layout generator."""
 
     horizon: Range  # horizon row as a fraction of the height
     vanishing_x: Range  # vanishing point column as a fraction of the width
@@ -61,6 +80,19 @@ class DomainStyle:
     cars: float  # mean number of cars
     persons: float  # mean number of people
     trees: float  # mean number of trees
+    # base rows of the objects, as fractions of the ground below the horizon (> 1: below the image)
+    car_rows: Range = (0.12, 1.15)
+    person_rows: Range = (0.3, 1.1)
+    tree_rows: Range = (0.1, 0.9)
+    person_width_m: float = 0.55  # shoulder width of a person
+    min_object_px: float = 2.0  # objects whose 1.5 m reference spans fewer pixels are not drawn
+    min_object_height: float = 0.0  # ... nor those shorter than this fraction of the image height
+
+
+@dataclass(frozen=True)
+class Look:
+    """Palette of a domain (RGB, 0..255)."""
+
     road: Colour
     sidewalk: Colour
     facades: tuple[Colour, ...]
@@ -73,7 +105,7 @@ class DomainStyle:
     colour_jitter: float  # std of the per-object colour jitter (0..255 units)
 
 
-SOURCE_STYLE = DomainStyle(
+SOURCE_LAYOUT = Layout(
     horizon=(0.40, 0.50),
     vanishing_x=(0.40, 0.60),
     road_half_px=(0.40, 0.55),
@@ -85,6 +117,46 @@ SOURCE_STYLE = DomainStyle(
     cars=2.5,
     persons=1.5,
     trees=1.5,
+)
+
+TARGET_LAYOUT = Layout(
+    horizon=(0.32, 0.42),
+    vanishing_x=(0.35, 0.65),
+    road_half_px=(0.28, 0.42),
+    road_half_m=(4.0, 6.0),
+    sidewalk_m=(2.0, 4.0),
+    facade_height_m=(7.0, 16.0),
+    facade_gap=0.12,
+    object_scale=(0.75, 1.0),
+    cars=4.0,
+    persons=3.0,
+    trees=3.5,
+)
+
+# The layout both domains share under the appearance shift: a narrow shopping street seen
+# from close by, with many people near the camera. People and cars are drawn large (and
+# people bulky) so that every class can be learnt at the demo's 128x64 resolution within
+# its training budget; objects too small to make out are left out. See docs/synthetic.md.
+SHARED_LAYOUT = Layout(
+    horizon=(0.34, 0.46),
+    vanishing_x=(0.38, 0.62),
+    road_half_px=(0.32, 0.46),
+    road_half_m=(3.5, 5.0),
+    sidewalk_m=(2.0, 3.5),
+    facade_height_m=(6.0, 15.0),
+    facade_gap=0.2,
+    object_scale=(1.2, 1.4),
+    cars=3.0,
+    persons=8.0,
+    trees=2.5,
+    car_rows=(0.25, 1.15),
+    person_rows=(0.7, 1.15),
+    tree_rows=(0.1, 0.9),
+    person_width_m=1.0,
+    min_object_height=0.15,
+)
+
+SOURCE_LOOK = Look(
     road=(72, 72, 80),
     sidewalk=(190, 175, 160),
     facades=((196, 120, 80), (214, 196, 150), (120, 140, 186), (168, 92, 96), (150, 170, 120)),
@@ -97,18 +169,7 @@ SOURCE_STYLE = DomainStyle(
     colour_jitter=10.0,
 )
 
-TARGET_STYLE = DomainStyle(
-    horizon=(0.32, 0.42),
-    vanishing_x=(0.35, 0.65),
-    road_half_px=(0.28, 0.42),
-    road_half_m=(4.0, 6.0),
-    sidewalk_m=(2.0, 4.0),
-    facade_height_m=(7.0, 16.0),
-    facade_gap=0.12,
-    object_scale=(0.75, 1.0),
-    cars=4.0,
-    persons=3.0,
-    trees=3.5,
+TARGET_LOOK = Look(
     road=(98, 96, 102),
     sidewalk=(160, 155, 148),
     facades=((150, 130, 115), (170, 160, 140), (120, 120, 125), (140, 110, 95), (185, 180, 170)),
@@ -121,7 +182,8 @@ TARGET_STYLE = DomainStyle(
     colour_jitter=9.0,
 )
 
-_STYLES = {"source": SOURCE_STYLE, "target": TARGET_STYLE}
+_DOMAIN_LAYOUTS = {"source": SOURCE_LAYOUT, "target": TARGET_LAYOUT}
+_LOOKS = {"source": SOURCE_LOOK, "target": TARGET_LOOK}
 # Per-class texture strength of the target domain (0..255 units of zero-mean noise).
 _TEXTURE = np.array([8.0, 6.0, 7.0, 22.0, 2.0, 6.0, 6.0], np.float32)
 
@@ -219,32 +281,52 @@ class _Street:
         return np.maximum(np.asarray(y, np.float32) - self.horizon, 0.0) * self.px_per_m_row
 
 
-def _street(rng: np.random.Generator, style: DomainStyle, w: int, h: int) -> _Street:
-    horizon = h * _uniform(rng, style.horizon)
-    vx = w * _uniform(rng, style.vanishing_x)
-    road_half_m = _uniform(rng, style.road_half_m)
-    half_px = w * _uniform(rng, style.road_half_px)
-    return _Street(horizon, vx, half_px / road_half_m / (h - horizon), road_half_m, _uniform(rng, style.sidewalk_m))
+@dataclass
+class _Painter:
+    """What every drawing step needs: the canvas, the statistics and the two generators.
+
+    ``geo`` draws the layout (everything the label map depends on) and ``ink`` the
+    appearance. Under the ``appearance+layout`` shift they are the same generator, so the
+    draws interleave exactly as they always have.
+    """
+
+    canvas: _Canvas
+    layout: Layout
+    look: Look
+    camera: bool  # the camera-like target domain
+    geo: np.random.Generator
+    ink: np.random.Generator
 
 
-def _draw_sky(c: _Canvas, rng: np.random.Generator, style: DomainStyle, st: _Street, target: bool) -> None:
+def _street(p: _Painter) -> _Street:
+    lay, geo, h, w = p.layout, p.geo, p.canvas.h, p.canvas.w
+    horizon = h * _uniform(geo, lay.horizon)
+    vx = w * _uniform(geo, lay.vanishing_x)
+    road_half_m = _uniform(geo, lay.road_half_m)
+    half_px = w * _uniform(geo, lay.road_half_px)
+    return _Street(horizon, vx, half_px / road_half_m / (h - horizon), road_half_m, _uniform(geo, lay.sidewalk_m))
+
+
+def _draw_sky(p: _Painter, st: _Street) -> None:
+    c, look = p.canvas, p.look
     t = np.clip(c.ys / max(st.horizon, 1.0), 0.0, 1.0)[..., None]  # rows x 1 x 1
-    top, bottom = _jitter(rng, style.sky_top, 8.0), _jitter(rng, style.sky_horizon, 6.0)
+    top, bottom = _jitter(p.ink, look.sky_top, 8.0), _jitter(p.ink, look.sky_horizon, 6.0)
     sky = top * (1.0 - t) + bottom * t
     sky = np.broadcast_to(sky, (c.h, c.w, 3)).copy()
-    if target:  # clouds
-        clouds = np.clip(_smooth_noise(rng, c.w, c.h, (6, 3)) * 0.8, -1.0, 1.0)
+    if p.camera:  # clouds
+        clouds = np.clip(_smooth_noise(p.ink, c.w, c.h, (6, 3)) * 0.8, -1.0, 1.0)
         sky += 22.0 * clouds[..., None]
     c.img[:] = sky
     c.label[:] = SKY
 
 
-def _draw_buildings(c: _Canvas, rng: np.random.Generator, style: DomainStyle, st: _Street, target: bool) -> None:
+def _draw_buildings(p: _Painter, st: _Street) -> None:
     """Facades along both sides of the street: roof lines converge to the vanishing point.
 
     A facade at lateral distance ``setback`` stands on the ground row where
     ``|x - vx| = setback * ppm``; its roof is ``height * ppm`` pixels above the horizon.
     """
+    c, lay, look, geo, ink = p.canvas, p.layout, p.look, p.geo, p.ink
     setback_m = st.road_half_m + st.sidewalk_m
     dist = np.maximum(np.abs(c.xs[0] + 0.5 - st.vx), 0.05 * c.w)  # the street's far end keeps some height
     ppm_base = dist / setback_m  # pixels per metre at each column's facade base
@@ -253,30 +335,30 @@ def _draw_buildings(c: _Canvas, rng: np.random.Generator, style: DomainStyle, st
     x = 0.0
     while x < c.w:
         x0 = x
-        x = min(float(c.w), x + c.w * float(rng.uniform(0.07, 0.22)))
+        x = min(float(c.w), x + c.w * float(geo.uniform(0.07, 0.22)))
         sl = c.box(x0, 0.0, x, float(c.h))
         if sl is None:
             continue
-        height_m = _uniform(rng, style.facade_height_m)
-        if rng.random() < style.facade_gap:  # a gap in the row: a low building further back
+        height_m = _uniform(geo, lay.facade_height_m)
+        if geo.random() < lay.facade_gap:  # a gap in the row: a low building further back
             height_m *= 0.3
         tops = (st.horizon - height_m * ppm_base[sl[1]])[None, :]
         ys = c.ys[sl[0]]
         mask = ys + 0.5 >= tops
-        colour = _pick(rng, style.facades, style.colour_jitter)
+        colour = _pick(ink, look.facades, look.colour_jitter)
         top = float(max(tops.min(), 0.0))
-        fill = colour if target else _shaded(colour, ys, top, float(c.h), 0.2)
+        fill = colour if p.camera else _shaded(colour, ys, top, float(c.h), 0.2)
         c.paint(sl, mask, BUILDING, fill)
         # windows: a regular grid between the roof and the ground floor
-        fx = (c.xs[:, sl[1]] - x0) / sx + float(rng.uniform(0, 1))
-        fy = ys / sy + float(rng.uniform(0, 1))
+        fx = (c.xs[:, sl[1]] - x0) / sx + float(ink.uniform(0, 1))
+        fy = ys / sy + float(ink.uniform(0, 1))
         floor = base_rows[sl[1]][None, :] - 2.5 * ppm_base[sl[1]][None, :]
         win = mask & (fx % 1.0 < 0.55) & (fy % 1.0 < 0.5) & (ys + 0.5 >= tops + 0.6 * sy) & (ys + 0.5 < floor)
         if not win.any():
             continue
-        wcol = _jitter(rng, style.window, 6.0)
-        if target:  # each pane reflects a little differently
-            grid = rng.normal(0.0, 16.0, (int(c.h / sy) + 3, int(c.w / sx) + 3)).astype(np.float32)
+        wcol = _jitter(ink, look.window, 6.0)
+        if p.camera:  # each pane reflects a little differently
+            grid = ink.normal(0.0, 16.0, (int(c.h / sy) + 3, int(c.w / sx) + 3)).astype(np.float32)
             iy = np.clip(fy.astype(np.int64), 0, grid.shape[0] - 1)
             ix = np.clip(fx.astype(np.int64), 0, grid.shape[1] - 1)
             c.paint(sl, win, None, wcol[None, None, :] + grid[iy, ix][..., None])
@@ -284,8 +366,9 @@ def _draw_buildings(c: _Canvas, rng: np.random.Generator, style: DomainStyle, st
             c.paint(sl, win, None, wcol)
 
 
-def _draw_ground(c: _Canvas, rng: np.random.Generator, style: DomainStyle, st: _Street, target: bool) -> None:
+def _draw_ground(p: _Painter, st: _Street) -> None:
     """Sidewalks, then the road over them, then a dashed centre line."""
+    c, look, ink = p.canvas, p.look, p.ink
     r0 = max(0, math.ceil(st.horizon - 0.5))
     if r0 >= c.h:
         return
@@ -295,9 +378,9 @@ def _draw_ground(c: _Canvas, rng: np.random.Generator, style: DomainStyle, st: _
     dx = c.xs + 0.5 - st.vx
     outer = np.abs(dx) <= (st.road_half_m + st.sidewalk_m) * ppm
     road = np.abs(dx) <= st.road_half_m * ppm
-    sidewalk_col = _jitter(rng, style.sidewalk, style.colour_jitter)
-    road_col = _jitter(rng, style.road, style.colour_jitter * 0.5)
-    shade = 0.0 if target else -0.25  # the game darkens the ground towards the horizon
+    sidewalk_col = _jitter(ink, look.sidewalk, look.colour_jitter)
+    road_col = _jitter(ink, look.road, look.colour_jitter * 0.5)
+    shade = 0.0 if p.camera else -0.25  # the game darkens the ground towards the horizon
     c.paint((rows, slice(None)), outer, SIDEWALK, _shaded(sidewalk_col, ys - 0.5, st.horizon, c.h, shade))
     c.paint((rows, slice(None)), road, ROAD, _shaded(road_col, ys - 0.5, st.horizon, c.h, shade))
     # kerb: a thin darker band at the road edge
@@ -305,85 +388,90 @@ def _draw_ground(c: _Canvas, rng: np.random.Generator, style: DomainStyle, st: _
     c.paint((rows, slice(None)), kerb, None, sidewalk_col * 0.75)
     # dashed centre line: dashes of equal ground length (period in 1 / depth)
     depth = 1.0 / np.maximum(ys - st.horizon, 0.5)
-    dash = ((depth * (c.h * 2.0) + float(rng.uniform(0, 1))) % 1.0 < 0.5) & (np.abs(dx) <= 0.12 * ppm + 0.2)
-    line = np.asarray((235, 235, 225) if not target else (175, 172, 160), np.float32)
+    dash = ((depth * (c.h * 2.0) + float(ink.uniform(0, 1))) % 1.0 < 0.5) & (np.abs(dx) <= 0.12 * ppm + 0.2)
+    line = np.asarray((235, 235, 225) if not p.camera else (175, 172, 160), np.float32)
     c.paint((rows, slice(None)), dash & road, None, line)
 
 
-def _draw_car(c: _Canvas, rng: np.random.Generator, style: DomainStyle, x: float, y: float, ppm: float, target: bool) -> None:
-    w, h = 1.8 * ppm * float(rng.uniform(0.9, 1.15)), 1.5 * ppm * float(rng.uniform(0.9, 1.1))
-    paint = _pick(rng, style.car_paints, style.colour_jitter)
-    glass = np.asarray((40, 50, 70) if target else (90, 150, 210), np.float32)
+def _draw_car(p: _Painter, x: float, y: float, ppm: float) -> None:
+    c, look, camera = p.canvas, p.look, p.camera
+    w, h = 1.8 * ppm * float(p.geo.uniform(0.9, 1.15)), 1.5 * ppm * float(p.geo.uniform(0.9, 1.1))
+    paint = _pick(p.ink, look.car_paints, look.colour_jitter)
+    glass = np.asarray((40, 50, 70) if camera else (90, 150, 210), np.float32)
     dark = np.asarray((20, 20, 22), np.float32)
-    shade = 0.0 if target else 0.4
+    shade = 0.0 if camera else 0.4
     body_top = y - 0.6 * h
     c.rect(x - w / 2, body_top, x + w / 2, y - 0.12 * h, CAR, paint, shade)
     c.rect(x - 0.36 * w, y - h, x + 0.36 * w, body_top + 0.5, CAR, paint * 0.92, shade)
     c.rect(x - 0.3 * w, y - 0.92 * h, x + 0.3 * w, body_top, CAR, glass)
     for side in (-1.0, 1.0):
         c.rect(x + side * 0.34 * w - 0.11 * w, y - 0.2 * h, x + side * 0.34 * w + 0.11 * w, y, CAR, dark)
-    lamp = np.asarray((250, 240, 200) if not target else (200, 190, 170), np.float32)
+    lamp = np.asarray((250, 240, 200) if not camera else (200, 190, 170), np.float32)
     for side in (-1.0, 1.0):
         c.rect(x + side * 0.4 * w - 0.06 * w, y - 0.5 * h, x + side * 0.4 * w + 0.06 * w, y - 0.4 * h, CAR, lamp)
 
 
-def _draw_person(c: _Canvas, rng: np.random.Generator, style: DomainStyle, x: float, y: float, ppm: float, target: bool) -> None:
-    h = 1.8 * ppm * float(rng.uniform(0.9, 1.1))
-    w = 0.55 * ppm * float(rng.uniform(0.85, 1.15))
-    top_col = _pick(rng, style.clothes, style.colour_jitter)
-    legs_col = _pick(rng, style.clothes, style.colour_jitter) * 0.7
-    skin = _jitter(rng, (224, 172, 140) if not target else (176, 140, 120), 12.0)
-    shade = 0.0 if target else 0.3
+def _draw_person(p: _Painter, x: float, y: float, ppm: float) -> None:
+    c, look, camera = p.canvas, p.look, p.camera
+    h = 1.8 * ppm * float(p.geo.uniform(0.9, 1.1))
+    w = p.layout.person_width_m * ppm * float(p.geo.uniform(0.85, 1.15))
+    top_col = _pick(p.ink, look.clothes, look.colour_jitter)
+    legs_col = _pick(p.ink, look.clothes, look.colour_jitter) * 0.7
+    skin = _jitter(p.ink, (224, 172, 140) if not camera else (176, 140, 120), 12.0)
+    shade = 0.0 if camera else 0.3
     c.rect(x - 0.38 * w, y - 0.47 * h, x - 0.04 * w, y, PERSON, legs_col)
     c.rect(x + 0.04 * w, y - 0.47 * h, x + 0.38 * w, y, PERSON, legs_col)
     c.ellipse(x, y - 0.64 * h, w / 2, 0.2 * h, PERSON, top_col, shade)
     c.ellipse(x, y - 0.91 * h, 0.22 * w + 0.3, 0.09 * h + 0.3, PERSON, skin)
 
 
-def _draw_tree(c: _Canvas, rng: np.random.Generator, style: DomainStyle, x: float, y: float, ppm: float, target: bool) -> None:
-    trunk_h = float(rng.uniform(2.0, 3.2)) * ppm
-    radius = float(rng.uniform(1.4, 2.4)) * ppm
-    trunk = np.asarray((110, 80, 50) if not target else (70, 62, 54), np.float32)
-    leaves = _jitter(rng, style.vegetation, style.colour_jitter)
+def _draw_tree(p: _Painter, x: float, y: float, ppm: float) -> None:
+    c, geo, camera = p.canvas, p.geo, p.camera
+    trunk_h = float(geo.uniform(2.0, 3.2)) * ppm
+    radius = float(geo.uniform(1.4, 2.4)) * ppm
+    trunk = np.asarray((110, 80, 50) if not camera else (70, 62, 54), np.float32)
+    leaves = _jitter(p.ink, p.look.vegetation, p.look.colour_jitter)
     c.rect(x - 0.15 * ppm - 0.3, y - trunk_h - radius * 0.5, x + 0.15 * ppm + 0.3, y, VEGETATION, trunk)
-    shade = 0.0 if target else 0.35
+    shade = 0.0 if camera else 0.35
     cy = y - trunk_h - radius * 0.8
     c.ellipse(x, cy, radius, radius * 1.05, VEGETATION, leaves, shade)
     for _ in range(2):  # a lumpy crown
-        ox, oy = rng.uniform(-0.6, 0.6) * radius, rng.uniform(-0.5, 0.3) * radius
-        c.ellipse(x + ox, cy + oy, radius * 0.7, radius * 0.7, VEGETATION, leaves * float(rng.uniform(0.9, 1.05)), shade)
+        ox, oy = geo.uniform(-0.6, 0.6) * radius, geo.uniform(-0.5, 0.3) * radius
+        c.ellipse(x + ox, cy + oy, radius * 0.7, radius * 0.7, VEGETATION, leaves * float(p.ink.uniform(0.9, 1.05)), shade)
 
 
-def _draw_objects(c: _Canvas, rng: np.random.Generator, style: DomainStyle, st: _Street, target: bool) -> None:
+def _draw_objects(p: _Painter, st: _Street) -> None:
     """Cars on the road, people on the sidewalks (a few crossing), trees along the kerb;
-    painted far to near."""
-    scale = _uniform(rng, style.object_scale)
+    painted far to near. Objects too small to make out are skipped."""
+    c, lay, geo = p.canvas, p.layout, p.geo
+    scale = _uniform(geo, lay.object_scale)
     objects: list[tuple[float, int, float]] = []  # (row of the base, kind, lateral position in metres)
     span = c.h - st.horizon
-    for _ in range(int(rng.poisson(style.cars))):
-        y = st.horizon + span * float(rng.uniform(0.12, 1.15))
-        lateral = float(rng.uniform(-1.0, 1.0)) * max(st.road_half_m - 1.0, 0.5)
+    for _ in range(int(geo.poisson(lay.cars))):
+        y = st.horizon + span * _uniform(geo, lay.car_rows)
+        lateral = float(geo.uniform(-1.0, 1.0)) * max(st.road_half_m - 1.0, 0.5)
         objects.append((y, CAR, lateral))
-    for _ in range(int(rng.poisson(style.persons))):
-        y = st.horizon + span * float(rng.uniform(0.3, 1.1))
-        side = 1.0 if rng.random() < 0.5 else -1.0
-        if rng.random() < 0.15:
-            lateral = float(rng.uniform(-1.0, 1.0)) * st.road_half_m
+    for _ in range(int(geo.poisson(lay.persons))):
+        y = st.horizon + span * _uniform(geo, lay.person_rows)
+        side = 1.0 if geo.random() < 0.5 else -1.0
+        if geo.random() < 0.15:
+            lateral = float(geo.uniform(-1.0, 1.0)) * st.road_half_m
         else:
-            lateral = side * (st.road_half_m + float(rng.uniform(0.3, 0.9)) * st.sidewalk_m)
+            lateral = side * (st.road_half_m + float(geo.uniform(0.3, 0.9)) * st.sidewalk_m)
         objects.append((y, PERSON, lateral))
-    for _ in range(int(rng.poisson(style.trees))):
-        y = st.horizon + span * float(rng.uniform(0.1, 0.9))
-        side = 1.0 if rng.random() < 0.5 else -1.0
-        objects.append((y, VEGETATION, side * (st.road_half_m + float(rng.uniform(0.55, 0.9)) * st.sidewalk_m)))
+    for _ in range(int(geo.poisson(lay.trees))):
+        y = st.horizon + span * _uniform(geo, lay.tree_rows)
+        side = 1.0 if geo.random() < 0.5 else -1.0
+        objects.append((y, VEGETATION, side * (st.road_half_m + float(geo.uniform(0.55, 0.9)) * st.sidewalk_m)))
     objects.sort(key=lambda o: o[0])
     draw = {CAR: _draw_car, PERSON: _draw_person, VEGETATION: _draw_tree}
     for y, kind, lateral in objects:
         ppm = float(st.ppm(y))
-        if ppm * scale * 1.5 < 2.0:  # smaller than two pixels: invisible
+        reference = ppm * scale * 1.5  # pixels spanned by 1.5 m at the object's base
+        if reference < lay.min_object_px or reference < lay.min_object_height * c.h:
             continue
         x = st.vx + lateral * ppm
-        draw[kind](c, rng, style, x, y, ppm * scale, target)
+        draw[kind](p, x, y, ppm * scale)
 
 
 def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
@@ -429,36 +517,48 @@ def _sensor(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return img + rng.standard_normal(img.shape).astype(np.float32) * (shot + float(rng.uniform(2.0, 5.0)))
 
 
-def _camera(c: _Canvas, rng: np.random.Generator, st: _Street) -> np.ndarray:
+def _camera(c: _Canvas, rng: np.random.Generator) -> np.ndarray:
     """Turn the painted target scene into a photograph: texture, light, optics, sensor."""
     _texture(c.img, c.label, rng)
     _lighting(c.img, c.label, rng)
     return _sensor(_optics(c.img, rng), rng)
 
 
-def generate_scene(domain: str, index: int, seed: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def check_shift(shift: str) -> str:
+    """``shift`` if it names a shift of :data:`SHIFTS`; otherwise a ``ValueError``."""
+    if shift not in SHIFTS:
+        raise ValueError(f"unknown domain shift {shift!r}; choose one of {', '.join(SHIFTS)}")
+    return shift
+
+
+def generate_scene(domain: str, index: int, seed: int, size: tuple[int, int],
+                   shift: str = DEFAULT_SHIFT) -> tuple[np.ndarray, np.ndarray]:
     """One street scene: (H x W x 3 uint8 RGB image, H x W uint8 trainId label).
 
     ``size`` is (width, height), each at least 16. Label values index
-    :data:`SYNTHETIC_CLASSES`. The result depends only on the arguments.
+    :data:`SYNTHETIC_CLASSES`. The result depends only on the arguments. Under the
+    ``appearance`` shift the label map does not depend on ``domain``.
     """
     did = domain_id(domain)
+    check_shift(shift)
     w, h = int(size[0]), int(size[1])
     if w < MIN_SIZE or h < MIN_SIZE:
         raise ValueError(f"synthetic scenes need a size of at least {MIN_SIZE}x{MIN_SIZE}, got {w}x{h}")
     if index < 0 or seed < 0:
         raise ValueError(f"seed and index must be non-negative, got seed={seed} index={index}")
-    rng = np.random.default_rng([int(seed), did, int(index)])
-    style = _STYLES[domain]
-    target = domain == "target"
-    c = _Canvas(w, h)
-    st = _street(rng, style, w, h)
-    _draw_sky(c, rng, style, st, target)
-    _draw_buildings(c, rng, style, st, target)
-    _draw_ground(c, rng, style, st, target)
-    _draw_objects(c, rng, style, st, target)
-    img = _camera(c, rng, st) if target else c.img
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8), c.label
+    ink = np.random.default_rng([int(seed), did, int(index)])
+    if shift == "appearance":
+        geo, layout = np.random.default_rng([int(seed), LAYOUT_STREAM, int(index)]), SHARED_LAYOUT
+    else:
+        geo, layout = ink, _DOMAIN_LAYOUTS[domain]
+    p = _Painter(_Canvas(w, h), layout, _LOOKS[domain], domain == "target", geo, ink)
+    st = _street(p)
+    _draw_sky(p, st)
+    _draw_buildings(p, st)
+    _draw_ground(p, st)
+    _draw_objects(p, st)
+    img = _camera(p.canvas, ink) if p.camera else p.canvas.img
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), p.canvas.label
 
 
 def classes_yaml() -> str:
@@ -484,13 +584,16 @@ def write_folder_dataset(
     size: tuple[int, int],
     progress: bool = True,
     fsync: bool = True,
+    shift: str = DEFAULT_SHIFT,
 ) -> Path:
     """Write ``count`` scenes as a ``folder`` dataset under ``root`` and return ``root``.
 
     Layout: ``images/<stem>.png`` (RGB), ``labels/<stem>.png`` (single-channel class
-    indices) and ``classes.yaml``. Every file is written atomically.
+    indices) and ``classes.yaml``. Every file is written atomically. ``shift`` is passed
+    to :func:`generate_scene`.
     """
     domain_id(domain)
+    check_shift(shift)
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
     out = Path(root)
@@ -503,7 +606,7 @@ def write_folder_dataset(
 
         indices = tqdm(range(count), desc=f"{domain} scenes", unit="img")
     for i in indices:  # type: ignore[union-attr]
-        img, label = generate_scene(domain, i, seed, size)
+        img, label = generate_scene(domain, i, seed, size, shift)
         stem = scene_stem(domain, i)
         write_with(out / "images" / f"{stem}.png", lambda p, a=img: _save_png(a, p), fsync=fsync)
         write_with(out / "labels" / f"{stem}.png", lambda p, a=label: _save_png(a, p), fsync=fsync)

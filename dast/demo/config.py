@@ -21,10 +21,13 @@ import copy
 from typing import Any
 
 from dast.config import deep_merge
+from dast.data.synthetic import SHIFTS, check_shift
+
+__all__ = ["DEMO_CONFIG", "NO_ADVERSARY", "QUICK", "RUNS", "SHIFTS", "VARIANTS", "VARIANT_SNAPSHOTS",
+           "demo_tree", "run_trees"]
 
 VARIANTS = ("source_only", "source_only_bn", "baseline", "da", "dast", "dast_best", "oracle")
 RUNS = ("dast", "baseline", "source_only_bn", "source_only", "oracle")  # longest first
-SHIFTS = ("appearance", "appearance+layout")
 
 # variant -> (run, stage); "last round" and "across stages" are resolved from the run's config
 VARIANT_SNAPSHOTS: dict[str, tuple[str, str]] = {
@@ -41,10 +44,11 @@ VARIANT_SNAPSHOTS: dict[str, tuple[str, str]] = {
 DEMO_CONFIG: dict[str, Any] = {
     "seed": 0,
     "variant": "paper",
-    "model": {"arch": "small", "num_classes": 7, "norm": "unit"},
-    "source": {"kind": "synthetic", "domain": "source", "count": 300, "size": [128, 64]},
-    "target": {"kind": "synthetic", "domain": "target", "count": 300, "size": [128, 64], "with_labels": False},
-    "val": {"kind": "synthetic", "domain": "target", "count": 100, "size": [128, 64]},
+    "model": {"arch": "small", "num_classes": 7, "norm": "unit", "output_stride": 4},
+    "source": {"kind": "synthetic", "domain": "source", "count": 300, "size": [128, 64], "shift": "appearance"},
+    "target": {"kind": "synthetic", "domain": "target", "count": 300, "size": [128, 64], "with_labels": False,
+               "shift": "appearance"},
+    "val": {"kind": "synthetic", "domain": "target", "count": 100, "size": [128, 64], "shift": "appearance"},
     "adversarial": {"discoverer": True, "corrector": True, "attention": True, "loss": "lsgan",
                     "lambda_d": 0.01, "lambda_c": 0.01, "lr": 1.0e-4, "corrector_width": 16},
     "train": {"steps": 1000, "poly_steps": 2000, "lr": 0.01, "batch_size": 4, "num_workers": 0,
@@ -74,6 +78,7 @@ def demo_tree(*, quick: bool = False, seed: int = 0, shift: str | None = None,
     tree = deep_merge(DEMO_CONFIG, QUICK) if quick else copy.deepcopy(DEMO_CONFIG)
     tree["seed"] = int(seed)
     if shift is not None:
+        check_shift(shift)
         for name in ("source", "target", "val"):
             tree[name]["shift"] = shift
     return deep_merge(tree, overrides or {})

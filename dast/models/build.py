@@ -17,7 +17,7 @@ from typing import Literal
 
 from dast.models.aspp import ASPPClassifier
 from dast.models.discriminators import Corrector, Discoverer
-from dast.models.resnet import ResNetEncoder, deeplab_init, kaiming_init, resnet_tail
+from dast.models.resnet import ResNetEncoder, deeplab_init, kaiming_init, resnet_tail, zero_init_residuals
 from dast.models.segmentor import Segmentor
 from dast.models.target_model import TargetModel
 from dast.models.timm_backbone import build_timm_segmentor
@@ -27,11 +27,16 @@ ARCHS = ("resnet101", "vgg16", "small", "timm")
 VARIANTS = ("paper", "reference")
 Variant = Literal["paper", "reference"]
 
-# Small backbone: a caffe-style ResNet with one or two blocks per stage and width 8,
-# output stride 8, 256 feature channels. Fast enough to train on a laptop CPU.
-SMALL_LAYERS = (1, 1, 2, 1)
-SMALL_WIDTH = 8
+# Small backbone (the demo's network, trained from scratch): a caffe-style ResNet with
+# one bottleneck per stage, a 24-channel stem, bottleneck width 4 (128 feature channels)
+# and zero-initialised residual branches; output stride 8, or 4 on request. Chosen so that
+# the demo's oracle learns every synthetic class within its 1000 steps on one CPU thread
+# (docs/synthetic.md, "Learnability").
+SMALL_LAYERS = (1, 1, 1, 1)
+SMALL_WIDTH = 4
+SMALL_STEM = 24
 SMALL_RATES = (1, 2, 3, 4)
+SMALL_OUTPUT_STRIDES = (4, 8)
 PAPER_RATES = (6, 12, 18, 24)
 
 
@@ -42,12 +47,25 @@ def _check(arch: str, variant: str) -> None:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
 
 
-def build_segmentor(arch: str, num_classes: int, variant: str = "paper", *, timm_name: str | None = None,
-                    output_stride: int | None = None, pretrained: bool = False) -> Segmentor:
+def check_output_stride(arch: str, output_stride: int | None) -> int:
+    """The output stride ``arch`` runs at: ``None`` is its default (8); a ``ValueError`` for
+    a stride the architecture does not support (``timm`` backbones are checked by
+    :func:`~dast.models.timm_backbone.build_timm_segmentor`, per family)."""
+    allowed = SMALL_OUTPUT_STRIDES if arch == "small" else (8,)
+    if output_stride is None:
+        return 8
+    if output_stride not in allowed:
+        raise ValueError(f"output stride {output_stride} is not supported by the {arch} architecture "
+                         f"(supported: {', '.join(map(str, allowed))})")
+    return int(output_stride)
+
+
+def build_segmentor(arch: str, num_classes: int, variant: str = "paper", output_stride: int | None = None, *,
+                    timm_name: str | None = None, pretrained: bool = False) -> Segmentor:
     """Build a DeepLab-v2 segmentor with random weights (load pretrained ones afterwards).
 
-    ``arch="timm"`` needs ``timm_name``; ``output_stride`` and ``pretrained`` (timm's own
-    weights) apply to it alone.
+    ``output_stride`` (None: 8) may be 4 for ``small``; the paper networks run at 8 only.
+    ``arch="timm"`` needs ``timm_name``; ``pretrained`` (timm's own weights) applies to it alone.
     """
     _check(arch, variant)
     if arch == "timm":
@@ -56,6 +74,7 @@ def build_segmentor(arch: str, num_classes: int, variant: str = "paper", *, timm
         if variant == "reference":
             raise ValueError("arch 'timm' has no reference variant (the released quirks are DeepLab-specific)")
         return build_timm_segmentor(timm_name, num_classes, output_stride, pretrained)
+    stride = check_output_stride(arch, output_stride)
     reference = variant == "reference"
     active = 2 if reference else None
     if arch == "vgg16":
@@ -70,10 +89,11 @@ def build_segmentor(arch: str, num_classes: int, variant: str = "paper", *, timm
         deeplab_init(tail)
         classifier = ASPPClassifier(encoder.out_channels, num_classes, PAPER_RATES, active)
         return Segmentor(encoder, tail, classifier, num_classes)
-    encoder = ResNetEncoder(SMALL_LAYERS[:3] + (SMALL_LAYERS[3],), SMALL_WIDTH, freeze_bn_affine=False)
+    encoder = ResNetEncoder(SMALL_LAYERS, SMALL_WIDTH, freeze_bn_affine=False, output_stride=stride, stem_width=SMALL_STEM)
     tail = resnet_tail(SMALL_WIDTH, fresh_shortcut=reference, freeze_bn_affine=False)
-    kaiming_init(encoder)
-    kaiming_init(tail)
+    for part in (encoder, tail):
+        kaiming_init(part)
+        zero_init_residuals(part)
     classifier = ASPPClassifier(encoder.out_channels, num_classes, SMALL_RATES, active)
     return Segmentor(encoder, tail, classifier, num_classes)
 

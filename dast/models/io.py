@@ -31,7 +31,7 @@ class ModelSpec:
     attention: bool = True
     corrector_width: int = 64
     timm_name: str | None = None  # arch "timm": the timm model the encoder is cut from
-    output_stride: int | None = None
+    output_stride: int | None = None  # None: the architecture's default (8)
     class_names: list[str] = field(default_factory=list)
     class_colors: list[tuple[int, int, int]] = field(default_factory=list)
 
@@ -90,8 +90,11 @@ def build_networks(spec: ModelSpec, pretrained: bool = False) -> Networks:
         raise CheckpointError(f"unknown variant {spec.variant!r} (known: {', '.join(VARIANTS)})")
     if spec.arch == "timm" and (not spec.timm_name or spec.variant != "paper"):
         raise CheckpointError(f"a timm model needs a timm name and variant 'paper' (got {spec.timm_name!r}, {spec.variant!r})")
-    seg = build_segmentor(spec.arch, spec.num_classes, spec.variant, timm_name=spec.timm_name,
-                          output_stride=spec.output_stride, pretrained=pretrained)
+    try:
+        seg = build_segmentor(spec.arch, spec.num_classes, spec.variant, timm_name=spec.timm_name,
+                              output_stride=spec.output_stride, pretrained=pretrained)
+    except ValueError as exc:  # e.g. an output stride the architecture does not support
+        raise CheckpointError(str(exc)) from None
     disc = build_discoverer(seg.feature_channels) if spec.discoverer else None
     corr = build_corrector(spec.num_classes, spec.corrector_width) if spec.corrector else None
     return Networks(spec, seg, disc, corr)

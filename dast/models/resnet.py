@@ -2,7 +2,8 @@
 
 * caffe-style bottlenecks: the stride sits on the first 1x1 convolution;
 * 7x7/2 stem, 3x3/2 max-pool with padding 1 and ``ceil_mode=True``;
-* layer3 dilation 2, layer4 dilation 4, both stride 1: output stride 8;
+* layer3 dilation 2, layer4 dilation 4, both stride 1: output stride 8 (the small demo
+  backbone may also run layer2 at stride 1: output stride 4);
 * the last block of layer4 is split off as a separate stage (the "tail", ``layer5`` in
   the released code). The attention acts between layer4 and the tail.
 
@@ -86,23 +87,32 @@ def make_stage(
 
 
 class ResNetEncoder(nn.Module):
-    """E of the segmentor: stem, layer1..layer4 (layer4 without its last block)."""
+    """E of the segmentor: stem, layer1..layer4 (layer4 without its last block).
+
+    The stem (``stem_width`` channels, default ``width``) divides the resolution by 4;
+    layer2 by ``output_stride // 4`` (2 in the paper's networks, 1 for output stride 4).
+    """
 
     def __init__(
         self,
         layers: Sequence[int] = (3, 4, 23, 2),
         width: int = 64,
         freeze_bn_affine: bool = True,
+        output_stride: int = 8,
+        stem_width: int | None = None,
     ) -> None:
         super().__init__()
+        if output_stride not in (4, 8):
+            raise ValueError(f"the ResNet encoder supports output stride 4 or 8, got {output_stride}")
         w = width
-        self.conv1 = nn.Conv2d(3, w, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = _frozen_bn(w, freeze_bn_affine)
+        stem = w if stem_width is None else stem_width
+        self.conv1 = nn.Conv2d(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = _frozen_bn(stem, freeze_bn_affine)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1, ceil_mode=True)
         fb = freeze_bn_affine
-        self.layer1 = make_stage(w, w, layers[0], freeze_bn_affine=fb)
-        self.layer2 = make_stage(w * 4, w * 2, layers[1], stride=2, freeze_bn_affine=fb)
+        self.layer1 = make_stage(stem, w, layers[0], freeze_bn_affine=fb)
+        self.layer2 = make_stage(w * 4, w * 2, layers[1], stride=output_stride // 4, freeze_bn_affine=fb)
         self.layer3 = make_stage(w * 8, w * 4, layers[2], dilation=2, force_shortcut=True, freeze_bn_affine=fb)
         self.layer4 = make_stage(w * 16, w * 8, layers[3], dilation=4, force_shortcut=True, freeze_bn_affine=fb)
         self.out_channels = w * 32
@@ -146,3 +156,12 @@ def kaiming_init(module: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def zero_init_residuals(module: nn.Module) -> None:
+    """Set the last BatchNorm weight of every bottleneck to 0, so that each block starts as
+    its shortcut and the residual branches grow from there (Goyal et al., 2017; torchvision's
+    ``zero_init_residual``). Used for the small backbone, trained from scratch."""
+    for m in module.modules():
+        if isinstance(m, Bottleneck):
+            nn.init.zeros_(m.bn3.weight)

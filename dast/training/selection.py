@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dast.data.fda import fda_image
+from dast.data import fda
 from dast.data.transforms import normalize, resize_image, resize_label
 from dast.evaluation.evaluate import evaluate_model
 from dast.parallel import shard
@@ -21,8 +21,12 @@ class FDAValSet(Dataset):
 
     Picks ``num_images`` source samples and one style image each, deterministically from
     ``seed``. Items look like a labelled :class:`~dast.data.datasets.SegmentationDataset`:
-    evaluation uses the source label at the source input size.
+    evaluation uses the source label at the source input size. A restyled image is
+    computed once and kept (up to ``CACHE_BYTES`` in all): the set is evaluated at every
+    model-selection point and the FFTs would otherwise be redone each time.
     """
+
+    CACHE_BYTES = 256 * 2**20
 
     def __init__(self, source: Any, target: Any, num_images: int, beta: float, seed: int = 0) -> None:
         rng = np.random.default_rng([int(seed), 4242])
@@ -37,15 +41,26 @@ class FDAValSet(Dataset):
         self.kind = "fda"
         self.norm = source.norm
         self.size = source.size
+        self._restyled: dict[int, np.ndarray] = {}
+        self._cached_bytes = 0
 
     def __len__(self) -> int:
         return len(self.src_idx)
 
     def read_image_rgb(self, i: int) -> np.ndarray:
+        """Source image ``i`` restyled towards its target image (read-only, cached)."""
+        hit = self._restyled.get(i)
+        if hit is not None:
+            return hit
         src = self.source.read_image_rgb(self.src_idx[i])
 
         tgt = resize_image(self.target.read_image_rgb(self.tgt_idx[i]), (src.shape[1], src.shape[0]))
-        return fda_image(src, tgt, self.beta)
+        out = fda.fda_image(src, tgt, self.beta)
+        out.setflags(write=False)  # shared by every later read
+        if self._cached_bytes + out.nbytes <= self.CACHE_BYTES:
+            self._restyled[i] = out
+            self._cached_bytes += out.nbytes
+        return out
 
     def read_label_native(self, i: int) -> np.ndarray:
         """The source label at the source input size (what the restyled image shows)."""

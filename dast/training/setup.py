@@ -13,6 +13,7 @@ from dast.checkpoint import load_checkpoint
 from dast.config import Config, config_diff, from_tree, load_yaml_tree
 from dast.data.labels import table_for
 from dast.errors import ConfigError, UserError
+from dast.models.build import check_output_stride
 from dast.models.io import ModelSpec, Networks, build_networks, load_state_strict, split_prefixed
 from dast.models.known_weights import random_init_warning
 from dast.rundir import ROUND_RE, RunDir
@@ -118,6 +119,11 @@ def model_spec_for(cfg: Config) -> ModelSpec:
     """The model spec a run of ``cfg`` trains and stores in its checkpoints."""
     table = table_for(cfg.source, cfg.model.num_classes)
     adv = cfg.adversarial
+    if cfg.model.arch != "timm":  # timm backbones check their stride when they are built, per family
+        try:
+            check_output_stride(cfg.model.arch, cfg.model.output_stride)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'model.output_stride': {exc}") from None
     return ModelSpec(
         arch=cfg.model.arch, num_classes=cfg.model.num_classes, variant=cfg.variant, norm=cfg.model.norm,
         input_size=tuple(cfg.target.size) if cfg.target.size else None,
