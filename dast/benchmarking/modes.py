@@ -22,6 +22,7 @@ from dast.models import build_corrector, build_discoverer, build_segmentor
 from dast.config import Config, RuntimeConfig, from_tree
 from dast.contexts import autocast_factory
 from dast.models.io import ModelSpec, Networks
+from dast.rundir import STAGE1, round_name
 from dast.training.engine import Engine, StagePlan
 from dast.training.graphs import GraphedStep
 from dast.training.levers import Levers, choose_levers, compile_segmentor, to_channels_last
@@ -165,7 +166,7 @@ def bench_config(mode: ResolvedMode, schedule: Schedule, variant: str, num_class
 def bench_plan(schedule: Schedule, stage: int = 1) -> StagePlan:
     """The stage plan of a benchmarked iteration (stage 2: with pseudo labels)."""
     s = schedule
-    return StagePlan("stage1" if stage == 1 else "round1", 0 if stage == 1 else 1, steps=s.poly_steps,
+    return StagePlan(STAGE1 if stage == 1 else round_name(1), 0 if stage == 1 else 1, steps=s.poly_steps,
                      poly_steps=s.poly_steps, lr=s.lr, head_lr_mult=s.head_lr_mult, duplicate_params=s.duplicate_params,
                      adversarial=True)
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from dast.config import deep_merge
 from dast.data.synthetic import SHIFTS, check_shift
+from dast.rundir import STAGE1
 
 __all__ = ["DEMO_CONFIG", "NO_ADVERSARY", "QUICK", "RUNS", "SHIFTS", "VARIANTS", "VARIANT_SNAPSHOTS",
            "demo_tree", "run_trees"]
@@ -31,13 +32,13 @@ RUNS = ("dast", "baseline", "source_only_bn", "source_only", "oracle")  # longes
 
 # variant -> (run, stage); "last round" and "across stages" are resolved from the run's config
 VARIANT_SNAPSHOTS: dict[str, tuple[str, str]] = {
-    "source_only": ("source_only", "stage1"),
-    "source_only_bn": ("source_only_bn", "stage1"),
-    "baseline": ("baseline", "stage1"),
-    "da": ("dast", "stage1"),
+    "source_only": ("source_only", STAGE1),
+    "source_only_bn": ("source_only_bn", STAGE1),
+    "baseline": ("baseline", STAGE1),
+    "da": ("dast", STAGE1),
     "dast": ("dast", "last_round"),
     "dast_best": ("dast", "across_stages"),
-    "oracle": ("oracle", "stage1"),
+    "oracle": ("oracle", STAGE1),
 }
 
 # The canonical demo config; dast/configs/demo.yaml holds the same values (a test checks).

@@ -24,6 +24,7 @@ from dast.contexts import eval_mode
 from dast.evaluation.auroc import auroc
 from dast.models.io import Networks
 from dast.models.target_model import predict_full_res
+from dast.rundir import STAGE1
 from dast.training.pseudo_labels import pseudo_label_quality
 
 SEPARATION_KEYS = {"D": ("out/d_source", "out/d_target"), "C": ("out/c_source", "out/c_target")}
@@ -65,7 +66,7 @@ def read_scalar_series(path: Path, prefix: str) -> dict[str, list[tuple[int, flo
     return series
 
 
-def discriminator_separation(scalars: Path, stage: str = "stage1", tail: float = 0.2) -> dict[str, Any]:
+def discriminator_separation(scalars: Path, stage: str = STAGE1, tail: float = 0.2) -> dict[str, Any]:
     """Mean D and C outputs on source and target, over the last ``tail`` of the stage's
     logged steps, and the whole series (for the figure)."""
     series = read_scalar_series(scalars, stage)

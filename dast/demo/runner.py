@@ -18,7 +18,7 @@ from dast.config import Config, from_tree
 from dast.data.datasets import build_dataset
 from dast.evaluation.evaluate import evaluate_model
 from dast.models.io import Networks, load_networks
-from dast.rundir import RunDir, round_name
+from dast.rundir import STAGE1, RunDir, round_name
 from dast.training.pipeline import train
 from dast.training.snapshots import best_across_stages
 
@@ -92,7 +92,7 @@ def variant_snapshots(runs: Path, snapshots: dict[str, tuple[str, str]], rounds:
     out: dict[str, dict[str, Snapshot]] = {}
     for variant, (run_name, which) in snapshots.items():
         run = RunDir(runs / run_name)
-        stage = round_name(rounds) if which in ("last_round", "across_stages") and rounds else "stage1"
+        stage = round_name(rounds) if which in ("last_round", "across_stages") and rounds else STAGE1
         last_path = run.stage(stage).latest_checkpoint()
         selected = _snapshot(run.stage(stage).selected, stage)
         if which == "across_stages":

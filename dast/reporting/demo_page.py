@@ -21,11 +21,12 @@ from typing import Any, Optional
 
 import torch
 
+from dast.rundir import DEMO_REPORT, DemoDir, RunDir
 from dast.errors import UserError
 from dast.reporting.page import CSS, _e, _note, _num, _table, img_tag, write_report
 from dast.reporting.rundir import read_run
 
-REPORT_JSON = "report.json"
+REPORT_JSON = DEMO_REPORT
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # report.json keys with a section of their own; any other key is shown generically
 _KNOWN_KEYS = ("variants", "figures", "runs", "train_seconds", "pseudo_labels")
@@ -41,7 +42,7 @@ def _mapping(value: Any) -> dict[str, Any]:
 def is_demo_folder(path: str | Path) -> bool:
     """Whether ``path`` looks like a ``dast demo`` output folder (``report.json``, no ``config.yaml``)."""
     root = Path(path)
-    return (root / REPORT_JSON).is_file() and not (root / "config.yaml").is_file()
+    return (root / REPORT_JSON).is_file() and not RunDir(root).config.is_file()
 
 
 @dataclass
@@ -101,7 +102,7 @@ def _run_folder(root: Path, checkpoint: str) -> Optional[Path]:
     for parent in (root / checkpoint).resolve().parents:
         if root not in parent.parents:
             return None
-        if (parent / "config.yaml").is_file():
+        if RunDir(parent).config.is_file():
             return parent
     return None
 
@@ -121,9 +122,9 @@ def find_runs(root: Path, report: dict[str, Any]) -> list[RunLink]:
         else:
             link = links.setdefault(folder, RunLink(name=folder.relative_to(root).as_posix(), folder=folder))
         link.variants.append(str(variant))
-    runs_dir = root / "runs"
+    runs_dir = DemoDir(root).runs
     if runs_dir.is_dir():
-        for folder in sorted(p for p in runs_dir.iterdir() if (p / "config.yaml").is_file()):
+        for folder in sorted(p for p in runs_dir.iterdir() if RunDir(p).config.is_file()):
             links.setdefault(folder, RunLink(name=folder.relative_to(root).as_posix(), folder=folder))
     return list(links.values())
 
@@ -288,7 +289,7 @@ def write_demo_report(demo_dir: str | Path, out: str | Path | None = None, *, sa
     from dast.atomic import write_text
 
     contents = read_demo(demo_dir)
-    page = Path(out) if out is not None else contents.root / "report.html"
+    page = Path(out) if out is not None else DemoDir(contents.root).report_html
     write_run_reports(contents.runs, samples, device)
     write_text(page, render_demo_page(contents, page))
     return page, contents.runs

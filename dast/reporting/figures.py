@@ -9,6 +9,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from dast.rundir import STAGE1
 from dast.reporting.rundir import stage_sort_key
 
 MAX_POINTS = 2000
@@ -169,7 +170,7 @@ def miou_curves_png(curves: Sequence[Mapping[str, Any]], selected: Mapping[str, 
             starts.setdefault(str(h["stage"]), int(h["global_step"]) - int(h["step"]))
     top = ax.get_ylim()[1]
     for name, x0 in starts.items():
-        if name != "stage1":
+        if name != STAGE1:
             ax.axvline(x0, color="grey", linewidth=0.8, linestyle=":")
             ax.text(x0, top, f" {name}", fontsize=7, va="top")
     ax.set_xlabel("iteration")

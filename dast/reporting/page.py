@@ -11,7 +11,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 
 from dast.errors import UserError
-from dast.rundir import RunDir
+from dast.rundir import FINAL, RunDir
 from dast.reporting.figures import GROUP_TITLES, group_order, miou_curves_png, scalar_group_png, split_scalars
 from dast.reporting.rundir import RunContents, choose_model, class_names, missing_parts, read_run
 from dast.reporting.samples import SampleSet, predict_samples
@@ -126,7 +126,7 @@ def status_html(run: RunContents) -> str:
         rows.append([_e(s.name), _badge(s.status), _e(s.steps if s.steps is not None else "–"), sel,
                      _e(s.latest_checkpoint if s.latest_checkpoint is not None else "–")])
     final = RunDir(run.root).final_model
-    rows.append(["final", _badge("complete" if final.is_file() else "not started"), "&ndash;", "&ndash;", "&ndash;"])
+    rows.append([FINAL, _badge("complete" if final.is_file() else "not started"), "&ndash;", "&ndash;", "&ndash;"])
     overall = "complete" if run.finished else "not finished"
     return (f"<p>Run: {_badge(overall)}</p>"
             + _table(["stage", "status", "steps", "selected", "latest checkpoint"], rows, left=2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from dast.rundir import STAGE1
 from dast.atomic import write_with
 
 
@@ -25,7 +26,7 @@ def plot_selection_curves(history: Sequence[dict[str, Any]], path: Path) -> None
     for h in history:
         starts.setdefault(h["stage"], h["global_step"] - h["step"])
     for name, x0 in starts.items():
-        if name != "stage1":
+        if name != STAGE1:
             ax.axvline(x0, color="grey", linewidth=0.8, linestyle=":")
             ax.text(x0, ax.get_ylim()[1], name, fontsize=7, va="top")
     ax.set_xlabel("iteration")
