@@ -25,7 +25,7 @@ class Segmentor(nn.Module):
         self.feature_channels: int = int(getattr(encoder, "out_channels"))
 
     def extract(self, x: Tensor) -> Tensor:
-        """E: the feature map at the attention point (output stride 8)."""
+        """E: the feature map at the attention point (output stride 8; 4 for a small one built so)."""
         return self.encoder(x)
 
     def predict(self, features: Tensor) -> Tensor:

@@ -149,7 +149,6 @@ def check_training_sizes(cfg: Config) -> None:
 
 def model_spec_for(cfg: Config) -> ModelSpec:
     from dast.data.labels import table_for
-
     from dast.models.build import check_output_stride
 
     table = table_for(cfg.source, cfg.model.num_classes)
