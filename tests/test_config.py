@@ -70,6 +70,9 @@ def test_overrides_parse_yaml_values() -> None:
         ("train.steps=many", "config key 'train.steps'"),
         ("model.arch=resnet50", "config key 'model.arch'"),
         ("trian.steps=3", "did you mean 'train"),
+        ("model.output_stride=16", ("error: config key 'model.output_stride': output stride 16 is not supported by "
+                                    "the small architecture (supported: 4, 8)")),
+        ("source.shift=layout", "config key 'source.shift'"),
     ],
 )
 def test_bad_override_is_one_line_error(override: str, fragment: str, tmp_path: Path, capsys) -> None:

@@ -175,7 +175,7 @@ def test_torchvision_resnet_mapping() -> None:
     assert rep.filled == ["segmentor.tail.0.downsample.1.num_batches_tracked"]
     own = nets.segmentor.state_dict()
     assert torch.equal(own["tail.0.bn2.running_mean"], src["layer4.1.bn2.running_mean"])
-    assert torch.equal(own["encoder.layer3.1.conv2.weight"], src["layer3.1.conv2.weight"])
+    assert torch.equal(own["encoder.layer3.0.conv2.weight"], src["layer3.0.conv2.weight"])
     assert int(own["encoder.layer1.0.bn1.num_batches_tracked"]) == 7
 
 
@@ -223,7 +223,7 @@ def test_official_filled_counters_shape_mismatch_and_unexpected() -> None:
     _, rep = official_to_dast(old, None, "small", 5)
     assert rep.filled and all(k.endswith("num_batches_tracked") for k in rep.filled)
     assert rep.missing == [] and "segmentor.encoder.bn1.num_batches_tracked" in rep.filled
-    with pytest.raises(CheckpointError, match=r"'layer6\.conv2d_list\.0\.weight' has shape \(5, 256, 3, 3\).*expects \(4, 256, 3, 3\)"):
+    with pytest.raises(CheckpointError, match=r"'layer6\.conv2d_list\.0\.weight' has shape \(5, 128, 3, 3\).*expects \(4, 128, 3, 3\)"):
         official_to_dast(seg, disc, "small", 4)
     extra = dict(seg, **{"layer7.weight": torch.zeros(1)})
     with pytest.raises(CheckpointError, match=r"1 unexpected key \(e\.g\. 'layer7\.weight'\)"):
@@ -294,5 +294,5 @@ def test_cli_imagenet_and_user_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     torch.save(seg, tmp_path / "seg.pth")
     assert main(["convert", "official", "--segmentor", str(tmp_path / "seg.pth"), "--arch", "small",
                  "--num-classes", "3", "--out", str(bad)]) == 2
-    assert "has shape (5, 256, 3, 3)" in capsys.readouterr().err
+    assert "has shape (5, 128, 3, 3)" in capsys.readouterr().err
     assert not bad.exists() and not list(tmp_path.glob("bad.safetensors*"))

@@ -100,8 +100,8 @@ def test_rejects_bad_inputs() -> None:
 
 
 def test_selection_set_restyles_each_image_once_and_matches_a_fresh_restyle(monkeypatch: pytest.MonkeyPatch) -> None:
-    import dast.data.fda as fda
     from dast.config import DatasetConfig
+    from dast.data import fda
     from dast.data.datasets import build_dataset
     from dast.training.selection import FDAValSet
 

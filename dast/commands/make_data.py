@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dast.data.synthetic import DEFAULT_SHIFT, DOMAINS, MIN_SIZE, SHIFTS, write_folder_dataset
+from dast.data.synthetic import (
+    DEFAULT_SHIFT,
+    DOMAINS,
+    MIN_SIZE,
+    SHIFTS,
+    write_folder_dataset,
+)
 from dast.errors import UserError
 
 

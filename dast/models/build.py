@@ -17,7 +17,13 @@ from typing import Literal
 
 from dast.models.aspp import ASPPClassifier
 from dast.models.discriminators import Corrector, Discoverer
-from dast.models.resnet import ResNetEncoder, deeplab_init, kaiming_init, resnet_tail, zero_init_residuals
+from dast.models.resnet import (
+    ResNetEncoder,
+    deeplab_init,
+    kaiming_init,
+    resnet_tail,
+    zero_init_residuals,
+)
 from dast.models.segmentor import Segmentor
 from dast.models.target_model import TargetModel
 from dast.models.timm_backbone import build_timm_segmentor
