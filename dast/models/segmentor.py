@@ -25,11 +25,8 @@ class Segmentor(nn.Module):
         self.feature_channels: int = int(getattr(encoder, "out_channels"))
 
     def extract(self, x: Tensor) -> Tensor:
-<<<<<<< HEAD
-        """E: the feature map at the attention point (output stride 8 for the DeepLab backbones)."""
-=======
-        """E: the feature map at the attention point (output stride 8; 4 for a small one built so)."""
->>>>>>> synth
+        """E: the feature map at the attention point (output stride 8 for the DeepLab backbones; a timm
+        backbone's own; 4 or 8 for the small one)."""
         return self.encoder(x)
 
     def predict(self, features: Tensor) -> Tensor:
