@@ -539,10 +539,10 @@ def _check_backbone(cfg: Config) -> None:
             if value:
                 raise ConfigError(f"config key 'model.{key}' applies to model.arch: timm only (arch is {m.arch!r}; "
                                   "for resnet101/vgg16 weights use `dast convert imagenet` and model.init)")
-        allowed = (None, 4, 8) if m.arch == "small" else (None, 8)
-        if m.output_stride not in allowed:
-            raise ConfigError(f"config key 'model.output_stride' is {m.output_stride}, but arch {m.arch!r} runs at "
-                              + ("output stride 4 or 8" if m.arch == "small" else "output stride 8"))
+        allowed = (4, 8) if m.arch == "small" else (8,)
+        if m.output_stride is not None and m.output_stride not in allowed:
+            raise ConfigError(f"config key 'model.output_stride': output stride {m.output_stride} is not supported by "
+                              f"the {m.arch} architecture (supported: {', '.join(map(str, allowed))})")
         return
     if not m.timm_name:
         raise ConfigError("config key 'model.timm_name' is required with model.arch: timm (a timm model, e.g. resnet50)")

@@ -36,7 +36,7 @@ def test_timm_keys_must_fit_together(tiny_config) -> None:
         load_config(cfg, ["model.timm_name=resnet10t"])
     with pytest.raises(ConfigError, match=r"'model.pretrained' applies to model.arch: timm only"):
         load_config(cfg, ["model.pretrained=true"])
-    with pytest.raises(ConfigError, match=r"'model.output_stride' is 16, but arch 'small' runs at output stride 4 or 8"):
+    with pytest.raises(ConfigError, match=r"'model.output_stride': output stride 16 is not supported by the small architecture"):
         load_config(cfg, ["model.output_stride=16"])
 
 
