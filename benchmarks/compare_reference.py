@@ -53,7 +53,9 @@ def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--released-repo", required=True, type=Path, help="a checked-out copy of the released DAST code")
     p.add_argument("--arch", choices=("resnet101", "vgg16"), default="resnet101")
-    p.add_argument("--size", type=int, nargs=2, default=(1024, 512), metavar=("W", "H"), help="input size (default 1024 512)")
+    p.add_argument(
+        "--size", type=int, nargs=2, default=(1024, 512), metavar=("W", "H"), help="input size (default 1024 512)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--image", type=Path, help="also compare preprocessing and `dast predict` on this image")
@@ -77,8 +79,10 @@ def _import_released(repo: Path, arch: str) -> tuple[Any, Any, list[str]]:
         import torchvision  # noqa: F401  (the released data set and VGG model import it)
     except Exception as exc:  # noqa: BLE001 - absent, or a build that does not match this torch
         sys.modules["torchvision"] = _torchvision_standin()
-        shims.append(f"torchvision ({type(exc).__name__}): stand-in module with models.vgg16 (the standard"
-                     " VGG-16 'D' features, classifier left empty); the released data set imports it unused")
+        shims.append(
+            f"torchvision ({type(exc).__name__}): stand-in module with models.vgg16 (the standard"
+            " VGG-16 'D' features, classifier left empty); the released data set imports it unused"
+        )
     name = "model.deeplab_vgg" if arch == "vgg16" else "model.deeplab_multi"
     models = importlib.import_module(name)
     disc = importlib.import_module("model.discriminator")
@@ -118,7 +122,9 @@ def _torchvision_standin() -> types.ModuleType:
     return tv
 
 
-def _build_released(models: Any, disc: Any, arch: str, seed: int, size: tuple[int, int], device: torch.device) -> tuple[nn.Module, nn.ModuleList]:
+def _build_released(
+    models: Any, disc: Any, arch: str, seed: int, size: tuple[int, int], device: torch.device
+) -> tuple[nn.Module, nn.ModuleList]:
     torch.manual_seed(seed)
     if arch == "vgg16":
         model = models.DeeplabVGG(num_classes=NUM_CLASSES)
@@ -126,14 +132,18 @@ def _build_released(models: Any, disc: Any, arch: str, seed: int, size: tuple[in
     else:
         model = models.DeeplabMulti(num_classes=NUM_CLASSES)
         channels = 2048
-    model_d = nn.ModuleList([disc.FCDiscriminator(num_classes=channels), disc.OutspaceDiscriminator(num_classes=NUM_CLASSES)])
+    model_d = nn.ModuleList(
+        [disc.FCDiscriminator(num_classes=channels), disc.OutspaceDiscriminator(num_classes=NUM_CLASSES)]
+    )
     model.to(device)
     model_d.to(device)
     _calibrate_batchnorm(model, model_d, size, seed, device)
     return model, model_d
 
 
-def _calibrate_batchnorm(model: nn.Module, model_d: nn.ModuleList, size: tuple[int, int], seed: int, device: torch.device) -> None:
+def _calibrate_batchnorm(
+    model: nn.Module, model_d: nn.ModuleList, size: tuple[int, int], seed: int, device: torch.device
+) -> None:
     """Give the BN layers realistic running statistics and non-trivial affine parameters.
 
     The released initialisation (mean 0, var 1, weight 1, bias 0) would make eval-mode
@@ -167,7 +177,12 @@ def _save_pth(sd: dict[str, torch.Tensor], path: Path) -> None:
 def _compare(ref: torch.Tensor, ours: torch.Tensor, logits: bool = True) -> dict[str, Any]:
     ref, ours = ref.detach().float().cpu(), ours.detach().float().cpu()
     if ref.shape != ours.shape:
-        return {"shape_ref": list(ref.shape), "shape_ours": list(ours.shape), "max_abs_diff": float("inf"), "argmax_agreement": 0.0}
+        return {
+            "shape_ref": list(ref.shape),
+            "shape_ours": list(ours.shape),
+            "max_abs_diff": float("inf"),
+            "argmax_agreement": 0.0,
+        }
     diff = (ref - ours).abs()
     out = {
         "shape": list(ref.shape),
@@ -206,14 +221,22 @@ def _released_preprocess(image: Path, size: tuple[int, int], work: Path) -> np.n
     shutil.copy(image, root / "leftImg8bit" / "val" / image.name)
     lst = work / "list.txt"
     lst.write_text(image.name + "\n")
-    ds = ds_mod.cityscapesDataSet(str(root), str(lst), crop_size=tuple(size), mean=CAFFE_MEAN_BGR.astype(np.float32),
-                                  scale=False, mirror=False, set="val")
+    ds = ds_mod.cityscapesDataSet(
+        str(root),
+        str(lst),
+        crop_size=tuple(size),
+        mean=CAFFE_MEAN_BGR.astype(np.float32),
+        scale=False,
+        mirror=False,
+        set="val",
+    )
     arr, _, _ = ds[0]
     return np.asarray(arr, np.float32)
 
 
-def _compare_image(args: argparse.Namespace, model: nn.Module, model_d: nn.ModuleList, ckpt: Path, work: Path,
-                   device: torch.device) -> dict[str, Any]:
+def _compare_image(
+    args: argparse.Namespace, model: nn.Module, model_d: nn.ModuleList, ckpt: Path, work: Path, device: torch.device
+) -> dict[str, Any]:
     size = tuple(args.size)
     ref_arr = _released_preprocess(args.image, size, work)
     rgb = np.asarray(Image.open(args.image).convert("RGB"))
@@ -228,9 +251,26 @@ def _compare_image(args: argparse.Namespace, model: nn.Module, model_d: nn.Modul
     with torch.no_grad():
         _, ref_logits = model(torch.from_numpy(ref_arr)[None].to(device), model_d, "target")
     pred_dir = work / "predict"
-    code, _ = _quiet_cli(["predict", "--checkpoint", str(ckpt), "--input", str(args.image), "--out", str(pred_dir),
-                          "--save-logits", "--size", str(size[0]), str(size[1]), "--device", device.type,
-                          "--workers", "0", "--no-progress"])
+    code, _ = _quiet_cli(
+        [
+            "predict",
+            "--checkpoint",
+            str(ckpt),
+            "--input",
+            str(args.image),
+            "--out",
+            str(pred_dir),
+            "--save-logits",
+            "--size",
+            str(size[0]),
+            str(size[1]),
+            "--device",
+            device.type,
+            "--workers",
+            "0",
+            "--no-progress",
+        ]
+    )
     if code != 0:
         result["predict"] = f"dast predict failed with exit code {code}"
         return result
@@ -260,8 +300,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seg_pth, d_pth, ckpt = work / "released.pth", work / "released_D.pth", work / "converted.safetensors"
         _save_pth(model.state_dict(), seg_pth)
         _save_pth(model_d.state_dict(), d_pth)
-        code, convert_out = _quiet_cli(["convert", "official", "--segmentor", str(seg_pth), "--discriminators", str(d_pth),
-                                        "--arch", args.arch, "--num-classes", str(NUM_CLASSES), "--out", str(ckpt)])
+        code, convert_out = _quiet_cli(
+            [
+                "convert",
+                "official",
+                "--segmentor",
+                str(seg_pth),
+                "--discriminators",
+                str(d_pth),
+                "--arch",
+                args.arch,
+                "--num-classes",
+                str(NUM_CLASSES),
+                "--out",
+                str(ckpt),
+            ]
+        )
         if code != 0:
             raise SystemExit(f"error: dast convert official failed with exit code {code}")
         nets, _, meta = load_networks(ckpt, device)
@@ -297,7 +351,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ours_s = nets.segmentor(x)
         ev = _compare(ref_t, ours_t)
         ev["upsampled_argmax_agreement"] = _upsampled_agreement(ref_t, ours_t, size)
-        result["eval"] = {"target_logits": ev, "source_logits": _compare(ref_s, ours_s), "features": _compare(f_ref, f_ours, logits=False)}
+        result["eval"] = {
+            "target_logits": ev,
+            "source_logits": _compare(ref_s, ours_s),
+            "features": _compare(f_ref, f_ours, logits=False),
+        }
         if args.image is not None:  # before the train-mode pass changes the running statistics
             result["image"] = _compare_image(args, model, model_d, ckpt, work, device)
         # train mode: batch statistics, running statistics updated by the pass

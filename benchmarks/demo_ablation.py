@@ -43,8 +43,15 @@ ROWS: dict[str, dict[str, Any]] = {
     "baseline": {"adversarial": {**NO_ADVERSARY, "corrector": True, "loss": "bce", "lambda_c": 0.001}},
     "mse": {"adversarial": {**NO_ADVERSARY, "corrector": True, "loss": "lsgan"}},
     "mse_lambda0.001": {"adversarial": {**NO_ADVERSARY, "corrector": True, "loss": "lsgan", "lambda_c": 0.001}},
-    "mse_2d": {"adversarial": {"discoverer": True, "corrector": True, "attention": False, "loss": "lsgan",
-                               "corrector_weighting": "none"}},
+    "mse_2d": {
+        "adversarial": {
+            "discoverer": True,
+            "corrector": True,
+            "attention": False,
+            "loss": "lsgan",
+            "corrector_weighting": "none",
+        }
+    },
     "da": {},
 }
 
@@ -66,11 +73,14 @@ def ablation(seeds: list[int], work: Path, workers: int) -> dict[str, Any]:
         runs = work / f"seed{seed}"
         train_runs(trees, runs, workers, progress=False)
         cfg = from_tree(trees["da"], "ablation")
-        val = build_dataset(cfg.val, norm=cfg.model.norm, num_classes=cfg.model.num_classes, with_labels=True,
-                            seed=cfg.seed + 2)
+        val = build_dataset(
+            cfg.val, norm=cfg.model.norm, num_classes=cfg.model.num_classes, with_labels=True, seed=cfg.seed + 2
+        )
         per_seed[str(seed)] = {
-            name: {"last": score(runs / name / "stage1" / "checkpoints" / f"step_{cfg.train.steps:08d}.safetensors", val),
-                   "selected": score(runs / name / "stage1" / "selected.safetensors", val)}
+            name: {
+                "last": score(runs / name / "stage1" / "checkpoints" / f"step_{cfg.train.steps:08d}.safetensors", val),
+                "selected": score(runs / name / "stage1" / "selected.safetensors", val),
+            }
             for name in trees
         }
         print(f"seed {seed}: " + json.dumps(per_seed[str(seed)]), file=sys.stderr, flush=True)
@@ -78,8 +88,11 @@ def ablation(seeds: list[int], work: Path, workers: int) -> dict[str, Any]:
     for name in ROWS:
         for which in ("last", "selected"):
             vals = [per_seed[str(s)][name][which] for s in seeds]
-            summary[f"{name}/{which}"] = {"mean": round(statistics.fmean(vals), 2), "min": round(min(vals), 2),
-                                          "max": round(max(vals), 2)}
+            summary[f"{name}/{which}"] = {
+                "mean": round(statistics.fmean(vals), 2),
+                "min": round(min(vals), 2),
+                "max": round(max(vals), 2),
+            }
     return {"per_seed": per_seed, "summary": summary}
 
 
@@ -87,8 +100,9 @@ def demo_pseudo_labels(demo_dir: Path) -> dict[str, Any]:
     """Precision of ``runs/dast/round1/pseudo_labels`` against the synthetic target labels."""
     run = demo_dir / "runs" / "dast"
     cfg = from_tree(yaml.safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))
-    target = build_dataset(cfg.target, norm=cfg.model.norm, num_classes=cfg.model.num_classes, with_labels=True,
-                           seed=cfg.seed + 1)
+    target = build_dataset(
+        cfg.target, norm=cfg.model.norm, num_classes=cfg.model.num_classes, with_labels=True, seed=cfg.seed + 1
+    )
     return pseudo_label_precision(run / "round1" / "pseudo_labels", target)
 
 

@@ -61,12 +61,18 @@ STAGE1: dict[str, dict[str, Any]] = {
     "lr 0.01, ratio 2.5, lambda 0.001": deep_merge(_lr(0.01), {"adversarial": {"lambda_d": 0.001, "lambda_c": 0.001}}),
     "lr 0.01, ratio 2.5, lambda 0.01, warm-up": _lr(0.01),
     "lr 0.0025, ratio 2.5, lambda 0.01": _lr(0.0025),
-    "lr 0.0025, ratio 2.5, lambda 0.001": deep_merge(_lr(0.0025), {"adversarial": {"lambda_d": 0.001, "lambda_c": 0.001}}),
+    "lr 0.0025, ratio 2.5, lambda 0.001": deep_merge(
+        _lr(0.0025), {"adversarial": {"lambda_d": 0.001, "lambda_c": 0.001}}
+    ),
     "lr 0.0025, ratio 2.5, lambda 0.01, warm-up": _lr(0.0025),
-    "lr 0.01, ratio 2.5, lambda 0.01, weighting both": deep_merge(_lr(0.01), {"adversarial": {"corrector_weighting": "both"}}),
+    "lr 0.01, ratio 2.5, lambda 0.01, weighting both": deep_merge(
+        _lr(0.01), {"adversarial": {"corrector_weighting": "both"}}
+    ),
     # the grid's low edge won above, so it was extended (second pass; the first pass's runs are reused)
     "lr 0.001, ratio 2.5, lambda 0.01": _lr(0.001),
-    "lr 0.0025, ratio 2.5, lambda 0.01, weighting both": deep_merge(_lr(0.0025), {"adversarial": {"corrector_weighting": "both"}}),
+    "lr 0.0025, ratio 2.5, lambda 0.01, weighting both": deep_merge(
+        _lr(0.0025), {"adversarial": {"corrector_weighting": "both"}}
+    ),
     "lr 0.0025, ratio 2.5, lambda 0.03": deep_merge(_lr(0.0025), {"adversarial": {"lambda_d": 0.03, "lambda_c": 0.03}}),
 }
 
@@ -91,8 +97,13 @@ def _selected(run: RunDir, stage: str) -> dict[str, Any]:
     curves = [h for h in json.loads(run.curves.read_text()) if h["stage"] == stage] if run.curves.exists() else []
     at = next((h for h in curves if h["step"] == sel.get("step")), {})
     last = curves[-1] if curves else {}
-    return {"step": sel.get("step"), "synthetic": sel.get("value"), "target_info": at.get("target"),
-            "last_synthetic": last.get("synthetic"), "last_target_info": last.get("target")}
+    return {
+        "step": sel.get("step"),
+        "synthetic": sel.get("value"),
+        "target_info": at.get("target"),
+        "last_synthetic": last.get("synthetic"),
+        "last_target_info": last.get("target"),
+    }
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -101,9 +112,13 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def _summaries(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    return {name: {k: _mean([r[k] for r in per_seed.values()]) for k in
-                   ("synthetic", "target_info", "last_synthetic", "last_target_info")}
-            for name, per_seed in results.items()}
+    return {
+        name: {
+            k: _mean([r[k] for r in per_seed.values()])
+            for k in ("synthetic", "target_info", "last_synthetic", "last_target_info")
+        }
+        for name, per_seed in results.items()
+    }
 
 
 def setting_overrides(name: str, change: dict[str, Any], quick: bool) -> dict[str, Any]:
@@ -113,15 +128,18 @@ def setting_overrides(name: str, change: dict[str, Any], quick: bool) -> dict[st
     return change
 
 
-def sweep_stage1(seeds: list[int], work: Path, quick: bool, workers: int, shift: str | None,
-                 progress: bool) -> dict[str, Any]:
+def sweep_stage1(
+    seeds: list[int], work: Path, quick: bool, workers: int, shift: str | None, progress: bool
+) -> dict[str, Any]:
     results: dict[str, dict[str, dict[str, Any]]] = {}
     baseline: dict[str, dict[str, dict[str, Any]]] = {}
     trees: dict[str, dict[str, Any]] = {}
     for name, change in STAGE1.items():
         change = setting_overrides(name, change, quick)
         for seed in seeds:
-            base = demo_tree(quick=quick, seed=seed, shift=shift, overrides=deep_merge(change, {"self_training": {"rounds": 0}}))
+            base = demo_tree(
+                quick=quick, seed=seed, shift=shift, overrides=deep_merge(change, {"self_training": {"rounds": 0}})
+            )
             runs = run_trees(base)
             trees[f"{_slug(name)}_s{seed}"] = runs["dast"]
             if "weighting" not in name and "warm-up" not in name and "lambda 0.01" in name:
@@ -129,16 +147,26 @@ def sweep_stage1(seeds: list[int], work: Path, quick: bool, workers: int, shift:
     train_runs(trees, work / "stage1", workers, progress)
     for name in STAGE1:
         for seed in seeds:
-            results.setdefault(name, {})[str(seed)] = _selected(RunDir(work / "stage1" / f"{_slug(name)}_s{seed}"), "stage1")
+            results.setdefault(name, {})[str(seed)] = _selected(
+                RunDir(work / "stage1" / f"{_slug(name)}_s{seed}"), "stage1"
+            )
             b = work / "stage1" / f"{_slug(name)}_s{seed}_baseline"
             if b.exists():
                 baseline.setdefault(name, {})[str(seed)] = _selected(RunDir(b), "stage1")
-    return {"phase": "stage1", "seeds": seeds, "settings": STAGE1, "da": results, "da_mean": _summaries(results),
-            "baseline": baseline, "baseline_mean": _summaries(baseline)}
+    return {
+        "phase": "stage1",
+        "seeds": seeds,
+        "settings": STAGE1,
+        "da": results,
+        "da_mean": _summaries(results),
+        "baseline": baseline,
+        "baseline_mean": _summaries(baseline),
+    }
 
 
-def sweep_self_training(seeds: list[int], work: Path, quick: bool, workers: int, shift: str | None,
-                        stage1_setting: str, progress: bool) -> dict[str, Any]:
+def sweep_self_training(
+    seeds: list[int], work: Path, quick: bool, workers: int, shift: str | None, stage1_setting: str, progress: bool
+) -> dict[str, Any]:
     if stage1_setting not in STAGE1:
         raise SystemExit(f"error: unknown stage-1 setting {stage1_setting!r}; choose from: " + "; ".join(STAGE1))
     trees: dict[str, dict[str, Any]] = {}
@@ -158,12 +186,19 @@ def sweep_self_training(seeds: list[int], work: Path, quick: bool, workers: int,
     for name in SELF_TRAINING:
         for seed in seeds:
             run = RunDir(work / "self_training" / f"{_slug(name)}_s{seed}")
-            results.setdefault(name, {})[str(seed)] = {**_selected(run, "round1"),
-                                                      "stage1": _selected(run, "stage1")}
+            results.setdefault(name, {})[str(seed)] = {**_selected(run, "round1"), "stage1": _selected(run, "stage1")}
     start = {name: {"stage1": {s: r["stage1"] for s, r in per_seed.items()}} for name, per_seed in results.items()}
     stage1_mean = _mean([r["stage1"]["synthetic"] for per_seed in results.values() for r in per_seed.values()])
-    return {"phase": "self-training", "seeds": seeds, "stage1_setting": stage1_setting, "stage1_synthetic_mean":
-            stage1_mean, "settings": SELF_TRAINING, "dast": results, "dast_mean": _summaries(results), "start": start}
+    return {
+        "phase": "self-training",
+        "seeds": seeds,
+        "stage1_setting": stage1_setting,
+        "stage1_synthetic_mean": stage1_mean,
+        "settings": SELF_TRAINING,
+        "dast": results,
+        "dast_mean": _summaries(results),
+        "start": start,
+    }
 
 
 def _fmt(v: float | None) -> str:
@@ -172,12 +207,19 @@ def _fmt(v: float | None) -> str:
 
 def table(means: dict[str, dict[str, Any]], title: str) -> str:
     best = max(means, key=lambda n: means[n]["synthetic"] if means[n]["synthetic"] is not None else -1.0)
-    lines = [f"### {title}", "", "| setting | label-free score (selected) | label-free (last) | target mIoU, info only "
-             "(selected) | target mIoU, info only (last) |", "|---|---|---|---|---|"]
+    lines = [
+        f"### {title}",
+        "",
+        "| setting | label-free score (selected) | label-free (last) | target mIoU, info only "
+        "(selected) | target mIoU, info only (last) |",
+        "|---|---|---|---|---|",
+    ]
     for name, m in means.items():
         mark = " **(chosen)**" if name == best else ""
-        lines.append(f"| {name}{mark} | {_fmt(m['synthetic'])} | {_fmt(m['last_synthetic'])} | "
-                     f"{_fmt(m['target_info'])} | {_fmt(m['last_target_info'])} |")
+        lines.append(
+            f"| {name}{mark} | {_fmt(m['synthetic'])} | {_fmt(m['last_synthetic'])} | "
+            f"{_fmt(m['target_info'])} | {_fmt(m['last_target_info'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -196,15 +238,25 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress
     if args.phase == "stage1":
         out = sweep_stage1(args.seeds, args.work, args.quick, args.workers, args.shift, progress)
-        text = (table(out["da_mean"], "DA, stage 1") + "\n\n"
-                + table(out["baseline_mean"], "AdaptSegNet baseline (its own lambda 0.001 and BCE; the learning rates of the row)"))
+        text = (
+            table(out["da_mean"], "DA, stage 1")
+            + "\n\n"
+            + table(
+                out["baseline_mean"],
+                "AdaptSegNet baseline (its own lambda 0.001 and BCE; the learning rates of the row)",
+            )
+        )
     else:
         if args.stage1_setting is None:
             p.error("self-training needs --stage1-setting")
-        out = sweep_self_training(args.seeds, args.work, args.quick, args.workers, args.shift,
-                                  args.stage1_setting, progress)
-        text = table(out["dast_mean"], f"DAST round 1 from '{args.stage1_setting}' (stage 1's own label-free "
-                                       f"score: {_fmt(out['stage1_synthetic_mean'])})")
+        out = sweep_self_training(
+            args.seeds, args.work, args.quick, args.workers, args.shift, args.stage1_setting, progress
+        )
+        text = table(
+            out["dast_mean"],
+            f"DAST round 1 from '{args.stage1_setting}' (stage 1's own label-free "
+            f"score: {_fmt(out['stage1_synthetic_mean'])})",
+        )
     print(text)
     if args.out:
         write_json(args.out, {**copy.deepcopy(out), "table": text})

@@ -41,6 +41,7 @@ import torch
 from dast.benchmarking.agreement import LossTolerance, compare_losses, pixel_agreement
 from dast.benchmarking.modes import STAGE1, Schedule, TrainingSetup, build_nets, resolve_mode
 from dast.benchmarking.workloads import SIZES, infer_fn
+
 try:
     from dast.data.synthetic import NUM_CLASSES, generate_scene
 except ModuleNotFoundError as exc:  # PyYAML is only needed to write dataset folders, not to draw scenes
@@ -65,8 +66,9 @@ def scenes(domain: str, count: int, size: tuple[int, int], seed: int) -> tuple[t
     return torch.stack(images), torch.stack(labels)
 
 
-def train(mode_name: str, nets: Any, device: torch.device, schedule: Schedule, data: dict[str, torch.Tensor],
-          steps: int) -> tuple[TrainingSetup, dict[str, list[float]], float]:
+def train(
+    mode_name: str, nets: Any, device: torch.device, schedule: Schedule, data: dict[str, torch.Tensor], steps: int
+) -> tuple[TrainingSetup, dict[str, list[float]], float]:
     """Run ``steps`` iterations; return the setup, every loss per step and ms per step."""
     setup = TrainingSetup(resolve_mode(mode_name, device), nets, device, schedule)
     k = data["xs"].shape[0]
@@ -86,8 +88,9 @@ def train(mode_name: str, nets: Any, device: torch.device, schedule: Schedule, d
     return setup, history, ms
 
 
-def inference_agreement(setup: TrainingSetup, fast_mode: str, device: torch.device, images: torch.Tensor,
-                        out_size: tuple[int, int]) -> dict[str, Any]:
+def inference_agreement(
+    setup: TrainingSetup, fast_mode: str, device: torch.device, images: torch.Tensor, out_size: tuple[int, int]
+) -> dict[str, Any]:
     """Pixel agreement between fp32 and fast-mode predictions from the same weights."""
     fp32_mode, fmode = resolve_mode("eager-fp32", device), resolve_mode(fast_mode, device)
     ref_model = TargetModel(setup.segmentor, setup.discoverer).eval()
@@ -96,6 +99,7 @@ def inference_agreement(setup: TrainingSetup, fast_mode: str, device: torch.devi
         to_channels_last(fast_model)
     ref_fn = infer_fn(ref_model, fp32_mode, device, out_size)
     fast_fn = infer_fn(fast_model, fmode, device, out_size)
+
     def fast_input(i: int) -> torch.Tensor:
         x = images[i : i + 1].to(device)
         return x.contiguous(memory_format=torch.channels_last) if fmode.channels_last else x
@@ -117,21 +121,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fast-mode", default="fast", help="the mode compared with eager-fp32 (default fast)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batches", type=int, default=8, help="distinct source/target batches, cycled (default 8)")
-    ap.add_argument("--lr", type=float, default=None,
-                    help="segmentor learning rate (default 2.5e-4, as released)")
+    ap.add_argument("--lr", type=float, default=None, help="segmentor learning rate (default 2.5e-4, as released)")
     ap.add_argument("--lr-d", type=float, default=None, help="discriminator learning rate (default 1e-4 as released)")
     dflt = LossTolerance()
     ap.add_argument("--window", type=int, default=dflt.window)
     ap.add_argument("--first-rtol", type=float, default=dflt.first_rtol)
     ap.add_argument("--window-rtol", type=float, default=dflt.window_rtol)
     ap.add_argument("--atol-floor", type=float, default=dflt.atol_floor, help="denominator floor for small losses")
-    ap.add_argument("--control", default="fast-fp32",
-                    help="a third run that differs from eager-fp32 by rounding only, or 'none' (default fast-fp32)")
+    ap.add_argument(
+        "--control",
+        default="fast-fp32",
+        help="a third run that differs from eager-fp32 by rounding only, or 'none' (default fast-fp32)",
+    )
     ap.add_argument("--control-factor", type=float, default=dflt.control_factor)
     ap.add_argument("--min-agreement", type=float, default=0.995)
-    ap.add_argument("--inference-mode", default="fast-fp32",
-                    help="the shipped fast inference mode, held to --min-agreement (default fast-fp32: bf16 "
-                         "inference is opt-in; its agreement is reported too)")
+    ap.add_argument(
+        "--inference-mode",
+        default="fast-fp32",
+        help="the shipped fast inference mode, held to --min-agreement (default fast-fp32: bf16 "
+        "inference is opt-in; its agreement is reported too)",
+    )
     ap.add_argument("--eval-images", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="also write the JSON here")
@@ -168,29 +177,46 @@ def main(argv: list[str] | None = None) -> int:
     inference = {}
     for mode in dict.fromkeys([args.inference_mode, args.fast_mode]):
         agree = inference_agreement(eager, mode, device, eval_x, sizes.infer_out)
-        inference[mode] = {"agreement": round(agree["agreement"], 6), "pixels": agree["pixels"],
-                           "settings": resolve_mode(mode, device).describe(),
-                           "meets_min_agreement": agree["agreement"] >= args.min_agreement}
+        inference[mode] = {
+            "agreement": round(agree["agreement"], 6),
+            "pixels": agree["pixels"],
+            "settings": resolve_mode(mode, device).describe(),
+            "meets_min_agreement": agree["agreement"] >= args.min_agreement,
+        }
     pass_training = all(v["pass"] for v in losses.values())
     pass_inference = inference[args.inference_mode]["meets_min_agreement"]
     report = {
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "arch": arch, "variant": args.variant, "size": size,
-        "source_size": list(sizes.source), "target_size": list(sizes.target), "steps": args.steps,
-        "lr": lr, "fast_mode": args.fast_mode, "fast_settings": resolve_mode(args.fast_mode, device).describe(),
-        "control_mode": args.control, "tolerance": tol.as_dict(), "min_agreement": args.min_agreement,
+        "torch": torch.__version__,
+        "arch": arch,
+        "variant": args.variant,
+        "size": size,
+        "source_size": list(sizes.source),
+        "target_size": list(sizes.target),
+        "steps": args.steps,
+        "lr": lr,
+        "fast_mode": args.fast_mode,
+        "fast_settings": resolve_mode(args.fast_mode, device).describe(),
+        "control_mode": args.control,
+        "tolerance": tol.as_dict(),
+        "min_agreement": args.min_agreement,
         "inference_mode": args.inference_mode,
-        "losses": losses, "inference": inference,
+        "losses": losses,
+        "inference": inference,
         "ms_per_step_incl_loss_readback": ms,
         "seconds": round(time.perf_counter() - t0, 1),
-        "pass_training": pass_training, "pass_inference": pass_inference, "pass": pass_training and pass_inference,
+        "pass_training": pass_training,
+        "pass_inference": pass_inference,
+        "pass": pass_training and pass_inference,
     }
     if args.history:
         from dast.atomic import write_json
 
-        write_json(args.history, {"eager-fp32": hist_a, args.fast_mode: hist_b,
-                                  **({args.control: hist_c} if hist_c is not None else {})})
+        write_json(
+            args.history,
+            {"eager-fp32": hist_a, args.fast_mode: hist_b, **({args.control: hist_c} if hist_c is not None else {})},
+        )
     text = json.dumps(report)
     print(text, flush=True)
     if args.out:

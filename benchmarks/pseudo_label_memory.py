@@ -70,8 +70,9 @@ def _model(arch: str, num_classes: int, device: torch.device) -> TargetModel:
     return TargetModel(seg, build_discoverer(seg.feature_channels)).to(device).eval()
 
 
-def _sorted_list_run(model: TargetModel, ds: RandomImages, device: torch.device, portion: float,
-                     subsample: int) -> None:
+def _sorted_list_run(
+    model: TargetModel, ds: RandomImages, device: torch.device, portion: float, subsample: int
+) -> None:
     """The released collection: per-class Python lists of numpy scalars, sorted at the end."""
     conf_dict: list[list[Any]] = [[] for _ in range(model.segmentor.num_classes)]
     with torch.no_grad():
@@ -112,9 +113,18 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         if args.method == "sorted-list":
             _sorted_list_run(model, ds, device, 0.5, 4)
         else:
-            generate_pseudo_labels(model, ds, f"{tmp}/pl", portion=0.5, mode=args.method, bins=args.bins,
-                                   device=device, batch_size=args.batch_size, progress=False,
-                                   num_workers=args.num_workers)
+            generate_pseudo_labels(
+                model,
+                ds,
+                f"{tmp}/pl",
+                portion=0.5,
+                mode=args.method,
+                bins=args.bins,
+                device=device,
+                batch_size=args.batch_size,
+                progress=False,
+                num_workers=args.num_workers,
+            )
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -128,7 +138,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "size": list(args.size),
         "arch": args.arch,
         "num_classes": args.num_classes,
-        "state_mb": None if args.method == "sorted-list"
+        "state_mb": None
+        if args.method == "sorted-list"
         else round(_state_mb(args.method, args.num_classes, args.bins), 2),
         "peak_rss_delta_mb": round((rss1 - rss0) / 1024, 1),
         "tracemalloc_peak_mb": round(py_peak / 2**20, 2),
@@ -159,9 +170,22 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args)), flush=True)
         return 0
     methods = [m for m in args.methods.split(",") if m] + (["sorted-list"] if args.with_sorted_list else [])
-    common = ["--device", args.device, "--arch", args.arch, "--num-classes", str(args.num_classes),
-              "--size", *map(str, args.size), "--bins", str(args.bins), "--batch-size", str(args.batch_size),
-              "--num-workers", str(args.num_workers)]
+    common = [
+        "--device",
+        args.device,
+        "--arch",
+        args.arch,
+        "--num-classes",
+        str(args.num_classes),
+        "--size",
+        *map(str, args.size),
+        "--bins",
+        str(args.bins),
+        "--batch-size",
+        str(args.batch_size),
+        "--num-workers",
+        str(args.num_workers),
+    ]
     # Large blocks through mmap (returned on free) and few arenas: ru_maxrss then tracks the
     # live peak instead of the allocator's high-water mark.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_ARENA_MAX="2")

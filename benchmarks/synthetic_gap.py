@@ -31,8 +31,9 @@ NUM_CLASSES = len(SYNTHETIC_CLASSES)
 TEST_OFFSET = 100_000  # held-out scene indices start here
 
 
-def make_set(domain: str, start: int, count: int, seed: int, size: tuple[int, int],
-             shift: str = DEFAULT_SHIFT) -> tuple[torch.Tensor, torch.Tensor]:
+def make_set(
+    domain: str, start: int, count: int, seed: int, size: tuple[int, int], shift: str = DEFAULT_SHIFT
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scenes ``start .. start+count-1`` of ``domain`` as (N x 3 x H x W float, N x H x W long)."""
     imgs, labels = [], []
     for i in range(start, start + count):
@@ -42,8 +43,9 @@ def make_set(domain: str, start: int, count: int, seed: int, size: tuple[int, in
     return torch.stack(imgs), torch.stack(labels)
 
 
-def train(x: torch.Tensor, y: torch.Tensor, steps: int, batch: int, lr: float, seed: int,
-          output_stride: int | None = None) -> tuple[torch.nn.Module, float]:
+def train(
+    x: torch.Tensor, y: torch.Tensor, steps: int, batch: int, lr: float, seed: int, output_stride: int | None = None
+) -> tuple[torch.nn.Module, float]:
     """Adam with poly decay, cross-entropy on logits upsampled to the label size, random flips."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -68,7 +70,9 @@ def train(x: torch.Tensor, y: torch.Tensor, steps: int, batch: int, lr: float, s
 def confusion(gt: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
     """K x K confusion matrix (rows: ground truth, columns: prediction), 255 ignored."""
     valid = gt != 255
-    return torch.bincount(gt[valid] * NUM_CLASSES + pred[valid], minlength=NUM_CLASSES**2).view(NUM_CLASSES, NUM_CLASSES)
+    return torch.bincount(gt[valid] * NUM_CLASSES + pred[valid], minlength=NUM_CLASSES**2).view(
+        NUM_CLASSES, NUM_CLASSES
+    )
 
 
 def scores(conf: torch.Tensor) -> dict[str, object]:

@@ -75,7 +75,9 @@ def _has_dast_header(p: Path) -> bool:
     return head.startswith(b'{"__metadata__":') and FORMAT.encode() in head
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load a dast checkpoint: (tensors, JSON document). Never unpickles anything."""
     p = _existing(path)
     meta = read_meta(p)

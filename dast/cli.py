@@ -73,7 +73,7 @@ def user_message(exc: BaseException) -> str:
         cls = type(exc)
         for prefix in (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__name__}: "):
             if last.startswith(prefix):
-                return last[len(prefix):]
+                return last[len(prefix) :]
         return last
     return text or type(exc).__name__
 

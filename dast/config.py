@@ -79,7 +79,9 @@ class DatasetConfig(_Strict):
     classes: Optional[list[ClassSpec]] = None  # folder datasets
     domain: Literal["source", "target"] = "source"  # synthetic datasets
     count: int = Field(default=200, ge=1)  # synthetic datasets
-    shift: Literal["appearance", "appearance+layout"] = "appearance"  # synthetic datasets: what differs between the domains
+    shift: Literal["appearance", "appearance+layout"] = (
+        "appearance"  # synthetic datasets: what differs between the domains
+    )
     augment: AugmentConfig = AugmentConfig()
     on_corrupt: Literal["fail", "skip"] = "fail"
 
@@ -168,7 +170,9 @@ class SelfTrainingConfig(_Strict):
     # "frozen" (eval mode, the stage-1 running statistics, as the released DAST_train.py); null: the variant's
     batchnorm: Optional[Literal["train", "frozen"]] = None
     eval_every: Optional[int] = Field(default=None, ge=1)  # null: train.eval_every
-    rule: Literal["ratio", "threshold"] = "ratio"  # ratio: released argmax(p/t); threshold: keep argmax p where p >= t_c
+    rule: Literal["ratio", "threshold"] = (
+        "ratio"  # ratio: released argmax(p/t); threshold: keep argmax p where p >= t_c
+    )
     bins: int = Field(default=65536, ge=16)
     subsample: int = Field(default=4, ge=1)
     preview_count: int = Field(default=8, ge=0)
@@ -201,7 +205,9 @@ class RuntimeConfig(_Strict):
     channels_last: Optional[bool] = None
     compile: bool = False  # torch.compile the segmentor halves (state-dict keys unchanged)
     cuda_graphs: bool = False  # replay the whole iteration as CUDA graphs (single GPU; see docs/performance.md)
-    optimizers: Literal["auto", "released", "foreach"] = "auto"  # auto: foreach with cuda_graphs, else released (torch SGD/Adam)
+    optimizers: Literal["auto", "released", "foreach"] = (
+        "auto"  # auto: foreach with cuda_graphs, else released (torch SGD/Adam)
+    )
     deterministic: Optional[bool] = None  # null: true on CPU, false on CUDA (cuDNN autotuning)
 
 
@@ -383,8 +389,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
 def packaged_config_names(include_base: bool = False) -> list[str]:
     """The names of the configs shipped in ``dast/configs/`` (``gta5/resnet101/dast``, ``demo``,
     ...), sorted; the ``base/`` building blocks only with ``include_base``."""
-    names = [p.relative_to(PACKAGED_CONFIG_DIR).with_suffix("").as_posix()
-             for p in PACKAGED_CONFIG_DIR.rglob("*.yaml")]
+    names = [p.relative_to(PACKAGED_CONFIG_DIR).with_suffix("").as_posix() for p in PACKAGED_CONFIG_DIR.rglob("*.yaml")]
     return sorted(n for n in names if include_base or not n.startswith("base/"))
 
 
@@ -440,8 +445,9 @@ def resolve_config_path(name_or_path: str | Path, relative_to: Path | None = Non
         return packaged
     if p.is_dir():
         raise ConfigError(f"config file not found: {p} is a directory{_config_suggestions(raw)}")
-    raise ConfigError(f"config file not found: {p}: no such file and no packaged config of that name"
-                      f"{_config_suggestions(raw)}")
+    raise ConfigError(
+        f"config file not found: {p}: no such file and no packaged config of that name{_config_suggestions(raw)}"
+    )
 
 
 class PaperRow(_Strict):
@@ -487,10 +493,20 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     # The paper weights the segmentor's corrector loss by the attention map; the release does not.
     # Stage 2 of the release: SGD lr 2e-4, poly over 100k steps, one parameter group.
     # Stage 2 of the release also trains with BatchNorm in eval mode (model.eval() in test()/val()).
-    "paper": {"corrector_weighting": "segmentor", "st_lr": 2.5e-4, "st_poly_steps": 100000, "st_head": 10.0,
-              "st_batchnorm": "train"},
-    "reference": {"corrector_weighting": "none", "st_lr": 2e-4, "st_poly_steps": 100000, "st_head": 1.0,
-                  "st_batchnorm": "frozen"},
+    "paper": {
+        "corrector_weighting": "segmentor",
+        "st_lr": 2.5e-4,
+        "st_poly_steps": 100000,
+        "st_head": 10.0,
+        "st_batchnorm": "train",
+    },
+    "reference": {
+        "corrector_weighting": "none",
+        "st_lr": 2e-4,
+        "st_poly_steps": 100000,
+        "st_head": 1.0,
+        "st_batchnorm": "frozen",
+    },
 }
 
 
@@ -537,20 +553,29 @@ def _check_backbone(cfg: Config) -> None:
     if m.arch != "timm":
         for key, value in (("timm_name", m.timm_name), ("pretrained", m.pretrained)):
             if value:
-                raise ConfigError(f"config key 'model.{key}' applies to model.arch: timm only (arch is {m.arch!r}; "
-                                  "for resnet101/vgg16 weights use `dast convert imagenet` and model.init)")
+                raise ConfigError(
+                    f"config key 'model.{key}' applies to model.arch: timm only (arch is {m.arch!r}; "
+                    "for resnet101/vgg16 weights use `dast convert imagenet` and model.init)"
+                )
         allowed = (4, 8) if m.arch == "small" else (8,)
         if m.output_stride is not None and m.output_stride not in allowed:
-            raise ConfigError(f"config key 'model.output_stride': output stride {m.output_stride} is not supported by "
-                              f"the {m.arch} architecture (supported: {', '.join(map(str, allowed))})")
+            raise ConfigError(
+                f"config key 'model.output_stride': output stride {m.output_stride} is not supported by "
+                f"the {m.arch} architecture (supported: {', '.join(map(str, allowed))})"
+            )
         return
     if not m.timm_name:
-        raise ConfigError("config key 'model.timm_name' is required with model.arch: timm (a timm model, e.g. resnet50)")
+        raise ConfigError(
+            "config key 'model.timm_name' is required with model.arch: timm (a timm model, e.g. resnet50)"
+        )
     if cfg.variant == "reference":
-        raise ConfigError("model.arch: timm needs variant: paper (the reference variant reproduces the released DeepLab networks)")
+        raise ConfigError(
+            "model.arch: timm needs variant: paper (the reference variant reproduces the released DeepLab networks)"
+        )
     if m.norm == "caffe" or (m.pretrained and m.norm != "imagenet"):
         logging.getLogger(__name__).warning(
-            "model.norm is %r, but timm backbones expect model.norm: imagenet (RGB, ImageNet mean and std)", m.norm)
+            "model.norm is %r, but timm backbones expect model.norm: imagenet (RGB, ImageNet mean and std)", m.norm
+        )
 
 
 def to_yaml(cfg: Config) -> str:

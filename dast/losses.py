@@ -80,8 +80,6 @@ def resize_weight(alpha: Tensor, size: tuple[int, int]) -> Tensor:
     return upsample(alpha.detach(), size)
 
 
-def attention_weighted_corrector_loss(
-    name: AdvLossName, corrector_out: Tensor, target: float, alpha: Tensor
-) -> Tensor:
+def attention_weighted_corrector_loss(name: AdvLossName, corrector_out: Tensor, target: float, alpha: Tensor) -> Tensor:
     """The paper's L_adv^C on target outputs, weighted per location by the attention map."""
     return adversarial_loss(name, corrector_out, target, resize_weight(alpha, tuple(corrector_out.shape[-2:])))

@@ -25,8 +25,16 @@ def _is_tty(stream: TextIO) -> bool:
         return False
 
 
-def progress(items: Iterable[T], *, total: int | None, desc: str, unit: str = "img", enabled: bool = True,
-             stream: TextIO | None = None, line_every: int | None = None) -> Iterator[T]:
+def progress(
+    items: Iterable[T],
+    *,
+    total: int | None,
+    desc: str,
+    unit: str = "img",
+    enabled: bool = True,
+    stream: TextIO | None = None,
+    line_every: int | None = None,
+) -> Iterator[T]:
     """Yield ``items`` while reporting progress on ``stream`` (default stderr).
 
     ``enabled=False`` reports nothing. On a terminal: a tqdm bar that disappears when done.

@@ -211,8 +211,11 @@ class RunDir:
 
     def has_progress(self) -> bool:
         """Whether the run holds trained weights worth keeping."""
-        return (any(self.root.glob(f"*/{CHECKPOINTS}/step_*.safetensors"))
-                or any(self.root.glob(f"*/{SELECTED}")) or self.final.exists())
+        return (
+            any(self.root.glob(f"*/{CHECKPOINTS}/step_*.safetensors"))
+            or any(self.root.glob(f"*/{SELECTED}"))
+            or self.final.exists()
+        )
 
 
 @dataclass(frozen=True)

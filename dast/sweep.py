@@ -32,8 +32,19 @@ class Job:
         return self.run_dir.name
 
     def command(self, device: str | None) -> list[str]:
-        cmd = [sys.executable, "-m", "dast", "train", "--config", str(self.config), "--out", str(self.run_dir),
-               "--set", f"seed={self.seed}", "--no-progress"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "dast",
+            "train",
+            "--config",
+            str(self.config),
+            "--out",
+            str(self.run_dir),
+            "--set",
+            f"seed={self.seed}",
+            "--no-progress",
+        ]
         for o in self.overrides:
             cmd += ["--set", o]
         if (self.run_dir / "config.yaml").exists():

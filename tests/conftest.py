@@ -21,6 +21,7 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
 
+
 TINY = {
     "seed": 3,
     "variant": "paper",
@@ -28,8 +29,18 @@ TINY = {
     "source": {"kind": "synthetic", "domain": "source", "count": 8, "size": [64, 32]},
     "target": {"kind": "synthetic", "domain": "target", "count": 8, "size": [64, 32], "with_labels": False},
     "val": {"kind": "synthetic", "domain": "target", "count": 3, "size": [64, 32]},
-    "train": {"steps": 4, "poly_steps": 100, "lr": 0.01, "batch_size": 2, "num_workers": 0,
-              "checkpoint_every": 2, "keep_last": 2, "eval_every": 2, "image_every": 2, "log_every": 1},
+    "train": {
+        "steps": 4,
+        "poly_steps": 100,
+        "lr": 0.01,
+        "batch_size": 2,
+        "num_workers": 0,
+        "checkpoint_every": 2,
+        "keep_last": 2,
+        "eval_every": 2,
+        "image_every": 2,
+        "log_every": 1,
+    },
     "self_training": {"rounds": 0, "steps": 2, "poly_steps": 100, "preview_count": 2},
     "selection": {"enabled": True, "num_images": 3, "betas": [0.5, 0.9]},
     "runtime": {"device": "cpu"},

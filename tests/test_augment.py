@@ -83,7 +83,7 @@ def test_gaussian_blur():
     # an impulse: the centre keeps 255 * g(0)^2 with g the normalised 7-tap kernel of sigma 1
     impulse = np.zeros((21, 21, 3), np.uint8)
     impulse[10, 10] = 255
-    taps = np.exp(-np.arange(-3, 4) ** 2 / 2.0)
+    taps = np.exp(-(np.arange(-3, 4) ** 2) / 2.0)
     centre = 255 * (taps[3] / taps.sum()) ** 2  # 40.6
     out = gaussian_blur(impulse, 1.0)
     assert abs(int(out[10, 10, 0]) - centre) <= 1
@@ -129,8 +129,12 @@ def _folder(root: Path, n: int = 3) -> DatasetConfig:
 def test_dataset_augments_images_only_deterministically(tmp_path):
     cfg = _folder(tmp_path / "ds")
     plain = build_dataset(cfg, norm="unit", num_classes=3, seed=1)
-    off = build_dataset(cfg.model_copy(update={"augment": AugmentConfig(**{k: 0.0 for k in PHOTOMETRIC})}),
-                        norm="unit", num_classes=3, seed=1)
+    off = build_dataset(
+        cfg.model_copy(update={"augment": AugmentConfig(**{k: 0.0 for k in PHOTOMETRIC})}),
+        norm="unit",
+        num_classes=3,
+        seed=1,
+    )
     aug_cfg = cfg.model_copy(update={"augment": AugmentConfig(**PHOTOMETRIC)})
     a = build_dataset(aug_cfg, norm="unit", num_classes=3, seed=1)
     again = build_dataset(aug_cfg, norm="unit", num_classes=3, seed=1)
@@ -151,8 +155,10 @@ def test_dataset_augments_images_only_deterministically(tmp_path):
 
 def test_config_rejects_bad_photometric_values(tmp_path):
     base = tmp_path / "c.yaml"
-    base.write_text("model: {arch: small, num_classes: 7}\nsource: {kind: synthetic, size: [64, 32]}\n"
-                    "target: {kind: synthetic, domain: target, size: [64, 32]}\n")
+    base.write_text(
+        "model: {arch: small, num_classes: 7}\nsource: {kind: synthetic, size: [64, 32]}\n"
+        "target: {kind: synthetic, domain: target, size: [64, 32]}\n"
+    )
     with pytest.raises(ConfigError, match=r"'source.augment.hue'.*less than or equal to 0.5"):
         load_config(base, ["source.augment.hue=0.7"])
     with pytest.raises(ConfigError, match=r"blur_sigma must be \(min, max\) with 0 <= min <= max"):

@@ -29,7 +29,9 @@ def test_matches_the_pairwise_definition_on_random_data() -> None:
     s = rng.integers(0, 5, 60).astype(float)  # many ties
     y = rng.random(60) < 0.4
     pos, neg = s[y], s[~y]
-    pairwise = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (pos.size * neg.size)
+    pairwise = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (
+        pos.size * neg.size
+    )
     assert auroc(s, y) == pytest.approx(pairwise, abs=1e-12)
 
 

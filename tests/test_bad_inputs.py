@@ -22,15 +22,28 @@ from dast.errors import DataError
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 CASES: list[dict[str, Any]] = yaml.safe_load((CORPUS / "cases.yaml").read_text())
-CLASSES = [{"name": "sky", "color": [70, 130, 180]}, {"name": "road", "color": [128, 64, 128]},
-           {"name": "car", "color": [0, 0, 142]}]
+CLASSES = [
+    {"name": "sky", "color": [70, 130, 180]},
+    {"name": "road", "color": [128, 64, 128]},
+    {"name": "car", "color": [0, 0, 142]},
+]
 TINY = {
     "seed": 3,
     "model": {"arch": "small", "num_classes": 7, "norm": "unit"},
     "source": {"kind": "synthetic", "domain": "source", "count": 4, "size": [64, 32]},
     "target": {"kind": "synthetic", "domain": "target", "count": 4, "size": [64, 32], "with_labels": False},
-    "train": {"steps": 2, "poly_steps": 100, "lr": 0.01, "batch_size": 2, "num_workers": 0,
-              "checkpoint_every": 2, "keep_last": 2, "eval_every": 2, "image_every": 100, "log_every": 1},
+    "train": {
+        "steps": 2,
+        "poly_steps": 100,
+        "lr": 0.01,
+        "batch_size": 2,
+        "num_workers": 0,
+        "checkpoint_every": 2,
+        "keep_last": 2,
+        "eval_every": 2,
+        "image_every": 100,
+        "log_every": 1,
+    },
     "self_training": {"rounds": 0, "steps": 2, "poly_steps": 100, "preview_count": 1},
     "selection": {"enabled": False},
     "runtime": {"device": "cpu"},
@@ -41,8 +54,14 @@ def _save_model(path: Path, num_classes: int, names: list[str] | None = None) ->
     from dast.models.io import ModelSpec, build_networks, save_networks
 
     torch.manual_seed(num_classes)
-    spec = ModelSpec(arch="small", num_classes=num_classes, norm="unit", input_size=(64, 32),
-                     class_names=names or [], class_colors=[tuple(c["color"]) for c in CLASSES] if names else [])
+    spec = ModelSpec(
+        arch="small",
+        num_classes=num_classes,
+        norm="unit",
+        input_size=(64, 32),
+        class_names=names or [],
+        class_colors=[tuple(c["color"]) for c in CLASSES] if names else [],
+    )
     save_networks(path, build_networks(spec))
 
 
@@ -68,9 +87,12 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def workspace(template: Path, tmp_path: Path) -> Path:
     ws = tmp_path / "ws"
     shutil.copytree(template, ws)
-    folder = {"extends": "tiny.yaml", "model": {"num_classes": 3},
-              "source": {"kind": "folder", "root": str(ws / "ds")},
-              "target": {"kind": "folder", "root": str(ws / "ds"), "with_labels": False}}
+    folder = {
+        "extends": "tiny.yaml",
+        "model": {"num_classes": 3},
+        "source": {"kind": "folder", "root": str(ws / "ds")},
+        "target": {"kind": "folder", "root": str(ws / "ds"), "with_labels": False},
+    }
     (ws / "folder.yaml").write_text(yaml.safe_dump(folder))
     return ws
 
@@ -121,7 +143,7 @@ def fill_disk_for(monkeypatch: pytest.MonkeyPatch, fragment: str) -> None:
 
 def _setup(steps: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
     for step in steps:
-        (op, arg), = step.items()
+        ((op, arg),) = step.items()
         if op == "copy":
             Path(arg["to"]).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(arg["from"], arg["to"])
@@ -174,8 +196,9 @@ def test_corpus_is_large_and_distinct() -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
-def test_bad_input(case: dict[str, Any], workspace: Path, monkeypatch: pytest.MonkeyPatch,
-                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input(
+    case: dict[str, Any], workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     case = _fill(case, workspace)
     _setup(case.get("setup", []), monkeypatch)
     output = Path(case["output"])
@@ -188,8 +211,9 @@ def test_bad_input(case: dict[str, Any], workspace: Path, monkeypatch: pytest.Mo
 
 
 def test_debug_shows_the_traceback(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run_cli(["--debug", "train", "--config", str(workspace / "nope.yaml"), "--out",
-                            str(workspace / "run")], capsys)
+    code, _, err = run_cli(
+        ["--debug", "train", "--config", str(workspace / "nope.yaml"), "--out", str(workspace / "run")], capsys
+    )
     assert code == 2 and "Traceback" in err and err.rstrip().splitlines()[-1].startswith("error: config file not found")
 
 
@@ -204,8 +228,19 @@ def test_on_corrupt_fail_stops_training_naming_the_file(workspace: Path, capsys:
     _corrupt_training_set(workspace)
     run = workspace / "run"
     # read in a DataLoader worker process: the error still arrives as one line
-    code, _, err = run_cli(["train", "--config", str(workspace / "folder.yaml"), "--out", str(run),
-                            "--set", "train.num_workers=1", "--no-progress"], capsys)
+    code, _, err = run_cli(
+        [
+            "train",
+            "--config",
+            str(workspace / "folder.yaml"),
+            "--out",
+            str(run),
+            "--set",
+            "train.num_workers=1",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert code == 2
     assert_one_error_line(err, ["cannot read image", str(workspace / "ds/images/b.png")])
     assert not run.exists()
@@ -216,9 +251,23 @@ def test_on_corrupt_fail_stops_training_naming_the_file(workspace: Path, capsys:
 def test_on_corrupt_skip_logs_and_trains_on(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _corrupt_training_set(workspace)
     run = workspace / "run"
-    code, _, err = run_cli(["train", "--config", str(workspace / "folder.yaml"), "--out", str(run),
-                            "--set", "source.on_corrupt=skip", "--set", "target.on_corrupt=skip",
-                            "--set", "train.num_workers=1", "--no-progress"], capsys)
+    code, _, err = run_cli(
+        [
+            "train",
+            "--config",
+            str(workspace / "folder.yaml"),
+            "--out",
+            str(run),
+            "--set",
+            "source.on_corrupt=skip",
+            "--set",
+            "target.on_corrupt=skip",
+            "--set",
+            "train.num_workers=1",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert code == 0, err
     log = (run / "log.txt").read_text()
     skipped = [line for line in log.splitlines() if "skipping unreadable sample b" in line]
@@ -227,12 +276,27 @@ def test_on_corrupt_skip_logs_and_trains_on(workspace: Path, capsys: pytest.Capt
 
 
 def test_on_corrupt_skip_leaves_the_unreadable_target_image_out_of_self_training(
-        workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _corrupt_training_set(workspace)
     run = workspace / "run"
-    code, _, err = run_cli(["train", "--config", str(workspace / "folder.yaml"), "--out", str(run),
-                            "--set", "source.on_corrupt=skip", "--set", "target.on_corrupt=skip",
-                            "--set", "self_training.rounds=1", "--no-progress"], capsys)
+    code, _, err = run_cli(
+        [
+            "train",
+            "--config",
+            str(workspace / "folder.yaml"),
+            "--out",
+            str(run),
+            "--set",
+            "source.on_corrupt=skip",
+            "--set",
+            "target.on_corrupt=skip",
+            "--set",
+            "self_training.rounds=1",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert code == 0, err
     labels = run / "round1" / "pseudo_labels"
     names = sorted(p.stem for p in (workspace / "ds/images").glob("*.png"))
@@ -252,13 +316,15 @@ def test_on_corrupt_skip_leaves_the_unreadable_target_image_out_of_self_training
         with_label_dir(target, labels)
 
 
-def test_a_fresh_run_that_fails_late_keeps_its_checkpoints(workspace: Path, monkeypatch: pytest.MonkeyPatch,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_fresh_run_that_fails_late_keeps_its_checkpoints(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The clean-up of a failed fresh run never removes trained weights."""
     fill_disk_for(monkeypatch, "selected.safetensors")
     run = workspace / "run"
-    code, _, err = run_cli(["train", "--config", str(workspace / "tiny.yaml"), "--out", str(run), "--no-progress"],
-                           capsys)
+    code, _, err = run_cli(
+        ["train", "--config", str(workspace / "tiny.yaml"), "--out", str(run), "--no-progress"], capsys
+    )
     assert code == 2
     assert_one_error_line(err, ["no space left on device", str(run / "stage1" / "selected.safetensors")])
     assert (run / "stage1" / "checkpoints" / "step_00000002.safetensors").is_file()
@@ -271,21 +337,77 @@ def test_a_fresh_run_that_fails_late_keeps_its_checkpoints(workspace: Path, monk
 
 def test_tiny_template_is_valid(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The cases' failures come from their one broken piece: the untouched workspace works."""
-    code, out, err = run_cli(["evaluate", "--dataset", "folder", "--root", str(workspace / "ds"), "--checkpoint",
-                              str(workspace / "ckpt3.safetensors"), "--out", str(workspace / "out"), "--device", "cpu",
-                              "--quiet", "--workers", "0"], capsys)
+    code, out, err = run_cli(
+        [
+            "evaluate",
+            "--dataset",
+            "folder",
+            "--root",
+            str(workspace / "ds"),
+            "--checkpoint",
+            str(workspace / "ckpt3.safetensors"),
+            "--out",
+            str(workspace / "out"),
+            "--device",
+            "cpu",
+            "--quiet",
+            "--workers",
+            "0",
+        ],
+        capsys,
+    )
     assert code == 0, err
-    code, _, err = run_cli(["evaluate", "--dataset", "folder", "--root", str(workspace / "ds"), "--predictions",
-                            str(workspace / "preds"), "--out", str(workspace / "out2"), "--quiet"], capsys)
+    code, _, err = run_cli(
+        [
+            "evaluate",
+            "--dataset",
+            "folder",
+            "--root",
+            str(workspace / "ds"),
+            "--predictions",
+            str(workspace / "preds"),
+            "--out",
+            str(workspace / "out2"),
+            "--quiet",
+        ],
+        capsys,
+    )
     assert code == 0, err
-    code, _, err = run_cli(["predict", "--checkpoint", str(workspace / "ckpt3.safetensors"), "--input",
-                            str(workspace / "ds/images"), "--out", str(workspace / "pred_out"), "--device", "cpu",
-                            "--no-progress", "--workers", "0"], capsys)
+    code, _, err = run_cli(
+        [
+            "predict",
+            "--checkpoint",
+            str(workspace / "ckpt3.safetensors"),
+            "--input",
+            str(workspace / "ds/images"),
+            "--out",
+            str(workspace / "pred_out"),
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--workers",
+            "0",
+        ],
+        capsys,
+    )
     assert code == 0, err
-    code, _, err = run_cli(["pseudo-label", "--checkpoint", str(workspace / "ckpt7.safetensors"), "--config",
-                            str(workspace / "tiny.yaml"), "--out", str(workspace / "pl"), "--device", "cpu",
-                            "--no-progress"], capsys)
+    code, _, err = run_cli(
+        [
+            "pseudo-label",
+            "--checkpoint",
+            str(workspace / "ckpt7.safetensors"),
+            "--config",
+            str(workspace / "tiny.yaml"),
+            "--out",
+            str(workspace / "pl"),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert code == 0, err
-    code, _, err = run_cli(["train", "--config", str(workspace / "folder.yaml"), "--out", str(workspace / "run"),
-                            "--no-progress"], capsys)
+    code, _, err = run_cli(
+        ["train", "--config", str(workspace / "folder.yaml"), "--out", str(workspace / "run"), "--no-progress"], capsys
+    )
     assert code == 0, err

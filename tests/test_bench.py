@@ -25,8 +25,25 @@ def tiny_size(monkeypatch):
 
 def test_cli_small_step_prints_one_json_row_per_mode(capsys, tmp_path) -> None:
     out = tmp_path / "bench.jsonl"
-    code = main(["bench", "--device", "cpu", "--size", "small", "--what", "step", "--iters", "1", "--warmup", "0",
-                 "--modes", "fast,eager-fp32", "--out", str(out)])
+    code = main(
+        [
+            "bench",
+            "--device",
+            "cpu",
+            "--size",
+            "small",
+            "--what",
+            "step",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--modes",
+            "fast,eager-fp32",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     lines = capsys.readouterr().out.strip().splitlines()
     rows = [json.loads(line) for line in lines]
@@ -47,13 +64,31 @@ def test_cli_small_step_prints_one_json_row_per_mode(capsys, tmp_path) -> None:
 
 @pytest.mark.parametrize("interleave", [False, True])
 def test_every_workload_runs_at_a_tiny_size(tiny_size, interleave) -> None:
-    rows = list(run_benchmarks(device=torch.device("cpu"), archs=["small"], size=tiny_size,
-                               whats=["step2", "infer", "pseudo"], modes=["eager-fp32", "fast"], iters=2, warmup=1,
-                               batches=[1, 2], num_classes=5, interleave=interleave))
+    rows = list(
+        run_benchmarks(
+            device=torch.device("cpu"),
+            archs=["small"],
+            size=tiny_size,
+            whats=["step2", "infer", "pseudo"],
+            modes=["eager-fp32", "fast"],
+            iters=2,
+            warmup=1,
+            batches=[1, 2],
+            num_classes=5,
+            interleave=interleave,
+        )
+    )
     assert [(r["what"], r["batch"], r["mode"]) for r in rows] == [
-        ("step2", 1, "eager-fp32"), ("step2", 1, "fast"),
-        ("infer", 1, "eager-fp32"), ("infer", 1, "fast"), ("infer", 2, "eager-fp32"), ("infer", 2, "fast"),
-        ("pseudo", 1, "eager-fp32"), ("pseudo", 1, "fast"), ("pseudo", 2, "eager-fp32"), ("pseudo", 2, "fast"),
+        ("step2", 1, "eager-fp32"),
+        ("step2", 1, "fast"),
+        ("infer", 1, "eager-fp32"),
+        ("infer", 1, "fast"),
+        ("infer", 2, "eager-fp32"),
+        ("infer", 2, "fast"),
+        ("pseudo", 1, "eager-fp32"),
+        ("pseudo", 1, "fast"),
+        ("pseudo", 2, "eager-fp32"),
+        ("pseudo", 2, "fast"),
     ]
     for r in rows:
         assert "error" not in r, r
@@ -71,9 +106,20 @@ def test_a_failing_measurement_yields_an_error_row_and_the_rest_still_run(tiny_s
         raise RuntimeError("out of memory\nsecond line")
 
     monkeypatch.setattr(workloads, "prepare_infer", broken)
-    rows = list(run_benchmarks(device=torch.device("cpu"), archs=["small"], size=tiny_size, whats=["infer", "pseudo"],
-                               modes=["eager-fp32"], iters=1, warmup=0, batches=[1], num_classes=3,
-                               interleave=interleave))
+    rows = list(
+        run_benchmarks(
+            device=torch.device("cpu"),
+            archs=["small"],
+            size=tiny_size,
+            whats=["infer", "pseudo"],
+            modes=["eager-fp32"],
+            iters=1,
+            warmup=0,
+            batches=[1],
+            num_classes=3,
+            interleave=interleave,
+        )
+    )
     assert rows[0]["error"] == "RuntimeError: out of memory" and "ms_median" not in rows[0]
     assert "error" not in rows[1] and rows[1]["what"] == "pseudo"
 
@@ -93,12 +139,15 @@ def test_parse_modes_checks_names_and_puts_the_baseline_first() -> None:
         parse_modes("eager-fp32,turbo")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--modes", "nope"], "unknown mode 'nope'"),
-    (["--what", "step,train"], "unknown value 'train' in --what"),
-    (["--arch", "resnet50"], "unknown value 'resnet50' in --arch"),
-    (["--batches", "1,x"], "--batches takes positive whole numbers"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--modes", "nope"], "unknown mode 'nope'"),
+        (["--what", "step,train"], "unknown value 'train' in --what"),
+        (["--arch", "resnet50"], "unknown value 'resnet50' in --arch"),
+        (["--batches", "1,x"], "--batches takes positive whole numbers"),
+    ],
+)
 def test_bad_arguments_are_user_errors(argv, message, capsys) -> None:
     assert main(["bench", "--device", "cpu", "--size", "small", *argv]) == 2
     err = capsys.readouterr().err

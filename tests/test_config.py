@@ -56,7 +56,10 @@ def test_variant_defaults_resolve() -> None:
 
 
 def test_overrides_parse_yaml_values() -> None:
-    tree = apply_overrides(load_yaml_tree(REPO / "dast/configs/demo.yaml"), ["train.steps=7", "selection.betas=[0.25]", "adversarial.lr=3e-4"])
+    tree = apply_overrides(
+        load_yaml_tree(REPO / "dast/configs/demo.yaml"),
+        ["train.steps=7", "selection.betas=[0.25]", "adversarial.lr=3e-4"],
+    )
     from dast.config import from_tree
 
     cfg = from_tree(tree)
@@ -70,13 +73,20 @@ def test_overrides_parse_yaml_values() -> None:
         ("train.steps=many", "config key 'train.steps'"),
         ("model.arch=resnet50", "config key 'model.arch'"),
         ("trian.steps=3", "did you mean 'train"),
-        ("model.output_stride=16", ("error: config key 'model.output_stride': output stride 16 is not supported by "
-                                    "the small architecture (supported: 4, 8)")),
+        (
+            "model.output_stride=16",
+            (
+                "error: config key 'model.output_stride': output stride 16 is not supported by "
+                "the small architecture (supported: 4, 8)"
+            ),
+        ),
         ("source.shift=layout", "config key 'source.shift'"),
     ],
 )
 def test_bad_override_is_one_line_error(override: str, fragment: str, tmp_path: Path, capsys) -> None:
-    code = main(["train", "--config", str(REPO / "dast/configs/demo.yaml"), "--out", str(tmp_path / "run"), "--set", override])
+    code = main(
+        ["train", "--config", str(REPO / "dast/configs/demo.yaml"), "--out", str(tmp_path / "run"), "--set", override]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0]

@@ -71,7 +71,12 @@ def test_official_layout_matches_the_release(r101: Networks) -> None:
     seg, disc = dast_to_official(r101)
     assert set(seg) == _released_resnet101_segmentor_keys()
     assert len(seg) == 638
-    for k in ("layer6.conv2d_list.3.weight", "layer5.0.downsample.0.weight", "layer5.0.conv3.weight", "layer4.1.bn3.running_var"):
+    for k in (
+        "layer6.conv2d_list.3.weight",
+        "layer5.0.downsample.0.weight",
+        "layer5.0.conv3.weight",
+        "layer4.1.bn3.running_var",
+    ):
         assert k in seg
     assert disc is not None and len(disc) == 8 + 10
     for k in ("0.conv3.bias", "0.classifier.bias", "1.conv4.weight", "1.classifier.weight"):
@@ -109,15 +114,20 @@ def test_deeplab_init_file_mapping(r101: Networks) -> None:
             continue
         k = k.replace("layer5.0.", "layer4.2.")
         init["Scale." + k] = v.clone()
-    old = {f"Scale.layer5.conv2d_list.{i}.{s}": torch.ones(21 if s == "bias" else (21, 2048, 3, 3))
-           for i in range(4) for s in ("weight", "bias")}
+    old = {
+        f"Scale.layer5.conv2d_list.{i}.{s}": torch.ones(21 if s == "bias" else (21, 2048, 3, 3))
+        for i in range(4)
+        for s in ("weight", "bias")
+    }
     init.update(old)
     nets, rep = imagenet_to_dast(init, "resnet101", 19, "reference")
     assert rep.source_format == "deeplab" and nets.spec.norm == "caffe"
     assert sorted(rep.skipped) == sorted(old)
     assert rep.unexpected == []
-    assert rep.missing == [f"segmentor.tail.0.downsample.{s}" for s in
-                           ("0.weight", "1.weight", "1.bias", "1.running_mean", "1.running_var")]
+    assert rep.missing == [
+        f"segmentor.tail.0.downsample.{s}"
+        for s in ("0.weight", "1.weight", "1.bias", "1.running_mean", "1.running_var")
+    ]
     assert len(rep.filled) == 105 and "segmentor.tail.0.downsample.1.num_batches_tracked" in rep.filled
     own = nets.segmentor.state_dict()
     assert torch.equal(own["tail.0.conv2.weight"], init["Scale.layer4.2.conv2.weight"])
@@ -190,7 +200,12 @@ def test_torchvision_vgg16_mapping() -> None:
     nets, rep = imagenet_to_dast(src, "vgg16", 19)
     assert rep.source_format == "torchvision" and nets.spec.norm == "imagenet"
     assert rep.skipped == ["classifier.0.weight", "classifier.3.weight", "classifier.6.weight"]
-    assert rep.missing == ["segmentor.tail.0.weight", "segmentor.tail.0.bias", "segmentor.tail.2.weight", "segmentor.tail.2.bias"]
+    assert rep.missing == [
+        "segmentor.tail.0.weight",
+        "segmentor.tail.0.bias",
+        "segmentor.tail.2.weight",
+        "segmentor.tail.2.bias",
+    ]
     assert len(rep.loaded) == 26 and rep.unexpected == []
     enc = nets.segmentor.encoder
     assert torch.equal(enc.layer1[0].weight, src["features.0.weight"])
@@ -223,7 +238,9 @@ def test_official_filled_counters_shape_mismatch_and_unexpected() -> None:
     _, rep = official_to_dast(old, None, "small", 5)
     assert rep.filled and all(k.endswith("num_batches_tracked") for k in rep.filled)
     assert rep.missing == [] and "segmentor.encoder.bn1.num_batches_tracked" in rep.filled
-    with pytest.raises(CheckpointError, match=r"'layer6\.conv2d_list\.0\.weight' has shape \(5, 128, 3, 3\).*expects \(4, 128, 3, 3\)"):
+    with pytest.raises(
+        CheckpointError, match=r"'layer6\.conv2d_list\.0\.weight' has shape \(5, 128, 3, 3\).*expects \(4, 128, 3, 3\)"
+    ):
         official_to_dast(seg, disc, "small", 4)
     extra = dict(seg, **{"layer7.weight": torch.zeros(1)})
     with pytest.raises(CheckpointError, match=r"1 unexpected key \(e\.g\. 'layer7\.weight'\)"):
@@ -262,8 +279,22 @@ def test_cli_official_writes_a_loadable_checkpoint(tmp_path: Path, capsys: pytes
     torch.save(seg, tmp_path / "seg.pth")
     torch.save(disc, tmp_path / "d.pth")
     out = tmp_path / "model.safetensors"
-    code = main(["convert", "official", "--segmentor", str(tmp_path / "seg.pth"), "--discriminators",
-                 str(tmp_path / "d.pth"), "--arch", "small", "--num-classes", "5", "--out", str(out)])
+    code = main(
+        [
+            "convert",
+            "official",
+            "--segmentor",
+            str(tmp_path / "seg.pth"),
+            "--discriminators",
+            str(tmp_path / "d.pth"),
+            "--arch",
+            "small",
+            "--num-classes",
+            "5",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "0 missing, 0 unexpected" in printed and "variant reference" in printed
@@ -277,8 +308,25 @@ def test_cli_imagenet_and_user_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     init = _small_init("Scale.")
     torch.save(init, tmp_path / "init.pth")
     out = tmp_path / "init.safetensors"
-    assert main(["convert", "imagenet", "--weights", str(tmp_path / "init.pth"), "--arch", "small",
-                 "--variant", "reference", "--num-classes", "5", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "imagenet",
+                "--weights",
+                str(tmp_path / "init.pth"),
+                "--arch",
+                "small",
+                "--variant",
+                "reference",
+                "--num-classes",
+                "5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "format: deeplab" in printed and "segmentor.tail.0.downsample.0.weight" in printed
     back, _, meta = load_networks(out)
@@ -287,12 +335,30 @@ def test_cli_imagenet_and_user_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     # an unrecognisable file and a bad shape are one-line user errors, and nothing is written
     torch.save({"weird": torch.zeros(2)}, tmp_path / "weird.pth")
     bad = tmp_path / "bad.safetensors"
-    assert main(["convert", "imagenet", "--weights", str(tmp_path / "weird.pth"), "--arch", "small", "--out", str(bad)]) == 2
+    assert (
+        main(["convert", "imagenet", "--weights", str(tmp_path / "weird.pth"), "--arch", "small", "--out", str(bad)])
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: unrecognised weight file") and err.count("\n") == 1
     _, seg, _ = _small_official(5)
     torch.save(seg, tmp_path / "seg.pth")
-    assert main(["convert", "official", "--segmentor", str(tmp_path / "seg.pth"), "--arch", "small",
-                 "--num-classes", "3", "--out", str(bad)]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                "official",
+                "--segmentor",
+                str(tmp_path / "seg.pth"),
+                "--arch",
+                "small",
+                "--num-classes",
+                "3",
+                "--out",
+                str(bad),
+            ]
+        )
+        == 2
+    )
     assert "has shape (5, 128, 3, 3)" in capsys.readouterr().err
     assert not bad.exists() and not list(tmp_path.glob("bad.safetensors*"))

@@ -71,9 +71,14 @@ def make_synthia(root: Path, n: int = 2) -> dict[str, tuple[np.ndarray, np.ndarr
     return out
 
 
-def make_cityscapes(root: Path, split: str = "val", w: int = W, h: int = H,
-                    names: tuple[str, ...] = ("frankfurt_000000_000294", "aachen_000001_000019", "aachen_000000_000019"),
-                    seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def make_cityscapes(
+    root: Path,
+    split: str = "val",
+    w: int = W,
+    h: int = H,
+    names: tuple[str, ...] = ("frankfurt_000000_000294", "aachen_000001_000019", "aachen_000000_000019"),
+    seed: int = 0,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     out = {}
     rng = np.random.default_rng(seed)
     for k, name in enumerate(names):
@@ -127,8 +132,9 @@ def test_synthia_uses_the_last_cv2_channel(tmp_path):
 
 def test_cityscapes_names_order_and_labels(tmp_path):
     data = make_cityscapes(tmp_path)
-    ds = build_dataset(DatasetConfig(kind="cityscapes", root=str(tmp_path), split="val", size=(6, 4)),
-                       norm="unit", num_classes=19)
+    ds = build_dataset(
+        DatasetConfig(kind="cityscapes", root=str(tmp_path), split="val", size=(6, 4)), norm="unit", num_classes=19
+    )
     assert ds.names == ["aachen_000000_000019", "aachen_000001_000019", "frankfurt_000000_000294"]
     from dast.data.labels import cityscapes_id_to_train_lut
 
@@ -148,15 +154,23 @@ def test_cityscapes_names_order_and_labels(tmp_path):
 def test_list_file_forms_restrict_and_order(tmp_path):
     make_cityscapes(tmp_path)
     lst = tmp_path / "val.txt"
-    lst.write_text("frankfurt/frankfurt_000000_000294_leftImg8bit.png\n\n# comment\naachen_000000_000019\n"
-                   "leftImg8bit/val/aachen/aachen_000001_000019_leftImg8bit.png extra-field\n")
-    ds = build_dataset(DatasetConfig(kind="cityscapes", root=str(tmp_path), split="val", list_file=str(lst)),
-                       norm="unit", num_classes=19)
+    lst.write_text(
+        "frankfurt/frankfurt_000000_000294_leftImg8bit.png\n\n# comment\naachen_000000_000019\n"
+        "leftImg8bit/val/aachen/aachen_000001_000019_leftImg8bit.png extra-field\n"
+    )
+    ds = build_dataset(
+        DatasetConfig(kind="cityscapes", root=str(tmp_path), split="val", list_file=str(lst)),
+        norm="unit",
+        num_classes=19,
+    )
     assert ds.names == ["frankfurt_000000_000294", "aachen_000000_000019", "aachen_000001_000019"]
     lst.write_text("aachen_000000_000019\nbremen_000000_000019_leftImg8bit.png\n")
     with pytest.raises(DataError, match=r"val.txt:2: 'bremen_000000_000019_leftImg8bit.png'"):
-        build_dataset(DatasetConfig(kind="cityscapes", root=str(tmp_path), split="val", list_file=str(lst)),
-                      norm="unit", num_classes=19)
+        build_dataset(
+            DatasetConfig(kind="cityscapes", root=str(tmp_path), split="val", list_file=str(lst)),
+            norm="unit",
+            num_classes=19,
+        )
     assert entry_to_name("00001.png") == "00001" and entry_to_name("images/00001.png") == "00001"
     assert entry_to_name("a/b_gtFine_labelIds.png") == "b" and entry_to_name("x.v2") == "x.v2"
 
@@ -210,8 +224,7 @@ def test_index_wraps_and_augmentation_is_deterministic_and_aligned(tmp_path):
         (root / "labels").mkdir(exist_ok=True)
         Image.fromarray((rgb[:, :, 1] // 60).astype(np.uint8)).save(root / "labels" / f"im{k}.png")
     classes = [ClassSpec(name=n) for n in ("a", "b", "c")]
-    cfg = DatasetConfig(kind="folder", root=str(root), classes=classes,
-                        augment=AugmentConfig(flip=True, crop=(12, 12)))
+    cfg = DatasetConfig(kind="folder", root=str(root), classes=classes, augment=AugmentConfig(flip=True, crop=(12, 12)))
     ds = build_dataset(cfg, norm="unit", num_classes=3, seed=5)
     again = build_dataset(cfg, norm="unit", num_classes=3, seed=5)
     variants = set()

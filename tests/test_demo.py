@@ -81,9 +81,14 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys) -> None:
 
 def test_several_seed_summary_by_hand() -> None:
     def report(seed, so_bn, base, dast):
-        return {"seed": seed, "variants": {"source_only_bn": {"miou": so_bn, "last": {"miou": so_bn}},
-                                           "baseline": {"miou": base, "last": {"miou": base}},
-                                           "dast": {"miou": dast, "last": {"miou": dast - 1}}}}
+        return {
+            "seed": seed,
+            "variants": {
+                "source_only_bn": {"miou": so_bn, "last": {"miou": so_bn}},
+                "baseline": {"miou": base, "last": {"miou": base}},
+                "dast": {"miou": dast, "last": {"miou": dast - 1}},
+            },
+        }
 
     s = summarize_seeds([report(0, 30.0, 35.0, 40.0), report(1, 32.0, 36.0, 34.0), report(2, 31.0, 37.0, 41.0)])
     assert s["seeds"] == [0, 1, 2]
@@ -91,7 +96,9 @@ def test_several_seed_summary_by_hand() -> None:
     assert s["methods"]["dast"]["std"] == pytest.approx(3.7859388972, rel=1e-9)  # sample std
     assert s["methods"]["dast"]["last_mean"] == pytest.approx(115 / 3 - 1)
     vs_base = s["paired"]["dast"]["vs_baseline"]
-    assert vs_base["per_seed"] == [5.0, -2.0, 4.0] and vs_base["positive"] == 2 and vs_base["mean"] == pytest.approx(7 / 3)
+    assert (
+        vs_base["per_seed"] == [5.0, -2.0, 4.0] and vs_base["positive"] == 2 and vs_base["mean"] == pytest.approx(7 / 3)
+    )
     assert s["paired"]["baseline"]["vs_source_only_bn"]["per_seed"] == [5.0, 4.0, 6.0]
     assert "vs_baseline" not in s["paired"]["baseline"]
 

@@ -55,17 +55,28 @@ def _demo_folder(root: Path) -> dict:
         "variants": {
             "source_only": {"miou": 21.5, "per_class": {"road": 30.0, "sky": 20.0, "car": 14.5}, "gap_recovered": 0.0},
             "da": {"miou": 25.25, "per_class": {"road": 35.0, "sky": 22.0, "car": 18.75}, "gap_recovered": 40.0},
-            "mystery_method": {"miou": 27.0, "per_class": {"road": 36.0, "sky": 25.0, "car": 20.0, "bus": 1.0},
-                               "mechanism": "SA"},
+            "mystery_method": {
+                "miou": 27.0,
+                "per_class": {"road": 36.0, "sky": 25.0, "car": 20.0, "bus": 1.0},
+                "mechanism": "SA",
+            },
         },
-        "seed": 7, "seconds": 12.5, "quick": True,
+        "seed": 7,
+        "seconds": 12.5,
+        "quick": True,
         "figures": ["figure3.png", "miou_curve.png"],
-        "runs": {"source_only": "runs/source_only/final/model.safetensors",
-                 "da": "runs/dast/stage1/selected.safetensors", "dast": "runs/dast/final/model.safetensors",
-                 "mystery_method": "runs/mystery/final/model.safetensors"},
+        "runs": {
+            "source_only": "runs/source_only/final/model.safetensors",
+            "da": "runs/dast/stage1/selected.safetensors",
+            "dast": "runs/dast/final/model.safetensors",
+            "mystery_method": "runs/mystery/final/model.safetensors",
+        },
         "train_seconds": {"source_only": 3.5, "dast": 8.25},
-        "pseudo_labels": {"precision": 72.7, "labelled_fraction": 72.0,
-                          "per_class_precision": {"road": 70.0, "sky": 55.0, "car": None}},
+        "pseudo_labels": {
+            "precision": 72.7,
+            "labelled_fraction": 72.0,
+            "per_class_precision": {"road": 70.0, "sky": 55.0, "car": None},
+        },
         "mechanisms": {"mystery_method": ["self-training", "attention"]},
     }
     (root / "report.json").write_text(json.dumps(report))
@@ -107,8 +118,9 @@ def test_report_of_a_demo_folder(tmp_path: Path, capsys: pytest.CaptureFixture[s
     for name in ("source_only", "dast"):
         run_page = demo / "runs" / name / "report.html"
         assert run_page.is_file() and "DAST run report" in run_page.read_text(encoding="utf-8")
-        assert ("The first 1 images of the val set" if name == "source_only" else "No model to predict with") \
-            in run_page.read_text(encoding="utf-8")
+        assert (
+            "The first 1 images of the val set" if name == "source_only" else "No model to predict with"
+        ) in run_page.read_text(encoding="utf-8")
         assert f'<a href="runs/{name}/report.html">' in sec["runs"]
         assert f"wrote {run_page.resolve()}" in printed
     cells = (re.findall(r"<td class=l>([^<]*)</td>", tr) for tr in sec["runs"].split("<tr>"))
@@ -132,12 +144,16 @@ def test_demo_page_elsewhere_links_back(tmp_path: Path) -> None:
     assert not (demo / "report.html").exists()
 
 
-@pytest.mark.parametrize("content,fragment", [
-    ("{not json", "cannot be read as JSON"),
-    ('{"seed": 1}', "has no 'variants' mapping"),
-])
-def test_a_broken_report_json_is_one_error_line(content: str, fragment: str, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "content,fragment",
+    [
+        ("{not json", "cannot be read as JSON"),
+        ('{"seed": 1}', "has no 'variants' mapping"),
+    ],
+)
+def test_a_broken_report_json_is_one_error_line(
+    content: str, fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     demo = tmp_path / "demo"
     demo.mkdir()
     (demo / "report.json").write_text(content)

@@ -32,8 +32,11 @@ def _digests(path: Path) -> list[dict]:
 
 
 def _params(path: Path) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in load_file(str(path)).items()
-            if not k.startswith("rng.") and "running_" not in k and "num_batches" not in k}
+    return {
+        k: v
+        for k, v in load_file(str(path)).items()
+        if not k.startswith("rng.") and "running_" not in k and "num_batches" not in k
+    }
 
 
 @pytest.mark.slow
@@ -64,7 +67,9 @@ def _eval_worker(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
         model, ds = _eval_setup()
-        m = evaluate_model(model, ds, "cpu", progress=False, indices=list(range(rank, len(ds), world)), distributed=True)
+        m = evaluate_model(
+            model, ds, "cpu", progress=False, indices=list(range(rank, len(ds), world)), distributed=True
+        )
         if rank == 0:
             Path(out).write_text(json.dumps(m))
     finally:

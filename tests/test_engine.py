@@ -64,12 +64,16 @@ def _runtime(amp: torch.dtype | None = None, optimizers: str = "released") -> Ru
 # One engine for dast train and dast bench
 
 
-@pytest.mark.parametrize("mode, optimizers, want", [
-    ("eager-fp32", "released", ("SequentialDuplicateSGD", "Adam")),
-    ("fast-nograph", "foreach", ("ForeachSGD", "CapturableAdam")),
-])
-def test_bench_and_train_build_their_step_through_the_same_engine(tiny_config, tmp_path, monkeypatch, mode,
-                                                                  optimizers, want) -> None:
+@pytest.mark.parametrize(
+    "mode, optimizers, want",
+    [
+        ("eager-fp32", "released", ("SequentialDuplicateSGD", "Adam")),
+        ("fast-nograph", "foreach", ("ForeachSGD", "CapturableAdam")),
+    ],
+)
+def test_bench_and_train_build_their_step_through_the_same_engine(
+    tiny_config, tmp_path, monkeypatch, mode, optimizers, want
+) -> None:
     built: list[Engine] = []
     original = Engine.build.__func__  # type: ignore[attr-defined]
 
@@ -79,8 +83,13 @@ def test_bench_and_train_build_their_step_through_the_same_engine(tiny_config, t
         return engine
 
     monkeypatch.setattr(Engine, "build", classmethod(spy))
-    cfg = tiny_config(variant="reference", selection={"enabled": False}, val=None, train={"steps": 1},
-                      runtime={"device": "cpu", "amp": "none", "optimizers": optimizers})
+    cfg = tiny_config(
+        variant="reference",
+        selection={"enabled": False},
+        val=None,
+        train={"steps": 1},
+        runtime={"device": "cpu", "amp": "none", "optimizers": optimizers},
+    )
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     trained = built[-1]
     sched = Schedule(lr=0.01, lr_d=1e-4, poly_steps=100)
@@ -129,12 +138,14 @@ def _seg_grads(scale, settings=None):
     try:
         seg, d, c = _nets()
         xs, ys, xt = (t.double() if t.is_floating_point() else t for t in _batch())
-        so = segmentor_optimizer(seg, lr=0.01, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0,
-                                 duplicate_params=False)
+        so = segmentor_optimizer(
+            seg, lr=0.01, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0, duplicate_params=False
+        )
         do = discriminator_optimizer([d, c], 1e-4, (0.9, 0.99))
         s = settings or StepSettings()
-        out, _ = compute_gradients(StepModels(seg, d, c), so, do, xs, ys, xt, None, s, contextlib.nullcontext,
-                                   adv_scale=scale)
+        out, _ = compute_gradients(
+            StepModels(seg, d, c), so, do, xs, ys, xt, None, s, contextlib.nullcontext, adv_scale=scale
+        )
         return out, {n: p.grad.clone() for n, p in seg.named_parameters() if p.grad is not None}
     finally:
         torch.set_default_dtype(torch.float32)
@@ -149,16 +160,21 @@ def test_warmup_scale_multiplies_only_the_adversarial_gradient() -> None:
     for name in seg_only:
         assert torch.equal(full[name], one[name])
         torch.testing.assert_close(zero[name], seg_only[name], rtol=1e-12, atol=1e-15)
-        torch.testing.assert_close(half[name] - seg_only[name], 0.5 * (full[name] - seg_only[name]),
-                                   rtol=1e-9, atol=1e-13)
+        torch.testing.assert_close(
+            half[name] - seg_only[name], 0.5 * (full[name] - seg_only[name]), rtol=1e-9, atol=1e-13
+        )
     assert "loss/adv_d" in out_one and "loss/adv_c" in out_one  # the logged losses stay unscaled
 
 
 def test_warmup_shows_in_the_logged_scalars(tiny_config, tmp_path) -> None:
     import json
 
-    cfg = tiny_config(selection={"enabled": False}, val=None, train={"steps": 3, "log_every": 1},
-                      adversarial={"warmup_steps": 1, "warmup_ramp": 2})
+    cfg = tiny_config(
+        selection={"enabled": False},
+        val=None,
+        train={"steps": 3, "log_every": 1},
+        adversarial={"warmup_steps": 1, "warmup_ramp": 2},
+    )
     run = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress"]) == 0
     rows = [json.loads(line) for line in (run / "scalars.jsonl").read_text().splitlines()]
@@ -177,11 +193,14 @@ def test_corrector_weighting_options_match_hand_derived_losses(weighting: str) -
         seg, d, c = _nets()
         xs, ys, xt = (t.double() if t.is_floating_point() else t for t in _batch())
         ref = copy.deepcopy((seg, d, c))
-        so = segmentor_optimizer(seg, lr=0.01, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0,
-                                 duplicate_params=False)
+        so = segmentor_optimizer(
+            seg, lr=0.01, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0, duplicate_params=False
+        )
         do = discriminator_optimizer([d, c], 1e-4, (0.9, 0.99))
-        settings = StepSettings(weight_segmentor_adv=weighting in ("segmentor", "both"),
-                                weight_corrector_adv=weighting in ("corrector", "both"))
+        settings = StepSettings(
+            weight_segmentor_adv=weighting in ("segmentor", "both"),
+            weight_corrector_adv=weighting in ("corrector", "both"),
+        )
         out, _ = compute_gradients(StepModels(seg, d, c), so, do, xs, ys, xt, None, settings, contextlib.nullcontext)
         # by hand, on copies of the networks before the step
         rseg, rd, rc = ref
@@ -193,7 +212,7 @@ def test_corrector_weighting_options_match_hand_derived_losses(weighting: str) -
             p_t = F.softmax(F.interpolate(logits, size=xt.shape[-2:], mode="bilinear", align_corners=True), dim=1)
             c_t = rc(p_t)
             w = F.interpolate(alpha, size=c_t.shape[-2:], mode="bilinear", align_corners=True)
-            plain_seg, weighted_seg = (c_t ** 2).mean(), (w * c_t ** 2).mean()
+            plain_seg, weighted_seg = (c_t**2).mean(), (w * c_t**2).mean()
             plain_c, weighted_c = ((c_t - 1) ** 2).mean(), (w * (c_t - 1) ** 2).mean()
         want_seg = weighted_seg if settings.weight_segmentor_adv else plain_seg
         want_c = weighted_c if settings.weight_corrector_adv else plain_c
@@ -230,8 +249,9 @@ def test_reference_round_step_with_frozen_batchnorm_keeps_and_uses_the_running_s
         for _ in range(3):
             nets.segmentor(torch.randn(2, 3, 40, 48) * 3 + 1)
     before = _bn_stats(nets.segmentor)
-    plan = StagePlan("round1", 1, 5, 100, 2e-4, 1.0, False, adversarial=True, pseudo_dir=Path("pl"),
-                     batchnorm=batchnorm)
+    plan = StagePlan(
+        "round1", 1, 5, 100, 2e-4, 1.0, False, adversarial=True, pseudo_dir=Path("pl"), batchnorm=batchnorm
+    )
     engine = Engine.build(plan, cfg, nets, _runtime())
     engine.train_modes(nets.modules())
     assert all(not m.training for m in nets.modules()) == (batchnorm == "frozen")
@@ -258,12 +278,14 @@ def test_forward_target_only_moves_batchnorm_statistics() -> None:
     results = []
     for forward_target in (False, True):
         seg, _, _ = _nets()
-        so = segmentor_optimizer(seg, lr=0.01, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0,
-                                 duplicate_params=False)
+        so = segmentor_optimizer(
+            seg, lr=0.01, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0, duplicate_params=False
+        )
         xs, ys, xt = _batch()
         settings = StepSettings(adversarial=False, attention=False, forward_target=forward_target)
-        out, applied = train_step(StepModels(seg, None, None), so, None, xs, ys, xt, None, settings,
-                                  contextlib.nullcontext)
+        out, applied = train_step(
+            StepModels(seg, None, None), so, None, xs, ys, xt, None, settings, contextlib.nullcontext
+        )
         assert applied and set(k for k in out if k.startswith("loss/")) == {"loss/seg", "loss/total"}
         results.append(({n: p.detach().clone() for n, p in seg.named_parameters()}, _bn_stats(seg)))
     (w0, s0), (w1, s1) = results
@@ -281,7 +303,7 @@ def _engine_run(scaler: bool, steps: int = 3):
     plan = StagePlan("stage1", 0, steps, 100, 0.01, 10.0, False, adversarial=True)
     engine = Engine.build(plan, cfg, nets, _runtime())
     if scaler:
-        engine.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        engine.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     engine.train_modes(nets.modules())
     xs, ys, xt = _batch()
     outs = [engine.step(i, xs, ys, xt, None) for i in range(steps)]
@@ -318,7 +340,7 @@ def test_fp16_builds_a_grad_scaler_that_skips_overflowing_steps() -> None:
         if result.applied:
             break
         assert engine.scaler.get_scale() == scale / 2
-    assert result.applied and engine.scaler.get_scale() < 2.0 ** 16
+    assert result.applied and engine.scaler.get_scale() < 2.0**16
     scale = engine.scaler.get_scale()
     weights = [p.detach().clone() for p in nets.segmentor.parameters()]
     bad_xs = xs.clone()
@@ -340,14 +362,16 @@ def test_fp16_is_refused_on_the_cpu_by_the_runtime() -> None:
 
 
 def test_bf16_falls_back_to_fp32_on_a_cpu_without_native_bf16(monkeypatch) -> None:
-    monkeypatch.setattr(levers, "device_capabilities",
-                        lambda device: levers.Capabilities("cpu", False, "CPU AVX2, no native bf16"))
+    monkeypatch.setattr(
+        levers, "device_capabilities", lambda device: levers.Capabilities("cpu", False, "CPU AVX2, no native bf16")
+    )
     got = choose_levers(RuntimeConfig(amp="bf16", cuda_graphs=True), "cpu")
     assert got.amp_dtype is None and "slower than fp32" in got.why["amp"]
     assert not got.cuda_graphs and "needs a single CUDA device" in got.why["cuda_graphs"]
     assert got.optimizers == "released" and not got.channels_last
-    monkeypatch.setattr(levers, "device_capabilities",
-                        lambda device: levers.Capabilities("cpu", True, "CPU AVX512, native bf16"))
+    monkeypatch.setattr(
+        levers, "device_capabilities", lambda device: levers.Capabilities("cpu", True, "CPU AVX512, native bf16")
+    )
     assert choose_levers(RuntimeConfig(amp="bf16"), "cpu").amp_dtype == torch.bfloat16
     assert choose_levers(RuntimeConfig(amp="auto"), "cpu").amp_dtype is None  # auto keeps fp32 on the CPU
     assert choose_levers(RuntimeConfig(optimizers="foreach"), "cpu").optimizers == "foreach"
@@ -367,7 +391,9 @@ def test_progress_prints_lines_when_not_on_a_terminal() -> None:
     out = io.StringIO()
     assert list(progress(range(20), total=20, desc="evaluating", stream=out)) == list(range(20))
     lines = out.getvalue().splitlines()
-    assert len(lines) == 10 and lines[0].startswith("evaluating: 2/20 img") and lines[-1].startswith("evaluating: 20/20")
+    assert (
+        len(lines) == 10 and lines[0].startswith("evaluating: 2/20 img") and lines[-1].startswith("evaluating: 20/20")
+    )
     quiet = io.StringIO()
     assert list(progress(range(3), total=3, desc="x", stream=quiet, enabled=False)) == [0, 1, 2]
     assert quiet.getvalue() == ""

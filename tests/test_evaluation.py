@@ -98,8 +98,23 @@ def test_predictions_agree_with_the_cityscapes_evaluator(tmp_path, monkeypatch):
     root, preds, out = tmp_path / "cs", tmp_path / "pred", tmp_path / "out"
     make_cityscapes(root, w, h)
     random_predictions(preds, w, h)
-    assert main(["evaluate", "--dataset", "cityscapes", "--root", str(root), "--predictions", str(preds),
-                 "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--dataset",
+                "cityscapes",
+                "--root",
+                str(root),
+                "--predictions",
+                str(preds),
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     ours = json.loads((out / "metrics.json").read_text())
     assert ours["num_images"] == 3 and "miou_16" not in ours
 
@@ -114,8 +129,14 @@ def test_predictions_agree_with_the_cityscapes_evaluator(tmp_path, monkeypatch):
         Image.fromarray(lut[np.asarray(Image.open(preds / f"{name}.png"))]).save(p)
         pred_list.append(str(p))
         gt_list.append(str(root / "gtFine" / "val" / city / f"{name}_gtFine_labelIds.png"))
-    for key, value in {"evalInstLevelScore": False, "quiet": True, "JSONOutput": False, "colorized": False,
-                       "exportFile": str(tmp_path / "cs_result.json"), "evalPixelAccuracy": False}.items():
+    for key, value in {
+        "evalInstLevelScore": False,
+        "quiet": True,
+        "JSONOutput": False,
+        "colorized": False,
+        "exportFile": str(tmp_path / "cs_result.json"),
+        "evalPixelAccuracy": False,
+    }.items():
         monkeypatch.setattr(ev.args, key, value)
     theirs = ev.evaluateImgLists(pred_list, gt_list, ev.args)
     assert not (tmp_path / "cs_result.json").exists()
@@ -177,8 +198,9 @@ def test_model_protocol_upsamples_logits_to_native_labels(tmp_path):
 
 def test_prediction_errors(tmp_path):
     make_cityscapes(tmp_path / "cs", 16, 8)
-    ds = build_dataset(DatasetConfig(kind="cityscapes", root=str(tmp_path / "cs"), split="val"), norm="unit",
-                       num_classes=19)
+    ds = build_dataset(
+        DatasetConfig(kind="cityscapes", root=str(tmp_path / "cs"), split="val"), norm="unit", num_classes=19
+    )
     preds = tmp_path / "pred"
     random_predictions(preds, 16, 8)
     (preds / f"{NAMES[1]}.png").unlink()
@@ -214,28 +236,76 @@ def test_evaluate_command_with_a_checkpoint(tmp_path):
 
     make_cityscapes(tmp_path / "cs", 32, 16)
     torch.manual_seed(0)
-    spec = ModelSpec(arch="small", num_classes=19, norm="unit", input_size=(16, 8), discoverer=False,
-                     attention=False, corrector=False)
+    spec = ModelSpec(
+        arch="small",
+        num_classes=19,
+        norm="unit",
+        input_size=(16, 8),
+        discoverer=False,
+        attention=False,
+        corrector=False,
+    )
     nets = build_networks(spec)
     save_networks(tmp_path / "m.safetensors", nets)
-    rc = main(["evaluate", "--dataset", "cityscapes", "--root", str(tmp_path / "cs"), "--checkpoint",
-               str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet",
-               "--workers", "0"])
+    rc = main(
+        [
+            "evaluate",
+            "--dataset",
+            "cityscapes",
+            "--root",
+            str(tmp_path / "cs"),
+            "--checkpoint",
+            str(tmp_path / "m.safetensors"),
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+            "--quiet",
+            "--workers",
+            "0",
+        ]
+    )
     assert rc == 0
     got = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    ds = build_dataset(DatasetConfig(kind="cityscapes", root=str(tmp_path / "cs"), split="val", size=(16, 8)),
-                       norm="unit", num_classes=19)
+    ds = build_dataset(
+        DatasetConfig(kind="cityscapes", root=str(tmp_path / "cs"), split="val", size=(16, 8)),
+        norm="unit",
+        num_classes=19,
+    )
     direct = evaluate_model(nets.target_model(), ds, "cpu", progress=False)
     assert got["num_images"] == 3 and got["per_class"] == pytest.approx(direct["per_class"], nan_ok=True)
     assert got["miou"] == pytest.approx(direct["miou"])
 
 
 def test_evaluate_command_user_errors(tmp_path, capsys):
-    rc = main(["evaluate", "--dataset", "cityscapes", "--root", str(tmp_path / "missing"), "--predictions",
-               str(tmp_path), "--out", str(tmp_path / "o")])
+    rc = main(
+        [
+            "evaluate",
+            "--dataset",
+            "cityscapes",
+            "--root",
+            str(tmp_path / "missing"),
+            "--predictions",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 2 and "error: dataset root not found" in capsys.readouterr().err
     make_cityscapes(tmp_path / "cs", 16, 8)
-    rc = main(["evaluate", "--dataset", "cityscapes", "--root", str(tmp_path / "cs"), "--predictions",
-               str(tmp_path / "cs"), "--out", str(tmp_path / "o"), "--quiet"])
+    rc = main(
+        [
+            "evaluate",
+            "--dataset",
+            "cityscapes",
+            "--root",
+            str(tmp_path / "cs"),
+            "--predictions",
+            str(tmp_path / "cs"),
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+    )
     assert rc == 2 and "error: prediction missing" in capsys.readouterr().err
     assert not (tmp_path / "o" / "metrics.json").exists()

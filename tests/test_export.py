@@ -25,14 +25,23 @@ ATOL = 1e-4
 
 def _checkpoint(tmp_path: Path, attention: bool = True) -> Path:
     torch.manual_seed(0)
-    spec = ModelSpec(arch="small", num_classes=4, norm="unit", input_size=(64, 32), attention=attention,
-                     discoverer=attention, class_names=["a", "b", "c", "d"])
+    spec = ModelSpec(
+        arch="small",
+        num_classes=4,
+        norm="unit",
+        input_size=(64, 32),
+        attention=attention,
+        discoverer=attention,
+        class_names=["a", "b", "c", "d"],
+    )
     path = tmp_path / "model.safetensors"
     save_networks(path, build_networks(spec))
     return path
 
 
-def _run_both(ckpt: Path, onnx_path: Path, shape: tuple[int, int, int, int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def _run_both(
+    ckpt: Path, onnx_path: Path, shape: tuple[int, int, int, int]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     nets, _, _ = load_networks(ckpt, "cpu")
     model = nets.target_model().eval()
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
@@ -89,7 +98,9 @@ def test_verify_flag_and_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFix
     assert "invalid choice: 'tflite'" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "y.onnx"), "--opset", "99"]) == 2
     assert "opset 99 is not supported" in capsys.readouterr().err
-    assert main(["export", "--checkpoint", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "z.onnx")]) == 2
+    assert (
+        main(["export", "--checkpoint", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "z.onnx")]) == 2
+    )
     assert not (tmp_path / "y.onnx").exists() and not (tmp_path / "z.onnx").exists()
 
 

@@ -65,10 +65,22 @@ def _run_sgd(seg, opt, grads, lrs):
 def test_foreach_sgd_gives_the_same_bits_as_the_eager_optimisers(duplicate: bool) -> None:
     seg, _, _ = _nets()
     a, b = copy.deepcopy(seg), copy.deepcopy(seg)
-    ref = segmentor_optimizer(a, lr=0.01, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0, duplicate_params=duplicate)
+    ref = segmentor_optimizer(
+        a, lr=0.01, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0, duplicate_params=duplicate
+    )
     assert isinstance(ref, SequentialDuplicateSGD if duplicate else torch.optim.SGD)
-    fast, _ = fast_optimizers(b, [], lr=0.01, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0,
-                              duplicate_params=duplicate, lr_d=1e-4, betas=(0.9, 0.99), tensor_lr=False)
+    fast, _ = fast_optimizers(
+        b,
+        [],
+        lr=0.01,
+        momentum=0.9,
+        weight_decay=5e-4,
+        head_lr_mult=10.0,
+        duplicate_params=duplicate,
+        lr_d=1e-4,
+        betas=(0.9, 0.99),
+        tensor_lr=False,
+    )
     grads = _toy_grads(seg, 4)
     lrs = [0.01, 0.008, 0.005, 0.002]
     _run_sgd(a, ref, grads, lrs)
@@ -102,8 +114,9 @@ def test_foreach_sgd_duplicates_apply_k_sequential_updates_by_hand() -> None:
 def test_foreach_sgd_tensor_learning_rate_follows_param_groups() -> None:
     seg, _, _ = _nets()
     a, b = copy.deepcopy(seg), copy.deepcopy(seg)
-    kw = dict(lr=0.01, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0, duplicate_params=True, lr_d=1e-4,
-              betas=(0.9, 0.99))
+    kw = dict(
+        lr=0.01, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0, duplicate_params=True, lr_d=1e-4, betas=(0.9, 0.99)
+    )
     ref, _ = fast_optimizers(a, [], tensor_lr=False, **kw)
     fast, _ = fast_optimizers(b, [], tensor_lr=True, **kw)
     grads = _toy_grads(seg, 3)
@@ -150,18 +163,23 @@ def test_train_step_is_exactly_its_phases(reuse: bool) -> None:
     results = []
     for split in (False, True):
         seg, d, c = _nets()
-        so = segmentor_optimizer(seg, lr=0.01, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0, duplicate_params=True)
+        so = segmentor_optimizer(
+            seg, lr=0.01, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0, duplicate_params=True
+        )
         do = discriminator_optimizer([d, c], 1e-3, (0.9, 0.99))
         models, settings = StepModels(seg, d, c), StepSettings(reuse_discoverer=reuse)
         outs = []
         for i in range(2):
             if split:
-                out, active = compute_gradients(models, so, do, xs, ys, xt, yt if i else None, settings,
-                                                contextlib.nullcontext)
+                out, active = compute_gradients(
+                    models, so, do, xs, ys, xt, yt if i else None, settings, contextlib.nullcontext
+                )
                 assert bool(losses_finite(out)) and active
                 apply_updates(so, do, active)
             else:
-                out, applied = train_step(models, so, do, xs, ys, xt, yt if i else None, settings, contextlib.nullcontext)
+                out, applied = train_step(
+                    models, so, do, xs, ys, xt, yt if i else None, settings, contextlib.nullcontext
+                )
                 assert applied
             outs.append(out)
         results.append((outs, [p.detach().clone() for m in (seg, d, c) for p in m.parameters()]))
@@ -184,8 +202,17 @@ def test_eager_fp32_mode_is_the_default_fp32_train_step_bit_for_bit() -> None:
         lr = 0.01 * (1 - i / 100) ** 0.9
         so.param_groups[0]["lr"], so.param_groups[1]["lr"] = lr, 10 * lr
         do.param_groups[0]["lr"] = 1e-3 * (1 - i / 100) ** 0.9
-        out_b, _ = train_step(StepModels(seg, d, c), so, do, xs, ys, xt, None, StepSettings(reuse_discoverer=False),
-                              contextlib.nullcontext)
+        out_b, _ = train_step(
+            StepModels(seg, d, c),
+            so,
+            do,
+            xs,
+            ys,
+            xt,
+            None,
+            StepSettings(reuse_discoverer=False),
+            contextlib.nullcontext,
+        )
         assert all(torch.equal(out_a[k], out_b[k]) for k in out_b)
     for p, q in zip(setup.segmentor.parameters(), seg.parameters()):
         assert torch.equal(p, q)
@@ -197,15 +224,31 @@ def test_fast_mode_levers_on_cpu() -> None:
     mode = resolve_mode("fast", torch.device("cpu"))
     why = mode.describe().pop("levers_why")
     assert {k: v for k, v in mode.describe().items() if k != "levers_why"} == {
-        "channels_last": False, "reuse_discoverer": True, "optimizers": "foreach", "cuda_graph": False,
-        "compile": False, "amp": "bf16" if native else "none"}
+        "channels_last": False,
+        "reuse_discoverer": True,
+        "optimizers": "foreach",
+        "cuda_graph": False,
+        "compile": False,
+        "amp": "bf16" if native else "none",
+    }
     assert set(why) == {"amp", "channels_last", "cuda_graphs", "compile", "optimizers"}
 
 
 def test_cuda_graph_helpers_refuse_cpu_tensors() -> None:
     seg, d, c = _nets()
-    so, do = build_optimizers(seg, [d, c], family="foreach", lr=0.01, momentum=0.9, weight_decay=5e-4,
-                              head_lr_mult=10.0, duplicate_params=True, lr_d=1e-4, betas=(0.9, 0.99), tensor_lr=True)
+    so, do = build_optimizers(
+        seg,
+        [d, c],
+        family="foreach",
+        lr=0.01,
+        momentum=0.9,
+        weight_decay=5e-4,
+        head_lr_mult=10.0,
+        duplicate_params=True,
+        lr_d=1e-4,
+        betas=(0.9, 0.99),
+        tensor_lr=True,
+    )
     with pytest.raises(RuntimeError, match="needs a model on CUDA"):
         GraphedStep(StepModels(seg, d, c), so, do, StepSettings(), None)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
@@ -298,8 +341,18 @@ def _cuda_setup(graph: bool, amp: torch.dtype | None = None, lr: float = 1e-3):
 
     dev = torch.device("cuda")
     seg, d, c = (m.to(dev) for m in _nets())
-    so, do = fast_optimizers(seg, [d, c], lr=lr, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0,
-                             duplicate_params=True, lr_d=1e-4, betas=(0.9, 0.99), tensor_lr=True)
+    so, do = fast_optimizers(
+        seg,
+        [d, c],
+        lr=lr,
+        momentum=0.9,
+        weight_decay=5e-4,
+        head_lr_mult=10.0,
+        duplicate_params=True,
+        lr_d=1e-4,
+        betas=(0.9, 0.99),
+        tensor_lr=True,
+    )
     models = StepModels(seg, d, c)
     settings = StepSettings(reuse_discoverer=True)
     if graph:

@@ -40,10 +40,21 @@ def _loop(tmp_path: Path, steps: int = 6) -> SimpleNamespace:
     plan = StagePlan("stage1", 0, steps, 100, 0.01, 10.0, False, adversarial=True)
     engine = Engine.build(plan, cfg, nets, _runtime())
     engine.train_modes(nets.modules())
-    return SimpleNamespace(cfg=cfg, plan=plan, nets=nets, runtime=engine.runtime, engine=engine,
-                           stage=StageDir(tmp_path / "stage1"), log=logging.getLogger("dast.test.hooks"),
-                           state=StageState(), data=_Data(), logger=_Logger(), checkpoints=None, resumed=False,
-                           run_digests=tmp_path / "digests" / "rank0.jsonl")
+    return SimpleNamespace(
+        cfg=cfg,
+        plan=plan,
+        nets=nets,
+        runtime=engine.runtime,
+        engine=engine,
+        stage=StageDir(tmp_path / "stage1"),
+        log=logging.getLogger("dast.test.hooks"),
+        state=StageState(),
+        data=_Data(),
+        logger=_Logger(),
+        checkpoints=None,
+        resumed=False,
+        run_digests=tmp_path / "digests" / "rank0.jsonl",
+    )
 
 
 def _train(loop: SimpleNamespace, hooks: list, upto: int) -> None:
@@ -84,8 +95,13 @@ def test_eval_hook_keeps_the_best_snapshot_and_selects_it(tmp_path: Path) -> Non
     loop.stage.root.mkdir(parents=True)
     scores = iter([10.0, 30.0, 20.0])
     logged: list[tuple[dict, int]] = []
-    hook = EvalHook(lambda nets, plan, step: {"synthetic": next(scores)}, every=2, key="synthetic",
-                    select_on="synthetic", log_scalars=lambda s, i: logged.append((s, i)))
+    hook = EvalHook(
+        lambda nets, plan, step: {"synthetic": next(scores)},
+        every=2,
+        key="synthetic",
+        select_on="synthetic",
+        log_scalars=lambda s, i: logged.append((s, i)),
+    )
     snapshots = {}
     for step in range(1, 7):
         _train(loop, [hook], step)
@@ -157,8 +173,9 @@ def test_fault_hook_rolls_back_to_the_last_checkpoint_at_a_lower_learning_rate(t
 def test_log_hook_logs_applied_steps_every_n_and_at_the_end(tmp_path: Path) -> None:
     loop = _loop(tmp_path, steps=5)
     rows: list[tuple[dict, int]] = []
-    hook = LogHook(log_every=2, image_every=1000, digest_every=2, progress=False,
-                   log_scalars=lambda s, i: rows.append((s, i)))
+    hook = LogHook(
+        log_every=2, image_every=1000, digest_every=2, progress=False, log_scalars=lambda s, i: rows.append((s, i))
+    )
     _train(loop, [hook], 5)
     assert [i for _, i in rows] == [2, 4, 5]
     assert {"stage1/loss/seg", "stage1/lr/segmentor", "stage1/lr/discriminators"} <= set(rows[0][0])

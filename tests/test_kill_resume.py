@@ -38,8 +38,18 @@ CONFIG: dict[str, Any] = {
     "source": {"kind": "synthetic", "domain": "source", "count": 4, "size": [64, 32]},
     "target": {"kind": "synthetic", "domain": "target", "count": 4, "size": [64, 32], "with_labels": False},
     "val": {"kind": "synthetic", "domain": "target", "count": 2, "size": [64, 32]},
-    "train": {"steps": 6, "poly_steps": 50, "lr": 0.01, "batch_size": 2, "num_workers": 1, "checkpoint_every": 1,
-              "keep_last": 2, "eval_every": 3, "image_every": 100, "log_every": 1},
+    "train": {
+        "steps": 6,
+        "poly_steps": 50,
+        "lr": 0.01,
+        "batch_size": 2,
+        "num_workers": 1,
+        "checkpoint_every": 1,
+        "keep_last": 2,
+        "eval_every": 3,
+        "image_every": 100,
+        "log_every": 1,
+    },
     "self_training": {"rounds": 1, "steps": 3, "poly_steps": 50, "preview_count": 1},
     "selection": {"enabled": True, "num_images": 2, "betas": [0.5]},
     "runtime": {"device": "cpu"},
@@ -118,8 +128,9 @@ def start(args: list[str], log: Path, kill_at: tuple[str, ...] = ()) -> subproce
     process group (with its DataLoader workers, like a job in a terminal); output goes to ``log``."""
     cmd = [sys.executable, "-c", WRAPPER, *kill_at, *args] if kill_at else [sys.executable, "-m", "dast", *args]
     with open(log, "ab") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=fh, env=ENV, cwd=Path(__file__).parent.parent,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=fh, stderr=fh, env=ENV, cwd=Path(__file__).parent.parent, start_new_session=True
+        )
     _STARTED.append(proc)
     return proc
 
@@ -173,8 +184,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("reference")
     cfg = write_config(root / "kill.yaml")
     run = root / "run"
-    assert dast_run(["train", "--config", str(cfg), "--out", str(run), "--no-progress"], root / "out.txt") == 0, \
-        (root / "out.txt").read_text()
+    assert dast_run(["train", "--config", str(cfg), "--out", str(run), "--no-progress"], root / "out.txt") == 0, (
+        root / "out.txt"
+    ).read_text()
     assert len(pseudo_labels(run)) == 4
     return cfg, run
 
@@ -183,8 +195,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_points_then_resume_gives_identical_weights(reference: tuple[Path, Path],
-                                                                     tmp_path: Path) -> None:
+def test_sigkill_at_random_points_then_resume_gives_identical_weights(
+    reference: tuple[Path, Path], tmp_path: Path
+) -> None:
     cfg, ref = reference
     run, out, log = tmp_path / "run", tmp_path / "out.txt", tmp_path / "run" / "log.txt"
     rng = random.Random(20210202)  # seeded: the same kill points every time
@@ -219,8 +232,10 @@ def test_sigkill_during_checkpoint_write_and_pseudo_label_write(reference: tuple
     # 1. killed while the third checkpoint is being written
     code = dast_run(["train", "--config", str(cfg), "--out", str(run), "--no-progress"], out, ("replace", "3", CKPT))
     assert code == -signal.SIGKILL, out.read_text()
-    assert sorted(p.name for p in ckpts.glob("step_*.safetensors")) == ["step_00000001.safetensors",
-                                                                         "step_00000002.safetensors"]
+    assert sorted(p.name for p in ckpts.glob("step_*.safetensors")) == [
+        "step_00000001.safetensors",
+        "step_00000002.safetensors",
+    ]
     half = [p for p in ckpts.iterdir() if p.name.startswith(f"step_00000003.safetensors{TMP_MARK}")]
     assert len(half) == 1 and half[0].stat().st_size > 0
 
@@ -234,7 +249,9 @@ def test_sigkill_during_checkpoint_write_and_pseudo_label_write(reference: tuple
     assert json.loads((run / "manifest.json").read_text())["stages"]["stage1"]["status"] == "complete"
 
     # 3. the half-written set is detected and regenerated; killed again writing the final model
-    code = dast_run(["train", "--resume", str(run), "--no-progress"], out, ("replace", "1", r"/final/model\.safetensors$"))
+    code = dast_run(
+        ["train", "--resume", str(run), "--no-progress"], out, ("replace", "1", r"/final/model\.safetensors$")
+    )
     assert code == -signal.SIGKILL, out.read_text()
     assert (labels / "COMPLETE").is_file() and not (run / "final" / "model.safetensors").exists()
     assert [p for p in (run / "final").iterdir() if TMP_MARK in p.name]
@@ -290,9 +307,9 @@ def _meta(path: Path) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_longer_rounds_and_more_rounds_continue_across_stage_boundaries(reference: tuple[Path, Path],
-                                                                       tmp_path: Path,
-                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_longer_rounds_and_more_rounds_continue_across_stage_boundaries(
+    reference: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A finished run (stage 1 + round 1) resumed with longer rounds and a second round:
     stage 1 is not retrained, round 1 continues from its last checkpoint, round 2 starts;
     the result equals a fresh run of the grown config."""
@@ -314,14 +331,26 @@ def test_longer_rounds_and_more_rounds_continue_across_stage_boundaries(referenc
 
     capsys.readouterr()
     # two rounds have started: longer rounds (round 2 built on the shorter round 1) are refused
-    code = main(["train", "--config", str(cfg2), "--out", str(run), "--resume", "--set", "self_training.steps=5",
-                 "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(cfg2),
+            "--out",
+            str(run),
+            "--resume",
+            "--set",
+            "self_training.steps=5",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "self_training.steps (4 -> 5" in err and "--force" in err
 
 
-def test_changed_config_is_refused_after_a_round_started_unless_forced(reference: tuple[Path, Path], tmp_path: Path,
-                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_changed_config_is_refused_after_a_round_started_unless_forced(
+    reference: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg, ref = reference
     run = tmp_path / "run"
     shutil.copytree(ref, run)
@@ -340,12 +369,25 @@ def test_changed_config_is_refused_after_a_round_started_unless_forced(reference
     manifest = json.loads((run / "manifest.json").read_text())
     del manifest["stages"]["round1"]
     (run / "manifest.json").write_text(json.dumps(manifest))
-    code = main(["train", "--config", str(cfg), "--out", str(run), "--resume", "--set", "train.steps=8",
-                 "--no-progress"])
+    code = main(
+        ["train", "--config", str(cfg), "--out", str(run), "--resume", "--set", "train.steps=8", "--no-progress"]
+    )
     assert code == 2 and "self-training already started" in capsys.readouterr().err
     # --force accepts a change
-    code = main(["train", "--config", str(cfg), "--out", str(run), "--resume", "--force",
-                 "--set", "train.log_every=2", "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(cfg),
+            "--out",
+            str(run),
+            "--resume",
+            "--force",
+            "--set",
+            "train.log_every=2",
+            "--no-progress",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
 
 
@@ -356,8 +398,17 @@ FAULTS: dict[str, Any] = {
     "model": {"arch": "small", "num_classes": 7, "norm": "unit"},
     "source": {"kind": "synthetic", "domain": "source", "count": 8, "size": [64, 32]},
     "target": {"kind": "synthetic", "domain": "target", "count": 8, "size": [64, 32], "with_labels": False},
-    "train": {"steps": 6, "poly_steps": 50, "lr": 0.01, "batch_size": 2, "num_workers": 0, "checkpoint_every": 1,
-              "keep_last": 3, "image_every": 100, "log_every": 1},
+    "train": {
+        "steps": 6,
+        "poly_steps": 50,
+        "lr": 0.01,
+        "batch_size": 2,
+        "num_workers": 0,
+        "checkpoint_every": 1,
+        "keep_last": 3,
+        "image_every": 100,
+        "log_every": 1,
+    },
     "selection": {"enabled": False},
     "runtime": {"device": "cpu"},
 }
@@ -392,8 +443,9 @@ def poison(monkeypatch: pytest.MonkeyPatch, victims: Any) -> list[str]:
     return hit
 
 
-def fault_run(tmp_path: Path, capsys: pytest.CaptureFixture[str], train: dict[str, Any] | None = None,
-              **faults: Any) -> tuple[int, str, Path]:
+def fault_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], train: dict[str, Any] | None = None, **faults: Any
+) -> tuple[int, str, Path]:
     from dast.config import deep_merge
 
     cfg = tmp_path / "faults.yaml"
@@ -407,8 +459,9 @@ def _fault_lines(run: Path) -> list[str]:
     return [line for line in (run / "log.txt").read_text().splitlines() if "non-finite loss" in line]
 
 
-def test_skip_policy_logs_the_batch_and_leaves_no_trace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_skip_policy_logs_the_batch_and_leaves_no_trace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     victim = _source_names_at_step(2)[0]
     hit = poison(monkeypatch, lambda name, call: name == victim)
     code, err, run = fault_run(tmp_path, capsys, policy="skip", max_consecutive=2)
@@ -421,8 +474,9 @@ def test_skip_policy_logs_the_batch_and_leaves_no_trace(tmp_path: Path, monkeypa
     assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
 
 
-def test_a_skipped_step_still_writes_its_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_skipped_step_still_writes_its_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     victim = _source_names_at_step(2)[0]
     poison(monkeypatch, lambda name, call: name == victim)
     code, err, run = fault_run(tmp_path, capsys, {"checkpoint_every": 3}, policy="skip", max_consecutive=3)
@@ -434,9 +488,9 @@ def test_a_skipped_step_still_writes_its_checkpoint(tmp_path: Path, monkeypatch:
     assert all(torch.isfinite(v).all() for v in load_file(str(ckpt)).values() if v.is_floating_point())
 
 
-def test_rollback_policy_restores_the_last_checkpoint_with_a_lower_rate(tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch,
-                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_rollback_policy_restores_the_last_checkpoint_with_a_lower_rate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     victim = _source_names_at_step(3)[0]
     once = []
 
@@ -447,8 +501,9 @@ def test_rollback_policy_restores_the_last_checkpoint_with_a_lower_rate(tmp_path
         return False
 
     poison(monkeypatch, first_time)
-    code, err, run = fault_run(tmp_path, capsys, {"checkpoint_every": 2}, policy="rollback", lr_factor=0.25,
-                               max_consecutive=2)
+    code, err, run = fault_run(
+        tmp_path, capsys, {"checkpoint_every": 2}, policy="rollback", lr_factor=0.25, max_consecutive=2
+    )
     assert code == 0, err
     log = (run / "log.txt").read_text()
     assert len(_fault_lines(run)) == 1 and victim in _fault_lines(run)[0]
@@ -458,8 +513,9 @@ def test_rollback_policy_restores_the_last_checkpoint_with_a_lower_rate(tmp_path
     assert _meta(run / "stage1" / "checkpoints" / "step_00000006.safetensors")["stage_state"]["lr_scale"] == 0.25
 
 
-def test_persistent_fault_stops_with_one_error_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_persistent_fault_stops_with_one_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Under rollback a fault that comes back at the same step is not cured by replaying the
     steps before it: after max_consecutive tries training stops."""
     victim = _source_names_at_step(2)[0]
@@ -476,8 +532,9 @@ def test_persistent_fault_stops_with_one_error_line(tmp_path: Path, monkeypatch:
     assert not (run / "final").exists()
 
 
-def test_every_batch_faulty_stops_under_skip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_batch_faulty_stops_under_skip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     poison(monkeypatch, lambda name, call: True)
     code, err, run = fault_run(tmp_path, capsys, policy="skip", max_consecutive=2)
     assert code == 1 and "Traceback" not in err

@@ -28,8 +28,12 @@ from dast.training.runtime import make_runtime
 
 def _entry(digest: str, full: bool, norm: str | None = None) -> KnownWeights:
     return KnownWeights(
-        file_name=f"test-{digest[:8]}.pth", description="test weights", url="https://example.invalid/test.pth",
-        sha256_prefix=digest[:8], sha256=digest if full else None, norm=norm,
+        file_name=f"test-{digest[:8]}.pth",
+        description="test weights",
+        url="https://example.invalid/test.pth",
+        sha256_prefix=digest[:8],
+        sha256=digest if full else None,
+        norm=norm,
     )
 
 
@@ -67,8 +71,11 @@ def test_built_in_table_is_consistent() -> None:
 
 def _init_file(tmp_path: Path) -> Path:
     nets = build_networks(ModelSpec("small", 5, "paper"))
-    sd = {"Scale." + k.replace("encoder.", "", 1).replace("tail.0.", "layer4.1.", 1): v
-          for k, v in nets.segmentor.state_dict().items() if not k.startswith("classifier.")}
+    sd = {
+        "Scale." + k.replace("encoder.", "", 1).replace("tail.0.", "layer4.1.", 1): v
+        for k, v in nets.segmentor.state_dict().items()
+        if not k.startswith("classifier.")
+    }
     assert len(nets.segmentor.encoder.layer4) == 1
     path = tmp_path / "init.pth"
     torch.save(sd, path)
@@ -76,8 +83,21 @@ def _init_file(tmp_path: Path) -> Path:
 
 
 def _imagenet_args(weights: Path, out: Path, *extra: str):
-    return build_parser().parse_args(["convert", "imagenet", "--weights", str(weights), "--arch", "small",
-                                      "--num-classes", "5", "--out", str(out), *extra])
+    return build_parser().parse_args(
+        [
+            "convert",
+            "imagenet",
+            "--weights",
+            str(weights),
+            "--arch",
+            "small",
+            "--num-classes",
+            "5",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 def test_convert_imagenet_names_a_known_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -92,23 +112,44 @@ def test_convert_imagenet_names_a_known_file(tmp_path: Path, capsys: pytest.Capt
     ]
     assert not any(line.startswith("note: test-") for line in printed)  # caffe is the deeplab default
     _, _, meta = load_networks(out)
-    assert meta["converted"]["inputs"] == [{"file": "init.pth", "sha256": digest, "recognised": f"test-{digest[:8]}.pth"}]
+    assert meta["converted"]["inputs"] == [
+        {"file": "init.pth", "sha256": digest, "recognised": f"test-{digest[:8]}.pth"}
+    ]
     # known only by its prefix, and trained with another normalisation than the one stored
     out2 = tmp_path / "b.safetensors"
     assert convert_run(_imagenet_args(path, out2), known=(_entry(digest, False, norm="imagenet"),)) == 0
     printed = capsys.readouterr().out
-    assert (f"recognised: test weights (test-{digest[:8]}.pth), SHA-256 starts with {digest[:8]} as its file "
-            "name says (no full hash is published)") in printed
-    assert (f"note: test-{digest[:8]}.pth expects norm imagenet, but the checkpoint stores norm caffe; "
-            "pass --norm imagenet unless you mean it") in printed
+    assert (
+        f"recognised: test weights (test-{digest[:8]}.pth), SHA-256 starts with {digest[:8]} as its file "
+        "name says (no full hash is published)"
+    ) in printed
+    assert (
+        f"note: test-{digest[:8]}.pth expects norm imagenet, but the checkpoint stores norm caffe; "
+        "pass --norm imagenet unless you mean it"
+    ) in printed
 
 
 def test_convert_prints_the_hash_of_an_unknown_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _init_file(tmp_path)
     digest = file_sha256(path)
     assert inspect_file(path).known is None
-    assert main(["convert", "imagenet", "--weights", str(path), "--arch", "small", "--num-classes", "5",
-                 "--out", str(tmp_path / "c.safetensors")]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "imagenet",
+                "--weights",
+                str(path),
+                "--arch",
+                "small",
+                "--num-classes",
+                "5",
+                "--out",
+                str(tmp_path / "c.safetensors"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert f"sha256 of init.pth: {digest}\nnot a file dast knows (docs/weights.md lists them)" in printed
     assert "recognised:" not in printed
@@ -118,8 +159,25 @@ def test_convert_prints_the_hash_of_an_unknown_file(tmp_path: Path, capsys: pyte
     torch.save(seg, tmp_path / "seg.pth")
     torch.save(disc, tmp_path / "d.pth")
     out = tmp_path / "o.safetensors"
-    assert main(["convert", "official", "--segmentor", str(tmp_path / "seg.pth"), "--discriminators",
-                 str(tmp_path / "d.pth"), "--arch", "small", "--num-classes", "5", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "official",
+                "--segmentor",
+                str(tmp_path / "seg.pth"),
+                "--discriminators",
+                str(tmp_path / "d.pth"),
+                "--arch",
+                "small",
+                "--num-classes",
+                "5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert f"sha256 of seg.pth: {file_sha256(tmp_path / 'seg.pth')}" in printed
     assert f"sha256 of d.pth: {file_sha256(tmp_path / 'd.pth')}" in printed
@@ -130,17 +188,21 @@ def test_convert_prints_the_hash_of_an_unknown_file(tmp_path: Path, capsys: pyte
 def test_random_init_warning_text() -> None:
     r101 = random_init_warning("resnet101", None)
     assert r101 is not None and r101.startswith(
-        "model.init is not set: the resnet101 backbone starts from random weights, not ImageNet")
-    assert ("'dast convert imagenet --weights DeepLab_resnet_pretrained_init-f81d91e8.pth --arch resnet101 "
-            "--out weights/resnet101_init.safetensors'") in r101
+        "model.init is not set: the resnet101 backbone starts from random weights, not ImageNet"
+    )
+    assert (
+        "'dast convert imagenet --weights DeepLab_resnet_pretrained_init-f81d91e8.pth --arch resnet101 "
+        "--out weights/resnet101_init.safetensors'"
+    ) in r101
     vgg = random_init_warning("vgg16", "")
     assert vgg is not None and "--weights vgg16-397923af.pth --arch vgg16" in vgg
     assert random_init_warning("small", None) is None  # the demo backbone starts from scratch by design
     assert random_init_warning("resnet101", "weights/resnet101_init.safetensors") is None
 
 
-def test_training_without_init_warns_once_on_stderr_and_in_log(tiny_config, tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_training_without_init_warns_once_on_stderr_and_in_log(
+    tiny_config, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     rt = make_runtime(RuntimeConfig(device="cpu"))

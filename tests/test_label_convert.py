@@ -69,7 +69,9 @@ def test_round_trip_with_an_ignore_colour_reproduces_the_index_maps(tmp_path, ca
     printed = capsys.readouterr().out
     ignored = sum(int((m == 255).sum()) for m in maps.values())
     total = len(maps) * H * W
-    assert f"converted 4 label files into {out}: 3 classes, {100 * ignored / total:.1f}% of the pixels ignored" in printed
+    assert (
+        f"converted 4 label files into {out}: 3 classes, {100 * ignored / total:.1f}% of the pixels ignored" in printed
+    )
     road = sum(int((m == 0).sum()) for m in maps.values())
     assert f"road {100 * road / total:.1f}%" in printed
     # no temporary folder is left beside the output
@@ -139,7 +141,9 @@ def test_existing_output_is_refused_unless_force_which_replaces_it(tmp_path, cap
     empty = tmp_path / "empty"
     empty.mkdir()
     assert _cli("--classes", classes, "--in", str(tmp_path / "labels"), "--out", str(empty)) == 0
-    assert _cli("--classes", classes, "--in", str(tmp_path / "labels"), "--out", str(tmp_path / "labels"), "--force") == 2
+    assert (
+        _cli("--classes", classes, "--in", str(tmp_path / "labels"), "--out", str(tmp_path / "labels"), "--force") == 2
+    )
     assert "--out must differ from --in" in capsys.readouterr().err
     assert _cli("--classes", classes, "--in", str(tmp_path / "labels"), "--out", str(tmp_path), "--force") == 2
     assert "contains --in" in capsys.readouterr().err
@@ -158,7 +162,9 @@ def test_bad_class_lists_colours_and_images(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["convert", "labels", "--classes", "c.yaml", "--in", "x", "--out", "y", "--ignore-color", "300,0,0"])
     assert exit_info.value.code == 2
-    assert "argument --ignore-color: expected R,G,B with three values in 0..255, got '300,0,0'" in capsys.readouterr().err
+    assert (
+        "argument --ignore-color: expected R,G,B with three values in 0..255, got '300,0,0'" in capsys.readouterr().err
+    )
     src = tmp_path / "in"
     src.mkdir()
     table = ClassTable(("a", "b"), ((0, 0, 0), (255, 0, 0)))

@@ -47,8 +47,27 @@ def test_cityscapes_id_lut_and_its_inverse():
 def test_synthia_lut_maps_the_documented_ids():
     lut = synthia_id_to_train_lut()
     assert lut.shape == (65536,) and lut.dtype == np.uint8
-    expected = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10, 10: 11, 17: 12,
-                8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18}
+    expected = {
+        3: 0,
+        4: 1,
+        2: 2,
+        21: 3,
+        5: 4,
+        7: 5,
+        15: 6,
+        9: 7,
+        6: 8,
+        16: 9,
+        1: 10,
+        10: 11,
+        17: 12,
+        8: 13,
+        18: 14,
+        19: 15,
+        20: 16,
+        12: 17,
+        11: 18,
+    }
     for sid, tid in expected.items():
         assert lut[sid] == tid
     others = np.setdiff1d(np.arange(65536), list(expected))
@@ -77,7 +96,9 @@ def test_table_for_each_kind(tmp_path):
     assert table_for(DatasetConfig(kind="gta5", root="x"), 19) == cityscapes_table()
     with pytest.raises(ConfigError, match="num_classes' is 16"):
         table_for(DatasetConfig(kind="synthia", root="x"), 16)
-    cfg = DatasetConfig(kind="folder", root=str(tmp_path), classes=[ClassSpec(name="bg"), ClassSpec(name="fg", color=(9, 8, 7))])
+    cfg = DatasetConfig(
+        kind="folder", root=str(tmp_path), classes=[ClassSpec(name="bg"), ClassSpec(name="fg", color=(9, 8, 7))]
+    )
     assert table_for(cfg, 2) == ClassTable(("bg", "fg"), ((0, 0, 0), (9, 8, 7)))
     with pytest.raises(ConfigError, match="no class list"):
         table_for(DatasetConfig(kind="folder", root=str(tmp_path)), 2)

@@ -61,8 +61,11 @@ def test_small_output_stride_4_keeps_the_parameters_and_doubles_the_resolution()
 
 @pytest.mark.parametrize("arch,stride", [("small", 16), ("small", 2), ("resnet101", 4), ("vgg16", 16)])
 def test_unsupported_output_stride_is_a_clear_error(arch: str, stride: int) -> None:
-    with pytest.raises(ValueError, match=rf"^output stride {stride} is not supported by the {arch} architecture "
-                                         rf"\(supported: {'4, 8' if arch == 'small' else '8'}\)$"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^output stride {stride} is not supported by the {arch} architecture "
+        rf"\(supported: {'4, 8' if arch == 'small' else '8'}\)$",
+    ):
         build_segmentor(arch, 5, "paper", output_stride=stride)
 
 
@@ -173,6 +176,8 @@ def test_checkpoint_records_the_output_stride(tmp_path) -> None:
         assert torch.equal(loaded.target_model().eval()(x)[0], nets.target_model().eval()(x)[0])
     # a spec this version cannot build is a checkpoint error, not a crash
     bad = ModelSpec(arch="small", num_classes=4, norm="unit")
-    save_networks(tmp_path / "os16.safetensors", build_networks(bad), extra_meta={"model": {**bad.to_dict(), "output_stride": 16}})
+    save_networks(
+        tmp_path / "os16.safetensors", build_networks(bad), extra_meta={"model": {**bad.to_dict(), "output_stride": 16}}
+    )
     with pytest.raises(CheckpointError, match="output stride 16 is not supported by the small architecture"):
         load_networks(tmp_path / "os16.safetensors")

@@ -27,7 +27,9 @@ def test_released_resnet101_parameter_list_multiplicities() -> None:
     seg = build_segmentor("resnet101", 19, "reference")
     seq = released_parameter_sequence(seg.stages())
     unique, mult = multiplicities(seq)
-    assert len(seq) == 318 and len(unique) == 105  # the released generator: 318 entries for 105 tensors (docs/variants.md)
+    assert (
+        len(seq) == 318 and len(unique) == 105
+    )  # the released generator: 318 entries for 105 tensors (docs/variants.md)
     names = {id(p): n for n, p in seg.named_parameters()}
     for p, k in zip(unique, mult):
         n = names[id(p)]
@@ -52,7 +54,9 @@ def _by_hand(p: float, g: float, k: int, steps: int, lr: float, mom: float, wd: 
 @pytest.mark.parametrize("k", [1, 3, 4])
 def test_sequential_duplicate_sgd_matches_hand_computation(k: int) -> None:
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
-    opt = SequentialDuplicateSGD([{"params": [p], "multiplicity": [k], "lr": 0.1}], lr=0.1, momentum=0.9, weight_decay=0.1)
+    opt = SequentialDuplicateSGD(
+        [{"params": [p], "multiplicity": [k], "lr": 0.1}], lr=0.1, momentum=0.9, weight_decay=0.1
+    )
     for _ in range(2):
         p.grad = torch.tensor([0.5, 0.25], dtype=torch.float64)
         opt.step()
@@ -81,7 +85,13 @@ def test_groups_paper_and_reference() -> None:
     assert len(opt.param_groups[1]["params"]) == 8  # 4 ASPP convs (weight, bias)
     one = segmentor_optimizer(seg, lr=1.0, momentum=0.9, weight_decay=0.0, head_lr_mult=1.0, duplicate_params=False)
     assert len(one.param_groups) == 1
-    ref = segmentor_optimizer(build_segmentor("small", 3, "reference"), lr=1.0, momentum=0.9, weight_decay=0.0,
-                              head_lr_mult=10.0, duplicate_params=True)
+    ref = segmentor_optimizer(
+        build_segmentor("small", 3, "reference"),
+        lr=1.0,
+        momentum=0.9,
+        weight_decay=0.0,
+        head_lr_mult=10.0,
+        duplicate_params=True,
+    )
     assert isinstance(ref, SequentialDuplicateSGD)
     assert set(ref.param_groups[0]["multiplicity"]) == {1, 3, 4}

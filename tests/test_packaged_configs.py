@@ -24,8 +24,11 @@ ROWS = ("source_only", "baseline", "mse", "mse_2d", "da", "dast")
 
 
 def test_dast_configs_lists_every_packaged_config_and_each_loads(capsys: pytest.CaptureFixture[str]) -> None:
-    files = sorted(p.relative_to(PACKAGED_CONFIG_DIR).with_suffix("").as_posix()
-                   for p in PACKAGED_CONFIG_DIR.rglob("*.yaml") if "base" not in p.parts)
+    files = sorted(
+        p.relative_to(PACKAGED_CONFIG_DIR).with_suffix("").as_posix()
+        for p in PACKAGED_CONFIG_DIR.rglob("*.yaml")
+        if "base" not in p.parts
+    )
     assert packaged_config_names() == files and len(files) == 26  # 24 paper rows, demo, demo_timm
     assert main(["configs"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -98,8 +101,20 @@ def test_an_unknown_name_is_one_line_with_close_names(tmp_path: Path, capsys: py
     assert len(err) == 1 and err[0].startswith("error: config file not found: gta5/resnet101/dats")
     assert "did you mean 'gta5/resnet101/dast'" in err[0]
     assert not (tmp_path / "run").exists()
-    assert main(["pseudo-label", "--checkpoint", str(tmp_path / "x.safetensors"), "--config", "resnet101/dast",
-                 "--out", str(tmp_path / "pl")]) == 2
+    assert (
+        main(
+            [
+                "pseudo-label",
+                "--checkpoint",
+                str(tmp_path / "x.safetensors"),
+                "--config",
+                "resnet101/dast",
+                "--out",
+                str(tmp_path / "pl"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "'gta5/resnet101/dast'" in err[0] and "'synthia/resnet101/dast'" in err[0]
     assert main(["sweep", "--configs", "nonsense_config", "--out", str(tmp_path / "s"), "--gpus", "cpu"]) == 2
@@ -107,8 +122,24 @@ def test_an_unknown_name_is_one_line_with_close_names(tmp_path: Path, capsys: py
 
 
 def test_sweep_takes_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["sweep", "--configs", "gta5/resnet101/da", "synthia/resnet101/da", "--seeds", "0",
-                 "--out", str(tmp_path / "s"), "--gpus", "cpu", "--dry-run"]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--configs",
+                "gta5/resnet101/da",
+                "synthia/resnet101/da",
+                "--seeds",
+                "0",
+                "--out",
+                str(tmp_path / "s"),
+                "--gpus",
+                "cpu",
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert str(PACKAGED_CONFIG_DIR / "gta5" / "resnet101" / "da.yaml") in out
     assert "gta5_resnet101_da_seed0" in out and "synthia_resnet101_da_seed0" in out
@@ -166,19 +197,32 @@ def test_the_wheel_ships_the_configs_and_trains_outside_the_checkout(tmp_path: P
     clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
     def run(*cmd: str | Path, cwd: Path = tmp_path, env: dict[str, str] | None = None) -> str:
-        proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env or clean, capture_output=True, text=True,
-                              timeout=120)
+        proc = subprocess.run(
+            [str(c) for c in cmd], cwd=cwd, env=env or clean, capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 0, f"{cmd}: {proc.stdout[-2000:]}{proc.stderr[-2000:]}"
         return proc.stdout
 
     src = _copy_source(tmp_path / "src")
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-        "-w", tmp_path / "wheels", src)
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "-q",
+        "-w",
+        tmp_path / "wheels",
+        src,
+    )
     wheel = next((tmp_path / "wheels").glob("dast-*.whl"))
     with zipfile.ZipFile(wheel) as zf:
         shipped = {n for n in zf.namelist() if n.startswith("dast/configs/") and n.endswith(".yaml")}
-    want = {f"dast/configs/{p.relative_to(PACKAGED_CONFIG_DIR).as_posix()}"
-            for p in PACKAGED_CONFIG_DIR.rglob("*.yaml")}
+    want = {
+        f"dast/configs/{p.relative_to(PACKAGED_CONFIG_DIR).as_posix()}" for p in PACKAGED_CONFIG_DIR.rglob("*.yaml")
+    }
     assert shipped == want
 
     venv = tmp_path / "venv"
@@ -199,9 +243,22 @@ def test_the_wheel_ships_the_configs_and_trains_outside_the_checkout(tmp_path: P
     dast_cli = venv / "bin" / "dast"
     listed = run(dast_cli, "configs", cwd=work, env=env).splitlines()
     assert [line.split()[0] for line in listed[:-1]] == packaged_config_names()
-    small = ["train.steps=2", "self_training.rounds=0", "selection.enabled=false", "source.count=4", "target.count=4",
-             "val.count=2", "source.size=[64,32]", "target.size=[64,32]", "val.size=[64,32]", "train.batch_size=2",
-             "train.checkpoint_every=2", "train.eval_every=2", "train.image_every=2", "train.log_every=1"]
+    small = [
+        "train.steps=2",
+        "self_training.rounds=0",
+        "selection.enabled=false",
+        "source.count=4",
+        "target.count=4",
+        "val.count=2",
+        "source.size=[64,32]",
+        "target.size=[64,32]",
+        "val.size=[64,32]",
+        "train.batch_size=2",
+        "train.checkpoint_every=2",
+        "train.eval_every=2",
+        "train.image_every=2",
+        "train.log_every=1",
+    ]
     sets = [arg for s in small for arg in ("--set", s)]
     run(dast_cli, "train", "--config", "demo", "--out", "RUN", "--no-progress", *sets, cwd=work, env=env)
     assert (work / "RUN" / "final" / "model.safetensors").is_file()

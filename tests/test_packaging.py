@@ -17,4 +17,4 @@ def test_license_file_is_declared_and_mit() -> None:
     assert project["license-files"] == ["LICENSE"]
     text = (REPO / "LICENSE").read_text()
     assert text.startswith("MIT License\n\nCopyright (c) 2026 the dast authors\n")
-    assert "THE SOFTWARE IS PROVIDED \"AS IS\", WITHOUT WARRANTY OF ANY KIND" in text
+    assert 'THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND' in text

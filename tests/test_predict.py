@@ -24,8 +24,14 @@ INPUT_SIZE = (64, 32)  # (width, height)
 @pytest.fixture()
 def ckpt(tmp_path: Path) -> Path:
     torch.manual_seed(0)
-    spec = ModelSpec(arch="small", num_classes=4, norm="unit", input_size=INPUT_SIZE,
-                     class_names=["road", "car", "sky", "tree"], class_colors=COLORS)
+    spec = ModelSpec(
+        arch="small",
+        num_classes=4,
+        norm="unit",
+        input_size=INPUT_SIZE,
+        class_names=["road", "car", "sky", "tree"],
+        class_colors=COLORS,
+    )
     path = tmp_path / "model.safetensors"
     save_networks(path, build_networks(spec))
     return path
@@ -50,8 +56,23 @@ def images(tmp_path: Path) -> dict[str, Path]:
 
 
 def _predict(ckpt: Path, inputs: list[Path | str], out: Path, *extra: str) -> int:
-    return main(["predict", "--checkpoint", str(ckpt), "--input", *map(str, inputs), "--out", str(out),
-                 "--device", "cpu", "--workers", "0", "--no-progress", *extra])
+    return main(
+        [
+            "predict",
+            "--checkpoint",
+            str(ckpt),
+            "--input",
+            *map(str, inputs),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def _reference_logits(ckpt: Path, path: Path, size: tuple[int, int] = INPUT_SIZE) -> torch.Tensor:
@@ -69,8 +90,9 @@ def test_predict_writes_every_output_at_the_original_size(ckpt: Path, images: di
     out = tmp_path / "out"
     assert _predict(ckpt, [images["a"], tmp_path / "folder"], out, "--save-logits") == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(f"{s}{suffix}" for s in "abc"
-                           for suffix in (".png", "_color.png", "_overlay.png", "_attention.png", ".npy"))
+    assert names == sorted(
+        f"{s}{suffix}" for s in "abc" for suffix in (".png", "_color.png", "_overlay.png", "_attention.png", ".npy")
+    )
     for stem, src in images.items():
         w, h = Image.open(src).size
         with Image.open(out / f"{stem}.png") as im:
@@ -99,10 +121,13 @@ def test_batched_equals_one_by_one(ckpt: Path, images: dict[str, Path], tmp_path
     assert _predict(ckpt, inputs, tmp_path / "three", "--save-logits", "--batch-size", "3") == 0
     for stem in "abc":
         for suffix in (".png", "_color.png", "_attention.png"):
-            assert np.array_equal(np.asarray(Image.open(tmp_path / "one" / f"{stem}{suffix}")),
-                                  np.asarray(Image.open(tmp_path / "three" / f"{stem}{suffix}")))
-        np.testing.assert_allclose(np.load(tmp_path / "one" / f"{stem}.npy"),
-                                   np.load(tmp_path / "three" / f"{stem}.npy"), rtol=0, atol=1e-5)
+            assert np.array_equal(
+                np.asarray(Image.open(tmp_path / "one" / f"{stem}{suffix}")),
+                np.asarray(Image.open(tmp_path / "three" / f"{stem}{suffix}")),
+            )
+        np.testing.assert_allclose(
+            np.load(tmp_path / "one" / f"{stem}.npy"), np.load(tmp_path / "three" / f"{stem}.npy"), rtol=0, atol=1e-5
+        )
 
 
 def test_native_size_groups_batches_by_image_size(ckpt: Path, images: dict[str, Path], tmp_path: Path) -> None:
@@ -139,8 +164,9 @@ def test_size_override(ckpt: Path, images: dict[str, Path], tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_corrupt_image_exits_2_and_writes_nothing_for_it(ckpt: Path, images: dict[str, Path], tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture[str], damage: str) -> None:
+def test_corrupt_image_exits_2_and_writes_nothing_for_it(
+    ckpt: Path, images: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
     bad = tmp_path / "in" / "broken.png"
     if damage == "garbage":
         bad.write_bytes(b"this is not a png file at all")
@@ -149,8 +175,23 @@ def test_corrupt_image_exits_2_and_writes_nothing_for_it(ckpt: Path, images: dic
         bad.write_bytes(data[: len(data) // 2])
     out = tmp_path / "out"
     # one reader worker: the error raised in a worker process must still come out as one line
-    code = main(["predict", "--checkpoint", str(ckpt), "--input", str(images["a"]), str(bad), "--out", str(out),
-                 "--device", "cpu", "--workers", "1", "--no-progress"])
+    code = main(
+        [
+            "predict",
+            "--checkpoint",
+            str(ckpt),
+            "--input",
+            str(images["a"]),
+            str(bad),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--workers",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: cannot read image") and "broken.png" in err[0]
@@ -159,15 +200,18 @@ def test_corrupt_image_exits_2_and_writes_nothing_for_it(ckpt: Path, images: dic
     assert not [n for n in written if ".tmp-" in n]
 
 
-def test_missing_checkpoint_exits_2(images: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_checkpoint_exits_2(
+    images: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code = _predict(tmp_path / "nope.safetensors", [images["a"]], tmp_path / "out")
     assert code == 2
     err = capsys.readouterr().err
     assert "checkpoint not found" in err and "nope.safetensors" in err
 
 
-def test_name_clashes_are_refused(ckpt: Path, images: dict[str, Path], tmp_path: Path,
-                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_name_clashes_are_refused(
+    ckpt: Path, images: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     dup = _write_image(tmp_path / "other" / "a.jpg", 20, 20, 9)
     assert _predict(ckpt, [images["a"], dup], tmp_path / "out") == 2
     assert "'a'" in capsys.readouterr().err

@@ -29,14 +29,14 @@ from dast.training.pseudo_labels import (
 #   class 2 at J K, .38 .36: k = 1 -> t2 = .38
 PIXELS = {  # name: (p0, p1, p2), ratio label, threshold label
     "A": ((0.95, 0.03, 0.02), 0, 0),
-    "B": ((0.56, 0.04, 0.40), 2, 0),      # ratio: .56/.56 = 1 < .40/.38 = 1.05 -> relabelled 2; threshold keeps 0
-    "C": ((0.52, 0.02, 0.46), 2, 255),    # ratio: .93 < 1.21 -> relabelled 2; threshold: .52 < .56 -> ignored
+    "B": ((0.56, 0.04, 0.40), 2, 0),  # ratio: .56/.56 = 1 < .40/.38 = 1.05 -> relabelled 2; threshold keeps 0
+    "C": ((0.52, 0.02, 0.46), 2, 255),  # ratio: .93 < 1.21 -> relabelled 2; threshold: .52 < .56 -> ignored
     "D": ((0.55, 0.25, 0.20), 255, 255),  # .98, .28, .53 all < 1
     "E": ((0.85, 0.10, 0.05), 0, 0),
     "G": ((0.50, 0.30, 0.20), 255, 255),
-    "H": ((0.01, 0.97, 0.02), 1, 1),      # .97/.90 = 1.08
+    "H": ((0.01, 0.97, 0.02), 1, 1),  # .97/.90 = 1.08
     "I": ((0.20, 0.70, 0.10), 255, 255),  # .36, .78, .26
-    "J": ((0.31, 0.31, 0.38), 2, 2),      # exactly at t2 under both rules
+    "J": ((0.31, 0.31, 0.38), 2, 2),  # exactly at t2 under both rules
     "K": ((0.32, 0.32, 0.36), 255, 255),  # .36/.38 = .95
 }
 ORDER = "ABCDE", "GHIJK"  # image 0, image 1
@@ -168,8 +168,9 @@ def test_hand_model_gives_the_hand_made_probabilities() -> None:
 @pytest.mark.parametrize("rule", ["ratio", "threshold"])
 def test_generate_writes_the_labels_of_the_rule(tmp_path: Path, rule: str, mode: str) -> None:
     model, ds = HandModel(_hand_probs()), HandTarget(with_labels=False)
-    stats = generate_pseudo_labels(model, ds, tmp_path, portion=0.5, mode=mode, rule=rule, subsample=1,
-                                   preview_count=0, progress=False)
+    stats = generate_pseudo_labels(
+        model, ds, tmp_path, portion=0.5, mode=mode, rule=rule, subsample=1, preview_count=0, progress=False
+    )
     for i, name in enumerate(ds.names):
         assert np.asarray(Image.open(tmp_path / f"{name}.png")).tolist() == _expected(rule)[i]
     assert stats["rule"] == rule and json.loads((tmp_path / "stats.json").read_text())["rule"] == rule
@@ -179,8 +180,9 @@ def test_generate_writes_the_labels_of_the_rule(tmp_path: Path, rule: str, mode:
 
 def test_generate_refuses_an_unknown_rule_before_writing(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="unknown pseudo-label rule"):
-        generate_pseudo_labels(HandModel(_hand_probs()), HandTarget(False), tmp_path / "pl", portion=0.5,
-                               rule="argmax", progress=False)
+        generate_pseudo_labels(
+            HandModel(_hand_probs()), HandTarget(False), tmp_path / "pl", portion=0.5, rule="argmax", progress=False
+        )
     assert not (tmp_path / "pl").exists()
 
 
@@ -188,8 +190,7 @@ def test_generate_refuses_an_unknown_rule_before_writing(tmp_path: Path) -> None
 
 
 def test_quality_hand_counted() -> None:
-    q = pseudo_label_quality(HandModel(_hand_probs()), HandTarget(), portion=0.5, mode="exact-reference",
-                             subsample=1)
+    q = pseudo_label_quality(HandModel(_hand_probs()), HandTarget(), portion=0.5, mode="exact-reference", subsample=1)
     assert q["thresholds"] == pytest.approx(THRESHOLDS) and q["num_images"] == 2
     assert q["pixels"] == 8  # G and K have no ground truth
     # ratio: labelled A0 B2 C2 E0 H1 J2 (D, I ignored); right A, B, H, J; B and C are not their argmax
@@ -210,8 +211,9 @@ def test_quality_hand_counted() -> None:
 
 
 def test_quality_one_rule_histogram_and_batches() -> None:
-    q = pseudo_label_quality(HandModel(_hand_probs()), HandTarget(), portion=0.5, subsample=1,
-                             rules=["threshold"], batch_size=2)
+    q = pseudo_label_quality(
+        HandModel(_hand_probs()), HandTarget(), portion=0.5, subsample=1, rules=["threshold"], batch_size=2
+    )
     assert list(q["rules"]) == ["threshold"] and q["mode"] == "histogram" and q["bins"] == 65536
     assert q["rules"]["threshold"]["precision"] == 60.0
 
@@ -239,12 +241,18 @@ def test_quality_equals_precision_of_the_written_sets(tmp_path: Path, mode: str)
     torch.manual_seed(0)
     seg = build_segmentor("small", 7)
     model = TargetModel(seg, build_discoverer(seg.feature_channels)).eval()
-    target = build_dataset(DatasetConfig(kind="synthetic", domain="target", count=3, size=(40, 24)),
-                           norm="unit", num_classes=7, with_labels=True, seed=3)
+    target = build_dataset(
+        DatasetConfig(kind="synthetic", domain="target", count=3, size=(40, 24)),
+        norm="unit",
+        num_classes=7,
+        with_labels=True,
+        seed=3,
+    )
     q = pseudo_label_quality(model, target, portion=0.5, mode=mode)
     for rule in ("ratio", "threshold"):
-        stats = generate_pseudo_labels(model, target, tmp_path / rule, portion=0.5, mode=mode, rule=rule,
-                                       preview_count=0, progress=False)
+        stats = generate_pseudo_labels(
+            model, target, tmp_path / rule, portion=0.5, mode=mode, rule=rule, preview_count=0, progress=False
+        )
         assert q["thresholds"] == stats["thresholds"]
         scored = pseudo_label_precision(tmp_path / rule, target)
         got = q["rules"][rule]
@@ -275,11 +283,23 @@ def test_cli_rule_flag_and_config_key(tmp_path: Path, capsys: pytest.CaptureFixt
     torch.manual_seed(0)
     save_networks(tmp_path / "m.ckpt", build_networks(ModelSpec(arch="small", num_classes=7, norm="unit")))
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("model: {arch: small, num_classes: 7}\nsource: {kind: synthetic}\n"
-                   "target: {kind: synthetic, domain: target, count: 2, size: [40, 24]}\n"
-                   "self_training: {rule: threshold, preview_count: 0}\n")
-    common = ["pseudo-label", "--checkpoint", str(tmp_path / "m.ckpt"), "--config", str(cfg), "--device", "cpu",
-              "--no-progress", "--num-workers", "0"]
+    cfg.write_text(
+        "model: {arch: small, num_classes: 7}\nsource: {kind: synthetic}\n"
+        "target: {kind: synthetic, domain: target, count: 2, size: [40, 24]}\n"
+        "self_training: {rule: threshold, preview_count: 0}\n"
+    )
+    common = [
+        "pseudo-label",
+        "--checkpoint",
+        str(tmp_path / "m.ckpt"),
+        "--config",
+        str(cfg),
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--num-workers",
+        "0",
+    ]
     assert main([*common, "--out", str(tmp_path / "cfg")]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rule"] == "threshold"
     assert main([*common, "--out", str(tmp_path / "flag"), "--rule", "ratio"]) == 0

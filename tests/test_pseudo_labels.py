@@ -94,8 +94,9 @@ def test_sorted_list_confidences_every_fourth_per_image_per_class() -> None:
 def test_exact_reference_equals_sorted_list_bit_for_bit(portion: float, subsample: int) -> None:
     prob = _random_probs()
     ref = sorted_list_thresholds(sorted_list_confidences(prob.numpy(), subsample), portion)
-    est = _run_estimator(prob, [slice(0, 2), slice(2, 3), slice(3, 5)], portion=portion,
-                         mode="exact-reference", subsample=subsample)
+    est = _run_estimator(
+        prob, [slice(0, 2), slice(2, 3), slice(3, 5)], portion=portion, mode="exact-reference", subsample=subsample
+    )
     t = est.thresholds()
     assert t.dtype == torch.float32
     np.testing.assert_array_equal(_bits(t), _bits(ref))
@@ -165,7 +166,7 @@ def test_histogram_within_documented_bound(bins: int, portion: float) -> None:
     exact = sorted_list_thresholds(conf, portion).astype(np.float64)
     est = _run_estimator(prob, [slice(0, 5)], portion=portion, bins=bins)
     approx = est.thresholds().numpy().astype(np.float64)
-    slack = 0.0 if bins & (bins - 1) == 0 else 2.0 ** -24  # float32 rounding of a non-dyadic edge
+    slack = 0.0 if bins & (bins - 1) == 0 else 2.0**-24  # float32 rounding of a non-dyadic edge
     assert np.all(exact - approx <= 1.0 / bins + slack)
     assert np.all(approx <= exact + slack)  # the lower bin edge never exceeds the exact value
     assert approx[5] == 1.0
@@ -238,11 +239,13 @@ def test_pass_order_is_enforced() -> None:
 
 def test_select_labels_hand_computed() -> None:
     # 3 classes, 4 pixels; thresholds 0.5, 0.8, 1.0
-    prob = torch.tensor([
-        [0.60, 0.30, 0.45, 0.20],
-        [0.30, 0.64, 0.40, 0.20],
-        [0.10, 0.06, 0.15, 0.60],
-    ]).view(1, 3, 1, 4)
+    prob = torch.tensor(
+        [
+            [0.60, 0.30, 0.45, 0.20],
+            [0.30, 0.64, 0.40, 0.20],
+            [0.10, 0.06, 0.15, 0.60],
+        ]
+    ).view(1, 3, 1, 4)
     t = torch.tensor([0.5, 0.8, 1.0])
     # p/t: px0 (1.2, .375, .1) -> 0; px1 (.6, .8, .06) -> max .8 < 1 -> 255;
     #      px2 (.9, .5, .15) -> 255; px3 (.4, .25, .6) -> 255
@@ -304,11 +307,15 @@ def _files(root: Path) -> set[str]:
 def test_generate_writes_labels_previews_stats_and_marker(tmp_path: Path) -> None:
     model, ds = _tiny_model(), FakeTarget(5)
     out = tmp_path / "pl"
-    stats = generate_pseudo_labels(model, ds, out, portion=0.5, mode="exact-reference", subsample=4,
-                                   preview_count=2, progress=False)
+    stats = generate_pseudo_labels(
+        model, ds, out, portion=0.5, mode="exact-reference", subsample=4, preview_count=2, progress=False
+    )
     names = [f"img_{i:03d}" for i in range(5)]
-    assert _files(out) == ({f"{n}.png" for n in names} | {f"preview/{n}_color.png" for n in names[:2]}
-                           | {"stats.json", COMPLETE_NAME, MARKER_NAME})
+    assert _files(out) == (
+        {f"{n}.png" for n in names}
+        | {f"preview/{n}_color.png" for n in names[:2]}
+        | {"stats.json", COMPLETE_NAME, MARKER_NAME}
+    )
     assert not list(out.rglob("*.npy"))
     assert pseudo_label_set_complete(out)
     expected = _expected_labels(model, ds, 0.5, 4)
@@ -340,10 +347,12 @@ def test_generate_writes_labels_previews_stats_and_marker(tmp_path: Path) -> Non
 
 def test_generate_histogram_batched_close_to_exact(tmp_path: Path) -> None:
     model, ds = _tiny_model(), FakeTarget(4)
-    stats = generate_pseudo_labels(model, ds, tmp_path / "h", portion=0.5, bins=4096, batch_size=2,
-                                   preview_count=0, progress=False)
-    exact = generate_pseudo_labels(model, ds, tmp_path / "e", portion=0.5, mode="exact-reference",
-                                   batch_size=2, preview_count=0, progress=False)
+    stats = generate_pseudo_labels(
+        model, ds, tmp_path / "h", portion=0.5, bins=4096, batch_size=2, preview_count=0, progress=False
+    )
+    exact = generate_pseudo_labels(
+        model, ds, tmp_path / "e", portion=0.5, mode="exact-reference", batch_size=2, preview_count=0, progress=False
+    )
     assert not (tmp_path / "h" / "preview").exists()
     diff = np.abs(np.array(stats["thresholds"]) - np.array(exact["thresholds"]))
     assert np.all(diff <= 1 / 4096)
@@ -363,8 +372,15 @@ def test_stale_partial_set_is_regenerated(tmp_path: Path) -> None:
     (out / "preview" / "old_color.png").write_bytes(b"stale")
     generate_pseudo_labels(model, FakeTarget(3), out, portion=0.5, preview_count=1, progress=False)
     assert pseudo_label_set_complete(out)
-    assert _files(out) == {"img_000.png", "img_001.png", "img_002.png", "preview/img_000_color.png",
-                           "stats.json", COMPLETE_NAME, MARKER_NAME}
+    assert _files(out) == {
+        "img_000.png",
+        "img_001.png",
+        "img_002.png",
+        "preview/img_000_color.png",
+        "stats.json",
+        COMPLETE_NAME,
+        MARKER_NAME,
+    }
 
 
 def test_refuses_to_clear_a_foreign_folder(tmp_path: Path) -> None:
@@ -378,8 +394,9 @@ def test_generate_indices_subset_and_module_modes_restored(tmp_path: Path) -> No
     model = _tiny_model().train()
     bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     bn.eval()  # e.g. frozen statistics inside a training model
-    stats = generate_pseudo_labels(model, FakeTarget(5), tmp_path / "pl", portion=0.5,
-                                   indices=[4, 1], preview_count=0, progress=False)
+    stats = generate_pseudo_labels(
+        model, FakeTarget(5), tmp_path / "pl", portion=0.5, indices=[4, 1], preview_count=0, progress=False
+    )
     assert model.training and model.segmentor.training and not bn.training
     assert stats["num_images"] == 2
     assert sorted(p.name for p in (tmp_path / "pl").glob("*.png")) == ["img_001.png", "img_004.png"]
@@ -394,8 +411,16 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         ds = FakeTarget(5)
-        generate_pseudo_labels(_tiny_model(), ds, out_dir, portion=0.5, mode="exact-reference",
-                               indices=list(range(rank, 5, world)), preview_count=1, progress=False)
+        generate_pseudo_labels(
+            _tiny_model(),
+            ds,
+            out_dir,
+            portion=0.5,
+            mode="exact-reference",
+            indices=list(range(rank, 5, world)),
+            preview_count=1,
+            progress=False,
+        )
     finally:
         dist.destroy_process_group()
 
@@ -403,8 +428,15 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def test_distributed_shards_match_single_process(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
-    single = generate_pseudo_labels(_tiny_model(), FakeTarget(5), tmp_path / "one", portion=0.5,
-                                    mode="exact-reference", preview_count=1, progress=False)
+    single = generate_pseudo_labels(
+        _tiny_model(),
+        FakeTarget(5),
+        tmp_path / "one",
+        portion=0.5,
+        mode="exact-reference",
+        preview_count=1,
+        progress=False,
+    )
     mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "two")), nprocs=2, join=True)
     two = json.loads((tmp_path / "two" / "stats.json").read_text())
     assert pseudo_label_set_complete(tmp_path / "two")
@@ -428,9 +460,11 @@ def test_cli_pseudo_label(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsy
     torch.manual_seed(0)
     save_networks(tmp_path / "m.ckpt", build_networks(ModelSpec(arch="small", num_classes=7, norm="unit")))
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("model: {arch: small, num_classes: 7}\nsource: {kind: synthetic}\n"
-                   "target: {kind: synthetic, domain: target, count: 3, size: [40, 24]}\n"
-                   "self_training: {portion: 0.4, mode: exact-reference, subsample: 2, preview_count: 1}\n")
+    cfg.write_text(
+        "model: {arch: small, num_classes: 7}\nsource: {kind: synthetic}\n"
+        "target: {kind: synthetic, domain: target, count: 3, size: [40, 24]}\n"
+        "self_training: {portion: 0.4, mode: exact-reference, subsample: 2, preview_count: 1}\n"
+    )
     from dast.data import datasets
 
     calls: list[dict[str, object]] = []
@@ -442,8 +476,22 @@ def test_cli_pseudo_label(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsy
 
     monkeypatch.setattr(datasets, "build_dataset", build_dataset)
     out = tmp_path / "pl"
-    code = main(["pseudo-label", "--checkpoint", str(tmp_path / "m.ckpt"), "--config", str(cfg), "--out", str(out),
-                 "--device", "cpu", "--no-progress", "--num-workers", "0"])
+    code = main(
+        [
+            "pseudo-label",
+            "--checkpoint",
+            str(tmp_path / "m.ckpt"),
+            "--config",
+            str(cfg),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--num-workers",
+            "0",
+        ]
+    )
     assert code == 0
     assert calls[0]["norm"] == "unit" and calls[0]["num_classes"] == 7 and calls[0]["with_labels"] is False
     stats = json.loads((out / "stats.json").read_text())
@@ -456,8 +504,21 @@ def test_cli_pseudo_label(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsy
     label = relabelled[0]["label"]
     np.testing.assert_array_equal(label.numpy(), np.asarray(Image.open(out / f"{target.names[0]}.png")))
 
-    code = main(["pseudo-label", "--checkpoint", str(tmp_path / "m.ckpt"), "--config", str(cfg), "--out", str(out),
-                 "--portion", "1.5", "--device", "cpu"])
+    code = main(
+        [
+            "pseudo-label",
+            "--checkpoint",
+            str(tmp_path / "m.ckpt"),
+            "--config",
+            str(cfg),
+            "--out",
+            str(out),
+            "--portion",
+            "1.5",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 2
     assert capsys.readouterr().err.strip() == "error: --portion must be in (0, 1], got 1.5"
     assert pseudo_label_set_complete(out)  # a rejected run leaves the finished set alone
@@ -469,14 +530,20 @@ def test_pseudo_label_precision_against_hand_counted_pixels(tmp_path: Path) -> N
 
     from dast.training.pseudo_labels import pseudo_label_precision
 
-    gts = {"a": np.array([[0, 1], [2, 255]], np.uint8),   # 3 valid pixels, one ground-truth ignore
-           "b": np.ones((4, 4), np.uint8),                  # native 4x4, pseudo label 2x2: resized to it
-           "c": np.zeros((2, 2), np.uint8)}                 # unreadable: no label file, left out
+    gts = {
+        "a": np.array([[0, 1], [2, 255]], np.uint8),  # 3 valid pixels, one ground-truth ignore
+        "b": np.ones((4, 4), np.uint8),  # native 4x4, pseudo label 2x2: resized to it
+        "c": np.zeros((2, 2), np.uint8),
+    }  # unreadable: no label file, left out
     Image.fromarray(np.array([[0, 0], [255, 2]], np.uint8)).save(tmp_path / "a.png")
     Image.fromarray(np.array([[1, 1], [1, 0]], np.uint8)).save(tmp_path / "b.png")
     names = list(gts)
-    ds = SimpleNamespace(num_classes=3, names=names, table=SimpleNamespace(names=("x", "y", "z")),
-                         read_label_native=lambda i: gts[names[i]])
+    ds = SimpleNamespace(
+        num_classes=3,
+        names=names,
+        table=SimpleNamespace(names=("x", "y", "z")),
+        read_label_native=lambda i: gts[names[i]],
+    )
     got = pseudo_label_precision(tmp_path, ds)
     # class x: labelled 2 (a) + 1 (b), right 1; class y: 3 labelled, 3 right; z only on an ignore pixel
     assert got["per_class_labelled"] == {"x": 3, "y": 3, "z": 0}
@@ -494,8 +561,9 @@ def test_pseudo_labels_ignore_the_target_augmentation(tmp_path: Path) -> None:
     model = _tiny_model(7)
     sets = {}
     for name, augment in (("plain", {}), ("augmented", {"flip": True, "brightness": 0.4, "hue": 0.2})):
-        cfg = DatasetConfig(kind="synthetic", domain="target", count=4, size=(48, 32), with_labels=False,
-                            augment=augment)
+        cfg = DatasetConfig(
+            kind="synthetic", domain="target", count=4, size=(48, 32), with_labels=False, augment=augment
+        )
         ds = build_dataset(cfg, norm="unit", num_classes=7, with_labels=False, seed=5)
         assert not torch.equal(ds[0]["image"], ds.prepare_image(0)) or name == "plain"
         generate_pseudo_labels(model, ds, tmp_path / name, portion=0.5, progress=False)

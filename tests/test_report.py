@@ -50,8 +50,9 @@ def _self_contained(page: str) -> None:
 
 
 def test_report_of_a_finished_and_an_unfinished_run(tiny_config, tmp_path: Path, capsys) -> None:
-    cfg = tiny_config(train={"steps": 2}, self_training={"rounds": 1, "steps": 1, "preview_count": 2},
-                      selection={"num_images": 2})
+    cfg = tiny_config(
+        train={"steps": 2}, self_training={"rounds": 1, "steps": 1, "preview_count": 2}, selection={"num_images": 2}
+    )
     run = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress"]) == 0
     capsys.readouterr()
@@ -158,17 +159,25 @@ def test_report_refuses_a_negative_sample_count(tmp_path: Path, capsys) -> None:
 
 def test_scalars_keep_the_last_value_of_a_repeated_step(tmp_path: Path) -> None:
     p = tmp_path / "scalars.jsonl"
-    p.write_text("\n".join([
-        '{"step": 1, "stage1/loss/seg": 3.0, "stage1/lr/segmentor": 0.01}',
-        '{"step": 2, "stage1/loss/seg": 2.0}',
-        '{"step": 2, "eval/target": 10.0}',
-        '{"step": 2, "stage1/loss/seg": 1.0}',  # the resumed run logged step 2 again
-        '{"step": 3, "round1/out/d_target": 0.5, "note": "text"}',
-        '{"step": 4, "stage1/lo',  # torn last line of a killed run
-    ]))
+    p.write_text(
+        "\n".join(
+            [
+                '{"step": 1, "stage1/loss/seg": 3.0, "stage1/lr/segmentor": 0.01}',
+                '{"step": 2, "stage1/loss/seg": 2.0}',
+                '{"step": 2, "eval/target": 10.0}',
+                '{"step": 2, "stage1/loss/seg": 1.0}',  # the resumed run logged step 2 again
+                '{"step": 3, "round1/out/d_target": 0.5, "note": "text"}',
+                '{"step": 4, "stage1/lo',  # torn last line of a killed run
+            ]
+        )
+    )
     scalars = read_scalars(p)
-    assert scalars == {"stage1/loss/seg": {1: 3.0, 2: 1.0}, "stage1/lr/segmentor": {1: 0.01},
-                       "eval/target": {2: 10.0}, "round1/out/d_target": {3: 0.5}}
+    assert scalars == {
+        "stage1/loss/seg": {1: 3.0, 2: 1.0},
+        "stage1/lr/segmentor": {1: 0.01},
+        "eval/target": {2: 10.0},
+        "round1/out/d_target": {3: 0.5},
+    }
     assert split_scalars(scalars) == {
         "loss": {"seg": {"stage1": [(1, 3.0), (2, 1.0)]}},
         "lr": {"segmentor": {"stage1": [(1, 0.01)]}},

@@ -84,29 +84,110 @@ def _official_segmentor(path: Path) -> None:
     from dast.models.convert import dast_to_official
     from dast.models.io import ModelSpec, build_networks
 
-    seg, _ = dast_to_official(build_networks(ModelSpec(arch="small", num_classes=7, variant="reference",
-                                                       discoverer=False, corrector=False, attention=False)))
+    seg, _ = dast_to_official(
+        build_networks(
+            ModelSpec(
+                arch="small", num_classes=7, variant="reference", discoverer=False, corrector=False, attention=False
+            )
+        )
+    )
     torch.save(seg, path)
 
 
 def _commands(tmp: Path, bad: Path) -> dict[str, list[str]]:
     ds, cfg = str(tmp / "ds"), str(tmp / "tiny.yaml")
     return {
-        "train-init": ["train", "--config", cfg, "--out", str(tmp / "run"), "--set", f"model.init={bad}", "--no-progress"],
-        "evaluate": ["evaluate", "--dataset", "folder", "--root", ds, "--checkpoint", str(bad), "--out", str(tmp / "ev"),
-                     "--device", "cpu", "--quiet", "--workers", "0"],
-        "predict": ["predict", "--checkpoint", str(bad), "--input", f"{ds}/images", "--out", str(tmp / "pred"),
-                    "--device", "cpu", "--no-progress", "--workers", "0"],
+        "train-init": [
+            "train",
+            "--config",
+            cfg,
+            "--out",
+            str(tmp / "run"),
+            "--set",
+            f"model.init={bad}",
+            "--no-progress",
+        ],
+        "evaluate": [
+            "evaluate",
+            "--dataset",
+            "folder",
+            "--root",
+            ds,
+            "--checkpoint",
+            str(bad),
+            "--out",
+            str(tmp / "ev"),
+            "--device",
+            "cpu",
+            "--quiet",
+            "--workers",
+            "0",
+        ],
+        "predict": [
+            "predict",
+            "--checkpoint",
+            str(bad),
+            "--input",
+            f"{ds}/images",
+            "--out",
+            str(tmp / "pred"),
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--workers",
+            "0",
+        ],
         "export": ["export", "--checkpoint", str(bad), "--out", str(tmp / "m.onnx")],
-        "pseudo-label": ["pseudo-label", "--checkpoint", str(bad), "--config", cfg, "--out", str(tmp / "pl"),
-                         "--device", "cpu", "--no-progress"],
-        "convert-official": ["convert", "official", "--segmentor", str(bad), "--arch", "small", "--num-classes", "7",
-                             "--out", str(tmp / "conv.safetensors")],
-        "convert-official-discriminators": ["convert", "official", "--segmentor", str(tmp / "seg.pth"),
-                                            "--discriminators", str(bad), "--arch", "small", "--num-classes", "7",
-                                            "--out", str(tmp / "conv.safetensors")],
-        "convert-imagenet": ["convert", "imagenet", "--weights", str(bad), "--arch", "small", "--num-classes", "7",
-                             "--out", str(tmp / "conv.safetensors")],
+        "pseudo-label": [
+            "pseudo-label",
+            "--checkpoint",
+            str(bad),
+            "--config",
+            cfg,
+            "--out",
+            str(tmp / "pl"),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+        "convert-official": [
+            "convert",
+            "official",
+            "--segmentor",
+            str(bad),
+            "--arch",
+            "small",
+            "--num-classes",
+            "7",
+            "--out",
+            str(tmp / "conv.safetensors"),
+        ],
+        "convert-official-discriminators": [
+            "convert",
+            "official",
+            "--segmentor",
+            str(tmp / "seg.pth"),
+            "--discriminators",
+            str(bad),
+            "--arch",
+            "small",
+            "--num-classes",
+            "7",
+            "--out",
+            str(tmp / "conv.safetensors"),
+        ],
+        "convert-imagenet": [
+            "convert",
+            "imagenet",
+            "--weights",
+            str(bad),
+            "--arch",
+            "small",
+            "--num-classes",
+            "7",
+            "--out",
+            str(tmp / "conv.safetensors"),
+        ],
     }
 
 
@@ -116,7 +197,9 @@ def _assert_refused(code: int, err: str, bad: Path, marker: Path) -> None:
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and str(bad) in lines[0], err
-    assert any(w in lines[0] for w in ("not a dast checkpoint", "refusing to load", "not a readable safetensors")), lines[0]
+    assert any(w in lines[0] for w in ("not a dast checkpoint", "refusing to load", "not a readable safetensors")), (
+        lines[0]
+    )
 
 
 COMMANDS = list(_commands(Path("."), Path("x")))
@@ -124,8 +207,9 @@ COMMANDS = list(_commands(Path("."), Path("x")))
 
 @pytest.mark.parametrize("variant", ["zip", "pickle", "renamed"])
 @pytest.mark.parametrize("command", COMMANDS)
-def test_every_loading_path_refuses_the_crafted_file(command: str, variant: str, evil: dict[str, Path], place: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_loading_path_refuses_the_crafted_file(
+    command: str, variant: str, evil: dict[str, Path], place: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     if command == "convert-official-discriminators":
         _official_segmentor(place / "seg.pth")
     bad = evil[variant]
@@ -136,8 +220,9 @@ def test_every_loading_path_refuses_the_crafted_file(command: str, variant: str,
 
 
 @pytest.mark.parametrize("where", ["checkpoint", "selected"])
-def test_resume_refuses_a_crafted_file_in_the_run_directory(where: str, evil: dict[str, Path], place: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_refuses_a_crafted_file_in_the_run_directory(
+    where: str, evil: dict[str, Path], place: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`train --resume` with the crafted file as the latest checkpoint of stage 1, or as
     the selected model of a completed stage 1 that the next round starts from."""
     run = place / "run"
@@ -145,12 +230,30 @@ def test_resume_refuses_a_crafted_file_in_the_run_directory(where: str, evil: di
     capsys.readouterr()
     if where == "checkpoint":  # the latest checkpoint of a stage 1 that is then made longer
         bad = run / "stage1" / "checkpoints" / "step_00000002.safetensors"
-        args = ["train", "--config", str(place / "tiny.yaml"), "--out", str(run), "--resume",
-                "--set", "train.steps=3", "--no-progress"]
+        args = [
+            "train",
+            "--config",
+            str(place / "tiny.yaml"),
+            "--out",
+            str(run),
+            "--resume",
+            "--set",
+            "train.steps=3",
+            "--no-progress",
+        ]
     else:
         bad = run / "stage1" / "selected.safetensors"
-        args = ["train", "--config", str(place / "tiny.yaml"), "--out", str(run), "--resume",
-                "--set", "self_training.rounds=1", "--no-progress"]
+        args = [
+            "train",
+            "--config",
+            str(place / "tiny.yaml"),
+            "--out",
+            str(run),
+            "--resume",
+            "--set",
+            "self_training.rounds=1",
+            "--no-progress",
+        ]
     shutil.copyfile(evil["zip"], bad)
     code = main(args)
     _assert_refused(code, capsys.readouterr().err, bad, evil["marker"])

@@ -124,19 +124,22 @@ def test_native_size_and_restored_train_mode(ckpt: Path) -> None:
     assert all(m.training for top in nets.modules() for m in top.modules())
 
 
-@pytest.mark.parametrize("bad,fragment", [
-    (np.zeros((20, 30), np.uint8), "H x W x 3"),
-    (np.zeros((20, 30, 4), np.uint8), "got shape (20, 30, 4)"),
-    (np.zeros((20, 30, 3), np.float32), "uint8"),
-    (np.zeros((0, 30, 3), np.uint8), "empty"),
-    (torch.zeros(2, 20, 30, 3, dtype=torch.uint8), "N x 3 x H x W"),
-    (torch.zeros(1, 3, 20, 30) - 1.5, "0..255"),
-    (torch.full((1, 3, 20, 30), float("nan")), "NaN"),
-    (torch.zeros(1, 3, 20, 30, dtype=torch.int32), "dtype torch.int32"),
-    (torch.zeros(0, 3, 20, 30), "empty"),
-    ([[0, 1], [2, 3]], "got list"),
-    ("no/such/image.png", "image file not found"),
-])
+@pytest.mark.parametrize(
+    "bad,fragment",
+    [
+        (np.zeros((20, 30), np.uint8), "H x W x 3"),
+        (np.zeros((20, 30, 4), np.uint8), "got shape (20, 30, 4)"),
+        (np.zeros((20, 30, 3), np.float32), "uint8"),
+        (np.zeros((0, 30, 3), np.uint8), "empty"),
+        (torch.zeros(2, 20, 30, 3, dtype=torch.uint8), "N x 3 x H x W"),
+        (torch.zeros(1, 3, 20, 30) - 1.5, "0..255"),
+        (torch.full((1, 3, 20, 30), float("nan")), "NaN"),
+        (torch.zeros(1, 3, 20, 30, dtype=torch.int32), "dtype torch.int32"),
+        (torch.zeros(0, 3, 20, 30), "empty"),
+        ([[0, 1], [2, 3]], "got list"),
+        ("no/such/image.png", "image file not found"),
+    ],
+)
 def test_bad_input_is_one_clear_error(ckpt: Path, bad: object, fragment: str) -> None:
     seg = Segmenter.from_checkpoint(ckpt)
     with pytest.raises(UserError) as info:

@@ -108,8 +108,9 @@ def test_reference_iteration_matches_released_update_rule(f64, reuse: bool) -> N
 
     so = segmentor_optimizer(seg, lr=LR, momentum=MOM, weight_decay=WD, head_lr_mult=10.0, duplicate_params=True)
     do = discriminator_optimizer([D, C], LR_D, (0.9, 0.99))
-    settings = StepSettings(adv_loss="lsgan", lambda_d=0.01, lambda_c=0.01, attention=True,
-                            weight_corrector=False, reuse_discoverer=reuse)
+    settings = StepSettings(
+        adv_loss="lsgan", lambda_d=0.01, lambda_c=0.01, attention=True, weight_corrector=False, reuse_discoverer=reuse
+    )
     out, applied = train_step(StepModels(seg, D, C), so, do, xs, ys, xt, None, settings, contextlib.nullcontext)
     assert applied
     assert out["loss/seg"].item() == pytest.approx(losses["seg"], rel=1e-12)
@@ -180,8 +181,17 @@ def test_pseudo_label_loss_and_no_adversarial_path(f64) -> None:
     xs, ys, xt = _data()
     yt = torch.randint(0, 3, ys.shape)
     so = segmentor_optimizer(seg, lr=LR, momentum=MOM, weight_decay=WD, head_lr_mult=10.0, duplicate_params=False)
-    out, _ = train_step(StepModels(seg, D, None), so, None, xs, ys, xt, yt,
-                        StepSettings(adversarial=False, attention=True, mu=0.5), contextlib.nullcontext)
+    out, _ = train_step(
+        StepModels(seg, D, None),
+        so,
+        None,
+        xs,
+        ys,
+        xt,
+        yt,
+        StepSettings(adversarial=False, attention=True, mu=0.5),
+        contextlib.nullcontext,
+    )
     assert "loss/pseudo_seg" in out and "loss/adv_d" not in out
     assert out["loss/total"].item() == pytest.approx(out["loss/seg"].item() + 0.5 * out["loss/pseudo_seg"].item())
     assert all(p.grad is None for p in D.parameters())

@@ -12,7 +12,12 @@ from dast.cli import main
 def test_sweep_runs_each_seed_and_resumes(tiny_config, tmp_path: Path, capsys) -> None:
     cfg = tiny_config(selection={"enabled": False}, val=None, train={"steps": 2})
     out = tmp_path / "sweep"
-    assert main(["sweep", "--configs", str(cfg), "--seeds", "1", "2", "--out", str(out), "--gpus", "cpu", "--cpu-jobs", "2"]) == 0
+    assert (
+        main(
+            ["sweep", "--configs", str(cfg), "--seeds", "1", "2", "--out", str(out), "--gpus", "cpu", "--cpu-jobs", "2"]
+        )
+        == 0
+    )
     for seed in (1, 2):
         run = out / f"{cfg.stem}_seed{seed}"
         assert (run / "final" / "model.safetensors").is_file()

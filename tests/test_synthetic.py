@@ -148,7 +148,9 @@ def test_appearance_shift_pixel_shares_equal_and_every_class_present() -> None:
 
 
 def test_rejects_an_unknown_shift() -> None:
-    with pytest.raises(ValueError, match=r"unknown domain shift 'layout'; choose one of appearance, appearance\+layout"):
+    with pytest.raises(
+        ValueError, match=r"unknown domain shift 'layout'; choose one of appearance, appearance\+layout"
+    ):
         generate_scene("source", 0, 0, SIZE, shift="layout")
     assert SHIFTS == ("appearance", "appearance+layout")
 
@@ -195,7 +197,10 @@ def test_make_data_cli_both(tmp_path: Path) -> None:
     code = main(["make-data", "--out", str(out), "--count", "2", "--size", "48", "32", "--seed", "1", "--no-progress"])
     assert code == 0
     for domain in DOMAINS:
-        assert sorted(p.name for p in (out / domain / "labels").iterdir()) == [f"{domain}_00000.png", f"{domain}_00001.png"]
+        assert sorted(p.name for p in (out / domain / "labels").iterdir()) == [
+            f"{domain}_00000.png",
+            f"{domain}_00001.png",
+        ]
         assert (out / domain / "classes.yaml").is_file()
         with Image.open(out / domain / "images" / f"{domain}_00001.png") as im:
             assert im.size == (48, 32)
@@ -209,12 +214,16 @@ def test_make_data_cli_shift(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "appearance+layout shift" in capsys.readouterr().out
     for domain in DOMAINS:
         with Image.open(out / domain / "labels" / f"{domain}_00001.png") as im:
-            np.testing.assert_array_equal(np.asarray(im), generate_scene(domain, 1, 0, (48, 32), "appearance+layout")[1])
+            np.testing.assert_array_equal(
+                np.asarray(im), generate_scene(domain, 1, 0, (48, 32), "appearance+layout")[1]
+            )
     shared = tmp_path / "shared"
     assert main(["make-data", "--out", str(shared), "--count", "2", "--size", "48", "32", "--no-progress"]) == 0
     for i in range(2):
-        with Image.open(shared / "source" / "labels" / f"source_0000{i}.png") as a, \
-                Image.open(shared / "target" / "labels" / f"target_0000{i}.png") as b:
+        with (
+            Image.open(shared / "source" / "labels" / f"source_0000{i}.png") as a,
+            Image.open(shared / "target" / "labels" / f"target_0000{i}.png") as b,
+        ):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the default: appearance only
     with pytest.raises(SystemExit) as exc:
         main([*argv, "--shift", "layout"])

@@ -129,8 +129,23 @@ def test_per_image_batchnorm_converts_plain_batchnorm_and_refuses_fused_ones() -
 
 
 def _convert(weights: Path, name: str, out: Path, *extra: str) -> int:
-    return main(["convert", "imagenet", "--arch", "timm", "--timm-name", name, "--weights", str(weights),
-                 "--num-classes", "4", "--out", str(out), *extra])
+    return main(
+        [
+            "convert",
+            "imagenet",
+            "--arch",
+            "timm",
+            "--timm-name",
+            name,
+            "--weights",
+            str(weights),
+            "--num-classes",
+            "4",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.parametrize("name", ["test_resnet", "test_efficientnet", "test_convnext", "test_vit"])
@@ -151,15 +166,22 @@ def test_convert_equals_timms_own_loader(name: str, tmp_path: Path, capsys: pyte
     nets, _, meta = load_networks(out)
     enc = nets.segmentor.encoder
     assert meta["converted"]["from"] == "timm" and nets.spec.timm_name == name
-    theirs = timm.create_model(name, features_only=True, out_indices=(-1,), pretrained=True,
-                               pretrained_cfg_overlay={"file": str(weights)}, **enc.timm_kwargs)
+    theirs = timm.create_model(
+        name,
+        features_only=True,
+        out_indices=(-1,),
+        pretrained=True,
+        pretrained_cfg_overlay={"file": str(weights)},
+        **enc.timm_kwargs,
+    )
     ours = enc.body.state_dict()
     assert ours.keys() == theirs.state_dict().keys()
     for k, v in theirs.state_dict().items():
         assert torch.equal(ours[k], v), k
     skipped = set(meta["converted"]["report"]["skipped"])
-    assert skipped and skipped == {k for k in sd if k not in ours and "model." + k not in ours
-                                   and k.replace(".", "_", 1) not in ours}
+    assert skipped and skipped == {
+        k for k in sd if k not in ours and "model." + k not in ours and k.replace(".", "_", 1) not in ours
+    }
     enc.eval()
     theirs.eval()
     with torch.no_grad():
@@ -204,8 +226,10 @@ def test_convert_rejects_a_file_of_another_model(tmp_path: Path, capsys: pytest.
     assert _convert(ckpt, "resnet10t", out) == 2
     assert "already a dast checkpoint" in capsys.readouterr().err
     assert not out.exists()
-    assert main(["convert", "imagenet", "--arch", "small", "--timm-name", "x", "--weights", str(other),
-                 "--out", str(out)]) == 2
+    assert (
+        main(["convert", "imagenet", "--arch", "small", "--timm-name", "x", "--weights", str(other), "--out", str(out)])
+        == 2
+    )
     assert "--timm-name goes with --arch timm" in capsys.readouterr().err
 
 
@@ -215,9 +239,16 @@ def test_convert_rejects_a_file_of_another_model(tmp_path: Path, capsys: pytest.
 def _trained_like_checkpoint(tmp_path: Path) -> Path:
     """A resnet10t model at output stride 16 whose BatchNorm statistics are not the initial ones."""
     torch.manual_seed(3)
-    spec = ModelSpec(arch="timm", num_classes=4, norm="imagenet", timm_name="resnet10t", output_stride=16,
-                     input_size=(96, 64), class_names=["a", "b", "c", "d"],
-                     class_colors=[(200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0)])
+    spec = ModelSpec(
+        arch="timm",
+        num_classes=4,
+        norm="imagenet",
+        timm_name="resnet10t",
+        output_stride=16,
+        input_size=(96, 64),
+        class_names=["a", "b", "c", "d"],
+        class_colors=[(200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0)],
+    )
     nets = build_networks(spec)
     with torch.no_grad():
         nets.segmentor.train()(_x(2, 64, 96, seed=9) * 2 + 0.5)
@@ -271,8 +302,26 @@ def test_predict_with_a_timm_checkpoint(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(img)
     out = tmp_path / "pred"
-    assert main(["predict", "--checkpoint", str(path), "--input", str(img), "--out", str(out), "--device", "cpu",
-                 "--workers", "0", "--no-progress", "--save-logits"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(path),
+                "--input",
+                str(img),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--workers",
+                "0",
+                "--no-progress",
+                "--save-logits",
+            ]
+        )
+        == 0
+    )
     label = np.array(Image.open(out / "street.png"))
     assert label.shape == (50, 70) and label.max() < 4
     assert (out / "street_color.png").is_file() and (out / "street_attention.png").is_file()
@@ -285,18 +334,27 @@ def test_predict_with_a_timm_checkpoint(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_train_and_report_with_a_timm_backbone(tiny_config, tmp_path: Path) -> None:
-    cfg = tiny_config(model={"arch": "timm", "timm_name": "resnet10t", "norm": "imagenet"},
-                      train={"steps": 4, "checkpoint_every": 2, "keep_last": 2},
-                      self_training={"rounds": 1, "steps": 1})
+    cfg = tiny_config(
+        model={"arch": "timm", "timm_name": "resnet10t", "norm": "imagenet"},
+        train={"steps": 4, "checkpoint_every": 2, "keep_last": 2},
+        self_training={"rounds": 1, "steps": 1},
+    )
     run = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress"]) == 0
     nets, _, meta = load_networks(run / "final" / "model.safetensors")
-    assert (meta["model"]["arch"], meta["model"]["timm_name"], meta["model"]["output_stride"]) == ("timm", "resnet10t", None)
+    assert (meta["model"]["arch"], meta["model"]["timm_name"], meta["model"]["output_stride"]) == (
+        "timm",
+        "resnet10t",
+        None,
+    )
     assert nets.segmentor.encoder.output_stride == 8
     ckpts = run / "stage1" / "checkpoints"
     a, b = load_file(str(ckpts / "step_00000002.safetensors")), load_file(str(ckpts / "step_00000004.safetensors"))
-    for prefix in ("segmentor.encoder.body.conv1.0.weight", "segmentor.classifier.conv2d_list.0.weight",
-                   "discoverer.conv1.weight"):
+    for prefix in (
+        "segmentor.encoder.body.conv1.0.weight",
+        "segmentor.classifier.conv2d_list.0.weight",
+        "discoverer.conv1.weight",
+    ):
         assert not torch.equal(a[prefix], b[prefix]), prefix  # E, P and D all train
     metrics = json.loads((run / "final" / "metrics.json").read_text())
     assert 0.0 <= metrics["miou"] <= 100.0

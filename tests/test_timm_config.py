@@ -27,7 +27,12 @@ def _overrides(args: list[str]) -> list[str]:
 def test_timm_keys_must_fit_together(tiny_config) -> None:
     cfg = tiny_config()
     ok = load_config(cfg, _overrides(TIMM))
-    assert (ok.model.arch, ok.model.timm_name, ok.model.output_stride, ok.model.pretrained) == ("timm", "resnet10t", None, False)
+    assert (ok.model.arch, ok.model.timm_name, ok.model.output_stride, ok.model.pretrained) == (
+        "timm",
+        "resnet10t",
+        None,
+        False,
+    )
     with pytest.raises(ConfigError, match=r"'model.timm_name' is required with model.arch: timm"):
         load_config(cfg, ["model.arch=timm", "model.norm=imagenet"])
     with pytest.raises(ConfigError, match=r"model.arch: timm needs variant: paper"):
@@ -36,7 +41,9 @@ def test_timm_keys_must_fit_together(tiny_config) -> None:
         load_config(cfg, ["model.timm_name=resnet10t"])
     with pytest.raises(ConfigError, match=r"'model.pretrained' applies to model.arch: timm only"):
         load_config(cfg, ["model.pretrained=true"])
-    with pytest.raises(ConfigError, match=r"'model.output_stride': output stride 16 is not supported by the small architecture"):
+    with pytest.raises(
+        ConfigError, match=r"'model.output_stride': output stride 16 is not supported by the small architecture"
+    ):
         load_config(cfg, ["model.output_stride=16"])
 
 
@@ -52,14 +59,24 @@ def test_caffe_norm_with_timm_warns(tiny_config, caplog: pytest.LogCaptureFixtur
     assert caplog.text == ""
 
 
-def test_missing_timm_gives_the_install_hint(tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_timm_gives_the_install_hint(
+    tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` raises ImportError, installed or not
     with pytest.raises(ConfigError, match=r"needs the timm package: pip install 'dast\[timm\]'"):
         build_networks(ModelSpec(arch="timm", num_classes=3, timm_name="resnet10t"))
     run = tmp_path / "run"
-    code = main(["train", "--config", str(tiny_config(selection={"enabled": False}, val=None)), "--out", str(run),
-                 "--no-progress", *TIMM])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(tiny_config(selection={"enabled": False}, val=None)),
+            "--out",
+            str(run),
+            "--no-progress",
+            *TIMM,
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1] == "error: a timm backbone (model.arch: timm) needs the timm package: pip install 'dast[timm]'"
@@ -70,19 +87,29 @@ def test_demo_timm_is_the_demo_with_a_timm_encoder() -> None:
     demo, timm_demo = load_config(REPO / "dast/configs/demo.yaml"), load_config(REPO / "dast/configs/demo_timm.yaml")
     # the demo's small ResNet runs at output stride 4; timm's ResNets dilate down to 8 at most
     assert set(config_diff(demo, timm_demo)) == {"model.arch", "model.timm_name", "model.norm", "model.output_stride"}
-    assert (timm_demo.model.timm_name, timm_demo.model.norm, timm_demo.model.pretrained) == ("resnet10t", "imagenet", False)
+    assert (timm_demo.model.timm_name, timm_demo.model.norm, timm_demo.model.pretrained) == (
+        "resnet10t",
+        "imagenet",
+        False,
+    )
 
 
-def test_a_timm_checkpoint_without_timm_gives_the_install_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_timm_checkpoint_without_timm_gives_the_install_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setitem(sys.modules, "timm", None)
     spec = ModelSpec(arch="timm", num_classes=3, norm="imagenet", timm_name="resnet10t", input_size=(64, 32))
     ckpt = tmp_path / "model.safetensors"
-    save_checkpoint(ckpt, {"segmentor.classifier.conv2d_list.0.bias": torch.zeros(3)}, {"kind": "model", "model": spec.to_dict()})
+    save_checkpoint(
+        ckpt, {"segmentor.classifier.conv2d_list.0.bias": torch.zeros(3)}, {"kind": "model", "model": spec.to_dict()}
+    )
     image = tmp_path / "street.png"
     Image.new("RGB", (64, 32)).save(image)
     out = tmp_path / "pred"
-    assert main(["predict", "--checkpoint", str(ckpt), "--input", str(image), "--out", str(out), "--device", "cpu"]) == 2
-    assert capsys.readouterr().err.strip() == ("error: a timm backbone (model.arch: timm) needs the timm package: "
-                                               "pip install 'dast[timm]'")
+    assert (
+        main(["predict", "--checkpoint", str(ckpt), "--input", str(image), "--out", str(out), "--device", "cpu"]) == 2
+    )
+    assert capsys.readouterr().err.strip() == (
+        "error: a timm backbone (model.arch: timm) needs the timm package: pip install 'dast[timm]'"
+    )
     assert not out.exists()

@@ -47,10 +47,14 @@ def test_resume_refuses_a_changed_config(tiny_config, tmp_path: Path, capsys) ->
     cfg = tiny_config(selection={"enabled": False}, val=None, train={"steps": 2})
     run = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress"]) == 0
-    code = main(["train", "--config", str(cfg), "--out", str(run), "--resume", "--set", "train.lr=0.5", "--no-progress"])
+    code = main(
+        ["train", "--config", str(cfg), "--out", str(run), "--resume", "--set", "train.lr=0.5", "--no-progress"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "train.lr" in err and "--force" in err
-    code = main(["train", "--config", str(cfg), "--out", str(run), "--resume", "--set", "train.steps=1", "--no-progress"])
+    code = main(
+        ["train", "--config", str(cfg), "--out", str(run), "--resume", "--set", "train.steps=1", "--no-progress"]
+    )
     assert code == 2 and "smaller" in capsys.readouterr().err
     assert main(["train", "--config", str(cfg), "--out", str(run), "--no-progress"]) == 2  # exists, no --resume
     # --resume RUN_DIR alone reuses the stored config
@@ -86,17 +90,36 @@ def test_whole_method_one_command(tiny_config, tmp_path: Path) -> None:
 def test_cuda_graphs_falls_back_to_the_eager_step_without_cuda(tiny_config, tmp_path: Path) -> None:
     cfg = tiny_config(selection={"enabled": False}, val=None, train={"steps": 2})
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "eager"), "--no-progress"]) == 0
-    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "graphs"), "--no-progress",
-                 "--set", "runtime.cuda_graphs=true"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(cfg),
+                "--out",
+                str(tmp_path / "graphs"),
+                "--no-progress",
+                "--set",
+                "runtime.cuda_graphs=true",
+            ]
+        )
+        == 0
+    )
     assert "runtime.cuda_graphs needs a single CUDA device" in (tmp_path / "graphs" / "log.txt").read_text()
-    _assert_same(_weights(tmp_path / "eager/final/model.safetensors"), _weights(tmp_path / "graphs/final/model.safetensors"))
+    _assert_same(
+        _weights(tmp_path / "eager/final/model.safetensors"), _weights(tmp_path / "graphs/final/model.safetensors")
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graphs_training_matches_eager_training_on_cuda(tiny_config, tmp_path: Path) -> None:
     # the graphed trainer path, including a resume (fresh capture from restored optimiser state)
-    cfg = tiny_config(selection={"enabled": False}, val=None, train={"steps": 8, "checkpoint_every": 4},
-                      runtime={"device": "cuda", "amp": "none", "channels_last": False})
+    cfg = tiny_config(
+        selection={"enabled": False},
+        val=None,
+        train={"steps": 8, "checkpoint_every": 4},
+        runtime={"device": "cuda", "amp": "none", "channels_last": False},
+    )
     eager, graphs = tmp_path / "eager", tmp_path / "graphs"
     assert main(["train", "--config", str(cfg), "--out", str(eager), "--no-progress"]) == 0
     flag = ["--set", "runtime.cuda_graphs=true", "--no-progress"]

@@ -10,5 +10,15 @@
 from dast.benchmarking.modes import MODES, Mode, ResolvedMode, TrainingSetup, parse_modes, resolve_mode
 from dast.benchmarking.workloads import SIZES, WHATS, Sizes, run_benchmarks
 
-__all__ = ["MODES", "SIZES", "WHATS", "Mode", "ResolvedMode", "Sizes", "TrainingSetup", "parse_modes",
-           "resolve_mode", "run_benchmarks"]
+__all__ = [
+    "MODES",
+    "SIZES",
+    "WHATS",
+    "Mode",
+    "ResolvedMode",
+    "Sizes",
+    "TrainingSetup",
+    "parse_modes",
+    "resolve_mode",
+    "run_benchmarks",
+]

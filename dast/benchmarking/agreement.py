@@ -40,9 +40,12 @@ def _worst_window(a: np.ndarray, b: np.ndarray, window: int, floor: float) -> fl
     return max(_rel(float(a[i : i + w].mean()), float(b[i : i + w].mean()), floor) for i in range(0, n - w + 1, w))
 
 
-def compare_losses(eager: Mapping[str, Sequence[float]], fast: Mapping[str, Sequence[float]],
-                   tol: LossTolerance = LossTolerance(),
-                   control: Mapping[str, Sequence[float]] | None = None) -> dict[str, dict[str, Any]]:
+def compare_losses(
+    eager: Mapping[str, Sequence[float]],
+    fast: Mapping[str, Sequence[float]],
+    tol: LossTolerance = LossTolerance(),
+    control: Mapping[str, Sequence[float]] | None = None,
+) -> dict[str, dict[str, Any]]:
     """Per loss key: first-step and worst windowed-mean relative differences, and ``pass``
     (with ``control``: also the control run's worst windowed difference from eager)."""
     result: dict[str, dict[str, Any]] = {}
@@ -57,7 +60,8 @@ def compare_losses(eager: Mapping[str, Sequence[float]], fast: Mapping[str, Sequ
         w = max(min(tol.window, n), 1)
         allowed = tol.window_rtol
         entry: dict[str, Any] = {
-            "eager_first": round(float(a[0]), 6), "fast_first": round(float(b[0]), 6),
+            "eager_first": round(float(a[0]), 6),
+            "fast_first": round(float(b[0]), 6),
             "first_rel_diff": float(f"{first:.3g}"),
             "eager_last_window": round(float(a[n - w : n].mean()), 6),
             "fast_last_window": round(float(b[n - w : n].mean()), 6),

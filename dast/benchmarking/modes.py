@@ -43,18 +43,35 @@ class Mode:
 
 
 MODES: dict[str, Mode] = {
-    "eager-fp32": Mode("none", False, False, "released", False, False,
-                       "the released code's way: fp32 (TF32 convolutions on CUDA), D three times, released SGD"),
+    "eager-fp32": Mode(
+        "none",
+        False,
+        False,
+        "released",
+        False,
+        False,
+        "the released code's way: fp32 (TF32 convolutions on CUDA), D three times, released SGD",
+    ),
     "eager-bf16": Mode("bf16", False, False, "released", False, False, "eager-fp32 under bf16 autocast"),
-    "fast-nograph": Mode("bf16", None, True, "foreach", False, False,
-                         "bf16, channels_last (CUDA), D once, foreach optimisers; eager"),
-    "fast": Mode("bf16", None, True, "foreach", True, False,
-                 "fast-nograph plus the whole step as CUDA graphs (CUDA only)"),
-    "fast-compile": Mode("bf16", None, True, "foreach", False, True,
-                         "fast-nograph plus torch.compile of the segmentor halves"),
-    "fast-fp32": Mode("none", None, True, "foreach", True, False,
-                      "the fast mode without bf16: fp32 (TF32 convolutions on CUDA), channels_last (CUDA), "
-                      "D once, foreach optimisers, CUDA graphs (CUDA)"),
+    "fast-nograph": Mode(
+        "bf16", None, True, "foreach", False, False, "bf16, channels_last (CUDA), D once, foreach optimisers; eager"
+    ),
+    "fast": Mode(
+        "bf16", None, True, "foreach", True, False, "fast-nograph plus the whole step as CUDA graphs (CUDA only)"
+    ),
+    "fast-compile": Mode(
+        "bf16", None, True, "foreach", False, True, "fast-nograph plus torch.compile of the segmentor halves"
+    ),
+    "fast-fp32": Mode(
+        "none",
+        None,
+        True,
+        "foreach",
+        True,
+        False,
+        "the fast mode without bf16: fp32 (TF32 convolutions on CUDA), channels_last (CUDA), "
+        "D once, foreach optimisers, CUDA graphs (CUDA)",
+    ),
 }
 
 
@@ -106,8 +123,13 @@ def parse_modes(text: str) -> list[str]:
 
 def runtime_request(mode: Mode) -> RuntimeConfig:
     """The ``runtime`` section of a config that asks for ``mode``'s levers."""
-    return RuntimeConfig(amp=mode.amp, channels_last=mode.channels_last, cuda_graphs=mode.cuda_graph,
-                         compile=mode.compile, optimizers=mode.optimizers)
+    return RuntimeConfig(
+        amp=mode.amp,
+        channels_last=mode.channels_last,
+        cuda_graphs=mode.cuda_graph,
+        compile=mode.compile,
+        optimizers=mode.optimizers,
+    )
 
 
 def resolve_mode(name: str, device: torch.device) -> ResolvedMode:
@@ -151,24 +173,46 @@ def bench_config(mode: ResolvedMode, schedule: Schedule, variant: str, num_class
     levers = mode.levers
     amp = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[levers.amp_dtype]
     s = schedule
-    return from_tree({
-        "variant": variant,
-        "model": {"arch": "small", "num_classes": num_classes},
-        "source": {"kind": "synthetic"}, "target": {"kind": "synthetic", "domain": "target"},
-        "adversarial": {"lr": s.lr_d, "betas": list(s.betas)},
-        "train": {"lr": s.lr, "poly_steps": s.poly_steps, "momentum": s.momentum, "weight_decay": s.weight_decay,
-                  "power": s.power, "reuse_discoverer": mode.reuse_discoverer},
-        "runtime": {"amp": amp, "channels_last": levers.channels_last, "cuda_graphs": levers.cuda_graphs,
-                    "compile": levers.compile, "optimizers": levers.optimizers},
-    }, "bench")
+    return from_tree(
+        {
+            "variant": variant,
+            "model": {"arch": "small", "num_classes": num_classes},
+            "source": {"kind": "synthetic"},
+            "target": {"kind": "synthetic", "domain": "target"},
+            "adversarial": {"lr": s.lr_d, "betas": list(s.betas)},
+            "train": {
+                "lr": s.lr,
+                "poly_steps": s.poly_steps,
+                "momentum": s.momentum,
+                "weight_decay": s.weight_decay,
+                "power": s.power,
+                "reuse_discoverer": mode.reuse_discoverer,
+            },
+            "runtime": {
+                "amp": amp,
+                "channels_last": levers.channels_last,
+                "cuda_graphs": levers.cuda_graphs,
+                "compile": levers.compile,
+                "optimizers": levers.optimizers,
+            },
+        },
+        "bench",
+    )
 
 
 def bench_plan(schedule: Schedule, stage: int = 1) -> StagePlan:
     """The stage plan of a benchmarked iteration (stage 2: with pseudo labels)."""
     s = schedule
-    return StagePlan(STAGE1 if stage == 1 else round_name(1), 0 if stage == 1 else 1, steps=s.poly_steps,
-                     poly_steps=s.poly_steps, lr=s.lr, head_lr_mult=s.head_lr_mult, duplicate_params=s.duplicate_params,
-                     adversarial=True)
+    return StagePlan(
+        STAGE1 if stage == 1 else round_name(1),
+        0 if stage == 1 else 1,
+        steps=s.poly_steps,
+        poly_steps=s.poly_steps,
+        lr=s.lr,
+        head_lr_mult=s.head_lr_mult,
+        duplicate_params=s.duplicate_params,
+        adversarial=True,
+    )
 
 
 class TrainingSetup:
@@ -180,8 +224,16 @@ class TrainingSetup:
     to channels_last / compiled as the mode says.
     """
 
-    def __init__(self, mode: ResolvedMode, nets: tuple[nn.Module, nn.Module, nn.Module], device: torch.device,
-                 schedule: Schedule = STAGE1, *, graph_warmup: int = 3, variant: str = "reference") -> None:
+    def __init__(
+        self,
+        mode: ResolvedMode,
+        nets: tuple[nn.Module, nn.Module, nn.Module],
+        device: torch.device,
+        schedule: Schedule = STAGE1,
+        *,
+        graph_warmup: int = 3,
+        variant: str = "reference",
+    ) -> None:
         seg, disc, corr = (m.to(device) for m in nets)
         for m in (seg, disc, corr):
             m.train()

@@ -23,8 +23,12 @@ class Timing:
         return statistics.median(self.times_ms)
 
     def summary(self) -> dict[str, Any]:
-        return {"ms_median": round(self.median, 3), "ms_min": round(min(self.times_ms), 3),
-                "ms_max": round(max(self.times_ms), 3), "iters": len(self.times_ms)}
+        return {
+            "ms_median": round(self.median, 3),
+            "ms_min": round(min(self.times_ms), 3),
+            "ms_max": round(max(self.times_ms), 3),
+            "iters": len(self.times_ms),
+        }
 
 
 def synchronize(device: torch.device) -> None:

@@ -70,11 +70,21 @@ class Case:
     info: Callable[[], dict[str, Any]]
 
 
-def prepare_step(arch: str, mode: ResolvedMode, device: torch.device, sizes: Sizes, *, stage: int, warmup: int,
-                 variant: str, num_classes: int = NUM_CLASSES) -> Case:
+def prepare_step(
+    arch: str,
+    mode: ResolvedMode,
+    device: torch.device,
+    sizes: Sizes,
+    *,
+    stage: int,
+    warmup: int,
+    variant: str,
+    num_classes: int = NUM_CLASSES,
+) -> Case:
     """One training iteration (batch 1 source + 1 target; stage 2 adds target pseudo labels)."""
-    setup = TrainingSetup(mode, build_nets(arch, num_classes, variant, seed=0), device,
-                          STAGE1 if stage == 1 else STAGE2, variant=variant)
+    setup = TrainingSetup(
+        mode, build_nets(arch, num_classes, variant, seed=0), device, STAGE1 if stage == 1 else STAGE2, variant=variant
+    )
     gen = torch.Generator().manual_seed(1)
     xs = setup.prepare_images(random_images(1, sizes.source, gen))
     ys = random_labels(1, sizes.source, num_classes, gen).to(device)
@@ -92,15 +102,18 @@ def prepare_step(arch: str, mode: ResolvedMode, device: torch.device, sizes: Siz
         warmup = max(warmup, setup.graphed.warmup + 2)  # eager warm-up calls, capture, one replay
 
     def info() -> dict[str, Any]:
-        return {"batch": 1, "applied_fraction": round(sum(applied) / max(len(applied), 1), 3),
-                "last_loss_seg": round(float(last["loss/seg"]), 5) if last else None,
-                "source_size": list(sizes.source), "target_size": list(sizes.target)}
+        return {
+            "batch": 1,
+            "applied_fraction": round(sum(applied) / max(len(applied), 1), 3),
+            "last_loss_seg": round(float(last["loss/seg"]), 5) if last else None,
+            "source_size": list(sizes.source),
+            "target_size": list(sizes.target),
+        }
 
     return Case(one, warmup, info)
 
 
-def _target_model(arch: str, mode: ResolvedMode, device: torch.device, variant: str,
-                  num_classes: int) -> TargetModel:
+def _target_model(arch: str, mode: ResolvedMode, device: torch.device, variant: str, num_classes: int) -> TargetModel:
     seg, disc, _ = build_nets(arch, num_classes, variant, seed=0)
     model = TargetModel(seg, disc).to(device).eval()
     if mode.channels_last:
@@ -119,8 +132,9 @@ def _images(batch: int, size: tuple[int, int], mode: ResolvedMode, device: torch
     return x.contiguous(memory_format=torch.channels_last) if mode.channels_last else x
 
 
-def infer_fn(model: TargetModel, mode: ResolvedMode, device: torch.device,
-             out_size: tuple[int, int]) -> Callable[[Tensor], Tensor]:
+def infer_fn(
+    model: TargetModel, mode: ResolvedMode, device: torch.device, out_size: tuple[int, int]
+) -> Callable[[Tensor], Tensor]:
     """Images -> uint8 class maps at ``out_size`` (w, h): the target path, logits upsampled
     bilinearly (align_corners) and argmax, as in the evaluation."""
     autocast = mode.autocast(device)
@@ -152,18 +166,39 @@ def _graph_warmup(mode: ResolvedMode, warmup: int) -> int:
     return max(warmup, 4) if mode.cuda_graph else warmup
 
 
-def prepare_infer(arch: str, mode: ResolvedMode, device: torch.device, sizes: Sizes, *, batch: int, warmup: int,
-                  variant: str, num_classes: int = NUM_CLASSES) -> Case:
+def prepare_infer(
+    arch: str,
+    mode: ResolvedMode,
+    device: torch.device,
+    sizes: Sizes,
+    *,
+    batch: int,
+    warmup: int,
+    variant: str,
+    num_classes: int = NUM_CLASSES,
+) -> Case:
     """Target inference at the target size, upsampled to ``sizes.infer_out``, argmax on the device."""
     model = _target_model(arch, mode, device, variant, num_classes)
     fn = infer_fn(model, mode, device, sizes.infer_out)
     x = _images(batch, sizes.target, mode, device)
-    return Case(lambda i: fn(x), _graph_warmup(mode, warmup),
-                lambda: {"batch": batch, "input_size": list(sizes.target), "output_size": list(sizes.infer_out)})
+    return Case(
+        lambda i: fn(x),
+        _graph_warmup(mode, warmup),
+        lambda: {"batch": batch, "input_size": list(sizes.target), "output_size": list(sizes.infer_out)},
+    )
 
 
-def prepare_pseudo(arch: str, mode: ResolvedMode, device: torch.device, sizes: Sizes, *, batch: int, warmup: int,
-                   variant: str, num_classes: int = NUM_CLASSES) -> Case:
+def prepare_pseudo(
+    arch: str,
+    mode: ResolvedMode,
+    device: torch.device,
+    sizes: Sizes,
+    *,
+    batch: int,
+    warmup: int,
+    variant: str,
+    num_classes: int = NUM_CLASSES,
+) -> Case:
     """Pseudo-label work per batch, as ``generate_pseudo_labels`` in histogram mode does it:
     pass 1 (probabilities, histogram update) and pass 2 (probabilities, label selection,
     copy to the host). PNG encoding and disk writes are not included."""
@@ -179,12 +214,25 @@ def prepare_pseudo(arch: str, mode: ResolvedMode, device: torch.device, sizes: S
         est.update(probs(x))
         select_labels(probs(x), thresholds).cpu()
 
-    return Case(run, _graph_warmup(mode, warmup),
-                lambda: {"batch": batch, "input_size": list(sizes.target), "forward_passes_per_image": 2})
+    return Case(
+        run,
+        _graph_warmup(mode, warmup),
+        lambda: {"batch": batch, "input_size": list(sizes.target), "forward_passes_per_image": 2},
+    )
 
 
-def prepare(what: str, arch: str, mode: ResolvedMode, device: torch.device, sizes: Sizes, *, batch: int,
-            warmup: int, variant: str, num_classes: int) -> Case:
+def prepare(
+    what: str,
+    arch: str,
+    mode: ResolvedMode,
+    device: torch.device,
+    sizes: Sizes,
+    *,
+    batch: int,
+    warmup: int,
+    variant: str,
+    num_classes: int,
+) -> Case:
     """The :class:`Case` of one measurement."""
     common = dict(warmup=warmup, variant=variant, num_classes=num_classes)
     if what in ("step", "step2"):
@@ -197,8 +245,14 @@ def prepare(what: str, arch: str, mode: ResolvedMode, device: torch.device, size
 
 
 def _result(timing: Timing, case: Case, warmup: int, mode: ResolvedMode, device: torch.device) -> dict[str, Any]:
-    row = {**timing.summary(), "warmup": warmup, "peak_mem_gib": peak_memory_gib(device), "rss_gib": rss_gib(),
-           **mode.describe(), **case.info()}
+    row = {
+        **timing.summary(),
+        "warmup": warmup,
+        "peak_mem_gib": peak_memory_gib(device),
+        "rss_gib": rss_gib(),
+        **mode.describe(),
+        **case.info(),
+    }
     if "input_size" in row:
         row["images_per_s"] = round(row["batch"] * 1000.0 / timing.median, 2)
     return row
@@ -209,9 +263,20 @@ def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}"[:500]
 
 
-def measure_modes(what: str, arch: str, modes: Sequence[str], device: torch.device, sizes: Sizes, *, batch: int,
-                  iters: int, warmup: int, variant: str, num_classes: int,
-                  interleave: bool) -> list[dict[str, Any] | str]:
+def measure_modes(
+    what: str,
+    arch: str,
+    modes: Sequence[str],
+    device: torch.device,
+    sizes: Sizes,
+    *,
+    batch: int,
+    iters: int,
+    warmup: int,
+    variant: str,
+    num_classes: int,
+    interleave: bool,
+) -> list[dict[str, Any] | str]:
     """Time every mode of one (what, arch, batch); a result row, or an error string, per mode.
 
     Sequential: each mode is built, warmed up, timed and freed in turn (peak memory is
@@ -225,8 +290,17 @@ def measure_modes(what: str, arch: str, modes: Sequence[str], device: torch.devi
             mode = resolve_mode(name, device)
             try:
                 reset_peak_memory(device)
-                case = prepare(what, arch, mode, device, sizes, batch=batch, warmup=warmup, variant=variant,
-                               num_classes=num_classes)
+                case = prepare(
+                    what,
+                    arch,
+                    mode,
+                    device,
+                    sizes,
+                    batch=batch,
+                    warmup=warmup,
+                    variant=variant,
+                    num_classes=num_classes,
+                )
                 timing = measure(case.fn, iters=iters, warmup=case.warmup, device=device)
                 results.append(_result(timing, case, case.warmup, mode, device))
             except Exception as exc:  # noqa: BLE001 - report and go on with the next measurement
@@ -238,8 +312,17 @@ def measure_modes(what: str, arch: str, modes: Sequence[str], device: torch.devi
     cases: list[Case | str] = []
     for name in modes:
         try:
-            case = prepare(what, arch, resolve_mode(name, device), device, sizes, batch=batch, warmup=warmup,
-                           variant=variant, num_classes=num_classes)
+            case = prepare(
+                what,
+                arch,
+                resolve_mode(name, device),
+                device,
+                sizes,
+                batch=batch,
+                warmup=warmup,
+                variant=variant,
+                num_classes=num_classes,
+            )
             for i in range(case.warmup):
                 case.fn(i)
             cases.append(case)
@@ -251,8 +334,9 @@ def measure_modes(what: str, arch: str, modes: Sequence[str], device: torch.devi
             if isinstance(case, str):
                 continue
             try:
-                times[k].extend(measure(lambda i, c=case: c.fn(c.warmup + it + i), iters=1, warmup=0,
-                                         device=device).times_ms)
+                times[k].extend(
+                    measure(lambda i, c=case: c.fn(c.warmup + it + i), iters=1, warmup=0, device=device).times_ms
+                )
             except Exception as exc:  # noqa: BLE001
                 cases[k] = _error(exc)
     for name, case, ts in zip(modes, cases, times):
@@ -263,10 +347,20 @@ def measure_modes(what: str, arch: str, modes: Sequence[str], device: torch.devi
     return results
 
 
-def run_benchmarks(*, device: torch.device, archs: Sequence[str], size: str, whats: Sequence[str],
-                   modes: Sequence[str], iters: int, warmup: int, batches: Sequence[int],
-                   variant: str = "reference", num_classes: int = NUM_CLASSES,
-                   interleave: bool | None = None) -> Iterator[dict[str, Any]]:
+def run_benchmarks(
+    *,
+    device: torch.device,
+    archs: Sequence[str],
+    size: str,
+    whats: Sequence[str],
+    modes: Sequence[str],
+    iters: int,
+    warmup: int,
+    batches: Sequence[int],
+    variant: str = "reference",
+    num_classes: int = NUM_CLASSES,
+    interleave: bool | None = None,
+) -> Iterator[dict[str, Any]]:
     """Yield one result row per (what, arch, batch, mode); a failing measurement yields a
     row with ``error`` instead of timings and the others still run. ``interleave``
     (default: on the CPU only) times the modes round-robin, see :func:`measure_modes`."""
@@ -275,14 +369,32 @@ def run_benchmarks(*, device: torch.device, archs: Sequence[str], size: str, wha
     if interleave is None:
         interleave = device.type == "cpu"
     sizes = SIZES[size]
-    base = {"device": device.type, "device_name": device_name(device), "torch": torch.__version__,
-            "size": size, "variant": variant, "num_classes": num_classes, "interleaved": interleave,
-            "tf32": bool(device.type == "cuda" and torch.backends.cudnn.allow_tf32)}
+    base = {
+        "device": device.type,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "size": size,
+        "variant": variant,
+        "num_classes": num_classes,
+        "interleaved": interleave,
+        "tf32": bool(device.type == "cuda" and torch.backends.cudnn.allow_tf32),
+    }
     for what in whats:
         for arch in archs:
-            for batch in ([1] if what in ("step", "step2") else list(batches)):
-                results = measure_modes(what, arch, modes, device, sizes, batch=batch, iters=iters, warmup=warmup,
-                                        variant=variant, num_classes=num_classes, interleave=interleave)
+            for batch in [1] if what in ("step", "step2") else list(batches):
+                results = measure_modes(
+                    what,
+                    arch,
+                    modes,
+                    device,
+                    sizes,
+                    batch=batch,
+                    iters=iters,
+                    warmup=warmup,
+                    variant=variant,
+                    num_classes=num_classes,
+                    interleave=interleave,
+                )
                 baseline: float | None = None
                 for name, result in zip(modes, results):
                     row: dict[str, Any] = {"what": what, "arch": arch, "mode": name, **base}

@@ -12,7 +12,9 @@ from dast.errors import UserError
 
 
 def add_device_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run (default: cuda if available)")
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run (default: cuda if available)"
+    )
 
 
 def resolve_device(name: str) -> torch.device:

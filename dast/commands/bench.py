@@ -39,34 +39,68 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
         name,
         help="time training steps, inference and pseudo-labelling (JSON lines)",
         description="Measure, per mode, the stage-1 iteration (step: 1280x720 source + 1024x512 target, batch 1), "
-                    "the stage-2 iteration with pseudo labels (step2), target inference at 1024x512 upsampled to "
-                    "2048x1024 (infer) and pseudo-labelling (pseudo). Prints one JSON object per measurement: "
-                    "what, arch, mode, device, torch, ms_median, ms_min, ms_max, iters, peak_mem_gib, ... "
-                    "Networks have random weights; nothing is downloaded. Modes: "
-                    + "; ".join(f"{k}: {m.about}" for k, m in MODES.items()) + ".",
+        "the stage-2 iteration with pseudo labels (step2), target inference at 1024x512 upsampled to "
+        "2048x1024 (infer) and pseudo-labelling (pseudo). Prints one JSON object per measurement: "
+        "what, arch, mode, device, torch, ms_median, ms_min, ms_max, iters, peak_mem_gib, ... "
+        "Networks have random weights; nothing is downloaded. Modes: "
+        + "; ".join(f"{k}: {m.about}" for k, m in MODES.items())
+        + ".",
     )
     add_device_argument(p)
-    p.add_argument("--arch", default=None, metavar="A[,A]",
-                   help=f"architectures, comma-separated ({', '.join(ARCH_CHOICES)}); "
-                        "default resnet101 for --size paper, small for --size small")
-    p.add_argument("--size", choices=["paper", "small"], default="paper",
-                   help="paper: the paper's resolutions; small: 256x144 + 256x128 (a CPU smoke run)")
-    p.add_argument("--what", default="step", metavar="W[,W]",
-                   help=f"what to measure, comma-separated: {', '.join(WHATS)} or all (default step)")
-    p.add_argument("--modes", default="eager-fp32,fast", metavar="M[,M]",
-                   help="modes to compare, comma-separated (default eager-fp32,fast)")
+    p.add_argument(
+        "--arch",
+        default=None,
+        metavar="A[,A]",
+        help=f"architectures, comma-separated ({', '.join(ARCH_CHOICES)}); "
+        "default resnet101 for --size paper, small for --size small",
+    )
+    p.add_argument(
+        "--size",
+        choices=["paper", "small"],
+        default="paper",
+        help="paper: the paper's resolutions; small: 256x144 + 256x128 (a CPU smoke run)",
+    )
+    p.add_argument(
+        "--what",
+        default="step",
+        metavar="W[,W]",
+        help=f"what to measure, comma-separated: {', '.join(WHATS)} or all (default step)",
+    )
+    p.add_argument(
+        "--modes",
+        default="eager-fp32,fast",
+        metavar="M[,M]",
+        help="modes to compare, comma-separated (default eager-fp32,fast)",
+    )
     p.add_argument("--iters", type=positive_int, default=20, help="timed iterations (default 20)")
     p.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed iterations first (default 3)")
-    p.add_argument("--batches", default=None, metavar="B[,B]",
-                   help="batch sizes for infer and pseudo (default 1,2,4,8 on CUDA, 1,2 on the CPU)")
-    p.add_argument("--variant", choices=["reference", "paper"], default="reference",
-                   help="network variant (default reference: the released code's networks and stage-1 SGD)")
+    p.add_argument(
+        "--batches",
+        default=None,
+        metavar="B[,B]",
+        help="batch sizes for infer and pseudo (default 1,2,4,8 on CUDA, 1,2 on the CPU)",
+    )
+    p.add_argument(
+        "--variant",
+        choices=["reference", "paper"],
+        default="reference",
+        help="network variant (default reference: the released code's networks and stage-1 SGD)",
+    )
     p.add_argument("--num-classes", type=positive_int, default=19, help="classes (default 19)")
-    p.add_argument("--interleave", choices=["auto", "on", "off"], default="auto",
-                   help="time the modes round-robin, one iteration each, so a shared machine's load affects "
-                        "them alike (auto: on for the CPU, off for CUDA, where all modes would share the memory)")
-    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                   help="CPU threads for torch (default: torch's choice); 1 steadies timings on a shared machine")
+    p.add_argument(
+        "--interleave",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="time the modes round-robin, one iteration each, so a shared machine's load affects "
+        "them alike (auto: on for the CPU, off for CUDA, where all modes would share the memory)",
+    )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="CPU threads for torch (default: torch's choice); 1 steadies timings on a shared machine",
+    )
     p.add_argument("--out", default=None, metavar="FILE", help="also write the JSON lines to FILE (atomically)")
     return p
 
@@ -81,16 +115,28 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     whats = list(WHATS) if args.what.strip() == "all" else _list(args.what, WHATS, "--what")
-    archs = _list(args.arch, ARCH_CHOICES, "--arch") if args.arch else (
-        ["resnet101"] if args.size == "paper" else ["small"])
+    archs = (
+        _list(args.arch, ARCH_CHOICES, "--arch")
+        if args.arch
+        else (["resnet101"] if args.size == "paper" else ["small"])
+    )
     modes = parse_modes(args.modes)
     batches = _batches(args.batches) if args.batches else ([1, 2, 4, 8] if device.type == "cuda" else [1, 2])
     lines: list[str] = []
     failed = 0
-    for row in run_benchmarks(device=device, archs=archs, size=args.size, whats=whats, modes=modes,
-                              iters=args.iters, warmup=args.warmup, batches=batches, variant=args.variant,
-                              num_classes=args.num_classes,
-                              interleave=None if args.interleave == "auto" else args.interleave == "on"):
+    for row in run_benchmarks(
+        device=device,
+        archs=archs,
+        size=args.size,
+        whats=whats,
+        modes=modes,
+        iters=args.iters,
+        warmup=args.warmup,
+        batches=batches,
+        variant=args.variant,
+        num_classes=args.num_classes,
+        interleave=None if args.interleave == "auto" else args.interleave == "on",
+    ):
         line = json.dumps(row, sort_keys=False)
         print(line, flush=True)
         lines.append(line)

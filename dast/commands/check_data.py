@@ -27,8 +27,9 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p.add_argument("--images", default="images", help="folder datasets: image sub-folder (default: images)")
     p.add_argument("--labels", default="labels", help="folder datasets: label sub-folder (default: labels)")
     p.add_argument("--no-labels", action="store_true", help="folder datasets: there is no label folder")
-    p.add_argument("--classes", default=None,
-                   help="folder datasets: YAML class list (default: ROOT/classes.yaml when present)")
+    p.add_argument(
+        "--classes", default=None, help="folder datasets: YAML class list (default: ROOT/classes.yaml when present)"
+    )
     p.add_argument("--num-classes", type=int, default=None, help="folder datasets: number of classes")
     p.add_argument("--workers", type=int, default=None, help="reader threads (default: up to 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -43,9 +44,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--num-classes must be in 1..255, got {num_classes}")
     if args.list_file is not None:
         existing_file(args.list_file, "list file")
-    result = scan_dataset(args.dataset, args.root, args.split, args.list_file, num_classes,
-                          images=args.images, labels=None if args.no_labels else args.labels,
-                          workers=args.workers, progress=not args.quiet, classes=args.classes)
+    result = scan_dataset(
+        args.dataset,
+        args.root,
+        args.split,
+        args.list_file,
+        num_classes,
+        images=args.images,
+        labels=None if args.no_labels else args.labels,
+        workers=args.workers,
+        progress=not args.quiet,
+        classes=args.classes,
+    )
     for line in result.problems:
         print(line)
     what = f"{result.num_images} images, {result.num_labels} labels checked in {args.root}"

@@ -42,8 +42,14 @@ def config_records() -> list[dict[str, Any]]:
     for name in packaged_config_names():
         path = PACKAGED_CONFIG_DIR / f"{name}.yaml"  # the packaged file, even if a local file has its name
         row = read_paper_row(path)
-        out.append({"name": name, "path": str(path),
-                    "paper": row.model_dump() if row is not None else None, "numbers": paper_numbers(row)})
+        out.append(
+            {
+                "name": name,
+                "path": str(path),
+                "paper": row.model_dump() if row is not None else None,
+                "numbers": paper_numbers(row),
+            }
+        )
     return out
 
 
@@ -70,8 +76,11 @@ def format_table(records: list[dict[str, Any]]) -> list[str]:
         rows.append((r["name"], paper.get("row", "-"), where, r["numbers"] + note))
     row_width = max(len(x[1]) for x in rows)
     table_width = max(len(x[2]) for x in rows)
-    lines = [f"{name:<{width}}  {row:<{row_width}}  {where:<{table_width}}  {numbers}".rstrip()
-             for name, row, where, numbers in rows]
-    lines.append("use a name with --config (e.g. `dast train --config gta5/resnet101/dast --out RUN`); "
-                 "a file path works too")
+    lines = [
+        f"{name:<{width}}  {row:<{row_width}}  {where:<{table_width}}  {numbers}".rstrip()
+        for name, row, where, numbers in rows
+    ]
+    lines.append(
+        "use a name with --config (e.g. `dast train --config gta5/resnet101/dast --out RUN`); a file path works too"
+    )
     return lines

@@ -51,8 +51,12 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
     o.add_argument("--discriminators", metavar="D.pth", help="released discriminators (the ModuleList of D and C)")
     o.add_argument("--arch", required=True, choices=CONVERT_ARCHS, help=_ARCH_HELP)
     o.add_argument("--num-classes", type=int, required=True, help="number of classes of the released model")
-    o.add_argument("--variant", choices=("reference", "paper"), default="reference",
-                   help="network variant to load into (default: reference, the released code's network)")
+    o.add_argument(
+        "--variant",
+        choices=("reference", "paper"),
+        default="reference",
+        help="network variant to load into (default: reference, the released code's network)",
+    )
     _common_flags(o)
 
     i = sub.add_parser(
@@ -64,14 +68,26 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
     )
     i.add_argument("--weights", required=True, metavar="FILE", help="the weight file (.pth or .safetensors)")
     i.add_argument("--arch", required=True, choices=IMAGENET_ARCHS, help=_ARCH_HELP + "; timm: any timm backbone")
-    i.add_argument("--timm-name", metavar="NAME", help="with --arch timm: the timm model the file holds (e.g. resnet50)")
-    i.add_argument("--output-stride", type=int, metavar="N",
-                   help="with --arch timm: output stride of the encoder (default: 8 where the family can dilate)")
-    i.add_argument("--variant", choices=("paper", "reference"), default="paper", help="network variant (default: paper)")
+    i.add_argument(
+        "--timm-name", metavar="NAME", help="with --arch timm: the timm model the file holds (e.g. resnet50)"
+    )
+    i.add_argument(
+        "--output-stride",
+        type=int,
+        metavar="N",
+        help="with --arch timm: output stride of the encoder (default: 8 where the family can dilate)",
+    )
+    i.add_argument(
+        "--variant", choices=("paper", "reference"), default="paper", help="network variant (default: paper)"
+    )
     i.add_argument("--num-classes", type=int, default=19, help="number of classes (default: 19)")
-    i.add_argument("--norm", choices=[n for n in NORMS if n != "unit"], default=None,
-                   help="input normalisation stored in the checkpoint (default: caffe for the DeepLab file, "
-                   "imagenet for torchvision weights)")
+    i.add_argument(
+        "--norm",
+        choices=[n for n in NORMS if n != "unit"],
+        default=None,
+        help="input normalisation stored in the checkpoint (default: caffe for the DeepLab file, "
+        "imagenet for torchvision weights)",
+    )
     i.add_argument("--format", dest="fmt", choices=FORMATS, default="auto", help="file layout (default: detect)")
     _common_flags(i)
 
@@ -82,12 +98,20 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
         "single-channel class-index PNGs with the same file names, as folder datasets need. A colour that is "
         "in no class stops the conversion; nothing is written unless every file converts.",
     )
-    lab.add_argument("--classes", required=True, metavar="classes.yaml",
-                     help="class list: {name, color} entries in index order")
+    lab.add_argument(
+        "--classes", required=True, metavar="classes.yaml", help="class list: {name, color} entries in index order"
+    )
     lab.add_argument("--in", dest="in_dir", required=True, metavar="RGB_LABEL_DIR", help="folder of colour label PNGs")
     lab.add_argument("--out", required=True, metavar="INDEX_LABEL_DIR", help="folder to write the index PNGs into")
-    lab.add_argument("--ignore-color", dest="ignore_colors", action="append", type=_rgb_arg, default=[],
-                     metavar="R,G,B", help="a colour whose pixels become 255 (ignored); repeatable")
+    lab.add_argument(
+        "--ignore-color",
+        dest="ignore_colors",
+        action="append",
+        type=_rgb_arg,
+        default=[],
+        metavar="R,G,B",
+        help="a colour whose pixels become 255 (ignored); repeatable",
+    )
     lab.add_argument("--force", action="store_true", help="replace a non-empty --out folder (its contents are deleted)")
     lab.add_argument("--workers", type=positive_int, default=None, help="converter threads (default: up to 8)")
     lab.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -105,7 +129,9 @@ def _rgb_arg(text: str) -> tuple[int, int, int]:
 def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="CKPT", help="dast checkpoint to write (.safetensors)")
     p.add_argument("--allow-unexpected", action="store_true", help="ignore keys of the file that fit nothing")
-    p.add_argument("--allow-missing", action="store_true", help="keep tensors the file lacks at their fresh initialisation")
+    p.add_argument(
+        "--allow-missing", action="store_true", help="keep tensors the file lacks at their fresh initialisation"
+    )
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     p.add_argument("--max-keys", type=int, default=8, help="list at most this many keys per category (default: 8)")
 
@@ -134,8 +160,10 @@ def run(args: argparse.Namespace, known: Sequence[KnownWeights] = KNOWN_WEIGHTS)
         print("note: without --discriminators the model has no attention, unlike the network the authors evaluated")
     for p in inputs:
         if args.source == "imagenet" and p.known is not None and p.known.norm not in (None, spec.norm):
-            print(f"note: {p.known.file_name} expects norm {p.known.norm}, but the checkpoint stores norm {spec.norm}; "
-                  f"pass --norm {p.known.norm} unless you mean it")
+            print(
+                f"note: {p.known.file_name} expects norm {p.known.norm}, but the checkpoint stores norm {spec.norm}; "
+                f"pass --norm {p.known.norm} unless you mean it"
+            )
     sys.stdout.flush()
     return 0
 
@@ -149,8 +177,9 @@ def _provenance(paths: Sequence[Path], known: Sequence[KnownWeights]) -> list[Fi
     return found
 
 
-def _official(args: argparse.Namespace, known: Sequence[KnownWeights]
-              ) -> tuple[Networks, ConversionReport, dict[str, object], list[FileProvenance]]:
+def _official(
+    args: argparse.Namespace, known: Sequence[KnownWeights]
+) -> tuple[Networks, ConversionReport, dict[str, object], list[FileProvenance]]:
     seg_path = existing_file(args.segmentor, "segmentor checkpoint")
     d_path = existing_file(args.discriminators, "discriminators checkpoint") if args.discriminators else None
     inputs = _provenance([seg_path] + ([d_path] if d_path else []), known)
@@ -158,16 +187,27 @@ def _official(args: argparse.Namespace, known: Sequence[KnownWeights]
     d_sd = load_torch_file(d_path) if d_path else None
     source = str(seg_path) if d_path is None else f"{seg_path} + {d_path}"
     nets, report = official_to_dast(
-        seg_sd, d_sd, args.arch, args.num_classes, variant=args.variant,
-        allow_unexpected=args.allow_unexpected, allow_missing=args.allow_missing, source=source,
+        seg_sd,
+        d_sd,
+        args.arch,
+        args.num_classes,
+        variant=args.variant,
+        allow_unexpected=args.allow_unexpected,
+        allow_missing=args.allow_missing,
+        source=source,
     )
-    meta: dict[str, object] = {"from": "official", "segmentor": seg_path.name,
-                               "discriminators": d_path.name if d_path else None, "report": report.to_dict()}
+    meta: dict[str, object] = {
+        "from": "official",
+        "segmentor": seg_path.name,
+        "discriminators": d_path.name if d_path else None,
+        "report": report.to_dict(),
+    }
     return nets, report, meta, inputs
 
 
-def _imagenet(args: argparse.Namespace, known: Sequence[KnownWeights]
-              ) -> tuple[Networks, ConversionReport, dict[str, object], list[FileProvenance]]:
+def _imagenet(
+    args: argparse.Namespace, known: Sequence[KnownWeights]
+) -> tuple[Networks, ConversionReport, dict[str, object], list[FileProvenance]]:
     if (args.arch == "timm") != (args.timm_name is not None):
         raise UserError("--timm-name goes with --arch timm, and --arch timm needs --timm-name")
     if args.output_stride is not None and args.arch != "timm":
@@ -179,15 +219,32 @@ def _imagenet(args: argparse.Namespace, known: Sequence[KnownWeights]
         if args.variant != "paper" or args.fmt != "auto":
             raise UserError("--arch timm takes neither --variant reference nor --format")
         nets, report = timm_to_dast(
-            sd, args.timm_name, args.num_classes, output_stride=args.output_stride, norm=args.norm,
-            allow_unexpected=args.allow_unexpected, allow_missing=args.allow_missing, source=str(path),
+            sd,
+            args.timm_name,
+            args.num_classes,
+            output_stride=args.output_stride,
+            norm=args.norm,
+            allow_unexpected=args.allow_unexpected,
+            allow_missing=args.allow_missing,
+            source=str(path),
         )
-        meta: dict[str, object] = {"from": "timm", "weights": path.name, "timm_name": args.timm_name,
-                                   "report": report.to_dict()}
+        meta: dict[str, object] = {
+            "from": "timm",
+            "weights": path.name,
+            "timm_name": args.timm_name,
+            "report": report.to_dict(),
+        }
         return nets, report, meta, inputs
     nets, report = imagenet_to_dast(
-        sd, args.arch, args.num_classes, args.variant, args.fmt, norm=args.norm,
-        allow_unexpected=args.allow_unexpected, allow_missing=args.allow_missing, source=str(path),
+        sd,
+        args.arch,
+        args.num_classes,
+        args.variant,
+        args.fmt,
+        norm=args.norm,
+        allow_unexpected=args.allow_unexpected,
+        allow_missing=args.allow_missing,
+        source=str(path),
     )
     meta: dict[str, object] = {"from": "imagenet", "weights": path.name, "report": report.to_dict()}
     return nets, report, meta, inputs
@@ -196,8 +253,16 @@ def _imagenet(args: argparse.Namespace, known: Sequence[KnownWeights]
 def _labels(args: argparse.Namespace) -> int:
     classes = existing_file(args.classes, "class list")
     table = read_class_file(classes)
-    done = convert_label_folder(table, args.in_dir, args.out, ignore=args.ignore_colors, force=args.force,
-                                classes_name=str(classes), workers=args.workers, progress=not args.quiet)
+    done = convert_label_folder(
+        table,
+        args.in_dir,
+        args.out,
+        ignore=args.ignore_colors,
+        force=args.force,
+        classes_name=str(classes),
+        workers=args.workers,
+        progress=not args.quiet,
+    )
     print(_label_summary(done, table.names))
     return 0
 
@@ -206,8 +271,10 @@ def _label_summary(done: LabelConversion, names: tuple[str, ...]) -> str:
     total = int(done.pixels.sum()) + done.ignored
     share = [f"{n} {100.0 * int(c) / max(total, 1):.1f}%" for n, c in zip(names, done.pixels)]
     lines = [
-        (f"converted {done.files} label file{'s' if done.files != 1 else ''} into {done.out_dir}: "
-         f"{len(names)} classes, {100.0 * done.ignored / max(total, 1):.1f}% of the pixels ignored (255)"),
+        (
+            f"converted {done.files} label file{'s' if done.files != 1 else ''} into {done.out_dir}: "
+            f"{len(names)} classes, {100.0 * done.ignored / max(total, 1):.1f}% of the pixels ignored (255)"
+        ),
         "pixels per class: " + ", ".join(share),
     ]
     absent = [n for n, c in zip(names, done.pixels) if int(c) == 0]

@@ -33,9 +33,15 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p.add_argument("--root", required=True, help="dataset root folder")
     p.add_argument("--split", default="val", help="split (Cityscapes; default: val)")
     p.add_argument("--list", dest="list_file", default=None, help="text file naming the images to use")
-    p.add_argument("--size", nargs=2, type=int, metavar=("W", "H"), default=None,
-                   help="input size for the network (default: the checkpoint's input size for cityscapes/folder, "
-                   "1024 512 for cityscapes, else native)")
+    p.add_argument(
+        "--size",
+        nargs=2,
+        type=int,
+        metavar=("W", "H"),
+        default=None,
+        help="input size for the network (default: the checkpoint's input size for cityscapes/folder, "
+        "1024 512 for cityscapes, else native)",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a dast model checkpoint")
     src.add_argument("--predictions", help="a folder of train-id prediction PNGs <name>.png")
@@ -43,9 +49,13 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p.add_argument("--classes", default=None, help="folder datasets: YAML list of {name, color}")
     p.add_argument("--images", default="images", help="folder datasets: image sub-folder (default: images)")
     p.add_argument("--labels", default="labels", help="folder datasets: label sub-folder (default: labels)")
-    p.add_argument("--protocols", choices=["auto", "synthia", "none"], default="auto",
-                   help="extra mIoU columns: synthia adds the 16- and 13-class mIoU (auto: synthia when "
-                   "--dataset synthia or the checkpoint was trained from SYNTHIA)")
+    p.add_argument(
+        "--protocols",
+        choices=["auto", "synthia", "none"],
+        default="auto",
+        help="extra mIoU columns: synthia adds the 16- and 13-class mIoU (auto: synthia when "
+        "--dataset synthia or the checkpoint was trained from SYNTHIA)",
+    )
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
     p.add_argument("--amp", choices=sorted(AMP), default="none", help="autocast dtype for the forward pass")
@@ -70,7 +80,9 @@ def _protocols(choice: str, dataset_kind: str, source_kind: Optional[str]) -> di
     return protocols_for(dataset_kind)
 
 
-def _classes(args: argparse.Namespace, names: list[str], colors: list[tuple[int, int, int]]) -> Optional[list[ClassSpec]]:
+def _classes(
+    args: argparse.Namespace, names: list[str], colors: list[tuple[int, int, int]]
+) -> Optional[list[ClassSpec]]:
     if args.dataset != "folder":
         return None
     if args.classes:
@@ -104,22 +116,43 @@ def run(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         nets, _, meta = load_networks(existing_file(args.checkpoint, "checkpoint"), device)
         spec = nets.spec
-        cfg = DatasetConfig(kind=args.dataset, root=args.root, split=args.split, list_file=args.list_file,
-                            size=_size(args, spec.input_size), images=args.images, labels=args.labels,
-                            classes=_classes(args, list(spec.class_names), list(spec.class_colors)))
+        cfg = DatasetConfig(
+            kind=args.dataset,
+            root=args.root,
+            split=args.split,
+            list_file=args.list_file,
+            size=_size(args, spec.input_size),
+            images=args.images,
+            labels=args.labels,
+            classes=_classes(args, list(spec.class_names), list(spec.class_colors)),
+        )
         _check_class_count(args, cfg, spec.num_classes)
         dataset = build_dataset(cfg, norm=spec.norm, num_classes=spec.num_classes, with_labels=True)
-        metrics = evaluate_model(nets.target_model(), dataset, device, batch_size=args.batch_size,
-                                 amp_dtype=AMP[args.amp], progress=not args.quiet,
-                                 protocols=_protocols(args.protocols, args.dataset, _source_kind(meta)),
-                                 num_workers=max(0, args.workers))
+        metrics = evaluate_model(
+            nets.target_model(),
+            dataset,
+            device,
+            batch_size=args.batch_size,
+            amp_dtype=AMP[args.amp],
+            progress=not args.quiet,
+            protocols=_protocols(args.protocols, args.dataset, _source_kind(meta)),
+            num_workers=max(0, args.workers),
+        )
     else:
         pred_dir = existing_dir(args.predictions, "prediction folder")
-        cfg = DatasetConfig(kind=args.dataset, root=args.root, split=args.split, list_file=args.list_file,
-                            images=args.images, labels=args.labels, classes=_classes(args, [], []))
+        cfg = DatasetConfig(
+            kind=args.dataset,
+            root=args.root,
+            split=args.split,
+            list_file=args.list_file,
+            images=args.images,
+            labels=args.labels,
+            classes=_classes(args, [], []),
+        )
         dataset = build_dataset(cfg, norm="unit", num_classes=_num_classes(cfg), with_labels=True)
-        metrics = evaluate_predictions(dataset, pred_dir, progress=not args.quiet,
-                                       protocols=_protocols(args.protocols, args.dataset, None))
+        metrics = evaluate_predictions(
+            dataset, pred_dir, progress=not args.quiet, protocols=_protocols(args.protocols, args.dataset, None)
+        )
     write_json(out / "metrics.json", metrics)
     print(format_table(metrics))
     print(f"wrote {out / 'metrics.json'}")

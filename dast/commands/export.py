@@ -21,8 +21,9 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
     p.add_argument("--format", choices=FORMATS, default="onnx", help="export format (default onnx)")
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
-    p.add_argument("--verify", action="store_true",
-                   help="run the file with onnxruntime at two sizes and compare with PyTorch")
+    p.add_argument(
+        "--verify", action="store_true", help="run the file with onnxruntime at two sizes and compare with PyTorch"
+    )
     return p
 
 

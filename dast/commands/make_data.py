@@ -28,11 +28,17 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--domain", choices=[*DOMAINS, "both"], default="both", help="which domain to write (default: both)")
     p.add_argument("--count", type=int, default=200, metavar="N", help="scenes per domain (default: 200)")
-    p.add_argument("--size", type=int, nargs=2, default=(128, 64), metavar=("W", "H"), help="image size (default: 128 64)")
+    p.add_argument(
+        "--size", type=int, nargs=2, default=(128, 64), metavar=("W", "H"), help="image size (default: 128 64)"
+    )
     p.add_argument("--seed", type=int, default=0, metavar="S", help="generator seed (default: 0)")
-    p.add_argument("--shift", choices=SHIFTS, default=DEFAULT_SHIFT,
-                   help="what differs between the domains: appearance only (the same label maps for the same "
-                        "seed and index) or appearance and layout (the original demo domains); default: %(default)s")
+    p.add_argument(
+        "--shift",
+        choices=SHIFTS,
+        default=DEFAULT_SHIFT,
+        help="what differs between the domains: appearance only (the same label maps for the same "
+        "seed and index) or appearance and layout (the original demo domains); default: %(default)s",
+    )
     p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     return p
 

@@ -23,17 +23,31 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
         "<stem>_attention.png and, with --save-logits, <stem>.npy (float32 C x h x w logits).",
     )
     p.add_argument("--checkpoint", required=True, help="dast checkpoint (.safetensors)")
-    p.add_argument("--input", required=True, nargs="+", metavar="PATH",
-                   help="image files, folders (png/jpg/jpeg/bmp, not recursive) or glob patterns")
+    p.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        metavar="PATH",
+        help="image files, folders (png/jpg/jpeg/bmp, not recursive) or glob patterns",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--save-logits", action="store_true", help="also write <stem>.npy with the raw logits")
     p.add_argument("--batch-size", type=positive_int, default=1, help="images per forward pass (default 1)")
     add_device_argument(p)
-    p.add_argument("--size", type=positive_int, nargs=2, metavar=("W", "H"),
-                   help="resize inputs to W x H instead of the checkpoint's input size")
+    p.add_argument(
+        "--size",
+        type=positive_int,
+        nargs=2,
+        metavar=("W", "H"),
+        help="resize inputs to W x H instead of the checkpoint's input size",
+    )
     p.add_argument("--amp", choices=sorted(AMP_DTYPES), default="off", help="autocast dtype (default off)")
-    p.add_argument("--workers", type=nonnegative_int, default=min(4, os.cpu_count() or 1),
-                   help="image-reading worker processes (default: up to 4)")
+    p.add_argument(
+        "--workers",
+        type=nonnegative_int,
+        default=min(4, os.cpu_count() or 1),
+        help="image-reading worker processes (default: up to 4)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -53,9 +67,17 @@ def run(args: argparse.Namespace) -> int:
     new_files = [f for files in plans for f in files.values() if not f.exists()]
     created = not out.exists()
     try:
-        records = predict_paths(nets, inputs, out, batch_size=args.batch_size, device=device,
-                                save_logits=args.save_logits, amp_dtype=AMP_DTYPES[args.amp],
-                                progress=not args.no_progress, num_workers=args.workers)
+        records = predict_paths(
+            nets,
+            inputs,
+            out,
+            batch_size=args.batch_size,
+            device=device,
+            save_logits=args.save_logits,
+            amp_dtype=AMP_DTYPES[args.amp],
+            progress=not args.no_progress,
+            num_workers=args.workers,
+        )
     except BaseException:
         _remove_outputs(new_files, out if created else None)
         raise

@@ -22,35 +22,69 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
         name,
         help="write class-balanced pseudo labels for the target images",
         description="Run the target model over the target training images of a config, pick per-class "
-                    "confidence thresholds (the portion q of each class's predicted pixels) and write "
-                    "DIR/<name>.png (trainIds, 255 ignore), DIR/preview/*_color.png, DIR/stats.json and "
-                    "DIR/COMPLETE. Defaults come from the config's self_training section.",
+        "confidence thresholds (the portion q of each class's predicted pixels) and write "
+        "DIR/<name>.png (trainIds, 255 ignore), DIR/preview/*_color.png, DIR/stats.json and "
+        "DIR/COMPLETE. Defaults come from the config's self_training section.",
     )
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="dast model checkpoint")
-    p.add_argument("--config", required=True, metavar="CONFIG",
-                   help="YAML config file or packaged config name (`dast configs`) whose 'target' dataset is labelled")
+    p.add_argument(
+        "--config",
+        required=True,
+        metavar="CONFIG",
+        help="YAML config file or packaged config name (`dast configs`) whose 'target' dataset is labelled",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (cleared if it holds an earlier set)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable)")
-    p.add_argument("--portion", type=float, metavar="Q", default=None,
-                   help="portion q per class (default: self_training.portion)")
-    p.add_argument("--cap", type=float, metavar="T", default=None,
-                   help="upper bound of a threshold (default: self_training.cap)")
-    p.add_argument("--mode", choices=["histogram", "exact-reference"], default=None,
-                   help="threshold estimation (default: self_training.mode)")
-    p.add_argument("--rule", choices=["ratio", "threshold"], default=None,
-                   help="labelling rule: ratio = argmax(p/t), released; threshold = argmax p kept where "
-                        "p >= t_c (default: self_training.rule)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (repeatable)",
+    )
+    p.add_argument(
+        "--portion", type=float, metavar="Q", default=None, help="portion q per class (default: self_training.portion)"
+    )
+    p.add_argument(
+        "--cap", type=float, metavar="T", default=None, help="upper bound of a threshold (default: self_training.cap)"
+    )
+    p.add_argument(
+        "--mode",
+        choices=["histogram", "exact-reference"],
+        default=None,
+        help="threshold estimation (default: self_training.mode)",
+    )
+    p.add_argument(
+        "--rule",
+        choices=["ratio", "threshold"],
+        default=None,
+        help="labelling rule: ratio = argmax(p/t), released; threshold = argmax p kept where "
+        "p >= t_c (default: self_training.rule)",
+    )
     p.add_argument("--bins", type=int, metavar="N", default=None, help="histogram bins (default: self_training.bins)")
-    p.add_argument("--subsample", type=int, metavar="S", default=None,
-                   help="keep every N-th pixel per image per class (default: self_training.subsample)")
+    p.add_argument(
+        "--subsample",
+        type=int,
+        metavar="S",
+        default=None,
+        help="keep every N-th pixel per image per class (default: self_training.subsample)",
+    )
     p.add_argument("--batch-size", type=int, metavar="B", default=1, help="images per forward pass (default 1)")
-    p.add_argument("--workers", "--num-workers", dest="num_workers", type=int, metavar="N", default=None,
-                   help="data-loading worker processes (default: train.num_workers)")
-    p.add_argument("--amp", choices=sorted(_AMP), default="none",
-                   help="autocast dtype (default none: float32, as released)")
-    p.add_argument("--preview-count", type=int, metavar="N", default=None,
-                   help="colour previews to write (default: config)")
+    p.add_argument(
+        "--workers",
+        "--num-workers",
+        dest="num_workers",
+        type=int,
+        metavar="N",
+        default=None,
+        help="data-loading worker processes (default: train.num_workers)",
+    )
+    p.add_argument(
+        "--amp", choices=sorted(_AMP), default="none", help="autocast dtype (default none: float32, as released)"
+    )
+    p.add_argument(
+        "--preview-count", type=int, metavar="N", default=None, help="colour previews to write (default: config)"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     add_device_argument(p)
     return p
@@ -73,8 +107,9 @@ def check_model_matches(ckpt: Path, cfg_path: Path, arch: str, num_classes: int)
     spec = read_meta(ckpt).get("model", {})
     for key, want in (("arch", arch), ("num_classes", num_classes)):
         if key in spec and spec[key] != want:
-            raise CheckpointError(f"checkpoint {ckpt} is for {key}={spec[key]!r}, but config {cfg_path} has "
-                                  f"model.{key}={want!r}")
+            raise CheckpointError(
+                f"checkpoint {ckpt} is for {key}={spec[key]!r}, but config {cfg_path} has model.{key}={want!r}"
+            )
 
 
 def replace_folder(new: Path, out: Path) -> None:
@@ -117,8 +152,9 @@ def run(args: argparse.Namespace) -> int:
     check_output_folder(out)
     check_model_matches(ckpt, cfg_path, cfg.model.arch, cfg.model.num_classes)
     nets, _, _ = load_networks(ckpt, device)
-    dataset = build_dataset(cfg.target, norm=nets.spec.norm, num_classes=nets.spec.num_classes,
-                            with_labels=False, seed=cfg.seed)
+    dataset = build_dataset(
+        cfg.target, norm=nets.spec.norm, num_classes=nets.spec.num_classes, with_labels=False, seed=cfg.seed
+    )
     colors = list(nets.spec.class_colors) or None
     if colors is None and cfg.target.classes:
         colors = [tuple(c.color) for c in cfg.target.classes]
@@ -127,11 +163,22 @@ def run(args: argparse.Namespace) -> int:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         stats = generate_pseudo_labels(
-            nets.target_model(), dataset, staging, portion=portion, cap=cap,
-            mode=args.mode or st.mode, rule=args.rule or st.rule, bins=bins, subsample=subsample, device=device,
-            batch_size=args.batch_size, amp_dtype=_AMP[args.amp],
+            nets.target_model(),
+            dataset,
+            staging,
+            portion=portion,
+            cap=cap,
+            mode=args.mode or st.mode,
+            rule=args.rule or st.rule,
+            bins=bins,
+            subsample=subsample,
+            device=device,
+            batch_size=args.batch_size,
+            amp_dtype=_AMP[args.amp],
             preview_count=st.preview_count if args.preview_count is None else args.preview_count,
-            colors=colors, progress=not args.no_progress, num_workers=num_workers,
+            colors=colors,
+            progress=not args.no_progress,
+            num_workers=num_workers,
             num_classes=nets.spec.num_classes,
         )
         replace_folder(staging, out)

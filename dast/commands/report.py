@@ -20,11 +20,16 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
         "report in runs/<run>/report.html and a demo page with the results table, the figures and links "
         "to those run reports.",
     )
-    p.add_argument("run_dir", metavar="RUN_DIR",
-                   help="a run directory written by `dast train`, or a folder written by `dast demo`")
+    p.add_argument(
+        "run_dir", metavar="RUN_DIR", help="a run directory written by `dast train`, or a folder written by `dast demo`"
+    )
     p.add_argument("--out", default=None, help="output HTML file (default: RUN_DIR/report.html)")
-    p.add_argument("--samples", type=int, default=4,
-                   help="how many val images (target images without a val set) to predict; 0 skips it (default 4)")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=4,
+        help="how many val images (target images without a val set) to predict; 0 skips it (default 4)",
+    )
     add_device_argument(p)
     return p
 

@@ -8,14 +8,19 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
-    p = sub.add_parser(name, help="run many trainings (configs x seeds) across GPUs",
-                       description="Schedule `dast train` runs, one per GPU (or CPU slot), resuming finished or interrupted ones.")
+    p = sub.add_parser(
+        name,
+        help="run many trainings (configs x seeds) across GPUs",
+        description="Schedule `dast train` runs, one per GPU (or CPU slot), resuming finished or interrupted ones.",
+    )
     p.add_argument("--configs", nargs="+", required=True, help="config files or packaged config names (`dast configs`)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (default: 0)")
     p.add_argument("--out", required=True, help="folder for the run directories and logs")
     p.add_argument("--gpus", default="all", help="comma-separated CUDA ids, 'all', or 'cpu' (default: all)")
     p.add_argument("--cpu-jobs", type=int, default=1, help="parallel jobs when running on CPU")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override for every job")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override for every job"
+    )
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     return p
 

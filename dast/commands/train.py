@@ -10,14 +10,29 @@ from dast.config import load_config
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
-    p = sub.add_parser(name, help="train a model (stage 1 and self-training rounds)",
-                       description="Train DAST from a YAML config into a run directory. Works under torchrun.")
+    p = sub.add_parser(
+        name,
+        help="train a model (stage 1 and self-training rounds)",
+        description="Train DAST from a YAML config into a run directory. Works under torchrun.",
+    )
     p.add_argument("--config", help="YAML config file, or the name of a packaged config (`dast configs` lists them)")
     p.add_argument("--out", help="run directory")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.steps=100 (repeatable)")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
-                   help="continue the run in --out (or in RUN_DIR) from its latest complete checkpoint")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.steps=100 (repeatable)",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="RUN_DIR",
+        help="continue the run in --out (or in RUN_DIR) from its latest complete checkpoint",
+    )
     p.add_argument("--force", action="store_true", help="resume even if the config differs; reuse a non-empty --out")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="override runtime.device")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -41,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--set needs --config")
     cfg = load_config(args.config, args.overrides) if args.config else None
     try:
-        metrics = train(cfg, run_dir, resume=resume, force=args.force, device=args.device, progress=not args.no_progress)
+        metrics = train(
+            cfg, run_dir, resume=resume, force=args.force, device=args.device, progress=not args.no_progress
+        )
     except TrainingInterrupted as exc:
         import sys
 

@@ -65,8 +65,9 @@ def colour_label_hint(path: Path, label_dir: Path, classes: Optional[str | Path]
     )
 
 
-def _with_colour_hint(read_label: Callable[[Path], np.ndarray], label_dir: Path,
-                      classes: Optional[str | Path]) -> Callable[[Path], np.ndarray]:
+def _with_colour_hint(
+    read_label: Callable[[Path], np.ndarray], label_dir: Path, classes: Optional[str | Path]
+) -> Callable[[Path], np.ndarray]:
     def read(path: Path) -> np.ndarray:
         try:
             return read_label(path)
@@ -101,8 +102,9 @@ def _check_pair(image: Path, label: Optional[Path], read_label: Callable[[Path],
     return problems
 
 
-def _structure(layout: Layout, list_file: Optional[str | Path], result: CheckResult
-               ) -> list[tuple[Path, Optional[Path]]]:
+def _structure(
+    layout: Layout, list_file: Optional[str | Path], result: CheckResult
+) -> list[tuple[Path, Optional[Path]]]:
     """Folders, pairing and list-file problems; returns the (image, label) pairs to read."""
     problems = result.problems
     if not layout.image_dir.is_dir():
@@ -142,10 +144,19 @@ def _structure(layout: Layout, list_file: Optional[str | Path], result: CheckRes
     return pairs
 
 
-def scan_dataset(kind: str, root: str | Path, split: str = "train", list_file: Optional[str | Path] = None,
-                 num_classes: Optional[int] = None, *, images: str = "images", labels: Optional[str] = "labels",
-                 workers: Optional[int] = None, progress: bool = True,
-                 classes: Optional[str | Path] = None) -> CheckResult:
+def scan_dataset(
+    kind: str,
+    root: str | Path,
+    split: str = "train",
+    list_file: Optional[str | Path] = None,
+    num_classes: Optional[int] = None,
+    *,
+    images: str = "images",
+    labels: Optional[str] = "labels",
+    workers: Optional[int] = None,
+    progress: bool = True,
+    classes: Optional[str | Path] = None,
+) -> CheckResult:
     """Check every file of a dataset; a missing root is a :class:`UserError`.
 
     ``classes`` (folder datasets) is the class list named in the hint for colour labels
@@ -166,14 +177,27 @@ def scan_dataset(kind: str, root: str | Path, split: str = "train", list_file: O
     n_workers = workers if workers is not None else min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool:
         found = pool.map(lambda p: _check_pair(p[0], p[1], read_label), pairs)
-        bar = tqdm(found, total=len(pairs), desc=f"checking {kind}", unit="img", file=sys.stderr,
-                   disable=None if progress else True, leave=False)
+        bar = tqdm(
+            found,
+            total=len(pairs),
+            desc=f"checking {kind}",
+            unit="img",
+            file=sys.stderr,
+            disable=None if progress else True,
+            leave=False,
+        )
         for problems in bar:
             result.problems.extend(problems)
     return result
 
 
-def check_dataset(kind: str, root: str | Path, split: str = "train", list_file: Optional[str | Path] = None,
-                  num_classes: Optional[int] = None, **kwargs: object) -> list[str]:
+def check_dataset(
+    kind: str,
+    root: str | Path,
+    split: str = "train",
+    list_file: Optional[str | Path] = None,
+    num_classes: Optional[int] = None,
+    **kwargs: object,
+) -> list[str]:
     """Every problem of a dataset on disk, one readable line each (empty when clean)."""
     return scan_dataset(kind, root, split, list_file, num_classes, **kwargs).problems  # type: ignore[arg-type]

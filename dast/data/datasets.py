@@ -92,8 +92,9 @@ class Layout:
         return self.label_dir / f"{name}.png"
 
 
-def layout_for(kind: str, root: str | Path, split: str = "train", images: str = "images",
-               labels: Optional[str] = "labels") -> Layout:
+def layout_for(
+    kind: str, root: str | Path, split: str = "train", images: str = "images", labels: Optional[str] = "labels"
+) -> Layout:
     """The layout of a dataset kind under ``root`` (``images``/``labels`` are for folders)."""
     r = Path(root)
     if kind == "gta5":
@@ -160,8 +161,9 @@ class Source(Protocol):
 class FileSource:
     """Images (and labels) read from files."""
 
-    def __init__(self, images: Sequence[Path], labels: Sequence[Optional[Path]],
-                 reader: Optional[Callable[[Path], np.ndarray]]) -> None:
+    def __init__(
+        self, images: Sequence[Path], labels: Sequence[Optional[Path]], reader: Optional[Callable[[Path], np.ndarray]]
+    ) -> None:
         self.images = list(images)
         self.labels = list(labels)
         self.reader = reader
@@ -245,8 +247,9 @@ class LabelDirSource:
 # Augmentation (pure functions of the arrays and a generator)
 
 
-def augment_pair(rgb: np.ndarray, label: Optional[np.ndarray], aug: AugmentConfig,
-                 rng: np.random.Generator) -> tuple[np.ndarray, Optional[np.ndarray]]:
+def augment_pair(
+    rgb: np.ndarray, label: Optional[np.ndarray], aug: AugmentConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Random scale, then crop (padding with 0 / 255 where needed), then horizontal flip,
     then the photometric changes of :func:`photometric_augment` (image only)."""
     if aug.scale is not None:
@@ -316,9 +319,20 @@ class SegmentationDataset(Dataset):
     "name": str, "index": int}`` for sample ``i % len(dataset)``.
     """
 
-    def __init__(self, source: Source, *, names: Sequence[str], table: ClassTable, kind: str,
-                 size: Optional[tuple[int, int]], norm: str, has_labels: bool,
-                 augment: Optional[AugmentConfig] = None, on_corrupt: str = "fail", seed: int = 0) -> None:
+    def __init__(
+        self,
+        source: Source,
+        *,
+        names: Sequence[str],
+        table: ClassTable,
+        kind: str,
+        size: Optional[tuple[int, int]],
+        norm: str,
+        has_labels: bool,
+        augment: Optional[AugmentConfig] = None,
+        on_corrupt: str = "fail",
+        seed: int = 0,
+    ) -> None:
         if not names:
             raise DataError("the dataset is empty")
         self.source = source
@@ -457,15 +471,24 @@ def _file_samples(cfg: DatasetConfig, want_labels: bool) -> tuple[list[str], lis
     return names, images, labels
 
 
-def build_dataset(cfg: DatasetConfig, *, norm: str, num_classes: int, with_labels: bool | None = None,
-                  seed: int = 0) -> SegmentationDataset:
+def build_dataset(
+    cfg: DatasetConfig, *, norm: str, num_classes: int, with_labels: bool | None = None, seed: int = 0
+) -> SegmentationDataset:
     """Build the dataset a config describes (``with_labels`` None -> ``cfg.with_labels``)."""
     if cfg.kind in FILE_KINDS and cfg.root is not None and not Path(cfg.root).is_dir():
         raise DataError(f"dataset root not found: {cfg.root}")  # before asking it for a class list
     table = table_for(cfg, num_classes)
     want = cfg.with_labels if with_labels is None else bool(with_labels)
-    common: dict[str, Any] = dict(table=table, kind=cfg.kind, size=cfg.size, norm=norm, has_labels=want,
-                                  augment=cfg.augment, on_corrupt=cfg.on_corrupt, seed=seed)
+    common: dict[str, Any] = dict(
+        table=table,
+        kind=cfg.kind,
+        size=cfg.size,
+        norm=norm,
+        has_labels=want,
+        augment=cfg.augment,
+        on_corrupt=cfg.on_corrupt,
+        seed=seed,
+    )
     if cfg.kind == "synthetic":
         from dast.data.synthetic import scene_stem
 
@@ -507,9 +530,18 @@ def with_label_dir(base: SegmentationDataset, label_dir: str | Path) -> Segmenta
             raise DataError(f"cannot read {stats}: {exc}") from None
     d = require_named_pngs(label_dir, base.names, "pseudo label", may_lack)
     source = LabelDirSource(base.source, d, base.names, base.num_classes)
-    return SegmentationDataset(source, names=base.names, table=base.table, kind=base.kind, size=base.size,
-                               norm=base.norm, has_labels=True, augment=base.augment,
-                               on_corrupt=base.on_corrupt, seed=base.seed)
+    return SegmentationDataset(
+        source,
+        names=base.names,
+        table=base.table,
+        kind=base.kind,
+        size=base.size,
+        norm=base.norm,
+        has_labels=True,
+        augment=base.augment,
+        on_corrupt=base.on_corrupt,
+        seed=base.seed,
+    )
 
 
 def save_label_png(path: str | Path, label: np.ndarray, table: Optional[ClassTable] = None) -> None:

@@ -70,7 +70,9 @@ class ColourLookup:
     num_classes: int
 
 
-def colour_lookup(table: ClassTable, ignore: Iterable[Sequence[int]] = (), source: str = "the class list") -> ColourLookup:
+def colour_lookup(
+    table: ClassTable, ignore: Iterable[Sequence[int]] = (), source: str = "the class list"
+) -> ColourLookup:
     """The colour -> label map of a class table plus ignore colours.
 
     Two classes with one colour, or an ignore colour that is a class colour, cannot be
@@ -103,7 +105,9 @@ def colour_lookup(table: ClassTable, ignore: Iterable[Sequence[int]] = (), sourc
     return ColourLookup(np.array(codes, np.int32)[order], np.array(values, np.uint8)[order], table.num_classes)
 
 
-def colours_to_index(rgb: np.ndarray, lookup: ColourLookup, where: str, hint_source: str = "the class list") -> np.ndarray:
+def colours_to_index(
+    rgb: np.ndarray, lookup: ColourLookup, where: str, hint_source: str = "the class list"
+) -> np.ndarray:
     """Map an H x W x 3 colour label to an H x W uint8 index label.
 
     A colour that is neither a class nor an ignore colour is a :class:`DataError` naming
@@ -117,7 +121,9 @@ def colours_to_index(rgb: np.ndarray, lookup: ColourLookup, where: str, hint_sou
         unknown, counts = np.unique(codes[~known], return_counts=True)
         top = int(np.argmax(counts))
         r, g, b = _decode(int(unknown[top]))
-        more = f" and {len(unknown) - 1} other unknown colour{'s' if len(unknown) > 2 else ''}" if len(unknown) > 1 else ""
+        more = (
+            f" and {len(unknown) - 1} other unknown colour{'s' if len(unknown) > 2 else ''}" if len(unknown) > 1 else ""
+        )
         raise DataError(
             f"{where}: colour ({r}, {g}, {b}) is not in {hint_source} ({_pixels(int(counts[top]))}{more}); "
             f"add it or pass --ignore-color {r},{g},{b}"
@@ -149,8 +155,9 @@ def read_colour_label(path: Path) -> np.ndarray:
         reason = str(exc).strip().splitlines()
         raise DataError(f"cannot read label {path}: {reason[0] if reason else type(exc).__name__}") from None
     if mode in ("L", "I", "I;16", "1"):
-        raise DataError(f"{path} is a single-channel image (mode {mode}), not a colour label; "
-                        "it may already hold class indices")
+        raise DataError(
+            f"{path} is a single-channel image (mode {mode}), not a colour label; it may already hold class indices"
+        )
     raise DataError(f"{path}: unsupported image mode {mode} for a colour label (expected RGB, palette or RGBA)")
 
 
@@ -208,10 +215,17 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def convert_label_folder(table: ClassTable, in_dir: str | Path, out_dir: str | Path, *,
-                         ignore: Iterable[Sequence[int]] = (), force: bool = False,
-                         classes_name: str = "the class list", workers: Optional[int] = None,
-                         progress: bool = True) -> LabelConversion:
+def convert_label_folder(
+    table: ClassTable,
+    in_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    ignore: Iterable[Sequence[int]] = (),
+    force: bool = False,
+    classes_name: str = "the class list",
+    workers: Optional[int] = None,
+    progress: bool = True,
+) -> LabelConversion:
     """Convert every colour label PNG in ``in_dir`` into an index PNG of the same name in
     ``out_dir`` (see the module docstring for the guarantees)."""
     src, dst = Path(in_dir), Path(out_dir)
@@ -230,8 +244,15 @@ def convert_label_folder(table: ClassTable, in_dir: str | Path, out_dir: str | P
         with ThreadPoolExecutor(max_workers=n_workers) as pool:
             try:
                 done = pool.map(lambda p: convert_label_file(p, tmp / p.name, lookup, classes_name), files)
-                bar = tqdm(done, total=len(files), desc="converting labels", unit="img", file=sys.stderr,
-                           disable=None if progress else True, leave=False)
+                bar = tqdm(
+                    done,
+                    total=len(files),
+                    desc="converting labels",
+                    unit="img",
+                    file=sys.stderr,
+                    disable=None if progress else True,
+                    leave=False,
+                )
                 for counts in bar:
                     total += counts
             except BaseException:

@@ -27,8 +27,25 @@ SYNTHIA_MAX_ID = 22  # SYNTHIA-RAND-CITYSCAPES class ids: 0 (void) .. 22 (lanema
 
 # SYNTHIA class id -> Cityscapes train id; every other id is ignored.
 SYNTHIA_TO_TRAIN: dict[int, int] = {
-    3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9,
-    1: 10, 10: 11, 17: 12, 8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18,
+    3: 0,
+    4: 1,
+    2: 2,
+    21: 3,
+    5: 4,
+    7: 5,
+    15: 6,
+    9: 7,
+    6: 8,
+    16: 9,
+    1: 10,
+    10: 11,
+    17: 12,
+    8: 13,
+    18: 14,
+    19: 15,
+    20: 16,
+    12: 17,
+    11: 18,
 }
 
 # The 16-class protocol drops terrain (9), truck (14) and train (16); the 13-class one

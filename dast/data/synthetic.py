@@ -225,12 +225,16 @@ class _Canvas:
         if cls is not None:
             self.label[sl][mask] = cls
 
-    def rect(self, x0: float, y0: float, x1: float, y1: float, cls: int | None, colour: np.ndarray, shade: float = 0.0) -> None:
+    def rect(
+        self, x0: float, y0: float, x1: float, y1: float, cls: int | None, colour: np.ndarray, shade: float = 0.0
+    ) -> None:
         sl = self.box(x0, y0, x1, y1)
         if sl is not None:
             self.paint(sl, None, cls, _shaded(colour, self.ys[sl[0]], y0, y1, shade))
 
-    def ellipse(self, cx: float, cy: float, rx: float, ry: float, cls: int | None, colour: np.ndarray, shade: float = 0.0) -> None:
+    def ellipse(
+        self, cx: float, cy: float, rx: float, ry: float, cls: int | None, colour: np.ndarray, shade: float = 0.0
+    ) -> None:
         sl = self.box(cx - rx, cy - ry, cx + rx, cy + ry)
         if sl is None:
             return
@@ -437,7 +441,9 @@ def _draw_tree(p: _Painter, x: float, y: float, ppm: float) -> None:
     c.ellipse(x, cy, radius, radius * 1.05, VEGETATION, leaves, shade)
     for _ in range(2):  # a lumpy crown
         ox, oy = geo.uniform(-0.6, 0.6) * radius, geo.uniform(-0.5, 0.3) * radius
-        c.ellipse(x + ox, cy + oy, radius * 0.7, radius * 0.7, VEGETATION, leaves * float(p.ink.uniform(0.9, 1.05)), shade)
+        c.ellipse(
+            x + ox, cy + oy, radius * 0.7, radius * 0.7, VEGETATION, leaves * float(p.ink.uniform(0.9, 1.05)), shade
+        )
 
 
 def _draw_objects(p: _Painter, st: _Street) -> None:
@@ -531,8 +537,9 @@ def check_shift(shift: str) -> str:
     return shift
 
 
-def generate_scene(domain: str, index: int, seed: int, size: tuple[int, int],
-                   shift: str = DEFAULT_SHIFT) -> tuple[np.ndarray, np.ndarray]:
+def generate_scene(
+    domain: str, index: int, seed: int, size: tuple[int, int], shift: str = DEFAULT_SHIFT
+) -> tuple[np.ndarray, np.ndarray]:
     """One street scene: (H x W x 3 uint8 RGB image, H x W uint8 trainId label).
 
     ``size`` is (width, height), each at least 16. Label values index

@@ -1,4 +1,5 @@
 """Signal handling for DataLoader worker processes."""
+
 from __future__ import annotations
 
 import atexit

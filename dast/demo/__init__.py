@@ -52,9 +52,25 @@ from dast.training.setup import model_spec_for
 
 FIGURES = ("figure3.png", "miou_curve.png", "discriminators.png")
 
-__all__ = ["DEMO_CONFIG", "FIGURES", "NO_ADVERSARY", "QUICK", "RUNS", "SHIFTS", "VARIANTS", "demo_tree",
-           "evaluate_checkpoint", "format_report", "format_seeds", "gap_recovered", "run_demo", "run_demo_seeds",
-           "run_trees", "summarize_seeds", "train_runs"]
+__all__ = [
+    "DEMO_CONFIG",
+    "FIGURES",
+    "NO_ADVERSARY",
+    "QUICK",
+    "RUNS",
+    "SHIFTS",
+    "VARIANTS",
+    "demo_tree",
+    "evaluate_checkpoint",
+    "format_report",
+    "format_seeds",
+    "gap_recovered",
+    "run_demo",
+    "run_demo_seeds",
+    "run_trees",
+    "summarize_seeds",
+    "train_runs",
+]
 
 
 def check_runs(trees: dict[str, dict[str, Any]]) -> None:
@@ -91,9 +107,16 @@ def _score(snapshots: dict[str, dict[str, Any]], val: Any, nets_out: dict[str, A
     return variants
 
 
-def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool = True,
-             workers: int | None = None, shift: str | None = None,
-             overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_demo(
+    out: str | Path,
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    workers: int | None = None,
+    shift: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Train and score every variant for one seed; write report.json and the figures in ``out``.
 
     ``workers`` runs (default: one per CPU core, at most 4) train at the same time.
@@ -114,8 +137,15 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, progress: b
         report = _score_and_draw(demo, trees, seed, progress)
     finally:
         torch.set_num_threads(threads)
-    report.update({"seed": int(seed), "quick": bool(quick), "workers": n, "shift": shift,
-                   "train_seconds": {k: round(v, 1) for k, v in train_seconds.items()}})
+    report.update(
+        {
+            "seed": int(seed),
+            "quick": bool(quick),
+            "workers": n,
+            "shift": shift,
+            "train_seconds": {k: round(v, 1) for k, v in train_seconds.items()},
+        }
+    )
     report["seconds"] = round(time.time() - t0, 1)
     write_json(demo.report_json, report)
     return report
@@ -134,9 +164,14 @@ def _score_and_draw(demo: DemoDir, trees: dict[str, Any], seed: int, progress: b
         "pseudo_labels": pseudo_label_report(nets["da"], target, st.portion, st.cap, st.mode) if st.rounds else None,
     }
     report: dict[str, Any] = {
-        "variants": variants, "seed": int(seed), "seconds": 0.0,
-        "figures": list(FIGURES), "mechanisms": {**mechanisms, "discriminators": {
-            k: v for k, v in mechanisms["discriminators"].items() if k != "series"}},
+        "variants": variants,
+        "seed": int(seed),
+        "seconds": 0.0,
+        "figures": list(FIGURES),
+        "mechanisms": {
+            **mechanisms,
+            "discriminators": {k: v for k, v in mechanisms["discriminators"].items() if k != "series"},
+        },
         "runs": {v: str(s["selected"].path.relative_to(demo.root)) for v, s in snapshots.items()},
     }
     labels_dir = demo.run("dast").round(1).pseudo_labels
@@ -144,15 +179,27 @@ def _score_and_draw(demo: DemoDir, trees: dict[str, Any], seed: int, progress: b
         report["pseudo_labels"] = pseudo_label_precision(labels_dir, target)
     shown = {v: snapshots[v]["selected"].describe() for v in ("source_only", "baseline", "da", "dast")}
     write_figure3(demo.figure("figure3.png"), val, nets, seed=seed, snapshots=shown)
-    write_miou_curve(demo.figure("miou_curve.png"), demo.runs, RUNS, seed=seed,
-                     selected={v: (s["selected"].stage, s["selected"].step) for v, s in snapshots.items()})
+    write_miou_curve(
+        demo.figure("miou_curve.png"),
+        demo.runs,
+        RUNS,
+        seed=seed,
+        selected={v: (s["selected"].stage, s["selected"].step) for v, s in snapshots.items()},
+    )
     write_discriminator_figure(demo.figure("discriminators.png"), mechanisms["discriminators"], seed=seed)
     return report
 
 
-def run_demo_seeds(out: str | Path, seeds: Sequence[int], *, quick: bool = False, progress: bool = True,
-                   workers: int | None = None, shift: str | None = None,
-                   overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_demo_seeds(
+    out: str | Path,
+    seeds: Sequence[int],
+    *,
+    quick: bool = False,
+    progress: bool = True,
+    workers: int | None = None,
+    shift: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """:func:`run_demo` for every seed (in ``out/seed<S>/``), then the summary in
     ``out/report.json`` and ``out/seeds.png``."""
     t0 = time.time()
@@ -160,14 +207,31 @@ def run_demo_seeds(out: str | Path, seeds: Sequence[int], *, quick: bool = False
     reports = []
     for s in seeds:
         progress_line(f"== seed {s}", progress)
-        reports.append(run_demo(demo.seed(s).root, quick=quick, seed=s, progress=progress, workers=workers,
-                                shift=shift, overrides=overrides))
+        reports.append(
+            run_demo(
+                demo.seed(s).root,
+                quick=quick,
+                seed=s,
+                progress=progress,
+                workers=workers,
+                shift=shift,
+                overrides=overrides,
+            )
+        )
     summary = summarize_seeds(reports)
-    variants = {m: {"miou": e["mean"], "std": e["std"], "per_seed": e["per_seed"]}
-                for m, e in summary["methods"].items()}
-    report = {"variants": variants, "seeds": list(seeds), "summary": summary, "quick": bool(quick), "shift": shift,
-              "per_seed": {str(r["seed"]): str(demo.seed(r["seed"]).report_json.relative_to(demo.root)) for r in reports},
-              "figures": ["seeds.png"], "seconds": round(time.time() - t0, 1)}
+    variants = {
+        m: {"miou": e["mean"], "std": e["std"], "per_seed": e["per_seed"]} for m, e in summary["methods"].items()
+    }
+    report = {
+        "variants": variants,
+        "seeds": list(seeds),
+        "summary": summary,
+        "quick": bool(quick),
+        "shift": shift,
+        "per_seed": {str(r["seed"]): str(demo.seed(r["seed"]).report_json.relative_to(demo.root)) for r in reports},
+        "figures": ["seeds.png"],
+        "seconds": round(time.time() - t0, 1),
+    }
     write_seeds_figure(demo.figure("seeds.png"), summary, seeds)
     write_json(demo.report_json, report)
     return report

@@ -24,8 +24,17 @@ from dast.config import deep_merge
 from dast.data.synthetic import SHIFTS, check_shift
 from dast.rundir import STAGE1
 
-__all__ = ["DEMO_CONFIG", "NO_ADVERSARY", "QUICK", "RUNS", "SHIFTS", "VARIANTS", "VARIANT_SNAPSHOTS",
-           "demo_tree", "run_trees"]
+__all__ = [
+    "DEMO_CONFIG",
+    "NO_ADVERSARY",
+    "QUICK",
+    "RUNS",
+    "SHIFTS",
+    "VARIANTS",
+    "VARIANT_SNAPSHOTS",
+    "demo_tree",
+    "run_trees",
+]
 
 VARIANTS = ("source_only", "source_only_bn", "baseline", "da", "dast", "dast_best", "oracle")
 RUNS = ("dast", "baseline", "source_only_bn", "source_only", "oracle")  # longest first
@@ -47,13 +56,37 @@ DEMO_CONFIG: dict[str, Any] = {
     "variant": "paper",
     "model": {"arch": "small", "num_classes": 7, "norm": "unit", "output_stride": 4},
     "source": {"kind": "synthetic", "domain": "source", "count": 300, "size": [128, 64], "shift": "appearance"},
-    "target": {"kind": "synthetic", "domain": "target", "count": 300, "size": [128, 64], "with_labels": False,
-               "shift": "appearance"},
+    "target": {
+        "kind": "synthetic",
+        "domain": "target",
+        "count": 300,
+        "size": [128, 64],
+        "with_labels": False,
+        "shift": "appearance",
+    },
     "val": {"kind": "synthetic", "domain": "target", "count": 100, "size": [128, 64], "shift": "appearance"},
-    "adversarial": {"discoverer": True, "corrector": True, "attention": True, "loss": "lsgan",
-                    "lambda_d": 0.01, "lambda_c": 0.01, "lr": 1.0e-4, "corrector_width": 16},
-    "train": {"steps": 1000, "poly_steps": 2000, "lr": 0.01, "batch_size": 4, "num_workers": 0,
-              "checkpoint_every": 250, "keep_last": 2, "eval_every": 250, "image_every": 250, "log_every": 25},
+    "adversarial": {
+        "discoverer": True,
+        "corrector": True,
+        "attention": True,
+        "loss": "lsgan",
+        "lambda_d": 0.01,
+        "lambda_c": 0.01,
+        "lr": 1.0e-4,
+        "corrector_width": 16,
+    },
+    "train": {
+        "steps": 1000,
+        "poly_steps": 2000,
+        "lr": 0.01,
+        "batch_size": 4,
+        "num_workers": 0,
+        "checkpoint_every": 250,
+        "keep_last": 2,
+        "eval_every": 250,
+        "image_every": 250,
+        "log_every": 25,
+    },
     "self_training": {"rounds": 1, "steps": 300, "poly_steps": 2000, "portion": 0.5, "lr": 0.002, "eval_every": 75},
     "selection": {"enabled": True, "num_images": 60, "betas": [0.5, 0.9]},
     "runtime": {"device": "cpu"},
@@ -64,7 +97,14 @@ QUICK: dict[str, Any] = {
     "source": {"count": 64, "size": [96, 48]},
     "target": {"count": 64, "size": [96, 48]},
     "val": {"count": 24, "size": [96, 48]},
-    "train": {"steps": 120, "poly_steps": 240, "checkpoint_every": 60, "eval_every": 60, "image_every": 60, "log_every": 20},
+    "train": {
+        "steps": 120,
+        "poly_steps": 240,
+        "checkpoint_every": 60,
+        "eval_every": 60,
+        "image_every": 60,
+        "log_every": 20,
+    },
     "self_training": {"steps": 40, "poly_steps": 240, "eval_every": 20},
     "selection": {"num_images": 12},
 }
@@ -72,8 +112,9 @@ QUICK: dict[str, Any] = {
 NO_ADVERSARY = {"discoverer": False, "corrector": False, "attention": False}
 
 
-def demo_tree(*, quick: bool = False, seed: int = 0, shift: str | None = None,
-              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def demo_tree(
+    *, quick: bool = False, seed: int = 0, shift: str | None = None, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The DAST run's config tree: :data:`DEMO_CONFIG` (+ :data:`QUICK`), the seed, the
     synthetic domains' shift and any ``overrides`` (a nested mapping, e.g. from a sweep)."""
     tree = deep_merge(DEMO_CONFIG, QUICK) if quick else copy.deepcopy(DEMO_CONFIG)
@@ -88,9 +129,19 @@ def demo_tree(*, quick: bool = False, seed: int = 0, shift: str | None = None,
 def run_trees(base: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The config of every run of :data:`RUNS`, derived from the DAST run's ``base``."""
     src_only = deep_merge(base, {"adversarial": NO_ADVERSARY, "self_training": {"rounds": 0}})
-    baseline = deep_merge(base, {"adversarial": {"discoverer": False, "corrector": True, "attention": False,
-                                                 "loss": "bce", "lambda_c": 0.001},
-                                 "self_training": {"rounds": 0}})
+    baseline = deep_merge(
+        base,
+        {
+            "adversarial": {
+                "discoverer": False,
+                "corrector": True,
+                "attention": False,
+                "loss": "bce",
+                "lambda_c": 0.001,
+            },
+            "self_training": {"rounds": 0},
+        },
+    )
     return {
         "dast": copy.deepcopy(base),
         "baseline": baseline,

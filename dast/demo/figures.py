@@ -20,8 +20,13 @@ from dast.models.io import Networks
 from dast.models.target_model import predict_full_res
 from dast.rundir import RunDir
 
-FIGURE3_COLUMNS = (("attention", "attention (DA)"), ("source_only", "source only"), ("baseline", "baseline"),
-                   ("da", "DA"), ("dast", "DAST"))
+FIGURE3_COLUMNS = (
+    ("attention", "attention (DA)"),
+    ("source_only", "source only"),
+    ("baseline", "baseline"),
+    ("da", "DA"),
+    ("dast", "DAST"),
+)
 
 
 def _save(fig: Figure, path: Path) -> None:
@@ -35,8 +40,9 @@ def _predict(nets: Networks, x: Any, size: tuple[int, int]) -> tuple[np.ndarray,
     return logits.argmax(1)[0].numpy().astype(np.uint8), alpha[0, 0].numpy()
 
 
-def write_figure3(path: Path, val: Any, nets: dict[str, Networks], *, seed: int, snapshots: dict[str, str],
-                  rows: int = 4) -> None:
+def write_figure3(
+    path: Path, val: Any, nets: dict[str, Networks], *, seed: int, snapshots: dict[str, str], rows: int = 4
+) -> None:
     """Like the paper's Figure 3: input, DA's attention, source only / baseline / DA / DAST
     predictions and the ground truth, with a legend of the classes and a colour bar."""
     colors = [tuple(c) for c in val.table.colors]
@@ -75,8 +81,9 @@ def write_figure3(path: Path, val: Any, nets: dict[str, Networks], *, seed: int,
     _save(fig, path)
 
 
-def write_miou_curve(path: Path, runs: Path, run_names: Sequence[str], *, seed: int,
-                     selected: dict[str, tuple[str, int | None]]) -> None:
+def write_miou_curve(
+    path: Path, runs: Path, run_names: Sequence[str], *, seed: int, selected: dict[str, tuple[str, int | None]]
+) -> None:
     """Target-val mIoU against the iteration for every run (DAST continues DA's run); a ring
     marks the snapshot each method reports (chosen without target labels)."""
     fig = Figure(figsize=(6.8, 4.0), dpi=100)
@@ -88,13 +95,24 @@ def write_miou_curve(path: Path, runs: Path, run_names: Sequence[str], *, seed: 
         hist = [h for h in json.loads(f.read_text()) if h.get("target") is not None]
         if not hist:
             continue
-        line, = ax.plot([h["global_step"] for h in hist], [h["target"] for h in hist], "-o", markersize=3,
-                        label="DA -> DAST" if name == "dast" else name.replace("_", " "))
+        (line,) = ax.plot(
+            [h["global_step"] for h in hist],
+            [h["target"] for h in hist],
+            "-o",
+            markersize=3,
+            label="DA -> DAST" if name == "dast" else name.replace("_", " "),
+        )
         for stage, step in [v for k, v in selected.items() if k == name or (name == "dast" and k in ("da", "dast"))]:
             for h in hist:
                 if h["stage"] == stage and h["step"] == step:
-                    ax.plot([h["global_step"]], [h["target"]], "o", markersize=9, markerfacecolor="none",
-                            markeredgecolor=line.get_color())
+                    ax.plot(
+                        [h["global_step"]],
+                        [h["target"]],
+                        "o",
+                        markersize=9,
+                        markerfacecolor="none",
+                        markeredgecolor=line.get_color(),
+                    )
     ax.set_xlabel("iteration")
     ax.set_ylabel("target val mIoU (%)")
     ax.set_title(f"dast demo, seed {seed}: target mIoU during training (rings: reported snapshots)", fontsize=9)

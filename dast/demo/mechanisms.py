@@ -45,9 +45,13 @@ def attention_auroc(da: Networks, source_only: Networks, val: Any) -> dict[str, 
             scores.append(alpha[0, 0].numpy()[valid])
             wrong.append((pred != label)[valid])
     s, w = np.concatenate(scores), np.concatenate(wrong)
-    return {"auroc": auroc(s, w), "pixels": int(s.size), "source_only_error_rate": float(w.mean()),
-            "mean_attention_on_errors": float(s[w].mean()) if w.any() else float("nan"),
-            "mean_attention_on_correct": float(s[~w].mean()) if (~w).any() else float("nan")}
+    return {
+        "auroc": auroc(s, w),
+        "pixels": int(s.size),
+        "source_only_error_rate": float(w.mean()),
+        "mean_attention_on_errors": float(s[w].mean()) if w.any() else float("nan"),
+        "mean_attention_on_correct": float(s[~w].mean()) if (~w).any() else float("nan"),
+    }
 
 
 def read_scalar_series(path: Path, prefix: str) -> dict[str, list[tuple[int, float]]]:
@@ -62,7 +66,7 @@ def read_scalar_series(path: Path, prefix: str) -> dict[str, list[tuple[int, flo
             continue  # a torn last line of a killed run
         for key, value in row.items():
             if key.startswith(prefix + "/"):
-                series.setdefault(key[len(prefix) + 1:], []).append((int(row["step"]), float(value)))
+                series.setdefault(key[len(prefix) + 1 :], []).append((int(row["step"]), float(value)))
     return series
 
 
@@ -78,14 +82,24 @@ def discriminator_separation(scalars: Path, stage: str = STAGE1, tail: float = 0
         k = max(1, int(round(len(src) * tail)))
         s, t = float(np.mean([v for _, v in src[-k:]])), float(np.mean([v for _, v in tgt[-k:]]))
         out[net] = {"source": s, "target": t, "gap": t - s}
-        out["series"][net] = {"steps": [st for st, _ in src], "source": [v for _, v in src],
-                              "target": [v for _, v in tgt]}
+        out["series"][net] = {
+            "steps": [st for st, _ in src],
+            "source": [v for _, v in src],
+            "target": [v for _, v in tgt],
+        }
     return out
 
 
-def pseudo_label_report(model_nets: Networks, target_with_labels: Any, portion: float, cap: float,
-                        mode: str) -> dict[str, Any]:
+def pseudo_label_report(
+    model_nets: Networks, target_with_labels: Any, portion: float, cap: float, mode: str
+) -> dict[str, Any]:
     """:func:`pseudo_label_quality` of the model that makes round 1's labels, both rules."""
     with torch.no_grad():
-        return pseudo_label_quality(model_nets.target_model(), target_with_labels, portion=portion, cap=cap,
-                                    mode=mode, rules=("ratio", "threshold"))
+        return pseudo_label_quality(
+            model_nets.target_model(),
+            target_with_labels,
+            portion=portion,
+            cap=cap,
+            mode=mode,
+            rules=("ratio", "threshold"),
+        )

@@ -32,8 +32,9 @@ def _train(tree: dict[str, Any], run_dir: Path, label: str | None, progress: boo
     return time.time() - t0
 
 
-def train_runs(trees: dict[str, dict[str, Any]], runs: Path, workers: int, progress: bool,
-               force: bool = False) -> dict[str, float]:
+def train_runs(
+    trees: dict[str, dict[str, Any]], runs: Path, workers: int, progress: bool, force: bool = False
+) -> dict[str, float]:
     """Train every run, ``workers`` at a time in separate processes (in the given order).
 
     In parallel, each run prints a heartbeat line (run, stage, step/total, seconds) now and
@@ -47,8 +48,10 @@ def train_runs(trees: dict[str, dict[str, Any]], runs: Path, workers: int, progr
             seconds[name] = _train(tree, runs / name, None, progress, force)
         return seconds
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_train, tree, runs / name, name if progress else None, False, force): name
-                   for name, tree in trees.items()}
+        futures = {
+            pool.submit(_train, tree, runs / name, name if progress else None, False, force): name
+            for name, tree in trees.items()
+        }
         if progress:
             print(f"== training {', '.join(trees)} ({workers} at a time)", flush=True)
         for fut in as_completed(futures):
@@ -82,8 +85,12 @@ def _snapshot(path: Path, stage: str) -> Snapshot:
     step = meta.get("step", sel.get("step"))
     if step is None and isinstance(meta.get("stage_state"), dict):
         step = meta["stage_state"].get("step")
-    return Snapshot(path, stage, int(step) if step is not None else None,
-                    float(sel["value"]) if sel.get("value") is not None else None)
+    return Snapshot(
+        path,
+        stage,
+        int(step) if step is not None else None,
+        float(sel["value"]) if sel.get("value") is not None else None,
+    )
 
 
 def variant_snapshots(runs: Path, snapshots: dict[str, tuple[str, str]], rounds: int) -> dict[str, dict[str, Snapshot]]:

@@ -35,8 +35,10 @@ def format_report(report: dict[str, Any]) -> str:
         last = m.get("last", {}).get("miou")
         gap = m.get("gap_recovered")
         lines.append(f"{v:<15}{cells}{m['miou']:>7.1f}{_cell(last, 7)}{(f'{gap:.0f}%' if gap is not None else '-'):>7}")
-    lines.append("mIoU: the snapshot each method selects without target labels; last: its stage's final step; "
-                 "gap: share of the source-only -> oracle gap recovered")
+    lines.append(
+        "mIoU: the snapshot each method selects without target labels; last: its stage's final step; "
+        "gap: share of the source-only -> oracle gap recovered"
+    )
     lines.extend(format_mechanisms(report.get("mechanisms", {}), names))
     return "\n".join(lines)
 
@@ -45,22 +47,29 @@ def format_mechanisms(mech: dict[str, Any], names: Sequence[str]) -> list[str]:
     lines = []
     att = mech.get("attention")
     if att:
-        lines.append(f"attention AUROC {att['auroc']:.3f} (DA's alpha ranking the pixels source-only gets wrong; "
-                     f"0.5 = no better than chance; mean alpha {att['mean_attention_on_errors']:.3f} on errors, "
-                     f"{att['mean_attention_on_correct']:.3f} elsewhere)")
+        lines.append(
+            f"attention AUROC {att['auroc']:.3f} (DA's alpha ranking the pixels source-only gets wrong; "
+            f"0.5 = no better than chance; mean alpha {att['mean_attention_on_errors']:.3f} on errors, "
+            f"{att['mean_attention_on_correct']:.3f} elsewhere)"
+        )
     sep = mech.get("discriminators", {})
     for net in ("D", "C"):
         if net in sep:
             s = sep[net]
-            lines.append(f"{net}: mean output {s['source']:.3f} on source, {s['target']:.3f} on target "
-                         f"(gap {s['gap']:+.3f}; least squares labels 0 / 1)")
+            lines.append(
+                f"{net}: mean output {s['source']:.3f} on source, {s['target']:.3f} on target "
+                f"(gap {s['gap']:+.3f}; least squares labels 0 / 1)"
+            )
     pl = mech.get("pseudo_labels")
     if pl:
         for rule, r in pl["rules"].items():
-            per = ", ".join(f"{n} {r['per_class_precision'][n]:.0f}%" for n in names
-                            if r["per_class_precision"].get(n) is not None)
-            lines.append(f"pseudo labels ({rule} rule): {r['precision']:.1f}% right, {r['labelled_fraction']:.1f}% "
-                         f"labelled; per class: {per}")
+            per = ", ".join(
+                f"{n} {r['per_class_precision'][n]:.0f}%" for n in names if r["per_class_precision"].get(n) is not None
+            )
+            lines.append(
+                f"pseudo labels ({rule} rule): {r['precision']:.1f}% right, {r['labelled_fraction']:.1f}% "
+                f"labelled; per class: {per}"
+            )
     return lines
 
 
@@ -88,23 +97,38 @@ def summarize_seeds(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
             diffs = [r["variants"][m]["miou"] - r["variants"][control]["miou"] for r in reports]
             d_mean, d_std = _stats(diffs)
             out["paired"].setdefault(m, {})[f"vs_{control}"] = {
-                "per_seed": diffs, "mean": d_mean, "std": d_std, "positive": sum(d > 0 for d in diffs)}
+                "per_seed": diffs,
+                "mean": d_mean,
+                "std": d_std,
+                "positive": sum(d > 0 for d in diffs),
+            }
     return out
 
 
 def format_seeds(summary: dict[str, Any]) -> str:
     """The several-seed table: mean +- std, per-seed values, paired differences."""
     seeds = summary["seeds"]
-    lines = [f"{'method':<15}{'mean +- std':>14}{'last step':>14}  " + " ".join(f"{'s' + str(s):>6}" for s in seeds)
-             + "   " + "   ".join(f"vs {c} (wins)" for c in CONTROLS)]
+    lines = [
+        f"{'method':<15}{'mean +- std':>14}{'last step':>14}  "
+        + " ".join(f"{'s' + str(s):>6}" for s in seeds)
+        + "   "
+        + "   ".join(f"vs {c} (wins)" for c in CONTROLS)
+    ]
     for m, e in summary["methods"].items():
         last = f"{e['last_mean']:.1f} +- {e['last_std']:.1f}" if "last_mean" in e else "-"
-        row = f"{m:<15}{e['mean']:>7.1f} +- {e['std']:<4.1f}{last:>14}  " + " ".join(f"{v:>6.1f}" for v in e["per_seed"])
+        row = f"{m:<15}{e['mean']:>7.1f} +- {e['std']:<4.1f}{last:>14}  " + " ".join(
+            f"{v:>6.1f}" for v in e["per_seed"]
+        )
         for c in CONTROLS:
             p = summary["paired"].get(m, {}).get(f"vs_{c}")
-            row += f"   {p['mean']:>+6.1f} ({p['positive']}/{len(seeds)})".ljust(len(f'vs {c} (wins)') + 3) if p else \
-                " " * (len(f"vs {c} (wins)") + 3)
+            row += (
+                f"   {p['mean']:>+6.1f} ({p['positive']}/{len(seeds)})".ljust(len(f"vs {c} (wins)") + 3)
+                if p
+                else " " * (len(f"vs {c} (wins)") + 3)
+            )
         lines.append(row)
-    lines.append("mIoU (%) at the snapshots selected without target labels; last step: the stages' final "
-                 "iterations; vs X: mean of the per-seed differences (seeds where the method is higher)")
+    lines.append(
+        "mIoU (%) at the snapshots selected without target labels; last step: the stages' final "
+        "iterations; vs X: mean of the per-seed differences (seeds where the method is higher)"
+    )
     return "\n".join(lines)

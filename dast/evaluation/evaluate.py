@@ -61,18 +61,32 @@ def _require_labels(dataset: SegmentationDataset) -> None:
 
 
 @torch.no_grad()
-def evaluate_confusion(model: nn.Module, dataset: SegmentationDataset, device: torch.device | str, *,
-                       batch_size: int = 1, amp_dtype: Optional[torch.dtype] = None, progress: bool = True,
-                       indices: Optional[Sequence[int]] = None, num_workers: int = 0,
-                       desc: str = "evaluating") -> tuple[ConfusionMatrix, int]:
+def evaluate_confusion(
+    model: nn.Module,
+    dataset: SegmentationDataset,
+    device: torch.device | str,
+    *,
+    batch_size: int = 1,
+    amp_dtype: Optional[torch.dtype] = None,
+    progress: bool = True,
+    indices: Optional[Sequence[int]] = None,
+    num_workers: int = 0,
+    desc: str = "evaluating",
+) -> tuple[ConfusionMatrix, int]:
     """Run ``model`` over ``dataset`` (or its ``indices``) and return (confusion matrix, images)."""
     _require_labels(dataset)
     device = torch.device(device)
     idx = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
     cm = ConfusionMatrix(dataset.num_classes, device)
-    loader = DataLoader(_EvalView(dataset, idx), batch_size=max(1, batch_size), shuffle=False,
-                        num_workers=num_workers, collate_fn=_as_list, pin_memory=device.type == "cuda",
-                        worker_init_fn=worker_init(num_workers))
+    loader = DataLoader(
+        _EvalView(dataset, idx),
+        batch_size=max(1, batch_size),
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_as_list,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=worker_init(num_workers),
+    )
     was_training = model.training
     model.eval()
     count = 0
@@ -108,18 +122,37 @@ def _reduce_count(count: int, device: torch.device) -> int:
     return count
 
 
-def evaluate_model(model: nn.Module, dataset: SegmentationDataset, device: torch.device | str, *,
-                   batch_size: int = 1, amp_dtype: Optional[torch.dtype] = None, progress: bool = True,
-                   indices: Optional[Sequence[int]] = None, protocols: Optional[Mapping[str, Sequence[int]]] = None,
-                   distributed: bool = False, num_workers: int = 0, desc: str = "evaluating") -> dict[str, Any]:
+def evaluate_model(
+    model: nn.Module,
+    dataset: SegmentationDataset,
+    device: torch.device | str,
+    *,
+    batch_size: int = 1,
+    amp_dtype: Optional[torch.dtype] = None,
+    progress: bool = True,
+    indices: Optional[Sequence[int]] = None,
+    protocols: Optional[Mapping[str, Sequence[int]]] = None,
+    distributed: bool = False,
+    num_workers: int = 0,
+    desc: str = "evaluating",
+) -> dict[str, Any]:
     """mIoU of a target model (already on ``device``) on a labelled dataset (keys: :func:`compute_metrics`).
 
     ``indices`` restricts the evaluation to a shard; with ``distributed=True`` every rank
     must call this with its own shard and all get the metrics of the union.
     ``protocols`` defaults to those of ``dataset.kind`` (16/13 classes for SYNTHIA).
     """
-    cm, count = evaluate_confusion(model, dataset, device, batch_size=batch_size, amp_dtype=amp_dtype,
-                                   progress=progress, indices=indices, num_workers=num_workers, desc=desc)
+    cm, count = evaluate_confusion(
+        model,
+        dataset,
+        device,
+        batch_size=batch_size,
+        amp_dtype=amp_dtype,
+        progress=progress,
+        indices=indices,
+        num_workers=num_workers,
+        desc=desc,
+    )
     if distributed:
         cm.all_reduce()
         count = _reduce_count(count, cm.device)
@@ -139,8 +172,14 @@ def _read_prediction(path: Path, num_classes: int, label_shape: tuple[int, ...],
     return pred
 
 
-def evaluate_predictions(dataset: SegmentationDataset, pred_dir: str | Path, *, progress: bool = True,
-                         protocols: Optional[Mapping[str, Sequence[int]]] = None, workers: int = 4) -> dict[str, Any]:
+def evaluate_predictions(
+    dataset: SegmentationDataset,
+    pred_dir: str | Path,
+    *,
+    progress: bool = True,
+    protocols: Optional[Mapping[str, Sequence[int]]] = None,
+    workers: int = 4,
+) -> dict[str, Any]:
     """mIoU of train-id prediction PNGs ``<pred_dir>/<name>.png`` at the native label size."""
     _require_labels(dataset)
     d = require_named_pngs(pred_dir, dataset.names, "prediction")

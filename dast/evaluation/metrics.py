@@ -24,8 +24,12 @@ def _mean_percent(values: np.ndarray) -> Optional[float]:
     return float(finite.mean() * 100.0) if finite.size else None
 
 
-def compute_metrics(matrix: np.ndarray, class_names: Sequence[str],
-                    protocols: Optional[Mapping[str, Sequence[int]]] = None, num_images: int = 0) -> dict[str, Any]:
+def compute_metrics(
+    matrix: np.ndarray,
+    class_names: Sequence[str],
+    protocols: Optional[Mapping[str, Sequence[int]]] = None,
+    num_images: int = 0,
+) -> dict[str, Any]:
     """``{"miou", "per_class", <protocol keys>, "num_images"}``, IoUs in percent.
 
     ``miou`` is the mean over classes with a defined IoU. Each protocol (e.g.

@@ -116,9 +116,13 @@ def export_onnx(nets: Networks, path: str | os.PathLike[str], opset: int = DEFAU
     return out
 
 
-def onnx_parity(nets: Networks, path: str | os.PathLike[str],
-                sizes: Sequence[tuple[int, int]] = ((96, 64), (71, 45)), batch: int = 2,
-                seed: int = 0) -> dict[str, float]:
+def onnx_parity(
+    nets: Networks,
+    path: str | os.PathLike[str],
+    sizes: Sequence[tuple[int, int]] = ((96, 64), (71, 45)),
+    batch: int = 2,
+    seed: int = 0,
+) -> dict[str, float]:
     """Run the exported file with onnxruntime at each (width, height) and compare with PyTorch.
 
     Returns the largest absolute difference of each output over all sizes.
@@ -135,6 +139,8 @@ def onnx_parity(nets: Networks, path: str | os.PathLike[str],
         got = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})
         for name, r, g in zip(OUTPUT_NAMES, ref, got):
             if tuple(r.shape) != tuple(g.shape):
-                raise RuntimeError(f"{path}: ONNX output '{name}' has shape {tuple(g.shape)}, PyTorch gives {tuple(r.shape)}")
+                raise RuntimeError(
+                    f"{path}: ONNX output '{name}' has shape {tuple(g.shape)}, PyTorch gives {tuple(r.shape)}"
+                )
             worst[name] = max(worst[name], float(np.abs(r.numpy() - g).max()))
     return worst

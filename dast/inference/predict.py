@@ -31,8 +31,17 @@ from dast.inference.segmenter import Segmenter, prepare_image
 from dast.inference.visualize import colorize, heatmap, overlay, palette_for, save_png
 from dast.models.io import ModelSpec, Networks
 
-__all__ = ["expand_inputs", "image_size", "output_paths", "output_stem", "plan_outputs", "predict_paths", "read_rgb",
-           "size_batches", "write_prediction"]
+__all__ = [
+    "expand_inputs",
+    "image_size",
+    "output_paths",
+    "output_stem",
+    "plan_outputs",
+    "predict_paths",
+    "read_rgb",
+    "size_batches",
+    "write_prediction",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 CITYSCAPES_SUFFIX = "_leftImg8bit"
@@ -182,8 +191,14 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
     write_with(path, _write, fsync=False)
 
 
-def write_prediction(files: dict[str, Path], rgb: np.ndarray, label: np.ndarray, att: np.ndarray,
-                     colors: Sequence[Sequence[int]], logits: np.ndarray | None) -> None:
+def write_prediction(
+    files: dict[str, Path],
+    rgb: np.ndarray,
+    label: np.ndarray,
+    att: np.ndarray,
+    colors: Sequence[Sequence[int]],
+    logits: np.ndarray | None,
+) -> None:
     """Write the PNGs (and optionally the logits) of one image, each file atomically."""
     color = colorize(label, colors)
     save_png(files["label"], label, fsync=False)
@@ -199,9 +214,18 @@ def class_colors(spec: ModelSpec) -> list[tuple[int, int, int]]:
     return palette_for(spec.num_classes, spec.class_colors or None)
 
 
-def predict_paths(nets: Networks, inputs: Sequence[Path], out_dir: str | os.PathLike[str], *, batch_size: int = 1,
-                  device: torch.device | str = "cpu", save_logits: bool = False, amp_dtype: torch.dtype | None = None,
-                  progress: bool = True, num_workers: int = 0) -> list[dict[str, Any]]:
+def predict_paths(
+    nets: Networks,
+    inputs: Sequence[Path],
+    out_dir: str | os.PathLike[str],
+    *,
+    batch_size: int = 1,
+    device: torch.device | str = "cpu",
+    save_logits: bool = False,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = True,
+    num_workers: int = 0,
+) -> list[dict[str, Any]]:
     """Predict ``inputs`` with the target path of ``nets`` and write the results to ``out_dir``.
 
     Per image ``<stem>``: ``<stem>.png`` (trainIds, uint8, original resolution),
@@ -222,16 +246,24 @@ def predict_paths(nets: Networks, inputs: Sequence[Path], out_dir: str | os.Path
     segmenter = Segmenter(nets, device, amp_dtype=amp_dtype)
     batches = size_batches(paths, segmenter.input_size, batch_size)
     colors = class_colors(spec)
-    loader = DataLoader(_ImageSet(paths, segmenter.input_size, segmenter.norm), batch_sampler=batches,
-                        collate_fn=_collate, num_workers=max(0, num_workers), worker_init_fn=worker_init(num_workers))
+    loader = DataLoader(
+        _ImageSet(paths, segmenter.input_size, segmenter.norm),
+        batch_sampler=batches,
+        collate_fn=_collate,
+        num_workers=max(0, num_workers),
+        worker_init_fn=worker_init(num_workers),
+    )
     records: list[dict[str, Any] | None] = [None] * len(paths)
     pending: list[Future[None]] = []
     max_pending = 8
     writers = max(1, min(4, os.cpu_count() or 1))
     out.mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(max_workers=writers) as pool, segmenter.session(), \
-            tqdm(total=len(paths), unit="img", desc="predict", disable=not progress) as bar, \
-            loader_iterator(loader) as batches:
+    with (
+        ThreadPoolExecutor(max_workers=writers) as pool,
+        segmenter.session(),
+        tqdm(total=len(paths), unit="img", desc="predict", disable=not progress) as bar,
+        loader_iterator(loader) as batches,
+    ):
         for samples in batches:
             bad = next((s for s in samples if s.error is not None), None)
             if bad is not None:

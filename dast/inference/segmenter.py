@@ -78,8 +78,10 @@ def _check_rgb_array(arr: np.ndarray) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ImageInputError(f"expected an H x W x 3 RGB array, got shape {tuple(arr.shape)}")
     if arr.dtype != np.uint8:
-        raise ImageInputError(f"expected a uint8 array (RGB values 0..255), got dtype {arr.dtype}; "
-                              "convert it with np.clip(a, 0, 255).astype(np.uint8)")
+        raise ImageInputError(
+            f"expected a uint8 array (RGB values 0..255), got dtype {arr.dtype}; "
+            "convert it with np.clip(a, 0, 255).astype(np.uint8)"
+        )
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ImageInputError(f"the image is empty (shape {tuple(arr.shape)})")
     return np.ascontiguousarray(arr)
@@ -98,8 +100,9 @@ def _tensor_to_rgb(t: torch.Tensor) -> list[np.ndarray]:
             raise ImageInputError("the image tensor holds NaN or infinite values")
         lo, hi = float(t.min()), float(t.max())
         if lo < 0.0 or hi > 255.0:
-            raise ImageInputError(f"expected RGB values in 0..255 (not normalised), "
-                                  f"got values from {lo:.3g} to {hi:.3g}")
+            raise ImageInputError(
+                f"expected RGB values in 0..255 (not normalised), got values from {lo:.3g} to {hi:.3g}"
+            )
         t = torch.round(t).to(torch.uint8)
     elif t.dtype != torch.uint8:
         raise ImageInputError(f"expected a uint8 or floating-point tensor, got dtype {t.dtype}")
@@ -134,8 +137,10 @@ def as_rgb_images(image: Any) -> tuple[list[np.ndarray], bool]:
         if not path.is_file():
             raise ImageInputError(f"image file not found: {path}")
         return [read_rgb(path)], False
-    raise ImageInputError("expected a PIL image, an H x W x 3 uint8 numpy array, an (N x) 3 x H x W tensor "
-                          f"or an image path, got {type(image).__name__}")
+    raise ImageInputError(
+        "expected a PIL image, an H x W x 3 uint8 numpy array, an (N x) 3 x H x W tensor "
+        f"or an image path, got {type(image).__name__}"
+    )
 
 
 class Segmenter:
@@ -150,8 +155,9 @@ class Segmenter:
     under autocast; the outputs are float32 either way.
     """
 
-    def __init__(self, nets: Networks, device: torch.device | str = "cpu", *,
-                 amp_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, nets: Networks, device: torch.device | str = "cpu", *, amp_dtype: torch.dtype | None = None
+    ) -> None:
         self.device = torch.device(device)
         self.nets = nets.to(self.device)
         self.model = nets.target_model()
@@ -160,8 +166,9 @@ class Segmenter:
         self.amp_dtype = amp_dtype
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu", *,
-                        amp_dtype: torch.dtype | None = None) -> Segmenter:
+    def from_checkpoint(
+        cls, path: str | os.PathLike[str], device: torch.device | str = "cpu", *, amp_dtype: torch.dtype | None = None
+    ) -> Segmenter:
         """Load a dast checkpoint (``.safetensors``) onto ``device``."""
         nets, _, _ = load_networks(Path(path), device)
         return cls(nets, device, amp_dtype=amp_dtype)
@@ -210,8 +217,9 @@ class Segmenter:
         return logits.float(), att.float()
 
     @staticmethod
-    def upsample(logits: torch.Tensor, attention: torch.Tensor,
-                 size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def upsample(
+        logits: torch.Tensor, attention: torch.Tensor, size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Bilinear (``align_corners=True``) upsampling to ``size`` = (height, width).
 
         Returns (logits N x C x H x W, attention N x H x W clamped to [0, 1]).
@@ -224,8 +232,9 @@ class Segmenter:
         """The label map: int64, H x W for one image, N x H x W for an N x 3 x H x W tensor."""
         return self.predict(image).labels
 
-    def predict(self, image: ImageInput, *, probabilities: bool = False, attention: bool = False,
-                logits: bool = False) -> Prediction:
+    def predict(
+        self, image: ImageInput, *, probabilities: bool = False, attention: bool = False, logits: bool = False
+    ) -> Prediction:
         """Predict one image (or a batch tensor); see :class:`Prediction` for the arrays.
 
         ``image`` is anything :func:`as_rgb_images` accepts. A batch runs as one forward pass.

@@ -22,8 +22,19 @@ from dast.palette import Color, color_lut, generated_palette, palette_for
 
 HEATMAP_CMAP = "inferno"
 
-__all__ = ["Color", "color_lut", "colorize", "figure_grid", "generated_palette", "heatmap", "label_png_bytes",
-           "overlay", "palette_for", "png_bytes", "save_png"]
+__all__ = [
+    "Color",
+    "color_lut",
+    "colorize",
+    "figure_grid",
+    "generated_palette",
+    "heatmap",
+    "label_png_bytes",
+    "overlay",
+    "palette_for",
+    "png_bytes",
+    "save_png",
+]
 
 
 def colorize(label: np.ndarray, colors: Sequence[Sequence[int]]) -> np.ndarray:
@@ -94,8 +105,15 @@ def save_png(path: str | os.PathLike[str], array: np.ndarray, fsync: bool = True
     write_with(path, lambda tmp: img.save(tmp, format="PNG"), fsync=fsync)
 
 
-def figure_grid(rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str], path: str | os.PathLike[str], *,
-                row_labels: Sequence[str] | None = None, cell_width: float = 3.0, dpi: int = 100) -> None:
+def figure_grid(
+    rows: Sequence[Sequence[np.ndarray]],
+    titles: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    row_labels: Sequence[str] | None = None,
+    cell_width: float = 3.0,
+    dpi: int = 100,
+) -> None:
     """Save a grid of images (one list per row) with a title above each column, as PNG.
 
     Cells are H x W (drawn in grey) or H x W x 3 uint8 arrays. All rows must have

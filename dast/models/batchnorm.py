@@ -31,11 +31,18 @@ def use_per_image_batchnorm(module: nn.Module) -> nn.Module:
     RegNet ...) have their own forward and would keep pooling the batch's statistics:
     such a network is a ConfigError, and nothing is replaced.
     """
-    others = sorted({type(m).__name__ for m in module.modules()
-                     if isinstance(m, nn.BatchNorm2d) and type(m) not in (nn.BatchNorm2d, PerImageBatchNorm2d)})
+    others = sorted(
+        {
+            type(m).__name__
+            for m in module.modules()
+            if isinstance(m, nn.BatchNorm2d) and type(m) not in (nn.BatchNorm2d, PerImageBatchNorm2d)
+        }
+    )
     if others:
-        raise ConfigError(f"model.batchnorm: per_image replaces plain BatchNorm2d layers only, and this network also "
-                          f"has {', '.join(others)}; use model.batchnorm: batch (or train.batch_size: 1)")
+        raise ConfigError(
+            f"model.batchnorm: per_image replaces plain BatchNorm2d layers only, and this network also "
+            f"has {', '.join(others)}; use model.batchnorm: batch (or train.batch_size: 1)"
+        )
     _replace_batchnorm(module)
     return module
 
@@ -43,7 +50,9 @@ def use_per_image_batchnorm(module: nn.Module) -> nn.Module:
 def _replace_batchnorm(module: nn.Module) -> None:
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
-            new = PerImageBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            new = PerImageBatchNorm2d(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
             new.load_state_dict(child.state_dict())
             for p_new, p_old in zip(new.parameters(), child.parameters()):
                 p_new.requires_grad_(p_old.requires_grad)

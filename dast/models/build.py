@@ -61,13 +61,22 @@ def check_output_stride(arch: str, output_stride: int | None) -> int:
     if output_stride is None:
         return 8
     if output_stride not in allowed:
-        raise ValueError(f"output stride {output_stride} is not supported by the {arch} architecture "
-                         f"(supported: {', '.join(map(str, allowed))})")
+        raise ValueError(
+            f"output stride {output_stride} is not supported by the {arch} architecture "
+            f"(supported: {', '.join(map(str, allowed))})"
+        )
     return int(output_stride)
 
 
-def build_segmentor(arch: str, num_classes: int, variant: str = "paper", output_stride: int | None = None, *,
-                    timm_name: str | None = None, pretrained: bool = False) -> Segmentor:
+def build_segmentor(
+    arch: str,
+    num_classes: int,
+    variant: str = "paper",
+    output_stride: int | None = None,
+    *,
+    timm_name: str | None = None,
+    pretrained: bool = False,
+) -> Segmentor:
     """Build a DeepLab-v2 segmentor with random weights (load pretrained ones afterwards).
 
     ``output_stride`` (None: 8) may be 4 for ``small``; the paper networks run at 8 only.
@@ -95,7 +104,9 @@ def build_segmentor(arch: str, num_classes: int, variant: str = "paper", output_
         deeplab_init(tail)
         classifier = ASPPClassifier(encoder.out_channels, num_classes, PAPER_RATES, active)
         return Segmentor(encoder, tail, classifier, num_classes)
-    encoder = ResNetEncoder(SMALL_LAYERS, SMALL_WIDTH, freeze_bn_affine=False, output_stride=stride, stem_width=SMALL_STEM)
+    encoder = ResNetEncoder(
+        SMALL_LAYERS, SMALL_WIDTH, freeze_bn_affine=False, output_stride=stride, stem_width=SMALL_STEM
+    )
     tail = resnet_tail(SMALL_WIDTH, fresh_shortcut=reference, freeze_bn_affine=False)
     for part in (encoder, tail):
         kaiming_init(part)

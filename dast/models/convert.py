@@ -206,9 +206,7 @@ def _load_mapped(
     return written
 
 
-def _account_missing(
-    nets: Networks, written: set[str], report: ConversionReport, scope: Sequence[str]
-) -> None:
+def _account_missing(nets: Networks, written: set[str], report: ConversionReport, scope: Sequence[str]) -> None:
     """List the keys under the ``scope`` prefixes that received nothing; fill BN counters."""
     own = nets.state_tensors()
     with torch.no_grad():
@@ -222,8 +220,15 @@ def _account_missing(
                 report.missing.append(k)
 
 
-def _raise_if(report: ConversionReport, source: str, *, missing: Sequence[str], allow_missing: bool,
-              allow_unexpected: bool, unexpected_hint: str = "") -> None:
+def _raise_if(
+    report: ConversionReport,
+    source: str,
+    *,
+    missing: Sequence[str],
+    allow_missing: bool,
+    allow_unexpected: bool,
+    unexpected_hint: str = "",
+) -> None:
     if report.unexpected and not allow_unexpected:
         n = len(report.unexpected)
         hint = f" {unexpected_hint}" if unexpected_hint else ""
@@ -292,7 +297,9 @@ def official_to_dast(
     if kind == "dast":
         raise CheckpointError(f"{source}: this is already in dast's layout; load it with `dast predict --checkpoint`")
     if kind == "discriminators":
-        raise CheckpointError(f"{source}: holds discriminators ('0.*', '1.*'), not a segmentor; pass it as --discriminators")
+        raise CheckpointError(
+            f"{source}: holds discriminators ('0.*', '1.*'), not a segmentor; pass it as --discriminators"
+        )
     if kind is None:
         example = next(iter(seg_sd), "<empty>")
         raise CheckpointError(
@@ -300,12 +307,22 @@ def official_to_dast(
             f" 'layer6.conv2d_list.0.weight' or 'classifier.conv2d_list.0.weight'; found e.g. '{example}')"
         )
     if kind != want:
-        raise CheckpointError(f"{source}: holds a {'VGG-16' if kind == 'vgg16' else 'ResNet'} segmentor, but arch {arch!r} was requested")
+        raise CheckpointError(
+            f"{source}: holds a {'VGG-16' if kind == 'vgg16' else 'ResNet'} segmentor, but arch {arch!r} was requested"
+        )
     with_d = discriminators_sd is not None
     names, colors = _class_table(num_classes)
     spec = ModelSpec(
-        arch=arch, num_classes=num_classes, variant=variant, norm="caffe", input_size=RELEASED_INPUT_SIZE,
-        discoverer=with_d, corrector=with_d, attention=with_d, class_names=names, class_colors=colors,
+        arch=arch,
+        num_classes=num_classes,
+        variant=variant,
+        norm="caffe",
+        input_size=RELEASED_INPUT_SIZE,
+        discoverer=with_d,
+        corrector=with_d,
+        attention=with_d,
+        class_names=names,
+        class_colors=colors,
     )
     nets = build_networks(spec)
     report = ConversionReport(source_format="released")
@@ -360,7 +377,9 @@ def detect_imagenet_format(keys: Iterable[str], arch: str) -> tuple[str, str]:
             return "torchvision", ""
     else:
         if "layer6" in tops:
-            raise CheckpointError("this is a released DAST segmentor, not an ImageNet initialisation; use `dast convert official`")
+            raise CheckpointError(
+                "this is a released DAST segmentor, not an ImageNet initialisation; use `dast convert official`"
+            )
         if "conv1" in tops and tops <= set(_RESNET_STEM) | {"fc"}:
             return "torchvision", ""
         if len(tops) == 1 and all("." in k for k in ks):
@@ -374,7 +393,9 @@ def detect_imagenet_format(keys: Iterable[str], arch: str) -> tuple[str, str]:
         if arch == "vgg16"
         else "DeepLab init keys like 'Scale.conv1.weight' or torchvision keys like 'conv1.weight', 'layer4.2.conv3.weight'"
     )
-    raise CheckpointError(f"unrecognised weight file for {arch}: expected {expected} or dast keys 'encoder.*'; found e.g. '{example}'")
+    raise CheckpointError(
+        f"unrecognised weight file for {arch}: expected {expected} or dast keys 'encoder.*'; found e.g. '{example}'"
+    )
 
 
 def _resnet_imagenet_key(key: str, n_enc_blocks: int) -> str | None:
@@ -457,7 +478,9 @@ def imagenet_to_dast(
                 report.unexpected.append(key)
                 hint = "the released loader drops the old classifier 'layer5.*' only when num_classes == 19;"
             continue
-        if detected == "torchvision" and ((arch == "vgg16" and top == "classifier") or (arch != "vgg16" and top == "fc")):
+        if detected == "torchvision" and (
+            (arch == "vgg16" and top == "classifier") or (arch != "vgg16" and top == "fc")
+        ):
             report.skipped.append(key)
             continue
         if detected == "dast":
@@ -475,8 +498,14 @@ def imagenet_to_dast(
     _account_missing(nets, written, report, ("segmentor.encoder.", "segmentor.tail."))
     expected = _expected_fresh(arch, variant, detected)
     surprising = [k for k in report.missing if not k.startswith(expected)] if expected else list(report.missing)
-    _raise_if(report, source, missing=surprising, allow_missing=allow_missing,
-              allow_unexpected=allow_unexpected, unexpected_hint=hint)
+    _raise_if(
+        report,
+        source,
+        missing=surprising,
+        allow_missing=allow_missing,
+        allow_unexpected=allow_unexpected,
+        unexpected_hint=hint,
+    )
     return nets, report
 
 
@@ -517,14 +546,22 @@ def timm_to_dast(
 
     sd = _strip_common_prefix(weights_sd, "module.")
     if any(k.startswith("segmentor.") for k in sd):
-        raise CheckpointError(f"{source}: this is already a dast checkpoint; use it as model.init (or with --checkpoint)")
-    spec = ModelSpec(arch="timm", num_classes=num_classes, variant="paper", norm=norm or "imagenet",
-                     timm_name=timm_name, output_stride=output_stride)
+        raise CheckpointError(
+            f"{source}: this is already a dast checkpoint; use it as model.init (or with --checkpoint)"
+        )
+    spec = ModelSpec(
+        arch="timm",
+        num_classes=num_classes,
+        variant="paper",
+        norm=norm or "imagenet",
+        timm_name=timm_name,
+        output_stride=output_stride,
+    )
     nets = build_networks(spec)
     encoder = nets.segmentor.encoder
     assert isinstance(encoder, TimmEncoder)
     prefix = "segmentor.encoder.body."
-    feature_keys = frozenset(k[len(prefix):] for k in nets.state_tensors() if k.startswith(prefix))
+    feature_keys = frozenset(k[len(prefix) :] for k in nets.state_tensors() if k.startswith(prefix))
     whole = full_model_keys(encoder)
     report = ConversionReport(source_format="timm")
     mapped: list[tuple[str, str | None, Tensor]] = []
@@ -547,8 +584,10 @@ def timm_to_dast(
         problems.append(f"{_few(report.missing, strip=prefix)} of its encoder are not in the file")
         flags.append("--allow-missing")
     if problems:
-        raise CheckpointError(f"{source}: {'; '.join(problems)} (is it a checkpoint of another model?"
-                              f" {' / '.join(flags)} to go on anyway)")
+        raise CheckpointError(
+            f"{source}: {'; '.join(problems)} (is it a checkpoint of another model?"
+            f" {' / '.join(flags)} to go on anyway)"
+        )
     return nets, report
 
 

@@ -74,7 +74,11 @@ class Networks:
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        for prefix, m in (("segmentor", self.segmentor), ("discoverer", self.discoverer), ("corrector", self.corrector)):
+        for prefix, m in (
+            ("segmentor", self.segmentor),
+            ("discoverer", self.discoverer),
+            ("corrector", self.corrector),
+        ):
             if m is not None:
                 for k, v in m.state_dict().items():
                     out[f"{prefix}.{k}"] = v
@@ -89,10 +93,18 @@ def build_networks(spec: ModelSpec, pretrained: bool = False) -> Networks:
     if spec.variant not in VARIANTS:
         raise CheckpointError(f"unknown variant {spec.variant!r} (known: {', '.join(VARIANTS)})")
     if spec.arch == "timm" and (not spec.timm_name or spec.variant != "paper"):
-        raise CheckpointError(f"a timm model needs a timm name and variant 'paper' (got {spec.timm_name!r}, {spec.variant!r})")
+        raise CheckpointError(
+            f"a timm model needs a timm name and variant 'paper' (got {spec.timm_name!r}, {spec.variant!r})"
+        )
     try:
-        seg = build_segmentor(spec.arch, spec.num_classes, spec.variant, timm_name=spec.timm_name,
-                              output_stride=spec.output_stride, pretrained=pretrained)
+        seg = build_segmentor(
+            spec.arch,
+            spec.num_classes,
+            spec.variant,
+            timm_name=spec.timm_name,
+            output_stride=spec.output_stride,
+            pretrained=pretrained,
+        )
     except ValueError as exc:  # e.g. an output stride the architecture does not support
         raise CheckpointError(str(exc)) from None
     disc = build_discoverer(seg.feature_channels) if spec.discoverer else None
@@ -126,8 +138,12 @@ def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what
     module.load_state_dict(dict(state), strict=True)
 
 
-def save_networks(path: str | Path, nets: Networks, extra_meta: Mapping[str, Any] | None = None,
-                  extra_tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+def save_networks(
+    path: str | Path,
+    nets: Networks,
+    extra_meta: Mapping[str, Any] | None = None,
+    extra_tensors: Mapping[str, torch.Tensor] | None = None,
+) -> None:
     """Write a model checkpoint (or, with extras, a full training checkpoint)."""
     meta: dict[str, Any] = {"kind": "model", "model": nets.spec.to_dict()}
     if extra_meta:
@@ -138,8 +154,9 @@ def save_networks(path: str | Path, nets: Networks, extra_meta: Mapping[str, Any
     save_checkpoint(path, tensors, meta)
 
 
-def load_networks(path: str | Path, device: str | torch.device = "cpu",
-                  expect: Mapping[str, Any] | None = None) -> tuple[Networks, dict[str, torch.Tensor], dict[str, Any]]:
+def load_networks(
+    path: str | Path, device: str | torch.device = "cpu", expect: Mapping[str, Any] | None = None
+) -> tuple[Networks, dict[str, torch.Tensor], dict[str, Any]]:
     """Rebuild the networks stored in a dast checkpoint.
 
     ``expect`` may name ``arch`` and ``num_classes`` that the checkpoint must match.

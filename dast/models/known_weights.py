@@ -94,8 +94,11 @@ def identify(digest: str, known: Sequence[KnownWeights] = KNOWN_WEIGHTS) -> Opti
 
 def describe_match(entry: KnownWeights) -> str:
     """``recognised: <description> (<file name>), <how it was matched>``."""
-    how = ("full SHA-256 matches" if entry.sha256 is not None
-           else f"SHA-256 starts with {entry.sha256_prefix} as its file name says (no full hash is published)")
+    how = (
+        "full SHA-256 matches"
+        if entry.sha256 is not None
+        else f"SHA-256 starts with {entry.sha256_prefix} as its file name says (no full hash is published)"
+    )
     return f"recognised: {entry.description} ({entry.file_name}), {how}"
 
 
@@ -113,14 +116,19 @@ class FileProvenance:
         if self.known is not None:
             out.append(describe_match(self.known))
         else:
-            out.append(f"not a file dast knows (docs/weights.md lists them); keep this SHA-256 to identify "
-                       f"{self.path.name} later")
+            out.append(
+                f"not a file dast knows (docs/weights.md lists them); keep this SHA-256 to identify "
+                f"{self.path.name} later"
+            )
         return out
 
     def to_dict(self) -> dict[str, Optional[str]]:
         """For a converted checkpoint's JSON: file name, SHA-256, recognised file name."""
-        return {"file": self.path.name, "sha256": self.sha256,
-                "recognised": self.known.file_name if self.known is not None else None}
+        return {
+            "file": self.path.name,
+            "sha256": self.sha256,
+            "recognised": self.known.file_name if self.known is not None else None,
+        }
 
 
 def inspect_file(path: str | Path, known: Sequence[KnownWeights] = KNOWN_WEIGHTS) -> FileProvenance:

@@ -133,7 +133,9 @@ def resnet_tail(width: int = 64, fresh_shortcut: bool = False, freeze_bn_affine:
     freshly initialised 1x1 projection shortcut with BN because its dilation is 4.
     Otherwise it is the plain identity-shortcut block of ResNet.
     """
-    return make_stage(width * 32, width * 8, 1, dilation=4, force_shortcut=fresh_shortcut, freeze_bn_affine=freeze_bn_affine)
+    return make_stage(
+        width * 32, width * 8, 1, dilation=4, force_shortcut=fresh_shortcut, freeze_bn_affine=freeze_bn_affine
+    )
 
 
 def deeplab_init(module: nn.Module) -> None:

@@ -34,8 +34,9 @@ class TargetModel(nn.Module):
         return self.segmentor.predict(f_att), alpha
 
 
-def predict_full_res(model: nn.Module, x: Tensor, size: tuple[int, int] | None = None,
-                     amp_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+def predict_full_res(
+    model: nn.Module, x: Tensor, size: tuple[int, int] | None = None, amp_dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
     """The one forward-and-upsample rule: run the target model on ``x`` (under autocast to
     ``amp_dtype`` when given) and upsample its float32 logits and attention bilinearly
     (``align_corners=True``) to ``size`` = (height, width), the input size by default.

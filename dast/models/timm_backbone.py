@@ -44,8 +44,10 @@ def import_timm() -> ModuleType:
     except ImportError:
         raise ConfigError(f"a timm backbone (model.arch: timm) needs the timm package: {INSTALL_HINT}") from None
     except (OSError, RuntimeError) as exc:  # e.g. a torchvision built for another torch
-        raise ConfigError(f"a timm backbone (model.arch: timm) needs timm, which is installed but fails to import "
-                          f"({_first_sentence(exc)}); install timm with a matching torchvision: {INSTALL_HINT}") from None
+        raise ConfigError(
+            f"a timm backbone (model.arch: timm) needs timm, which is installed but fails to import "
+            f"({_first_sentence(exc)}); install timm with a matching torchvision: {INSTALL_HINT}"
+        ) from None
     return timm
 
 
@@ -92,7 +94,9 @@ def _unknown_model(timm: ModuleType, name: str) -> ConfigError:
     return ConfigError(f"model.timm_name {name!r} is not a timm model{hint}")
 
 
-def _create_body(timm: ModuleType, name: str, pretrained: bool, kwargs: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+def _create_body(
+    timm: ModuleType, name: str, pretrained: bool, kwargs: dict[str, Any]
+) -> tuple[nn.Module, dict[str, Any]]:
     """``timm.create_model`` features-only, with ``dynamic_img_size`` where the family takes it.
     Returns the network and the keyword arguments it was built with."""
     dynamic = {**kwargs, "dynamic_img_size": True}
@@ -104,7 +108,9 @@ def _create_body(timm: ModuleType, name: str, pretrained: bool, kwargs: dict[str
     return timm.create_model(name, features_only=True, out_indices=(-1,), pretrained=pretrained, **kwargs), dict(kwargs)
 
 
-def _create_or_explain(timm: ModuleType, name: str, pretrained: bool, kwargs: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+def _create_or_explain(
+    timm: ModuleType, name: str, pretrained: bool, kwargs: dict[str, Any]
+) -> tuple[nn.Module, dict[str, Any]]:
     try:
         return _create_body(timm, name, pretrained, kwargs)
     except RuntimeError as exc:
@@ -112,15 +118,19 @@ def _create_or_explain(timm: ModuleType, name: str, pretrained: bool, kwargs: di
         if "pretrained tag" in text:  # a name such as resnet50.bogus_tag
             raise ConfigError(f"model.timm_name {name!r}: {_first_sentence(exc)}") from None
         if pretrained and "pretrained" in text:
-            raise ConfigError(f"model.pretrained: timm has no pretrained weights for {name!r}; set model.pretrained: "
-                              "false or convert a weight file with `dast convert imagenet --arch timm`") from None
+            raise ConfigError(
+                f"model.pretrained: timm has no pretrained weights for {name!r}; set model.pretrained: "
+                "false or convert a weight file with `dast convert imagenet --arch timm`"
+            ) from None
         raise
     except OSError as exc:
         if not pretrained:
             raise
-        raise UserError(f"model.pretrained: could not fetch timm's weights for {name!r} ({_first_sentence(exc)}); "
-                        "this needs network access to the Hugging Face hub, or convert a local file with "
-                        "`dast convert imagenet --arch timm`") from None
+        raise UserError(
+            f"model.pretrained: could not fetch timm's weights for {name!r} ({_first_sentence(exc)}); "
+            "this needs network access to the Hugging Face hub, or convert a local file with "
+            "`dast convert imagenet --arch timm`"
+        ) from None
 
 
 def create_timm_encoder(name: str, output_stride: int | None = None, pretrained: bool = False) -> TimmEncoder:
@@ -142,13 +152,16 @@ def create_timm_encoder(name: str, output_stride: int | None = None, pretrained:
     encoder = TimmEncoder(body, name, used)
     if output_stride is not None and encoder.output_stride != output_stride:
         native = encoder.output_stride
-        raise ConfigError(f"timm model {name!r} cannot run at output stride {output_stride}; its native output stride "
-                          f"is {native} (set model.output_stride to null or {native})")
+        raise ConfigError(
+            f"timm model {name!r} cannot run at output stride {output_stride}; its native output stride "
+            f"is {native} (set model.output_stride to null or {native})"
+        )
     return encoder
 
 
-def build_timm_segmentor(name: str, num_classes: int, output_stride: int | None = None,
-                         pretrained: bool = False) -> Segmentor:
+def build_timm_segmentor(
+    name: str, num_classes: int, output_stride: int | None = None, pretrained: bool = False
+) -> Segmentor:
     """S = P o E: a timm encoder, no tail, and an ASPP-v2 classifier (random init)."""
     encoder = create_timm_encoder(name, output_stride, pretrained)
     classifier = ASPPClassifier(encoder.out_channels, num_classes, aspp_rates(encoder.output_stride))

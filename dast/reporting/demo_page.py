@@ -76,8 +76,9 @@ def read_report_json(root: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path} cannot be read as JSON ({type(exc).__name__}); is {root} a dast demo folder?") from exc
     if not isinstance(data, dict) or not isinstance(data.get("variants"), dict):
-        raise UserError(f"{root} is not a dast demo folder: {path.name} has no 'variants' mapping "
-                        "(made by `dast demo --out`)")
+        raise UserError(
+            f"{root} is not a dast demo folder: {path.name} has no 'variants' mapping (made by `dast demo --out`)"
+        )
     return data
 
 
@@ -117,8 +118,9 @@ def find_runs(root: Path, report: dict[str, Any]) -> list[RunLink]:
         folder = _run_folder(root, str(checkpoint))
         if folder is None:  # the run directory is gone: still list the variant
             missing = (root / str(checkpoint)).resolve()
-            link = links.setdefault(missing, RunLink(name=str(checkpoint), folder=missing,
-                                                     note=f"no run directory holds {checkpoint}"))
+            link = links.setdefault(
+                missing, RunLink(name=str(checkpoint), folder=missing, note=f"no run directory holds {checkpoint}")
+            )
         else:
             link = links.setdefault(folder, RunLink(name=folder.relative_to(root).as_posix(), folder=folder))
         link.variants.append(str(variant))
@@ -175,11 +177,19 @@ def results_html(report: dict[str, Any]) -> str:
     for name, v in variants.items():
         gap = v.get("gap_recovered")
         per_class = _mapping(v.get("per_class"))
-        rows.append([_e(name), f"<b>{_cell(v.get('miou'))}</b>",
-                     f"{gap:.0f}%" if isinstance(gap, (int, float)) and not isinstance(gap, bool) else "&ndash;",
-                     *[_cell(v.get(k)) for k in extra], *[_cell(per_class.get(c)) for c in classes]])
-    intro = ("<p>mIoU and per-class IoU (%) on the demo's target val images; <i>gap recovered</i> is the share "
-             "of the source-only &rarr; oracle mIoU gap a variant closes.</p>")
+        rows.append(
+            [
+                _e(name),
+                f"<b>{_cell(v.get('miou'))}</b>",
+                f"{gap:.0f}%" if isinstance(gap, (int, float)) and not isinstance(gap, bool) else "&ndash;",
+                *[_cell(v.get(k)) for k in extra],
+                *[_cell(per_class.get(c)) for c in classes],
+            ]
+        )
+    intro = (
+        "<p>mIoU and per-class IoU (%) on the demo's target val images; <i>gap recovered</i> is the share "
+        "of the source-only &rarr; oracle mIoU gap a variant closes.</p>"
+    )
     return intro + _table(head, rows)
 
 
@@ -189,8 +199,9 @@ def _mapping_html(data: dict[str, Any]) -> str:
     parts = [f"<p>{', '.join(facts)}</p>"] if facts else []
     for key, value in data.items():
         if isinstance(value, dict) and all(_scalar(x) for x in value.values()):
-            parts.append(f"<h3>{_e(key)}</h3>" + _table([_e(k) for k in value], [[_cell(x) for x in value.values()]],
-                                                       left=0))
+            parts.append(
+                f"<h3>{_e(key)}</h3>" + _table([_e(k) for k in value], [[_cell(x) for x in value.values()]], left=0)
+            )
         elif not _scalar(value):
             parts.append(f"<h3>{_e(key)}</h3><pre>{_e(json.dumps(value, indent=2))}</pre>")
     return "".join(parts)
@@ -230,10 +241,20 @@ def runs_html(runs: list[RunLink], page: Path, report: dict[str, Any]) -> str:
             cell = f'<a href="{_e(href)}">{_e(href)}</a>'
         else:
             cell = _e(link.note or "no report")
-        rows.append([_e(link.name), _e(", ".join(link.variants) or "–"), _e(link.status),
-                     _cell(link.miou), _cell(seconds.get(link.folder.name)), cell])
-    intro = ("<p>Each run directory has its own report (status, curves, sample predictions, pseudo labels), "
-             "linked by a path relative to this page: keep the folder together when copying it.</p>")
+        rows.append(
+            [
+                _e(link.name),
+                _e(", ".join(link.variants) or "–"),
+                _e(link.status),
+                _cell(link.miou),
+                _cell(seconds.get(link.folder.name)),
+                cell,
+            ]
+        )
+    intro = (
+        "<p>Each run directory has its own report (status, curves, sample predictions, pseudo labels), "
+        "linked by a path relative to this page: keep the folder together when copying it.</p>"
+    )
     return intro + _table(["run", "variants", "status", "final mIoU", "training s", "report"], rows, left=3)
 
 
@@ -245,9 +266,14 @@ def header_html(contents: DemoContents) -> str:
     facts += [(_e(k), _cell(v)) for k, v in contents.report.items() if _scalar(v)]
     facts += [("dast", _e(__version__)), ("torch", _e(torch.__version__)), ("generated", _e(now))]
     rows = "".join(f"<tr><th class=l>{k}</th><td class=l>{v}</td></tr>" for k, v in facts)
-    nav = ("<nav>" + "".join(f'<a href="#{sid}">{title}</a>' for sid, title in
-                             (("results", "Results"), ("figures", "Figures"), ("runs", "Runs"), ("raw", "report.json")))
-           + "</nav>")
+    nav = (
+        "<nav>"
+        + "".join(
+            f'<a href="#{sid}">{title}</a>'
+            for sid, title in (("results", "Results"), ("figures", "Figures"), ("runs", "Runs"), ("raw", "report.json"))
+        )
+        + "</nav>"
+    )
     return f"<h1>DAST demo report: {_e(contents.root.resolve().name)}</h1>{nav}<table>{rows}</table>"
 
 
@@ -270,20 +296,27 @@ def render_demo_page(contents: DemoContents, page: Path) -> str:
     sections = [("results", "Results", results_html(report))]
     if isinstance(pseudo, dict):
         sections.append(("pseudo-labels", "Round-1 pseudo labels against the target labels", _mapping_html(pseudo)))
-    sections += [("figures", "Figures", figures_html(contents.figures)),
-                 ("runs", "Runs", runs_html(contents.runs, page, report))]
+    sections += [
+        ("figures", "Figures", figures_html(contents.figures)),
+        ("runs", "Runs", runs_html(contents.runs, page, report)),
+    ]
     body = "".join(f'<section id="{sid}"><h2>{title}</h2>{html}</section>' for sid, title, html in sections)
     body += other_fields_html(report)
-    body += ('<section id="raw"><h2>report.json</h2><details><summary>the file as written by dast demo</summary>'
-             f"<pre>{_e(json.dumps(report, indent=2))}</pre></details></section>")
+    body += (
+        '<section id="raw"><h2>report.json</h2><details><summary>the file as written by dast demo</summary>'
+        f"<pre>{_e(json.dumps(report, indent=2))}</pre></details></section>"
+    )
     title = f"DAST demo report: {contents.root.resolve().name}"
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{_e(title)}</title><style>{CSS}</style></head><body>"
-            f"{header_html(contents)}{body}</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{_e(title)}</title><style>{CSS}</style></head><body>"
+        f"{header_html(contents)}{body}</body></html>\n"
+    )
 
 
-def write_demo_report(demo_dir: str | Path, out: str | Path | None = None, *, samples: int = 4,
-                      device: torch.device | str = "cpu") -> tuple[Path, list[RunLink]]:
+def write_demo_report(
+    demo_dir: str | Path, out: str | Path | None = None, *, samples: int = 4, device: torch.device | str = "cpu"
+) -> tuple[Path, list[RunLink]]:
     """Write every run's ``report.html``, then the demo page (default ``DEMO_DIR/report.html``),
     each atomically. Returns (the page, the runs with their report paths or notes)."""
     from dast.atomic import write_text

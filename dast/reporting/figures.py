@@ -33,7 +33,9 @@ def _new_figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), dpi=90)
 
 
-def split_scalars(scalars: Mapping[str, Mapping[int, float]]) -> dict[str, dict[str, dict[str, list[tuple[int, float]]]]]:
+def split_scalars(
+    scalars: Mapping[str, Mapping[int, float]],
+) -> dict[str, dict[str, dict[str, list[tuple[int, float]]]]]:
     """``<stage>/<group>/<name>`` keys -> {group: {name: {stage: sorted [(step, value)]}}}.
 
     ``loss`` and ``lr`` keys keep their group; every other group (discriminator outputs,
@@ -115,8 +117,16 @@ def scalar_group_png(group: Mapping[str, Mapping[str, Sequence[tuple[int, float]
         for stage in sorted(group[name], key=stage_sort_key):
             x, y, k = bin_means(group[name][stage])
             binned = max(binned, k)
-            ax.plot(x, y, "-", linewidth=1.0, color=colors[stage], label=stage,
-                    marker="o" if len(x) < 30 else None, markersize=2.5)
+            ax.plot(
+                x,
+                y,
+                "-",
+                linewidth=1.0,
+                color=colors[stage],
+                label=stage,
+                marker="o" if len(x) < 30 else None,
+                markersize=2.5,
+            )
             fin = y[np.isfinite(y)]
             positive = positive and bool(fin.size) and bool((fin > 0).all())
             spans.extend(fin.tolist())
@@ -149,18 +159,31 @@ def miou_curves_png(curves: Sequence[Mapping[str, Any]], selected: Mapping[str, 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     drawn = starred = False
     for key, label, style in (("synthetic", "synthetic val (FDA, label-free)", "-o"), ("target", "target val", "-s")):
-        pts = [(int(h["global_step"]), float(h[key])) for h in curves
-               if isinstance(h.get(key), (int, float)) and "global_step" in h]
+        pts = [
+            (int(h["global_step"]), float(h[key]))
+            for h in curves
+            if isinstance(h.get(key), (int, float)) and "global_step" in h
+        ]
         if not pts:
             continue
         drawn = True
         line = ax.plot([p[0] for p in pts], [p[1] for p in pts], style, markersize=3, label=label)[0]
-        marks = [(int(h["global_step"]), float(h[key])) for h in curves
-                 if isinstance(h.get(key), (int, float)) and selected.get(str(h.get("stage"))) == h.get("step")]
+        marks = [
+            (int(h["global_step"]), float(h[key]))
+            for h in curves
+            if isinstance(h.get(key), (int, float)) and selected.get(str(h.get("stage"))) == h.get("step")
+        ]
         if marks:
-            ax.plot([m[0] for m in marks], [m[1] for m in marks], "*", markersize=11, color=line.get_color(),
-                    markeredgecolor="black", markeredgewidth=0.5,
-                    label=None if starred else "selected model of a stage")
+            ax.plot(
+                [m[0] for m in marks],
+                [m[1] for m in marks],
+                "*",
+                markersize=11,
+                color=line.get_color(),
+                markeredgecolor="black",
+                markeredgewidth=0.5,
+                label=None if starred else "selected model of a stage",
+            )
             starred = True
     if not drawn:
         return None

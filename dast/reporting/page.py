@@ -76,8 +76,9 @@ def _note(text: str, kind: str = "") -> str:
 
 def _table(head: Sequence[str], rows: Iterable[Sequence[str]], left: int = 1) -> str:
     """An HTML table; cells are already-escaped HTML; the first ``left`` columns align left."""
+
     def cells(tag: str, values: Sequence[str]) -> str:
-        return "".join(f'<{tag}{" class=l" if i < left else ""}>{v}</{tag}>' for i, v in enumerate(values))
+        return "".join(f"<{tag}{' class=l' if i < left else ''}>{v}</{tag}>" for i, v in enumerate(values))
 
     body = "".join(f"<tr>{cells('td', r)}</tr>" for r in rows)
     return f'<div class="scroll"><table><tr>{cells("th", head)}</tr>{body}</table></div>'
@@ -95,14 +96,27 @@ def header_html(run: RunContents, model_note: str) -> str:
 
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cfg = run.config
-    facts = [("run directory", _e(run.root.resolve())), ("dast", _e(__version__)), ("torch", _e(torch.__version__)),
-             ("generated", _e(now)), ("samples from", model_note)]
+    facts = [
+        ("run directory", _e(run.root.resolve())),
+        ("dast", _e(__version__)),
+        ("torch", _e(torch.__version__)),
+        ("generated", _e(now)),
+        ("samples from", model_note),
+    ]
     if cfg is not None:
         rounds = cfg.self_training.rounds
         arch = f"timm {cfg.model.timm_name}" if cfg.model.arch == "timm" else cfg.model.arch
-        facts.insert(1, ("method", _e(f"{arch}, variant {cfg.variant}, {cfg.source.kind} -> {cfg.target.kind}, "
-                                       f"{cfg.train.steps} stage-1 steps, {rounds} round{'s' if rounds != 1 else ''} "
-                                       f"of {cfg.self_training.steps} steps")))
+        facts.insert(
+            1,
+            (
+                "method",
+                _e(
+                    f"{arch}, variant {cfg.variant}, {cfg.source.kind} -> {cfg.target.kind}, "
+                    f"{cfg.train.steps} stage-1 steps, {rounds} round{'s' if rounds != 1 else ''} "
+                    f"of {cfg.self_training.steps} steps"
+                ),
+            ),
+        )
     rows = "".join(f"<tr><th class=l>{k}</th><td class=l>{v}</td></tr>" for k, v in facts)
     if run.finished:
         status = _note("The run is <b>complete</b>.", "ok")
@@ -111,8 +125,7 @@ def header_html(run: RunContents, model_note: str) -> str:
         status = _note(f"<b>This run is not finished.</b> Missing:<ul>{items}</ul>", "warn")
     extra = "".join(_note(_e(n), "warn") for n in run.notes)
     nav = "<nav>" + "".join(f'<a href="#{sid}">{title}</a>' for sid, title in SECTIONS) + "</nav>"
-    return (f"<h1>DAST run report: {_e(run.root.resolve().name)}</h1>{nav}"
-            f"<table>{rows}</table>{status}{extra}")
+    return f"<h1>DAST run report: {_e(run.root.resolve().name)}</h1>{nav}<table>{rows}</table>{status}{extra}"
 
 
 def status_html(run: RunContents) -> str:
@@ -123,13 +136,21 @@ def status_html(run: RunContents) -> str:
             sel = f"step {_e(s.selected_step)}"
             if s.selected_key is not None:
                 sel += f" ({_e(s.selected_key)} = {_num(s.selected_value, 2)})"
-        rows.append([_e(s.name), _badge(s.status), _e(s.steps if s.steps is not None else "–"), sel,
-                     _e(s.latest_checkpoint if s.latest_checkpoint is not None else "–")])
+        rows.append(
+            [
+                _e(s.name),
+                _badge(s.status),
+                _e(s.steps if s.steps is not None else "–"),
+                sel,
+                _e(s.latest_checkpoint if s.latest_checkpoint is not None else "–"),
+            ]
+        )
     final = RunDir(run.root).final_model
     rows.append([FINAL, _badge("complete" if final.is_file() else "not started"), "&ndash;", "&ndash;", "&ndash;"])
     overall = "complete" if run.finished else "not finished"
-    return (f"<p>Run: {_badge(overall)}</p>"
-            + _table(["stage", "status", "steps", "selected", "latest checkpoint"], rows, left=2))
+    return f"<p>Run: {_badge(overall)}</p>" + _table(
+        ["stage", "status", "steps", "selected", "latest checkpoint"], rows, left=2
+    )
 
 
 def metrics_html(run: RunContents) -> str:
@@ -137,8 +158,11 @@ def metrics_html(run: RunContents) -> str:
 
     m = run.metrics
     if m is None:
-        why = ("the config has no labelled val set" if run.config is not None and run.config.val is None
-               else "the run is not finished (final/metrics.json is missing)")
+        why = (
+            "the config has no labelled val set"
+            if run.config is not None and run.config.val is None
+            else "the run is not finished (final/metrics.json is missing)"
+        )
         return _note(f"No final metrics yet: {_e(why)}.", "warn")
     head = [_e(n) for n in m["per_class"]]
     vals = [_num(v) for v in m["per_class"].values()]
@@ -147,8 +171,10 @@ def metrics_html(run: RunContents) -> str:
             head.append(f"<b>{_e(PROTOCOL_TITLES.get(key, key))}</b>")
             vals.append(f"<b>{_num(m[key])}</b>")
     table = _table(head, [vals], left=0)
-    return (f"<p>Per-class IoU (%) of the final model on {_e(m.get('num_images', '?'))} images, "
-            f"in the paper's column order.</p>{table}")
+    return (
+        f"<p>Per-class IoU (%) of the final model on {_e(m.get('num_images', '?'))} images, "
+        f"in the paper's column order.</p>{table}"
+    )
 
 
 def curves_html(run: RunContents) -> str:
@@ -156,13 +182,23 @@ def curves_html(run: RunContents) -> str:
         return _note("No evaluations yet (curves.json is missing or empty).", "warn")
     selected = {s.name: s.selected_step for s in run.stages if s.selected_step is not None}
     png = miou_curves_png(run.curves, selected)
-    parts = [img_tag(png, "mIoU curves", "fig")] if png else [_note("The evaluation history holds no mIoU values.", "warn")]
-    keys = sorted({k for h in run.curves for k in h if k not in ("stage", "step", "global_step")},
-                  key=lambda k: (k != "synthetic", k != "target", k))
-    rows = [[_e(h.get("stage", "")), _e(h.get("step", "")), _e(h.get("global_step", ""))]
-            + [_num(h.get(k), 2) for k in keys] for h in run.curves]
-    parts.append("<details><summary>Evaluation history</summary>"
-                 + _table(["stage", "step", "iteration", *[_e(k) for k in keys]], rows) + "</details>")
+    parts = (
+        [img_tag(png, "mIoU curves", "fig")] if png else [_note("The evaluation history holds no mIoU values.", "warn")]
+    )
+    keys = sorted(
+        {k for h in run.curves for k in h if k not in ("stage", "step", "global_step")},
+        key=lambda k: (k != "synthetic", k != "target", k),
+    )
+    rows = [
+        [_e(h.get("stage", "")), _e(h.get("step", "")), _e(h.get("global_step", ""))]
+        + [_num(h.get(k), 2) for k in keys]
+        for h in run.curves
+    ]
+    parts.append(
+        "<details><summary>Evaluation history</summary>"
+        + _table(["stage", "step", "iteration", *[_e(k) for k in keys]], rows)
+        + "</details>"
+    )
     return "".join(parts)
 
 
@@ -179,9 +215,14 @@ def training_html(run: RunContents) -> str:
 
 
 def legend_html(names: Sequence[str], colors: Sequence[Sequence[int]]) -> str:
-    return "<p>" + "".join(
-        f'<span class="swatch" style="background:rgb({c[0]},{c[1]},{c[2]})"></span>{_e(n)}'
-        for n, c in zip(names, colors)) + "</p>"
+    return (
+        "<p>"
+        + "".join(
+            f'<span class="swatch" style="background:rgb({c[0]},{c[1]},{c[2]})"></span>{_e(n)}'
+            for n, c in zip(names, colors)
+        )
+        + "</p>"
+    )
 
 
 def samples_html(sset: Optional[SampleSet], note: Optional[str]) -> str:
@@ -190,22 +231,30 @@ def samples_html(sset: Optional[SampleSet], note: Optional[str]) -> str:
     cols = ["input", "attention", "prediction"] + (["ground truth"] if sset.has_labels else [])
     rows = []
     for s in sset.samples:
-        cells = [img_tag(s.image, f"{s.name} input"), img_tag(s.attention, f"{s.name} attention"),
-                 img_tag(s.prediction, f"{s.name} prediction")]
+        cells = [
+            img_tag(s.image, f"{s.name} input"),
+            img_tag(s.attention, f"{s.name} attention"),
+            img_tag(s.prediction, f"{s.name} prediction"),
+        ]
         if s.ground_truth is not None:
             cells.append(img_tag(s.ground_truth, f"{s.name} ground truth"))
         cap = f"{_e(s.name)}: attention {s.attention_range[0]:.3f}&ndash;{s.attention_range[1]:.3f}"
         if s.pixel_accuracy is not None:
             cap += f", pixel accuracy {s.pixel_accuracy:.1f}%"
-        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
-                    f'<tr><td class="cap" colspan="{len(cols)}">{cap}</td></tr>')
+        rows.append(
+            "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+            f'<tr><td class="cap" colspan="{len(cols)}">{cap}</td></tr>'
+        )
     head = "<tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"
-    intro = (f"<p>The first {len(sset.samples)} images of the {_e(sset.dataset)} set. Attention: the "
-             "discoverer map |tanh(D(f))| on a fixed 0 (black) to 1 (yellow) scale.</p>")
+    intro = (
+        f"<p>The first {len(sset.samples)} images of the {_e(sset.dataset)} set. Attention: the "
+        "discoverer map |tanh(D(f))| on a fixed 0 (black) to 1 (yellow) scale.</p>"
+    )
     if not sset.has_labels:
         intro += _note(f"The {_e(sset.dataset)} set has no labels, so there is no ground-truth column.")
-    return (intro + legend_html(sset.class_names, sset.class_colors)
-            + f'<table class="grid">{head}{"".join(rows)}</table>')
+    return (
+        intro + legend_html(sset.class_names, sset.class_colors) + f'<table class="grid">{head}{"".join(rows)}</table>'
+    )
 
 
 def pseudo_labels_html(run: RunContents) -> str:
@@ -220,9 +269,13 @@ def pseudo_labels_html(run: RunContents) -> str:
         if st is not None:
             ignored = st.get("ignored_fraction")
             ignored_pct = 100.0 * ignored if isinstance(ignored, (int, float)) else None
-            facts = [f"portion {_num(st.get('portion'), 2)}", f"cap {_num(st.get('cap'), 2)}",
-                     f"mode {_e(st.get('mode', '?'))}", f"{_e(st.get('num_images', '?'))} images",
-                     f"ignored fraction {_num(ignored_pct)}%"]
+            facts = [
+                f"portion {_num(st.get('portion'), 2)}",
+                f"cap {_num(st.get('cap'), 2)}",
+                f"mode {_e(st.get('mode', '?'))}",
+                f"{_e(st.get('num_images', '?'))} images",
+                f"ignored fraction {_num(ignored_pct)}%",
+            ]
             parts.append("<p>" + ", ".join(facts) + "</p>")
             thr = st.get("thresholds") or []
             names = class_names(run, len(thr))
@@ -236,10 +289,15 @@ def pseudo_labels_html(run: RunContents) -> str:
                     vals = st.get(key) or []
                     row.append(_e(vals[i]) if i < len(vals) else "&ndash;")
                 rows.append(row)
-            parts.append("<details open><summary>Thresholds per class</summary>"
-                         + _table(["class", "threshold", *[c[1] for c in cols]], rows) + "</details>")
+            parts.append(
+                "<details open><summary>Thresholds per class</summary>"
+                + _table(["class", "threshold", *[c[1] for c in cols]], rows)
+                + "</details>"
+            )
         if rl.previews:
-            cells = "".join(f'<td>{img_tag(data, name)}<div class="cap">{_e(name)}</div></td>' for name, data in rl.previews)
+            cells = "".join(
+                f'<td>{img_tag(data, name)}<div class="cap">{_e(name)}</div></td>' for name, data in rl.previews
+            )
             parts.append(f'<table class="grid"><tr>{cells}</tr></table>')
         elif rl.exists:
             parts.append(_note("No preview images in pseudo_labels/preview/."))
@@ -247,15 +305,19 @@ def pseudo_labels_html(run: RunContents) -> str:
 
 
 def config_html(run: RunContents) -> str:
-    return (f"<details><summary>config.yaml (the resolved config of the run)</summary>"
-            f"<pre>{_e(run.config_text)}</pre></details>")
+    return (
+        f"<details><summary>config.yaml (the resolved config of the run)</summary>"
+        f"<pre>{_e(run.config_text)}</pre></details>"
+    )
 
 
 def log_html(run: RunContents) -> str:
     if not run.log_tail:
         return _note("No log.txt.")
-    return (f"<details><summary>The last {len(run.log_tail)} lines of log.txt</summary>"
-            f"<pre>{_e(chr(10).join(run.log_tail))}</pre></details>")
+    return (
+        f"<details><summary>The last {len(run.log_tail)} lines of log.txt</summary>"
+        f"<pre>{_e(chr(10).join(run.log_tail))}</pre></details>"
+    )
 
 
 # ------------------------------------------------------------------------------ the page
@@ -293,13 +355,16 @@ def render_report(run_dir: str | Path, *, samples: int = 4, device: torch.device
     }
     sections = "".join(f'<section id="{sid}"><h2>{title}</h2>{bodies[sid]}</section>' for sid, title in SECTIONS)
     title = f"DAST run report: {run.root.resolve().name}"
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{_e(title)}</title><style>{CSS}</style></head><body>"
-            f"{header_html(run, model_note)}{sections}</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{_e(title)}</title><style>{CSS}</style></head><body>"
+        f"{header_html(run, model_note)}{sections}</body></html>\n"
+    )
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None, *, samples: int = 4,
-                 device: torch.device | str = "cpu") -> Path:
+def write_report(
+    run_dir: str | Path, out: str | Path | None = None, *, samples: int = 4, device: torch.device | str = "cpu"
+) -> Path:
     """Render the report and write it atomically (default ``RUN_DIR/report.html``)."""
     from dast.atomic import write_text
 

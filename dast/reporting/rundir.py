@@ -111,14 +111,22 @@ def _load_config(root: Path) -> tuple[str, dict[str, Any], Optional[Config], Opt
     if not root.is_dir():
         raise UserError(f"{root} is not a directory (expected a dast run directory)")
     if not path.is_file():
-        raise UserError(f"{root} is not a dast run directory: it has no config.yaml (made by `dast train --out`), "
-                        "nor is it a demo folder (report.json, made by `dast demo --out`)")
+        raise UserError(
+            f"{root} is not a dast run directory: it has no config.yaml (made by `dast train --out`), "
+            "nor is it a demo folder (report.json, made by `dast demo --out`)"
+        )
     try:
         text = path.read_text(encoding="utf-8")
         tree = yaml.safe_load(text)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise UserError(f"{path} cannot be read as YAML ({type(exc).__name__}); is {root} a dast run directory?") from exc
-    if not isinstance(tree, dict) or not isinstance(tree.get("source"), dict) or not isinstance(tree.get("target"), dict):
+        raise UserError(
+            f"{path} cannot be read as YAML ({type(exc).__name__}); is {root} a dast run directory?"
+        ) from exc
+    if (
+        not isinstance(tree, dict)
+        or not isinstance(tree.get("source"), dict)
+        or not isinstance(tree.get("target"), dict)
+    ):
         raise UserError(f"{root} is not a dast run directory: {path.name} has no 'source' and 'target' datasets")
     try:
         return text, tree, from_tree(tree, str(path)), None
@@ -214,11 +222,18 @@ def read_run(run_dir: str | Path) -> RunContents:
     stages = [_stage_info(root, n, manifest["stages"].get(n, {})) for n in planned_stages(cfg, manifest, root)]
     rounds = [_round_labels(root, s.name) for s in stages if s.name != STAGE1]
     return RunContents(
-        root=root, config_text=text, config_tree=tree, config=cfg, manifest=manifest,
+        root=root,
+        config_text=text,
+        config_tree=tree,
+        config=cfg,
+        manifest=manifest,
         scalars=read_scalars(run.scalars),
         curves=[c for c in curves if isinstance(c, dict)] if isinstance(curves, list) else [],
         metrics=metrics if isinstance(metrics, dict) and isinstance(metrics.get("per_class"), dict) else None,
-        stages=stages, rounds=rounds, log_tail=_log_tail(run.log), notes=notes,
+        stages=stages,
+        rounds=rounds,
+        log_tail=_log_tail(run.log),
+        notes=notes,
     )
 
 
@@ -231,13 +246,17 @@ def choose_model(run: RunContents) -> Optional[tuple[Path, str]]:
     for stage in reversed(run.stages):
         sel = RunDir(run.root).stage(stage.name).selected
         if sel.is_file():
-            return sel, f"the selected model of {stage.name} ({stage.name}/selected.safetensors; the run is not finished)"
+            return (
+                sel,
+                f"the selected model of {stage.name} ({stage.name}/selected.safetensors; the run is not finished)",
+            )
     for stage in reversed(run.stages):
         latest = latest_checkpoint(run.root / stage.name)
         if latest is not None:
             step, path = latest
-            return path, (f"the latest checkpoint of {stage.name} (step {step}; nothing selected yet, "
-                          "the run is not finished)")
+            return path, (
+                f"the latest checkpoint of {stage.name} (step {step}; nothing selected yet, the run is not finished)"
+            )
     return None
 
 

@@ -94,13 +94,15 @@ def predict_samples(model_path: Path, cfg: Config, count: int, device: torch.dev
             pred = up.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
             a_np = a[0, 0].clamp(0.0, 1.0).cpu().numpy()
             gt = resize_label(np.asarray(ds.read_label_native(i), dtype=np.uint8), (w, h)) if with_labels else None
-            out.samples.append(Sample(
-                name=ds.names[i],
-                image=png_bytes(_shrink(np.ascontiguousarray(rgb, dtype=np.uint8), nearest=False)),
-                attention=png_bytes(_shrink(heatmap(a_np), nearest=False)),
-                prediction=png_bytes(_shrink(colorize(pred, colors), nearest=True)),
-                ground_truth=png_bytes(_shrink(colorize(gt, colors), nearest=True)) if gt is not None else None,
-                attention_range=(float(a_np.min()), float(a_np.max())),
-                pixel_accuracy=pixel_accuracy(pred, gt) if gt is not None else None,
-            ))
+            out.samples.append(
+                Sample(
+                    name=ds.names[i],
+                    image=png_bytes(_shrink(np.ascontiguousarray(rgb, dtype=np.uint8), nearest=False)),
+                    attention=png_bytes(_shrink(heatmap(a_np), nearest=False)),
+                    prediction=png_bytes(_shrink(colorize(pred, colors), nearest=True)),
+                    ground_truth=png_bytes(_shrink(colorize(gt, colors), nearest=True)) if gt is not None else None,
+                    attention_range=(float(a_np.min()), float(a_np.max())),
+                    pixel_accuracy=pixel_accuracy(pred, gt) if gt is not None else None,
+                )
+            )
     return out

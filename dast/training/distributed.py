@@ -72,8 +72,9 @@ def wrap_for_ddp(nets: Networks, rt: Runtime, cfg: Config) -> StepModels:
     d = nets.discoverer if adv.discoverer else None
     c = nets.corrector if adv.corrector else None
     pair = _ddp(AdversaryPair(d, c), rt) if (d is not None or c is not None) else None
-    return StepModels(seg, nets.discoverer, nets.corrector, extract=enc, predict=pred, seg_no_sync=no_sync,
-                      adversaries=pair)
+    return StepModels(
+        seg, nets.discoverer, nets.corrector, extract=enc, predict=pred, seg_no_sync=no_sync, adversaries=pair
+    )
 
 
 def broadcast_object(obj: Any, rt: Runtime) -> Any:

@@ -83,8 +83,10 @@ class Schedule:
 
     def at(self, step: int, scale: float = 1.0) -> tuple[float, float]:
         """(segmentor, discriminator) base learning rates at ``step``."""
-        return (poly_lr(self.lr * scale, step, self.poly_steps, self.power),
-                poly_lr(self.lr_d * scale, step, self.poly_steps, self.power))
+        return (
+            poly_lr(self.lr * scale, step, self.poly_steps, self.power),
+            poly_lr(self.lr_d * scale, step, self.poly_steps, self.power),
+        )
 
 
 @dataclass
@@ -102,9 +104,15 @@ def step_settings(cfg: Config, plan: StagePlan) -> StepSettings:
     adv = cfg.adversarial
     weighting = adv.corrector_weighting or "none"
     return StepSettings(
-        adv_loss=adv.loss, lambda_d=adv.lambda_d, lambda_c=adv.lambda_c, attention=adv.attention,
-        weight_segmentor_adv=weighting in ("segmentor", "both"), weight_corrector_adv=weighting in ("corrector", "both"),
-        reuse_discoverer=cfg.train.reuse_discoverer, mu=plan.mu, adversarial=plan.adversarial,
+        adv_loss=adv.loss,
+        lambda_d=adv.lambda_d,
+        lambda_c=adv.lambda_c,
+        attention=adv.attention,
+        weight_segmentor_adv=weighting in ("segmentor", "both"),
+        weight_corrector_adv=weighting in ("corrector", "both"),
+        reuse_discoverer=cfg.train.reuse_discoverer,
+        mu=plan.mu,
+        adversarial=plan.adversarial,
         forward_target=cfg.train.forward_target,
     )
 
@@ -136,20 +144,44 @@ class Engine:
     _adv_scale: Tensor | None = field(default=None, repr=False)
 
     @classmethod
-    def build(cls, plan: StagePlan, cfg: Config, nets: Networks, runtime: Runtime, *,
-              wrap: Callable[[Networks], StepModels] | None = None, log: logging.Logger | None = None,
-              graph_warmup: int = 3) -> "Engine":
+    def build(
+        cls,
+        plan: StagePlan,
+        cfg: Config,
+        nets: Networks,
+        runtime: Runtime,
+        *,
+        wrap: Callable[[Networks], StepModels] | None = None,
+        log: logging.Logger | None = None,
+        graph_warmup: int = 3,
+    ) -> "Engine":
         """The engine of ``plan`` for ``nets`` on ``runtime`` (``wrap``: the DDP wrapping)."""
         tr, adv, levers = cfg.train, cfg.adversarial, runtime.levers
         if log is not None and cfg.runtime.cuda_graphs and not levers.cuda_graphs:
-            log.warning("%s: runtime.cuda_graphs needs a single CUDA device (device %s, %d process(es)); running eagerly",
-                        plan.name, runtime.device, runtime.world_size)
-        discs = ([nets.discoverer if adv.discoverer else None, nets.corrector if adv.corrector else None]
-                 if plan.adversarial else [])
+            log.warning(
+                "%s: runtime.cuda_graphs needs a single CUDA device (device %s, %d process(es)); running eagerly",
+                plan.name,
+                runtime.device,
+                runtime.world_size,
+            )
+        discs = (
+            [nets.discoverer if adv.discoverer else None, nets.corrector if adv.corrector else None]
+            if plan.adversarial
+            else []
+        )
         seg_opt, disc_opt = build_optimizers(
-            nets.segmentor, discs, family=levers.optimizers, lr=plan.lr * plan.lr_mult, momentum=tr.momentum,
-            weight_decay=tr.weight_decay, head_lr_mult=plan.head_lr_mult, duplicate_params=plan.duplicate_params,
-            lr_d=adv.lr * plan.lr_mult, betas=adv.betas, tensor_lr=levers.cuda_graphs)
+            nets.segmentor,
+            discs,
+            family=levers.optimizers,
+            lr=plan.lr * plan.lr_mult,
+            momentum=tr.momentum,
+            weight_decay=tr.weight_decay,
+            head_lr_mult=plan.head_lr_mult,
+            duplicate_params=plan.duplicate_params,
+            lr_d=adv.lr * plan.lr_mult,
+            betas=adv.betas,
+            tensor_lr=levers.cuda_graphs,
+        )
         mults = (1.0,) if len(seg_opt.param_groups) == 1 else (1.0, plan.head_lr_mult)
         schedule = Schedule(plan.lr * plan.lr_mult, adv.lr * plan.lr_mult, plan.poly_steps, tr.power, mults)
         models = wrap(nets) if wrap else StepModels(nets.segmentor, nets.discoverer, nets.corrector)
@@ -159,8 +191,9 @@ class Engine:
         if levers.cuda_graphs:
             if warmup is not None:
                 engine._adv_scale = torch.zeros((), dtype=torch.float32, device=runtime.device)
-            engine.graphed = GraphedStep(models, seg_opt, disc_opt, settings, levers.amp_dtype, warmup=graph_warmup,
-                                         adv_scale=engine._adv_scale)
+            engine.graphed = GraphedStep(
+                models, seg_opt, disc_opt, settings, levers.amp_dtype, warmup=graph_warmup, adv_scale=engine._adv_scale
+            )
         elif levers.amp_dtype == torch.float16:
             engine.scaler = _grad_scaler(runtime.device)
         return engine
@@ -183,15 +216,19 @@ class Engine:
         for m in modules:
             m.train(self.plan.batchnorm != "frozen")
 
-    def prepare(self, source: dict[str, Any], target: dict[str, Any] | None
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    def prepare(
+        self, source: dict[str, Any], target: dict[str, Any] | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """A batch on the device: (x_s, y_s, x_t, y_t); the target labels only with pseudo labels."""
         dev = self.runtime.device
         xs = source["image"].to(dev, non_blocking=True)
         ys = source["label"].to(dev, non_blocking=True)
         xt = target["image"].to(dev, non_blocking=True) if target is not None else xs
-        yt = (target["label"].to(dev, non_blocking=True)
-              if (target is not None and self.plan.pseudo_dir is not None) else None)
+        yt = (
+            target["label"].to(dev, non_blocking=True)
+            if (target is not None and self.plan.pseudo_dir is not None)
+            else None
+        )
         if self.runtime.channels_last:
             xs = xs.contiguous(memory_format=torch.channels_last)
             xt = xt.contiguous(memory_format=torch.channels_last)
@@ -208,8 +245,18 @@ class Engine:
         elif self.scaler is not None:
             out, applied = _scaled_step(self, xs, ys, xt, yt, scale)
         else:
-            out, applied = self.step_fn(self.models, self.seg_opt, self.disc_opt, xs, ys, xt, yt,  # type: ignore[call-arg]
-                                        self.settings, self.runtime.autocast, adv_scale=scale)
+            out, applied = self.step_fn(
+                self.models,
+                self.seg_opt,
+                self.disc_opt,
+                xs,
+                ys,
+                xt,
+                yt,  # type: ignore[call-arg]
+                self.settings,
+                self.runtime.autocast,
+                adv_scale=scale,
+            )
         if scale is not None:
             out["adversarial/warmup"] = torch.tensor(scale)
         return StepResult(out, applied, lr, lr_d)
@@ -221,10 +268,13 @@ class Engine:
 
     def describe(self) -> dict[str, Any]:
         """Which optimisers and step function the engine runs (``dast bench`` rows, tests)."""
-        return {"segmentor_optimizer": type(self.seg_opt).__name__,
-                "discriminator_optimizer": type(self.disc_opt).__name__ if self.disc_opt is not None else None,
-                "step_function": "GraphedStep" if self.graphed is not None else
-                                 ("train_step+GradScaler" if self.scaler is not None else "train_step")}
+        return {
+            "segmentor_optimizer": type(self.seg_opt).__name__,
+            "discriminator_optimizer": type(self.disc_opt).__name__ if self.disc_opt is not None else None,
+            "step_function": "GraphedStep"
+            if self.graphed is not None
+            else ("train_step+GradScaler" if self.scaler is not None else "train_step"),
+        }
 
 
 def _grad_scaler(device: torch.device) -> Any:
@@ -234,15 +284,26 @@ def _grad_scaler(device: torch.device) -> Any:
     return torch.cuda.amp.GradScaler()  # torch < 2.3
 
 
-def _scaled_step(engine: Engine, xs: Tensor, ys: Tensor, xt: Tensor, yt: Tensor | None,
-                 scale: float | None) -> tuple[dict[str, Tensor], bool]:
+def _scaled_step(
+    engine: Engine, xs: Tensor, ys: Tensor, xt: Tensor, yt: Tensor | None, scale: float | None
+) -> tuple[dict[str, Tensor], bool]:
     """An fp16 iteration: every loss is scaled before its backward, both optimisers'
     gradients are unscaled, and one check guards both updates (a non-finite loss or
     gradient skips the iteration and lowers the scale, as ``GradScaler.update`` does)."""
     scaler = engine.scaler
-    out, disc_active = compute_gradients(engine.models, engine.seg_opt, engine.disc_opt, xs, ys, xt, yt,
-                                         engine.settings, engine.runtime.autocast, adv_scale=scale,
-                                         loss_scale=scaler.scale)
+    out, disc_active = compute_gradients(
+        engine.models,
+        engine.seg_opt,
+        engine.disc_opt,
+        xs,
+        ys,
+        xt,
+        yt,
+        engine.settings,
+        engine.runtime.autocast,
+        adv_scale=scale,
+        loss_scale=scaler.scale,
+    )
     opts = [engine.seg_opt] + ([engine.disc_opt] if engine.disc_opt is not None and disc_active else [])
     for opt in opts:
         scaler.unscale_(opt)

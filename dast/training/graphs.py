@@ -62,15 +62,26 @@ class GraphedStep:
     Not for DDP-wrapped models.
     """
 
-    def __init__(self, models: StepModels, seg_opt: torch.optim.Optimizer, disc_opt: torch.optim.Optimizer | None,
-                 settings: StepSettings, amp_dtype: torch.dtype | None, *, warmup: int = 3,
-                 check_finite: bool = True, adv_scale: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        models: StepModels,
+        seg_opt: torch.optim.Optimizer,
+        disc_opt: torch.optim.Optimizer | None,
+        settings: StepSettings,
+        amp_dtype: torch.dtype | None,
+        *,
+        warmup: int = 3,
+        check_finite: bool = True,
+        adv_scale: Tensor | None = None,
+    ) -> None:
         if models.adversaries is not None or models.seg_no_sync is not None:
             raise RuntimeError("GraphedStep does not support data-parallel (DDP) models")
         for opt in (seg_opt, disc_opt):
             if opt is not None and not (hasattr(opt, "load_lr") and getattr(opt, "tensor_lr", True)):
-                raise RuntimeError(f"{type(opt).__name__} keeps its learning rate on the host; "
-                                   "use ForeachSGD(tensor_lr=True) and CapturableAdam")
+                raise RuntimeError(
+                    f"{type(opt).__name__} keeps its learning rate on the host; "
+                    "use ForeachSGD(tensor_lr=True) and CapturableAdam"
+                )
         self.models, self.seg_opt, self.disc_opt, self.settings = models, seg_opt, disc_opt, settings
         self.warmup = max(int(warmup), 1)
         self.check_finite = check_finite
@@ -108,8 +119,18 @@ class GraphedStep:
         torch.cuda.synchronize(self.device)
         g1 = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g1):
-            out, disc_active = compute_gradients(self.models, self.seg_opt, self.disc_opt, xs, ys, xt, yt,  # type: ignore[arg-type]
-                                                 self.settings, self.autocast, adv_scale=self.adv_scale)
+            out, disc_active = compute_gradients(
+                self.models,
+                self.seg_opt,
+                self.disc_opt,
+                xs,
+                ys,
+                xt,
+                yt,  # type: ignore[arg-type]
+                self.settings,
+                self.autocast,
+                adv_scale=self.adv_scale,
+            )
             self._keys = list(out)
             self._vals = torch.stack([v.float() for v in out.values()])
             self._finite = losses_finite(out)
@@ -122,15 +143,19 @@ class GraphedStep:
                 apply_updates(self.seg_opt, self.disc_opt, disc_active)
             self._graphs.append(g2)
 
-    def __call__(self, source_images: Tensor, source_labels: Tensor, target_images: Tensor,
-                 target_labels: Tensor | None) -> tuple[dict[str, Tensor], bool]:
+    def __call__(
+        self, source_images: Tensor, source_labels: Tensor, target_images: Tensor, target_labels: Tensor | None
+    ) -> tuple[dict[str, Tensor], bool]:
         batch = [source_images, source_labels, target_images, target_labels]
         if self._static is None:
             self._static = [_static_like(t, self.device) for t in batch]
         for dst, src in zip(self._static, batch):
             if (dst is None) != (src is None):
-                raise RuntimeError("GraphedStep was built with" + ("out" if dst is None else "") +
-                                   " target labels; call reset() to change that")
+                raise RuntimeError(
+                    "GraphedStep was built with"
+                    + ("out" if dst is None else "")
+                    + " target labels; call reset() to change that"
+                )
             if dst is not None and src is not None and dst.shape != src.shape:
                 raise RuntimeError(f"GraphedStep was built for shape {tuple(dst.shape)}, got {tuple(src.shape)}")
             _copy_into(dst, src)
@@ -140,9 +165,19 @@ class GraphedStep:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                result = train_step(self.models, self.seg_opt, self.disc_opt, xs, ys, xt, yt,  # type: ignore[arg-type]
-                                    self.settings, self.autocast, check_finite=self.check_finite,
-                                    adv_scale=self.adv_scale)
+                result = train_step(
+                    self.models,
+                    self.seg_opt,
+                    self.disc_opt,
+                    xs,
+                    ys,
+                    xt,
+                    yt,  # type: ignore[arg-type]
+                    self.settings,
+                    self.autocast,
+                    check_finite=self.check_finite,
+                    adv_scale=self.adv_scale,
+                )
             torch.cuda.current_stream(self.device).wait_stream(side)
             return result
         if not self._graphs:
@@ -199,7 +234,9 @@ class GraphedCallable:
             else:
                 for dst, src in zip(self._inputs, inputs):
                     if dst.shape != src.shape:
-                        raise RuntimeError(f"GraphedCallable was built for shape {tuple(dst.shape)}, got {tuple(src.shape)}")
+                        raise RuntimeError(
+                            f"GraphedCallable was built for shape {tuple(dst.shape)}, got {tuple(src.shape)}"
+                        )
                     dst.copy_(src, non_blocking=True)
             self._graph.replay()
             return self._out

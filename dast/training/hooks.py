@@ -104,9 +104,16 @@ class CheckpointHook(Hook):
         if not loop.runtime.is_main:
             return
         st = loop.state
-        meta = {"stage_state": {"stage": loop.plan.name, "step": step, "history": st.history, "best": st.best,
-                                "lr_scale": loop.engine.lr_scale},
-                "config": loop.cfg.model_dump(mode="json")}
+        meta = {
+            "stage_state": {
+                "stage": loop.plan.name,
+                "step": step,
+                "history": st.history,
+                "best": st.best,
+                "lr_scale": loop.engine.lr_scale,
+            },
+            "config": loop.cfg.model_dump(mode="json"),
+        }
         save_training_state(loop.stage.checkpoint(step), loop.nets, loop.engine.optimizers, meta)
         for _, old in loop.stage.checkpoint_files()[: -self.keep_last]:
             old.unlink(missing_ok=True)
@@ -126,9 +133,15 @@ class EvalHook(Hook):
     """Evaluates every ``every`` steps, keeps the history and the best snapshot by
     ``key`` (None: no selection), and writes ``selected.safetensors`` at the end."""
 
-    def __init__(self, evaluate: Callable[[Networks, StagePlan, int], Scalars] | None, every: int, key: str | None,
-                 select_on: str, log_scalars: Callable[[Scalars, int], None] | None = None,
-                 on_eval: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
+    def __init__(
+        self,
+        evaluate: Callable[[Networks, StagePlan, int], Scalars] | None,
+        every: int,
+        key: str | None,
+        select_on: str,
+        log_scalars: Callable[[Scalars, int], None] | None = None,
+        on_eval: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> None:
         self.evaluate, self.every, self.key, self.select_on = evaluate, every, key, select_on
         self.log_scalars, self.on_eval = log_scalars, on_eval
 
@@ -138,14 +151,18 @@ class EvalHook(Hook):
             return
         with eval_mode(*loop.nets.modules()):
             scores = self.evaluate(loop.nets, plan, step)
-        loop.state.history.append({"stage": plan.name, "step": step, "global_step": plan.global_offset + step, **scores})
+        loop.state.history.append(
+            {"stage": plan.name, "step": step, "global_step": plan.global_offset + step, **scores}
+        )
         best, key = loop.state.best, self.key
         if key and key in scores and not math.isnan(scores[key]) and (best is None or scores[key] > best["value"]):
             loop.state.best = {"step": step, "value": scores[key], "key": key}
             if loop.runtime.is_main:
                 save_best(loop.stage, loop.nets, plan.name, loop.state.best)
         if loop.runtime.is_main:
-            loop.log.info("%s step %d evaluation: %s", plan.name, step, " ".join(f"{k}={v:.2f}" for k, v in scores.items()))
+            loop.log.info(
+                "%s step %d evaluation: %s", plan.name, step, " ".join(f"{k}={v:.2f}" for k, v in scores.items())
+            )
             if self.log_scalars:
                 self.log_scalars({f"eval/{k}": v for k, v in scores.items()}, plan.global_offset + step)
             if self.on_eval:
@@ -153,8 +170,9 @@ class EvalHook(Hook):
 
     def after_stage(self, loop: "StageLoop") -> None:
         if loop.runtime.is_main:
-            write_selected(loop.stage, loop.nets, loop.plan.name, loop.plan.steps, loop.state.best, self.select_on,
-                           loop.log)
+            write_selected(
+                loop.stage, loop.nets, loop.plan.name, loop.plan.steps, loop.state.best, self.select_on, loop.log
+            )
 
 
 class LogHook(Hook):
@@ -165,10 +183,17 @@ class LogHook(Hook):
     stderr every ``heartbeat_every`` seconds and at the stage's end: what runs training in
     parallel processes without a bar (``dast demo``) show instead."""
 
-    def __init__(self, log_every: int, image_every: int, digest_every: int, progress: bool,
-                 log_scalars: Callable[[Scalars, int], None] | None = None,
-                 log_images: Callable[[Networks, Batch, StagePlan, int], None] | None = None,
-                 heartbeat: str | None = None, heartbeat_every: float = 30.0) -> None:
+    def __init__(
+        self,
+        log_every: int,
+        image_every: int,
+        digest_every: int,
+        progress: bool,
+        log_scalars: Callable[[Scalars, int], None] | None = None,
+        log_images: Callable[[Networks, Batch, StagePlan, int], None] | None = None,
+        heartbeat: str | None = None,
+        heartbeat_every: float = 30.0,
+    ) -> None:
         self.log_every, self.image_every, self.digest_every = log_every, image_every, digest_every
         self.progress, self.log_scalars, self.log_images = progress, log_scalars, log_images
         self.heartbeat, self.heartbeat_every = heartbeat, heartbeat_every
@@ -178,8 +203,14 @@ class LogHook(Hook):
     def before_stage(self, loop: "StageLoop") -> None:
         self._t0 = self._last_beat = time.monotonic()
         if self.progress and loop.runtime.is_main:
-            self.bar = tqdm(total=loop.plan.steps, initial=loop.state.step, desc=loop.plan.name, unit="it",
-                            dynamic_ncols=True, mininterval=1.0)
+            self.bar = tqdm(
+                total=loop.plan.steps,
+                initial=loop.state.step,
+                desc=loop.plan.name,
+                unit="it",
+                dynamic_ncols=True,
+                mininterval=1.0,
+            )
 
     def rewind(self, step: int) -> None:
         """Show ``step`` after a rollback."""
@@ -198,8 +229,13 @@ class LogHook(Hook):
             if self.bar is not None:
                 self.bar.set_postfix(seg=f"{scalars['loss/seg']:.3f}", refresh=False)
             if main:
-                loop.log.info("%s step %d/%d %s", plan.name, step, plan.steps,
-                              " ".join(f"{k.split('/', 1)[1]}={v:.4g}" for k, v in scalars.items() if k.startswith("loss/")))
+                loop.log.info(
+                    "%s step %d/%d %s",
+                    plan.name,
+                    step,
+                    plan.steps,
+                    " ".join(f"{k.split('/', 1)[1]}={v:.4g}" for k, v in scalars.items() if k.startswith("loss/")),
+                )
                 if self.log_scalars:
                     self.log_scalars({f"{plan.name}/{k}": v for k, v in scalars.items()}, plan.global_offset + step)
         if self.log_images and main and step % self.image_every == 0:
@@ -250,20 +286,27 @@ class FaultHook(Hook):
         step, plan, log = loop.state.step, loop.plan, loop.log
         self.consecutive += 1
         self.fault_step = step if self.fault_step is None else max(self.fault_step, step)
-        log.warning("%s step %d: non-finite loss (%s); batch: %s", plan.name, step,
-                    ", ".join(f"{k}={float(v):.4g}" for k, v in result.scalars.items() if k.startswith("loss/")),
-                    ", ".join(names))
+        log.warning(
+            "%s step %d: non-finite loss (%s); batch: %s",
+            plan.name,
+            step,
+            ", ".join(f"{k}={float(v):.4g}" for k, v in result.scalars.items() if k.startswith("loss/")),
+            ", ".join(names),
+        )
         if self.consecutive >= self.max_consecutive:
-            raise NumericalFault(f"{self.consecutive} consecutive non-finite losses in {plan.name} at step {step} "
-                                 f"(last batch: {', '.join(names)}); see log.txt")
+            raise NumericalFault(
+                f"{self.consecutive} consecutive non-finite losses in {plan.name} at step {step} "
+                f"(last batch: {', '.join(names)}); see log.txt"
+            )
         if self.policy != "rollback":
             return False
         scale = loop.engine.lr_scale * self.lr_factor  # compounds over repeated rollbacks
         last = loop.stage.latest_checkpoint()
         if last is None:
             loop.engine.lr_scale = scale
-            log.warning("%s: no checkpoint to roll back to yet; skipped step %d, learning-rate scale %g",
-                        plan.name, step, scale)
+            log.warning(
+                "%s: no checkpoint to roll back to yet; skipped step %d, learning-rate scale %g", plan.name, step, scale
+            )
             return False
         loop.checkpoints.restore(loop, last)
         loop.engine.lr_scale = scale

@@ -75,9 +75,14 @@ class Levers:
 
     def describe(self) -> dict[str, Any]:
         """The levers as JSON-able fields (what ``dast bench`` prints per row)."""
-        return {"amp": AMP_NAMES.get(self.amp_dtype, str(self.amp_dtype)), "channels_last": self.channels_last,
-                "cuda_graph": self.cuda_graphs, "compile": self.compile, "optimizers": self.optimizers,
-                "levers_why": dict(self.why)}
+        return {
+            "amp": AMP_NAMES.get(self.amp_dtype, str(self.amp_dtype)),
+            "channels_last": self.channels_last,
+            "cuda_graph": self.cuda_graphs,
+            "compile": self.compile,
+            "optimizers": self.optimizers,
+            "levers_why": dict(self.why),
+        }
 
 
 def _amp(request: str, device: torch.device, caps: Capabilities) -> tuple[torch.dtype | None, str]:
@@ -115,11 +120,19 @@ def choose_levers(request: RuntimeConfig, device: torch.device | str, *, world_s
     if graphs:
         optim, optim_why = "foreach", "foreach: CUDA graphs need graph-capturable optimisers"
     elif optimizers == "auto":
-        optim, optim_why = "released", "released: the eager default (torch SGD/Adam, the duplicated list replayed in order)"
+        optim, optim_why = (
+            "released",
+            "released: the eager default (torch SGD/Adam, the duplicated list replayed in order)",
+        )
     else:
         optim, optim_why = optimizers, "as requested"
-    why = {"amp": amp_why, "channels_last": cl_why, "cuda_graphs": graphs_why, "optimizers": optim_why,
-           "compile": "on as requested" if request.compile else "off (opt-in: runtime.compile)"}
+    why = {
+        "amp": amp_why,
+        "channels_last": cl_why,
+        "cuda_graphs": graphs_why,
+        "optimizers": optim_why,
+        "compile": "on as requested" if request.compile else "off (opt-in: runtime.compile)",
+    }
     return Levers(amp, channels_last, graphs, bool(request.compile), optim, why)
 
 

@@ -33,7 +33,9 @@ class TrainingInterrupted(Exception):
     def __init__(self, signum: int, stage: str, step: int) -> None:
         self.signum, self.stage, self.step = signum, stage, step
         name = signal.Signals(signum).name
-        super().__init__(f"{name} received at {stage} step {step}: checkpoint saved; continue with `dast train --resume`")
+        super().__init__(
+            f"{name} received at {stage} step {step}: checkpoint saved; continue with `dast train --resume`"
+        )
 
 
 class SignalFlag:
@@ -88,9 +90,18 @@ class StageData:
     def _loader(self, ds: Any, seed: int, start: int) -> Iterator[dict[str, Any]]:
         tr, rt = self.cfg.train, self.runtime
         sampler = StepSampler(len(ds), tr.batch_size, seed, start, rt.rank, rt.world_size)
-        return iter(DataLoader(ds, batch_size=tr.batch_size, sampler=sampler, num_workers=tr.num_workers,
-                               drop_last=True, pin_memory=rt.device.type == "cuda", persistent_workers=False,
-                               worker_init_fn=worker_init(tr.num_workers)))
+        return iter(
+            DataLoader(
+                ds,
+                batch_size=tr.batch_size,
+                sampler=sampler,
+                num_workers=tr.num_workers,
+                drop_last=True,
+                pin_memory=rt.device.type == "cuda",
+                persistent_workers=False,
+                worker_init_fn=worker_init(tr.num_workers),
+            )
+        )
 
     def open(self, step: int) -> None:
         """Start both loaders at ``step`` (the data order depends only on seed and step)."""
@@ -187,23 +198,55 @@ def selection_key(cfg: Config) -> str | None:
     return None
 
 
-def run_stage(cfg: Config, plan: StagePlan, nets: Networks, rt: Runtime, stage_dir: Path, source_ds: Any,
-              target_ds: Any, log: logging.Logger, callbacks: StageCallbacks, stop: SignalFlag, progress: bool = True,
-              wrap: Callable[[Networks], StepModels] | None = None, heartbeat: str | None = None) -> StageResult:
+def run_stage(
+    cfg: Config,
+    plan: StagePlan,
+    nets: Networks,
+    rt: Runtime,
+    stage_dir: Path,
+    source_ds: Any,
+    target_ds: Any,
+    log: logging.Logger,
+    callbacks: StageCallbacks,
+    stop: SignalFlag,
+    progress: bool = True,
+    wrap: Callable[[Networks], StepModels] | None = None,
+    heartbeat: str | None = None,
+) -> StageResult:
     """Train one stage to ``plan.steps`` (resuming from its latest checkpoint), then write
     ``selected.safetensors``."""
     engine = Engine.build(plan, cfg, nets, rt, wrap=wrap, log=log)
     tr, s = cfg.train, engine.settings
     reads_target = plan.adversarial or s.attention or plan.pseudo_dir is not None or s.forward_target
     loop = StageLoop(
-        cfg, plan, nets, rt, engine, StageDir(stage_dir), StageData(cfg, plan, rt, source_ds,
-                                                                    target_ds if reads_target else None), log, stop,
+        cfg,
+        plan,
+        nets,
+        rt,
+        engine,
+        StageDir(stage_dir),
+        StageData(cfg, plan, rt, source_ds, target_ds if reads_target else None),
+        log,
+        stop,
         checkpoints=CheckpointHook(tr.checkpoint_every, tr.keep_last),
-        logger=LogHook(tr.log_every, tr.image_every, tr.digest_every, progress, callbacks.log_scalars,
-                       callbacks.log_images, heartbeat=heartbeat),
+        logger=LogHook(
+            tr.log_every,
+            tr.image_every,
+            tr.digest_every,
+            progress,
+            callbacks.log_scalars,
+            callbacks.log_images,
+            heartbeat=heartbeat,
+        ),
         faults=FaultHook(cfg.faults.policy, cfg.faults.max_consecutive, cfg.faults.lr_factor),
-        evaluator=EvalHook(callbacks.evaluate, plan.eval_every or tr.eval_every, selection_key(cfg), cfg.selection.select_on,
-                           callbacks.log_scalars, callbacks.on_eval),
+        evaluator=EvalHook(
+            callbacks.evaluate,
+            plan.eval_every or tr.eval_every,
+            selection_key(cfg),
+            cfg.selection.select_on,
+            callbacks.log_scalars,
+            callbacks.on_eval,
+        ),
         run_digests=RunDir(stage_dir.parent).digests(rt.rank),
     )
     return loop.run()

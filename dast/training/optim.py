@@ -134,7 +134,9 @@ def segmentor_optimizer(
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
 
 
-def discriminator_optimizer(modules: Iterable[nn.Module | None], lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer | None:
+def discriminator_optimizer(
+    modules: Iterable[nn.Module | None], lr: float, betas: tuple[float, float]
+) -> torch.optim.Optimizer | None:
     """Adam over the discoverer and corrector parameters (one group), or None without any."""
     params = [p for m in modules if m is not None for p in m.parameters()]
     if not params:
@@ -197,8 +199,15 @@ class ForeachSGD(_TensorLR, torch.optim.Optimizer):
     learning rates the kernels are those of ``torch.optim.SGD(foreach=True)``.
     """
 
-    def __init__(self, groups: Iterable[dict[str, Any]] | Iterable[Tensor], lr: float, momentum: float = 0.9,
-                 weight_decay: float = 5e-4, *, tensor_lr: bool = False) -> None:
+    def __init__(
+        self,
+        groups: Iterable[dict[str, Any]] | Iterable[Tensor],
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        *,
+        tensor_lr: bool = False,
+    ) -> None:
         groups = list(groups)
         if groups and isinstance(groups[0], Tensor):
             groups = [{"params": groups}]
@@ -258,8 +267,13 @@ class CapturableAdam(_TensorLR, torch.optim.Optimizer):
         p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
     """
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=0.0))
         self._init_lr_tensors()
 
@@ -308,8 +322,6 @@ class CapturableAdam(_TensorLR, torch.optim.Optimizer):
         return None
 
 
-
-
 OPTIMIZER_FAMILIES = ("released", "foreach")
 
 
@@ -333,8 +345,14 @@ def build_optimizers(
     if family not in OPTIMIZER_FAMILIES:
         raise ValueError(f"unknown optimiser family {family!r}; choose one of {', '.join(OPTIMIZER_FAMILIES)}")
     if family == "released":
-        seg_opt = segmentor_optimizer(segmentor, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      head_lr_mult=head_lr_mult, duplicate_params=duplicate_params)
+        seg_opt = segmentor_optimizer(
+            segmentor,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            head_lr_mult=head_lr_mult,
+            duplicate_params=duplicate_params,
+        )
         return seg_opt, discriminator_optimizer(discriminators, lr_d, betas)
     groups = segmentor_param_groups(segmentor, lr, head_lr_mult, duplicate_params)
     fseg = ForeachSGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, tensor_lr=tensor_lr)
@@ -356,6 +374,16 @@ def fast_optimizers(
     tensor_lr: bool = True,
 ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
     """The ``foreach`` family of :func:`build_optimizers` (device-tensor learning rates by default)."""
-    return build_optimizers(segmentor, discriminators, family="foreach", lr=lr, momentum=momentum,
-                            weight_decay=weight_decay, head_lr_mult=head_lr_mult, duplicate_params=duplicate_params,
-                            lr_d=lr_d, betas=betas, tensor_lr=tensor_lr)
+    return build_optimizers(
+        segmentor,
+        discriminators,
+        family="foreach",
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        head_lr_mult=head_lr_mult,
+        duplicate_params=duplicate_params,
+        lr_d=lr_d,
+        betas=betas,
+        tensor_lr=tensor_lr,
+    )

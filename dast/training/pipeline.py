@@ -30,7 +30,14 @@ from dast.training.levers import compile_segmentor, to_channels_last
 from dast.training.loop import SignalFlag, StageCallbacks, StageResult, run_stage
 from dast.training.plots import plot_selection_curves
 from dast.training.pseudo_labels import generate_pseudo_labels, pseudo_label_set_complete
-from dast.training.runtime import Runtime, barrier, configure_backends, init_process_group, make_runtime, seed_everything
+from dast.training.runtime import (
+    Runtime,
+    barrier,
+    configure_backends,
+    init_process_group,
+    make_runtime,
+    seed_everything,
+)
 from dast.training.selection import build_selection_sets, selection_score
 from dast.training.snapshots import best_across_stages
 from dast.training.setup import (
@@ -51,8 +58,9 @@ from dast.training.step import StepModels
 class Pipeline:
     """Runs (or resumes) a whole training run in ``run_dir``."""
 
-    def __init__(self, cfg: Config, run_dir: Path, rt: Runtime, progress: bool = True,
-                 heartbeat: str | None = None) -> None:
+    def __init__(
+        self, cfg: Config, run_dir: Path, rt: Runtime, progress: bool = True, heartbeat: str | None = None
+    ) -> None:
         self.cfg, self.paths, self.rt, self.progress = cfg, RunDir(run_dir), rt, progress
         self.heartbeat = heartbeat
         self.log = setup_logging(run_dir, rt)
@@ -93,14 +101,29 @@ class Pipeline:
         model = nets.target_model()
         scores: dict[str, float] = {}
         if self.selection_sets:
-            s = selection_score(model, self.selection_sets, rt.device, rt.amp_dtype, rank=rt.rank,
-                                world=rt.world_size, progress=self._shows_progress)
+            s = selection_score(
+                model,
+                self.selection_sets,
+                rt.device,
+                rt.amp_dtype,
+                rank=rt.rank,
+                world=rt.world_size,
+                progress=self._shows_progress,
+            )
             scores["synthetic"] = s.pop("score")
             scores.update({f"synthetic_{k}": v for k, v in s.items()})
         if self.val is not None:
-            m = evaluate_model(model, self.val, rt.device, amp_dtype=rt.amp_dtype, progress=self._shows_progress,
-                               indices=shard(len(self.val), rt.rank, rt.world_size), distributed=rt.distributed,
-                               protocols=self.protocols, desc="evaluating target val")
+            m = evaluate_model(
+                model,
+                self.val,
+                rt.device,
+                amp_dtype=rt.amp_dtype,
+                progress=self._shows_progress,
+                indices=shard(len(self.val), rt.rank, rt.world_size),
+                distributed=rt.distributed,
+                protocols=self.protocols,
+                desc="evaluating target val",
+            )
             scores["target"] = float(m["miou"])
         return scores
 
@@ -123,10 +146,12 @@ class Pipeline:
         img = denormalize(batch["image"][0], self.cfg.model.norm)
         colors = nets.spec.class_colors
         self.writer.add_image(f"{plan.name}/input", img, step, dataformats="HWC")
-        self.writer.add_image(f"{plan.name}/prediction", colorize(pred.cpu().numpy().astype("uint8"), colors), step,
-                              dataformats="HWC")
-        self.writer.add_image(f"{plan.name}/attention", heatmap(alpha[0, 0].clamp(0, 1).cpu().numpy()), step,
-                              dataformats="HWC")
+        self.writer.add_image(
+            f"{plan.name}/prediction", colorize(pred.cpu().numpy().astype("uint8"), colors), step, dataformats="HWC"
+        )
+        self.writer.add_image(
+            f"{plan.name}/attention", heatmap(alpha[0, 0].clamp(0, 1).cpu().numpy()), step, dataformats="HWC"
+        )
 
     def on_eval(self, history: list[dict[str, Any]]) -> None:
         merged = {(h["stage"], h["step"]): h for h in self.curves}
@@ -146,14 +171,39 @@ class Pipeline:
         tr, st = cfg.train, cfg.self_training
         has_disc = cfg.adversarial.discoverer or cfg.adversarial.corrector
         mult = float(self.rt.world_size) if cfg.distributed.lr_scaling == "linear" else 1.0
-        out = [StagePlan(STAGE1, 0, tr.steps, tr.poly_steps, tr.lr, float(tr.head_lr_mult), bool(tr.duplicate_params),
-                         adversarial=has_disc, lr_mult=mult)]
+        out = [
+            StagePlan(
+                STAGE1,
+                0,
+                tr.steps,
+                tr.poly_steps,
+                tr.lr,
+                float(tr.head_lr_mult),
+                bool(tr.duplicate_params),
+                adversarial=has_disc,
+                lr_mult=mult,
+            )
+        ]
         offset = tr.steps
         for k in range(1, st.rounds + 1):
-            out.append(StagePlan(round_name(k), k, st.steps, int(st.poly_steps), float(st.lr), float(st.head_lr_mult),
-                                 False, adversarial=has_disc and st.adversarial, mu=st.mu,
-                                 pseudo_dir=self.paths.round(k).pseudo_labels, global_offset=offset, lr_mult=mult,
-                                 batchnorm=str(st.batchnorm), eval_every=st.eval_every))
+            out.append(
+                StagePlan(
+                    round_name(k),
+                    k,
+                    st.steps,
+                    int(st.poly_steps),
+                    float(st.lr),
+                    float(st.head_lr_mult),
+                    False,
+                    adversarial=has_disc and st.adversarial,
+                    mu=st.mu,
+                    pseudo_dir=self.paths.round(k).pseudo_labels,
+                    global_offset=offset,
+                    lr_mult=mult,
+                    batchnorm=str(st.batchnorm),
+                    eval_every=st.eval_every,
+                )
+            )
             offset += st.steps
         return out
 
@@ -198,8 +248,12 @@ class Pipeline:
         manifest = read_manifest(self.paths)
         if self.paths.curves.exists():
             self.curves = json.loads(self.paths.curves.read_text())
-        callbacks = StageCallbacks(evaluate=self.evaluate if (self.selection_sets or self.val is not None) else None,
-                                   log_scalars=self.log_scalars, log_images=self.log_images, on_eval=self.on_eval)
+        callbacks = StageCallbacks(
+            evaluate=self.evaluate if (self.selection_sets or self.val is not None) else None,
+            log_scalars=self.log_scalars,
+            log_images=self.log_images,
+            on_eval=self.on_eval,
+        )
         wrap = self._ddp_wrap()
         previous: Path | None = None
         for plan in self.plans():
@@ -217,13 +271,28 @@ class Pipeline:
                 target = with_label_dir(self.target, plan.pseudo_dir)
             manifest["stages"][plan.name] = {"status": "running", "steps": plan.steps}
             self.write_manifest(manifest)
-            result: StageResult = run_stage(self.cfg, plan, nets, self.rt, stage.root, self.source, target, self.log,
-                                            callbacks, stop, progress=self.progress, wrap=wrap,
-                                            heartbeat=self.heartbeat)
+            result: StageResult = run_stage(
+                self.cfg,
+                plan,
+                nets,
+                self.rt,
+                stage.root,
+                self.source,
+                target,
+                self.log,
+                callbacks,
+                stop,
+                progress=self.progress,
+                wrap=wrap,
+                heartbeat=self.heartbeat,
+            )
             barrier(self.rt)
             self.plot_curves()
-            manifest["stages"][plan.name] = {"status": "complete", "steps": plan.steps,
-                                             "selected": str(result.selected.relative_to(self.paths.root))}
+            manifest["stages"][plan.name] = {
+                "status": "complete",
+                "steps": plan.steps,
+                "selected": str(result.selected.relative_to(self.paths.root)),
+            }
             self.write_manifest(manifest)
             previous = result.selected
         return self.finish(nets, self.final_choice(previous), manifest)
@@ -236,13 +305,25 @@ class Pipeline:
         q = self.portion(plan.index)
         self.log.info("%s: pseudo labels at portion %.2f (%s)", plan.name, q, st.mode)
         stats = generate_pseudo_labels(
-            nets.target_model(), self.target, plan.pseudo_dir, portion=q, cap=st.cap, mode=st.mode, rule=st.rule,
+            nets.target_model(),
+            self.target,
+            plan.pseudo_dir,
+            portion=q,
+            cap=st.cap,
+            mode=st.mode,
+            rule=st.rule,
             bins=st.bins,
-            subsample=st.subsample, device=self.rt.device, amp_dtype=self.rt.amp_dtype,
-            preview_count=st.preview_count, colors=nets.spec.class_colors,
-            indices=shard(len(self.target), self.rt.rank, self.rt.world_size), progress=self._shows_progress,
+            subsample=st.subsample,
+            device=self.rt.device,
+            amp_dtype=self.rt.amp_dtype,
+            preview_count=st.preview_count,
+            colors=nets.spec.class_colors,
+            indices=shard(len(self.target), self.rt.rank, self.rt.world_size),
+            progress=self._shows_progress,
         )
-        self.log.info("%s: pseudo labels written (ignored fraction %.3f)", plan.name, stats.get("ignored_fraction", float("nan")))
+        self.log.info(
+            "%s: pseudo labels written (ignored fraction %.3f)", plan.name, stats.get("ignored_fraction", float("nan"))
+        )
 
     def final_choice(self, last: Path | None) -> Path | None:
         """The model the run ends with: the last stage's selected snapshot, or, with
@@ -253,7 +334,9 @@ class Pipeline:
         if best is None:
             return last
         path, name, value = best
-        self.log.info("final model: the selected snapshot of %s (selection score %.2f, best across stages)", name, value)
+        self.log.info(
+            "final model: the selected snapshot of %s (selection score %.2f, best across stages)", name, value
+        )
         return path
 
     def finish(self, nets: Networks, selected: Path | None, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -263,9 +346,17 @@ class Pipeline:
         metrics: dict[str, Any] = {}
         if self.val is not None:
             rt = self.rt
-            metrics = evaluate_model(nets.target_model(), self.val, rt.device, amp_dtype=rt.amp_dtype,
-                                     progress=self._shows_progress, indices=shard(len(self.val), rt.rank, rt.world_size),
-                                     distributed=rt.distributed, protocols=self.protocols, desc="final evaluation")
+            metrics = evaluate_model(
+                nets.target_model(),
+                self.val,
+                rt.device,
+                amp_dtype=rt.amp_dtype,
+                progress=self._shows_progress,
+                indices=shard(len(self.val), rt.rank, rt.world_size),
+                distributed=rt.distributed,
+                protocols=self.protocols,
+                desc="final evaluation",
+            )
         if self.rt.is_main:
             source = str(selected.relative_to(self.paths.root)) if selected is not None else None
             save_networks(self.paths.final_model, nets, extra_meta={"stage": "final", "from": source})
@@ -273,8 +364,11 @@ class Pipeline:
                 write_json(self.paths.final_metrics, metrics)
             manifest["status"] = "complete"
             root = self.paths.root
-            manifest["final"] = {"model": str(self.paths.final_model.relative_to(root)), "from": source,
-                                 "metrics": str(self.paths.final_metrics.relative_to(root)) if metrics else None}
+            manifest["final"] = {
+                "model": str(self.paths.final_model.relative_to(root)),
+                "from": source,
+                "metrics": str(self.paths.final_metrics.relative_to(root)) if metrics else None,
+            }
             self.write_manifest(manifest)
             if self.writer is not None:
                 self.writer.flush()
@@ -293,8 +387,16 @@ class Pipeline:
         close_logging(self.log)
 
 
-def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, force: bool = False,
-          device: str | None = None, progress: bool = True, heartbeat: str | None = None) -> dict[str, Any]:
+def train(
+    cfg: Config | None,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+    heartbeat: str | None = None,
+) -> dict[str, Any]:
     """Train (or resume) a run; returns the final metrics (empty without a labelled val set).
     ``heartbeat``: a name under which to print a progress line now and then (no bar)."""
     run_dir = Path(run_dir)
@@ -321,4 +423,3 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, forc
         raise
     finally:
         pipe.close()
-

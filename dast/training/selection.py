@@ -75,20 +75,38 @@ class FDAValSet(Dataset):
         return {"image": self.prepare_image(i), "name": self.names[i], "index": i}
 
 
-def build_selection_sets(source: Any, target: Any, num_images: int, betas: Sequence[float], seed: int) -> list[tuple[float, FDAValSet]]:
+def build_selection_sets(
+    source: Any, target: Any, num_images: int, betas: Sequence[float], seed: int
+) -> list[tuple[float, FDAValSet]]:
     """One FDA set per beta; the same source images and style images for every beta."""
     return [(float(b), FDAValSet(source, target, num_images, b, seed)) for b in betas]
 
 
-def selection_score(model: torch.nn.Module, sets: Sequence[tuple[float, FDAValSet]], device: torch.device,
-                    amp_dtype: torch.dtype | None = None, batch_size: int = 1, rank: int = 0, world: int = 1,
-                    progress: bool = False) -> dict[str, float]:
+def selection_score(
+    model: torch.nn.Module,
+    sets: Sequence[tuple[float, FDAValSet]],
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    batch_size: int = 1,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = False,
+) -> dict[str, float]:
     """mIoU on each FDA set and their mean (``score``)."""
     out: dict[str, float] = {}
     for beta, ds in sets:
-        m = evaluate_model(model, ds, device, batch_size=batch_size, amp_dtype=amp_dtype, progress=progress,
-                           indices=shard(len(ds), rank, world), distributed=world > 1, protocols={},
-                           desc=f"selection (FDA beta {beta:g})")
+        m = evaluate_model(
+            model,
+            ds,
+            device,
+            batch_size=batch_size,
+            amp_dtype=amp_dtype,
+            progress=progress,
+            indices=shard(len(ds), rank, world),
+            distributed=world > 1,
+            protocols={},
+            desc=f"selection (FDA beta {beta:g})",
+        )
         out[f"miou_beta{beta:g}"] = float(m["miou"])
     out["score"] = float(np.mean([out[f"miou_beta{b:g}"] for b, _ in sets])) if sets else float("nan")
     return out

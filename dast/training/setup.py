@@ -55,8 +55,10 @@ def check_resume_config(stored: Config, requested: Config, manifest: dict[str, A
             bad.append(f"{key} ({_get(stored, key)!r} -> {_get(requested, key)!r})")
     if bad and not force:
         raise ConfigError(
-            "the run directory was started with a different config: " + "; ".join(bad[:4])
-            + ("; ..." if len(bad) > 4 else "") + ". Only larger step counts may change on resume (use --force to override)"
+            "the run directory was started with a different config: "
+            + "; ".join(bad[:4])
+            + ("; ..." if len(bad) > 4 else "")
+            + ". Only larger step counts may change on resume (use --force to override)"
         )
 
 
@@ -111,8 +113,10 @@ def check_training_sizes(cfg: Config) -> None:
         ds = getattr(cfg, name)
         key, size = (f"{name}.augment.crop", ds.augment.crop) if ds.augment.crop else (f"{name}.size", ds.size)
         if size is not None and min(size) < MIN_CORRECTOR_SIDE:
-            raise ConfigError(f"config key '{key}' is {list(size)}: training images need at least "
-                              f"{MIN_CORRECTOR_SIDE} pixels on each side for the corrector")
+            raise ConfigError(
+                f"config key '{key}' is {list(size)}: training images need at least "
+                f"{MIN_CORRECTOR_SIDE} pixels on each side for the corrector"
+            )
 
 
 def model_spec_for(cfg: Config) -> ModelSpec:
@@ -125,11 +129,19 @@ def model_spec_for(cfg: Config) -> ModelSpec:
         except ValueError as exc:
             raise ConfigError(f"config key 'model.output_stride': {exc}") from None
     return ModelSpec(
-        arch=cfg.model.arch, num_classes=cfg.model.num_classes, variant=cfg.variant, norm=cfg.model.norm,
+        arch=cfg.model.arch,
+        num_classes=cfg.model.num_classes,
+        variant=cfg.variant,
+        norm=cfg.model.norm,
         input_size=tuple(cfg.target.size) if cfg.target.size else None,
-        discoverer=adv.discoverer, corrector=adv.corrector, attention=adv.attention, corrector_width=adv.corrector_width,
-        timm_name=cfg.model.timm_name, output_stride=cfg.model.output_stride,
-        class_names=list(table.names), class_colors=[tuple(c) for c in table.colors],
+        discoverer=adv.discoverer,
+        corrector=adv.corrector,
+        attention=adv.attention,
+        corrector_width=adv.corrector_width,
+        timm_name=cfg.model.timm_name,
+        output_stride=cfg.model.output_stride,
+        class_names=list(table.names),
+        class_colors=[tuple(c) for c in table.colors],
     )
 
 
@@ -145,7 +157,9 @@ def initial_networks(cfg: Config, spec: ModelSpec, log: logging.Logger | None = 
         init_spec = meta.get("model", {})
         for key in ("arch", "num_classes", "timm_name"):
             if key in init_spec and init_spec[key] != getattr(spec, key):
-                raise UserError(f"model.init {cfg.model.init} is for {key}={init_spec[key]!r}, the config asks for {getattr(spec, key)!r}")
+                raise UserError(
+                    f"model.init {cfg.model.init} is for {key}={init_spec[key]!r}, the config asks for {getattr(spec, key)!r}"
+                )
         load_state_strict(nets.segmentor, split_prefixed(tensors, "segmentor"), "segmentor", cfg.model.init)
         for name, m in (("discoverer", nets.discoverer), ("corrector", nets.corrector)):
             part = split_prefixed(tensors, name)
@@ -198,7 +212,9 @@ def prepare_run_dir(run_dir: Path, cfg: Config | None, resume: bool, force: bool
     if cfg is None:
         raise UserError("--config is required unless --resume names an existing run directory")
     if run_dir.exists() and any(run_dir.iterdir()) and not force:
-        raise UserError(f"run directory {run_dir} already exists and is not empty (use --resume to continue it, or --force)")
+        raise UserError(
+            f"run directory {run_dir} already exists and is not empty (use --resume to continue it, or --force)"
+        )
     return cfg
 
 

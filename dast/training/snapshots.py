@@ -43,19 +43,38 @@ def find_best_file(stage: StageDir, best: dict[str, Any] | None) -> Path | None:
 
 def save_best(stage: StageDir, nets: Networks, stage_name: str, best: dict[str, Any]) -> None:
     """Write the snapshot of a new best evaluation."""
-    save_networks(stage.best_step(int(best["step"])), nets,
-                  extra_meta={"stage": stage_name, "step": best["step"], "selection": best})
+    save_networks(
+        stage.best_step(int(best["step"])),
+        nets,
+        extra_meta={"stage": stage_name, "step": best["step"], "selection": best},
+    )
 
 
-def write_selected(stage: StageDir, nets: Networks, stage_name: str, steps: int, best: dict[str, Any] | None,
-                   select_on: str, log: logging.Logger) -> None:
+def write_selected(
+    stage: StageDir,
+    nets: Networks,
+    stage_name: str,
+    steps: int,
+    best: dict[str, Any] | None,
+    select_on: str,
+    log: logging.Logger,
+) -> None:
     """``selected.safetensors``: the best snapshot by the selection score, or the last step
     (``select_on: last``, no evaluation, or a best snapshot that is not on disk)."""
     best_path = find_best_file(stage, best)
     if best is not None and best_path is not None and select_on != "last":
         tensors, _ = load_checkpoint(best_path)
-        save_checkpoint(stage.selected, tensors, {"kind": "model", "model": nets.spec.to_dict(), "stage": stage_name,
-                                                  "step": best["step"], "selection": best})
+        save_checkpoint(
+            stage.selected,
+            tensors,
+            {
+                "kind": "model",
+                "model": nets.spec.to_dict(),
+                "stage": stage_name,
+                "step": best["step"],
+                "selection": best,
+            },
+        )
         log.info("%s: selected step %d (%s = %.2f)", stage_name, best["step"], best["key"], best["value"])
         if best_path != stage.best:
             best_path.replace(stage.best)

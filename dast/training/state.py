@@ -31,7 +31,9 @@ def optimizer_to_flat(name: str, opt: torch.optim.Optimizer) -> tuple[dict[str, 
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def optimizer_from_flat(name: str, opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], doc: Mapping[str, Any]) -> None:
+def optimizer_from_flat(
+    name: str, opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], doc: Mapping[str, Any]
+) -> None:
     """Restore an optimiser from :func:`optimizer_to_flat`'s output."""
     state: dict[int, dict[str, Any]] = {}
     for k, v in split_prefixed(tensors, f"optim.{name}").items():
@@ -53,7 +55,10 @@ def rng_to_flat() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     np_state = np.random.get_state()
     tensors["rng.numpy"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
     py = random.getstate()
-    doc = {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])], "python": [py[0], list(py[1]), py[2]]}
+    doc = {
+        "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py[0], list(py[1]), py[2]],
+    }
     return tensors, doc
 
 
@@ -84,7 +89,9 @@ def save_training_state(
             opt_doc[name] = d
     rt, rd = rng_to_flat()
     tensors.update(rt)
-    save_networks(path, nets, extra_meta={"kind": "training", "optimizers": opt_doc, "rng": rd, **meta}, extra_tensors=tensors)
+    save_networks(
+        path, nets, extra_meta={"kind": "training", "optimizers": opt_doc, "rng": rd, **meta}, extra_tensors=tensors
+    )
 
 
 def restore_optimizers(

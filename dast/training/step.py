@@ -164,8 +164,13 @@ def _set_requires_grad(module: torch.nn.Module | None, flag: bool) -> None:
             p.requires_grad_(flag)
 
 
-def _plan(models: StepModels, seg_opt: torch.optim.Optimizer, settings: StepSettings, has_pseudo: bool,
-          loss_scale: Callable[[Tensor], Tensor] | None = None) -> _Plan:
+def _plan(
+    models: StepModels,
+    seg_opt: torch.optim.Optimizer,
+    settings: StepSettings,
+    has_pseudo: bool,
+    loss_scale: Callable[[Tensor], Tensor] | None = None,
+) -> _Plan:
     use_d = settings.adversarial and models.discoverer is not None
     use_c = settings.adversarial and models.corrector is not None
     disc = models.discoverer if (use_d or settings.attention) else None
@@ -175,12 +180,18 @@ def _plan(models: StepModels, seg_opt: torch.optim.Optimizer, settings: StepSett
     seg_params = [p for g in seg_opt.param_groups for p in g["params"] if p.requires_grad]
     disc_params = [p for m in ((disc if use_d else None), corr) if m is not None for p in m.parameters()]
     return _Plan(
-        use_d=use_d, use_c=use_c, attention=attention, reuse=reuse,
+        use_d=use_d,
+        use_c=use_c,
+        attention=attention,
+        reuse=reuse,
         need_target=use_d or use_c or attention or has_pseudo or settings.forward_target,
-        disc=disc, corr=corr,
+        disc=disc,
+        corr=corr,
         seg_inputs=seg_params if reuse and (disc is not None or corr is not None) else None,
-        disc_params=disc_params, pair=models.adversaries if disc_params else None,
-        extract=models.extract or models.segmentor.extract, predict=models.predict or models.segmentor.predict,
+        disc_params=disc_params,
+        pair=models.adversaries if disc_params else None,
+        extract=models.extract or models.segmentor.extract,
+        predict=models.predict or models.segmentor.predict,
         loss_scale=loss_scale,
     )
 
@@ -191,8 +202,9 @@ def _adversarial(term: Tensor, weight: float, scale: Tensor | float | None) -> T
     return weighted if scale is None else weighted * scale
 
 
-def source_phase(p: _Plan, models: StepModels, images: Tensor, labels: Tensor, autocast: Autocast,
-                 out: dict[str, Tensor]) -> _Flow:
+def source_phase(
+    p: _Plan, models: StepModels, images: Tensor, labels: Tensor, autocast: Autocast, out: dict[str, Tensor]
+) -> _Flow:
     """L_seg on the source batch and its backward (no gradient all-reduce yet under DDP
     when a second backward follows)."""
     no_sync = models.seg_no_sync if (models.seg_no_sync is not None and p.need_target) else contextlib.nullcontext
@@ -223,8 +235,16 @@ def _target_forward(p: _Plan, images: Tensor, autocast: Autocast, flow: _Flow) -
     flow.up_t = losses.upsample(_full(logits_t), tuple(images.shape[-2:]))
 
 
-def target_phase(p: _Plan, settings: StepSettings, images: Tensor, labels: Tensor | None, autocast: Autocast,
-                 flow: _Flow, out: dict[str, Tensor], adv_scale: Tensor | float | None) -> Tensor:
+def target_phase(
+    p: _Plan,
+    settings: StepSettings,
+    images: Tensor,
+    labels: Tensor | None,
+    autocast: Autocast,
+    flow: _Flow,
+    out: dict[str, Tensor],
+    adv_scale: Tensor | float | None,
+) -> Tensor:
     """The target path and the segmentor's adversarial and pseudo-label losses, backward
     into the segmentor; returns their detached sum."""
     loss_free = not (p.use_d or p.use_c or p.attention or labels is not None)
@@ -248,8 +268,12 @@ def target_phase(p: _Plan, settings: StepSettings, images: Tensor, labels: Tenso
             flow.c_t = p.corr(F.softmax(up_t, dim=1))  # type: ignore[misc]
         c_t = _full(flow.c_t)
         if settings.weight_segmentor_adv and flow.alpha is not None:
-            l_adv_c = losses.attention_weighted_corrector_loss(settings.adv_loss, c_t, SOURCE_LABEL,  # type: ignore[arg-type]
-                                                               _full(flow.alpha))
+            l_adv_c = losses.attention_weighted_corrector_loss(
+                settings.adv_loss,
+                c_t,
+                SOURCE_LABEL,  # type: ignore[arg-type]
+                _full(flow.alpha),
+            )
         else:
             l_adv_c = losses.adversarial_loss(settings.adv_loss, c_t, SOURCE_LABEL)  # type: ignore[arg-type]
         g_loss = g_loss + _adversarial(l_adv_c, settings.lambda_c, adv_scale)
@@ -298,8 +322,9 @@ def _pair_outputs(p: _Plan, flow: _Flow, autocast: Autocast) -> dict[str, Tensor
     return {"d_source": d_s, "c_source": c_s, "d_target": d_t, "c_target": c_t}
 
 
-def _term_losses(settings: StepSettings, outputs: dict[str, Tensor | None], alpha: Tensor | None,
-                 out: dict[str, Tensor]) -> dict[str, Tensor]:
+def _term_losses(
+    settings: StepSettings, outputs: dict[str, Tensor | None], alpha: Tensor | None, out: dict[str, Tensor]
+) -> dict[str, Tensor]:
     """Each present term of :data:`DISCRIMINATOR_TERMS` as a loss (and its logged scalars)."""
     terms: dict[str, Tensor] = {}
     for term in DISCRIMINATOR_TERMS:
@@ -325,8 +350,9 @@ def _sum(terms: dict[str, Tensor], keys: tuple[str, ...], like: Tensor) -> Tenso
     return total
 
 
-def discriminator_phase(p: _Plan, settings: StepSettings, flow: _Flow, autocast: Autocast,
-                        out: dict[str, Tensor]) -> None:
+def discriminator_phase(
+    p: _Plan, settings: StepSettings, flow: _Flow, autocast: Autocast, out: dict[str, Tensor]
+) -> None:
     """The discriminators' losses and their backward into D and C only."""
     if p.pair is not None:
         terms = _term_losses(settings, _pair_outputs(p, flow, autocast), flow.alpha, out)
@@ -427,8 +453,18 @@ def train_step(
     When ``check_finite`` and any loss is NaN or infinite, no parameter is updated and
     the second value is False (this check reads one flag back to the host).
     """
-    out, disc_active = compute_gradients(models, seg_opt, disc_opt, source_images, source_labels,
-                                         target_images, target_labels, settings, autocast, adv_scale=adv_scale)
+    out, disc_active = compute_gradients(
+        models,
+        seg_opt,
+        disc_opt,
+        source_images,
+        source_labels,
+        target_images,
+        target_labels,
+        settings,
+        autocast,
+        adv_scale=adv_scale,
+    )
     if check_finite and not bool(losses_finite(out)):
         seg_opt.zero_grad(set_to_none=True)
         if disc_opt is not None:

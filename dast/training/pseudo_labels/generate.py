@@ -102,8 +102,9 @@ def _prepare_dir(out: Path) -> None:
         raise UserError(f"pseudo-label output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not (out / MARKER_NAME).is_file():
-            raise UserError(f"refusing to clear {out}: it is not empty and holds no pseudo-label set "
-                            f"(no {MARKER_NAME})")
+            raise UserError(
+                f"refusing to clear {out}: it is not empty and holds no pseudo-label set (no {MARKER_NAME})"
+            )
         (out / COMPLETE_NAME).unlink(missing_ok=True)  # first: an interrupted clear stays incomplete
         (out / STATS_NAME).unlink(missing_ok=True)
         shutil.rmtree(out / PREVIEW_DIR, ignore_errors=True)
@@ -204,17 +205,26 @@ class _Run:
 
     def probabilities(self, desc: str) -> Iterator[tuple[Tensor, list[str], Tensor | None]]:
         """(probabilities N x C x H x W, image names, labels N x H x W or None) per batch."""
-        loader = torch.utils.data.DataLoader(_Subset(self.dataset, self.order), batch_size=self.batch_size,
-                                             shuffle=False, num_workers=self.num_workers, collate_fn=_collate,
-                                             pin_memory=self.device.type == "cuda",
-                                             worker_init_fn=worker_init(self.num_workers))
+        loader = torch.utils.data.DataLoader(
+            _Subset(self.dataset, self.order),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=worker_init(self.num_workers),
+        )
         with loader_iterator(loader) as batches:
-            for images, names, skipped, labels in progress(batches, total=len(loader), desc=desc, unit="batch",
-                                                           enabled=self.progress):
+            for images, names, skipped, labels in progress(
+                batches, total=len(loader), desc=desc, unit="batch", enabled=self.progress
+            ):
                 self.skipped.update(skipped)
                 if images is not None:
-                    yield target_probabilities(self.model, images.to(self.device, non_blocking=True),
-                                               self.amp_dtype), names, labels
+                    yield (
+                        target_probabilities(self.model, images.to(self.device, non_blocking=True), self.amp_dtype),
+                        names,
+                        labels,
+                    )
 
 
 def check_settings(*, portion: float, cap: float, mode: str, rule: str, batch_size: int) -> None:
@@ -247,8 +257,9 @@ def evaluating(model: nn.Module, device: torch.device) -> Iterator[None]:
             m.training = training
 
 
-def estimate_thresholds(run: _Run, num_classes: int | None, *, reduce: bool = True,
-                        **est_args: Any) -> ThresholdEstimator:
+def estimate_thresholds(
+    run: _Run, num_classes: int | None, *, reduce: bool = True, **est_args: Any
+) -> ThresholdEstimator:
     """Run the estimation pass(es); the class count comes from the model output if not given.
 
     ``reduce`` sums each pass over the torch.distributed ranks (when initialised)."""
@@ -273,8 +284,9 @@ def estimate_thresholds(run: _Run, num_classes: int | None, *, reduce: bool = Tr
 # Generation
 
 
-def _write_labels(run: _Run, thresholds: Tensor, rule: str, out: Path, palette: Sequence[Sequence[int]],
-                  previews: int) -> tuple[Tensor, int]:
+def _write_labels(
+    run: _Run, thresholds: Tensor, rule: str, out: Path, palette: Sequence[Sequence[int]], previews: int
+) -> tuple[Tensor, int]:
     """Write every label PNG (and the first ``previews`` colour previews); return the
     per-class labelled pixel counts (last entry: ignored pixels) and the image count."""
     num_classes = thresholds.numel()
@@ -315,8 +327,15 @@ def _gather_names(names: set[str], distributed: bool) -> list[str]:
     return sorted(set().union(*everyone))
 
 
-def _stats(run: _Run, est: ThresholdEstimator, thresholds: Tensor, counts: Tensor, written: int,
-           settings: dict[str, Any], distributed: bool) -> dict[str, Any]:
+def _stats(
+    run: _Run,
+    est: ThresholdEstimator,
+    thresholds: Tensor,
+    counts: Tensor,
+    written: int,
+    settings: dict[str, Any],
+    distributed: bool,
+) -> dict[str, Any]:
     """``stats.json`` of the set, with the counts summed over the ranks."""
     totals = torch.cat([counts, torch.tensor([written], dtype=torch.int64, device=counts.device)])
     if distributed:
@@ -344,13 +363,27 @@ def _stats(run: _Run, est: ThresholdEstimator, thresholds: Tensor, counts: Tenso
     }
 
 
-def generate_pseudo_labels(model: nn.Module, dataset: Any, out_dir: str | Path, *, portion: float,
-                           cap: float = 0.9, mode: str = "histogram", rule: str = "ratio", bins: int = 65536,
-                           subsample: int = 4, device: torch.device | str = "cpu", batch_size: int = 1,
-                           amp_dtype: torch.dtype | None = None, preview_count: int = 8,
-                           colors: Sequence[Sequence[int]] | None = None, indices: Sequence[int] | None = None,
-                           progress: bool = True, num_workers: int = 0,
-                           num_classes: int | None = None) -> dict[str, Any]:
+def generate_pseudo_labels(
+    model: nn.Module,
+    dataset: Any,
+    out_dir: str | Path,
+    *,
+    portion: float,
+    cap: float = 0.9,
+    mode: str = "histogram",
+    rule: str = "ratio",
+    bins: int = 65536,
+    subsample: int = 4,
+    device: torch.device | str = "cpu",
+    batch_size: int = 1,
+    amp_dtype: torch.dtype | None = None,
+    preview_count: int = 8,
+    colors: Sequence[Sequence[int]] | None = None,
+    indices: Sequence[int] | None = None,
+    progress: bool = True,
+    num_workers: int = 0,
+    num_classes: int | None = None,
+) -> dict[str, Any]:
     """Write class-balanced pseudo labels for ``dataset`` into ``out_dir``; return the stats.
 
     ``dataset[i]`` gives ``{"image": FloatTensor 3 x H x W (resized, normalised), "name": str}``.
@@ -377,8 +410,9 @@ def generate_pseudo_labels(model: nn.Module, dataset: Any, out_dir: str | Path, 
 
     run = _Run(model, dataset, order, batch_size, num_workers, torch.device(device), amp_dtype, progress and rank == 0)
     with evaluating(model, run.device):
-        est = estimate_thresholds(run, num_classes or model_num_classes(model), portion=portion, mode=mode,
-                                  bins=bins, subsample=subsample)
+        est = estimate_thresholds(
+            run, num_classes or model_num_classes(model), portion=portion, mode=mode, bins=bins, subsample=subsample
+        )
         thresholds = est.thresholds(portion, cap)
         palette = _preview_palette(colors, est.num_classes)
         counts, written = _write_labels(run, thresholds, rule, out, palette, preview_count if rank == 0 else 0)
@@ -392,4 +426,3 @@ def generate_pseudo_labels(model: nn.Module, dataset: Any, out_dir: str | Path, 
     if distributed:
         dist.barrier()
     return stats
-

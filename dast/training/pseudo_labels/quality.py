@@ -137,20 +137,36 @@ def _score_pass(run: _Run, thresholds: Tensor, rules: Sequence[str]) -> _Tally:
     tally = _Tally(rules, thresholds.numel(), run.device)
     for prob, names, labels in run.probabilities("pseudo labels: scoring"):
         if labels is None:
-            raise DataError(f"pseudo-label quality needs the target labels, but image {names[0]!r} has none "
-                            "(build the dataset with labels)")
+            raise DataError(
+                f"pseudo-label quality needs the target labels, but image {names[0]!r} has none "
+                "(build the dataset with labels)"
+            )
         if tuple(labels.shape) != (prob.shape[0], *prob.shape[2:]):
-            raise DataError(f"labels of size {tuple(labels.shape[1:])} do not match the images "
-                            f"({tuple(prob.shape[2:])}) in the batch of {names[0]!r}")
+            raise DataError(
+                f"labels of size {tuple(labels.shape[1:])} do not match the images "
+                f"({tuple(prob.shape[2:])}) in the batch of {names[0]!r}"
+            )
         tally.add(prob, thresholds.to(prob.device), labels.to(prob.device))
     return tally
 
 
-def pseudo_label_quality(model: nn.Module, dataset: Any, *, portion: float, cap: float = 0.9,
-                         mode: str = "histogram", rules: Sequence[str] = RULES, bins: int = 65536,
-                         subsample: int = 4, device: torch.device | str = "cpu", batch_size: int = 1,
-                         amp_dtype: torch.dtype | None = None, num_workers: int = 0,
-                         num_classes: int | None = None, progress: bool = False) -> dict[str, Any]:
+def pseudo_label_quality(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    portion: float,
+    cap: float = 0.9,
+    mode: str = "histogram",
+    rules: Sequence[str] = RULES,
+    bins: int = 65536,
+    subsample: int = 4,
+    device: torch.device | str = "cpu",
+    batch_size: int = 1,
+    amp_dtype: torch.dtype | None = None,
+    num_workers: int = 0,
+    num_classes: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Score pseudo labels of ``dataset`` under each of ``rules`` against its labels; writes nothing.
 
     ``dataset[i]`` gives ``{"image", "name", "label"}`` (the label N x H x W at the image
@@ -168,20 +184,33 @@ def pseudo_label_quality(model: nn.Module, dataset: Any, *, portion: float, cap:
         check_rule(rule)
     if len(dataset) == 0:
         raise DataError("no images to pseudo-label")
-    run = _Run(model, dataset, list(range(len(dataset))), batch_size, num_workers, torch.device(device),
-               amp_dtype, progress)
+    run = _Run(
+        model, dataset, list(range(len(dataset))), batch_size, num_workers, torch.device(device), amp_dtype, progress
+    )
     with evaluating(model, run.device):
-        est = estimate_thresholds(run, num_classes or model_num_classes(model), reduce=False, portion=portion,
-                                  mode=mode, bins=bins, subsample=subsample)
+        est = estimate_thresholds(
+            run,
+            num_classes or model_num_classes(model),
+            reduce=False,
+            portion=portion,
+            mode=mode,
+            bins=bins,
+            subsample=subsample,
+        )
         thresholds = est.thresholds(portion, cap)
         tally = _score_pass(run, thresholds, rules)
     if tally.images == 0:
         raise DataError(f"no readable image to score ({len(run.skipped)} unreadable)")
     names = class_names(dataset, est.num_classes)
     return {
-        "portion": float(portion), "cap": float(cap), "mode": mode,
-        "bins": int(bins) if mode == "histogram" else None, "subsample": int(subsample),
+        "portion": float(portion),
+        "cap": float(cap),
+        "mode": mode,
+        "bins": int(bins) if mode == "histogram" else None,
+        "subsample": int(subsample),
         "thresholds": [float(v) for v in thresholds.cpu().tolist()],
-        "num_images": tally.images, "pixels": tally.pixels, "skipped": sorted(run.skipped),
+        "num_images": tally.images,
+        "pixels": tally.pixels,
+        "skipped": sorted(run.skipped),
         "rules": {rule: tally.scores(rule, names) for rule in rules},
     }

@@ -181,8 +181,16 @@ class ThresholdEstimator:
     :meth:`all_reduce` sums over the ranks.
     """
 
-    def __init__(self, num_classes: int, *, portion: float | None = None, mode: str = "histogram",
-                 bins: int = 65536, subsample: int = 4, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        portion: float | None = None,
+        mode: str = "histogram",
+        bins: int = 65536,
+        subsample: int = 4,
+        device: torch.device | str = "cpu",
+    ) -> None:
         check_mode(mode)
         if not 1 <= num_classes <= IGNORE_INDEX:
             raise UserError(f"pseudo labels need 1..{IGNORE_INDEX} classes, got {num_classes}")
