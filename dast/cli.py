@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 import traceback
-from typing import Sequence
+from collections.abc import Sequence
 
 from dast import __version__
 from dast.errors import UserError

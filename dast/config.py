@@ -17,8 +17,9 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -45,8 +46,8 @@ class AugmentConfig(_Strict):
     """Optional augmentation (all off in the paper configs)."""
 
     flip: bool = False
-    scale: Optional[tuple[float, float]] = None
-    crop: Optional[tuple[int, int]] = None  # (width, height)
+    scale: tuple[float, float] | None = None
+    crop: tuple[int, int] | None = None  # (width, height)
     # photometric, on images only (docs/datasets.md); 0 = off. A jitter of strength s
     # multiplies by a factor drawn from [max(0, 1 - s), 1 + s].
     brightness: float = Field(default=0.0, ge=0)
@@ -69,14 +70,14 @@ class DatasetConfig(_Strict):
     """Where a dataset lives and how its images are prepared."""
 
     kind: DatasetKind
-    root: Optional[str] = None
+    root: str | None = None
     split: str = "train"
-    list_file: Optional[str] = None  # a text file naming the images to use, one per line
-    size: Optional[tuple[int, int]] = None  # (width, height) the images are resized to
+    list_file: str | None = None  # a text file naming the images to use, one per line
+    size: tuple[int, int] | None = None  # (width, height) the images are resized to
     with_labels: bool = True
     images: str = "images"  # folder datasets: image sub-folder
-    labels: Optional[str] = "labels"  # folder datasets: label sub-folder, null for none
-    classes: Optional[list[ClassSpec]] = None  # folder datasets
+    labels: str | None = "labels"  # folder datasets: label sub-folder, null for none
+    classes: list[ClassSpec] | None = None  # folder datasets
     domain: Literal["source", "target"] = "source"  # synthetic datasets
     count: int = Field(default=200, ge=1)  # synthetic datasets
     shift: Literal["appearance", "appearance+layout"] = (
@@ -91,11 +92,11 @@ class ModelConfig(_Strict):
 
     arch: Literal["resnet101", "vgg16", "small", "timm"] = "resnet101"
     num_classes: int = Field(default=19, ge=2)
-    init: Optional[str] = None  # a dast checkpoint (e.g. from `dast convert imagenet`)
+    init: str | None = None  # a dast checkpoint (e.g. from `dast convert imagenet`)
     norm: Literal["caffe", "imagenet", "unit"] = "caffe"
     batchnorm: Literal["batch", "per_image"] = "batch"  # per_image keeps batch-1 normalisation at any batch size
-    output_stride: Optional[int] = None  # null: the architecture's default (8)
-    timm_name: Optional[str] = None  # arch timm: a timm.list_models() name, e.g. resnet50 (docs/backbones.md)
+    output_stride: int | None = None  # null: the architecture's default (8)
+    timm_name: str | None = None  # arch timm: a timm.list_models() name, e.g. resnet50 (docs/backbones.md)
     pretrained: bool = False  # arch timm: timm's own pretrained weights (network access or timm's cache)
 
 
@@ -111,7 +112,7 @@ class AdversarialConfig(_Strict):
     # which terms the attention map weights: the segmentor's L_adv^C(E,P) on target outputs
     # ("segmentor", the paper's text), the target term of C's own loss ("corrector"), both,
     # or none (the release); null: the variant's choice. "attention" is the old name of "both".
-    corrector_weighting: Optional[Literal["none", "segmentor", "corrector", "both"]] = None
+    corrector_weighting: Literal["none", "segmentor", "corrector", "both"] | None = None
     corrector_width: int = Field(default=64, ge=1)  # channels of C's first conv (paper: 64; 128, 256, 512 follow)
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.99)
@@ -132,8 +133,8 @@ class TrainConfig(_Strict):
     steps: int = Field(default=150000, ge=0)
     poly_steps: int = Field(default=250000, ge=1)
     lr: float = 2.5e-4
-    head_lr_mult: Optional[float] = None  # null: 10 (released VGG-16: 1, one group)
-    duplicate_params: Optional[bool] = None  # null: the released duplicated list (reference, ResNet)
+    head_lr_mult: float | None = None  # null: 10 (released VGG-16: 1, one group)
+    duplicate_params: bool | None = None  # null: the released duplicated list (reference, ResNet)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     power: float = 0.9
@@ -162,14 +163,14 @@ class SelfTrainingConfig(_Strict):
     cap: float = 0.9
     mu: float = 1.0
     adversarial: bool = True
-    lr: Optional[float] = None
-    poly_steps: Optional[int] = None
-    head_lr_mult: Optional[float] = None
+    lr: float | None = None
+    poly_steps: int | None = None
+    head_lr_mult: float | None = None
     mode: Literal["histogram", "exact-reference"] = "histogram"
     # BatchNorm while a round trains: "train" (batch statistics, running ones updated) or
     # "frozen" (eval mode, the stage-1 running statistics, as the released DAST_train.py); null: the variant's
-    batchnorm: Optional[Literal["train", "frozen"]] = None
-    eval_every: Optional[int] = Field(default=None, ge=1)  # null: train.eval_every
+    batchnorm: Literal["train", "frozen"] | None = None
+    eval_every: int | None = Field(default=None, ge=1)  # null: train.eval_every
     rule: Literal["ratio", "threshold"] = (
         "ratio"  # ratio: released argmax(p/t); threshold: keep argmax p where p >= t_c
     )
@@ -202,13 +203,13 @@ class RuntimeConfig(_Strict):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
-    channels_last: Optional[bool] = None
+    channels_last: bool | None = None
     compile: bool = False  # torch.compile the segmentor halves (state-dict keys unchanged)
     cuda_graphs: bool = False  # replay the whole iteration as CUDA graphs (single GPU; see docs/performance.md)
     optimizers: Literal["auto", "released", "foreach"] = (
         "auto"  # auto: foreach with cuda_graphs, else released (torch SGD/Adam)
     )
-    deterministic: Optional[bool] = None  # null: true on CPU, false on CUDA (cuDNN autotuning)
+    deterministic: bool | None = None  # null: true on CPU, false on CUDA (cuDNN autotuning)
 
 
 class DistributedConfig(_Strict):
@@ -234,7 +235,7 @@ class Config(_Strict):
     model: ModelConfig = ModelConfig()
     source: DatasetConfig
     target: DatasetConfig
-    val: Optional[DatasetConfig] = None
+    val: DatasetConfig | None = None
     adversarial: AdversarialConfig = AdversarialConfig()
     train: TrainConfig = TrainConfig()
     self_training: SelfTrainingConfig = SelfTrainingConfig()
@@ -460,10 +461,10 @@ class PaperRow(_Strict):
 
     row: str
     tables: list[int] = []
-    miou: Optional[float] = None
-    miou_16: Optional[float] = None
-    miou_13: Optional[float] = None
-    note: Optional[str] = None
+    miou: float | None = None
+    miou_16: float | None = None
+    miou_13: float | None = None
+    note: str | None = None
 
 
 def _paper_row(block: Any, source: Path) -> PaperRow | None:

@@ -10,12 +10,11 @@ and the pseudo-label previews (:mod:`dast.training.pseudo_labels`) both draw wit
 from __future__ import annotations
 
 import colorsys
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from dast.constants import IGNORE_INDEX
-
 
 Color = tuple[int, int, int]
 

@@ -239,7 +239,7 @@ class DemoDir:
     def run(self, name: str) -> RunDir:
         return RunDir(self.runs / name)
 
-    def seed(self, seed: int) -> "DemoDir":
+    def seed(self, seed: int) -> DemoDir:
         """The output of one seed of a several-seed demo."""
         return DemoDir(self.root / f"seed{seed}")
 

@@ -107,7 +107,7 @@ def test_all_off_draws_nothing_and_changes_nothing():
     # (off) photometric settings written out
     label = np.arange(48, dtype=np.uint8).reshape(6, 8)
     geo = AugmentConfig(flip=True, crop=(5, 4))
-    written = AugmentConfig(flip=True, crop=(5, 4), **{k: 0.0 for k in PHOTOMETRIC})
+    written = AugmentConfig(flip=True, crop=(5, 4), **dict.fromkeys(PHOTOMETRIC, 0.0))
     a = augment_pair(img, label, geo, np.random.default_rng(5))
     b = augment_pair(img, label, written, np.random.default_rng(5))
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
@@ -130,7 +130,7 @@ def test_dataset_augments_images_only_deterministically(tmp_path):
     cfg = _folder(tmp_path / "ds")
     plain = build_dataset(cfg, norm="unit", num_classes=3, seed=1)
     off = build_dataset(
-        cfg.model_copy(update={"augment": AugmentConfig(**{k: 0.0 for k in PHOTOMETRIC})}),
+        cfg.model_copy(update={"augment": AugmentConfig(**dict.fromkeys(PHOTOMETRIC, 0.0))}),
         norm="unit",
         num_classes=3,
         seed=1,

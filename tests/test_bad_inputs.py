@@ -121,7 +121,7 @@ class _FullDisk:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.fh, name)
 
-    def __enter__(self) -> "_FullDisk":
+    def __enter__(self) -> _FullDisk:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -307,8 +307,8 @@ def test_on_corrupt_skip_leaves_the_unreadable_target_image_out_of_self_training
     assert sorted(p.stem for p in labels.glob("*.png")) == [n for n in names if n != "b"]
     assert (run / "final" / "model.safetensors").is_file()
     # with on_corrupt: fail the same folder is incomplete
-    from dast.data.datasets import build_dataset, with_label_dir
     from dast.config import load_config
+    from dast.data.datasets import build_dataset, with_label_dir
 
     cfg = load_config(workspace / "folder.yaml")
     target = build_dataset(cfg.target, norm="unit", num_classes=3, with_labels=False)

@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 
-from dast.benchmarking import SIZES, Sizes, parse_modes, run_benchmarks
-from dast.benchmarking import workloads
+from dast.benchmarking import SIZES, Sizes, parse_modes, run_benchmarks, workloads
 from dast.benchmarking.timing import measure
 from dast.cli import main
 from dast.errors import UserError

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY
 
 from dast.benchmarking.modes import Schedule, TrainingSetup, bench_config, bench_plan, build_nets, resolve_mode
 from dast.cli import main
@@ -24,8 +25,6 @@ from dast.training.levers import Levers, choose_levers
 from dast.training.optim import discriminator_optimizer, segmentor_optimizer
 from dast.training.runtime import Runtime
 from dast.training.step import StepModels, StepSettings, compute_gradients, train_step
-
-from conftest import TINY
 
 CPU = torch.device("cpu")
 

@@ -8,14 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_engine import _batch, _cfg, _networks, _runtime
 
 from dast.checkpoint import read_meta
 from dast.errors import NumericalFault
 from dast.rundir import StageDir
 from dast.training.engine import Engine, StagePlan, StepResult
 from dast.training.hooks import CheckpointHook, EvalHook, FaultHook, LogHook, StageState
-
-from test_engine import _batch, _cfg, _networks, _runtime
 
 
 class _Data:

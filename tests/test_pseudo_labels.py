@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dast.errors import UserError
 from dast.models import build_discoverer, build_segmentor
 from dast.models.target_model import TargetModel
 from dast.training.pseudo_labels import (
@@ -25,7 +26,6 @@ from dast.training.pseudo_labels import (
     sorted_list_thresholds,
     target_probabilities,
 )
-from dast.errors import UserError
 
 NUM_CLASSES = 6
 

@@ -11,16 +11,17 @@ the benchmark times what ``dast train`` runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager
+from typing import Any, ContextManager
 
 import torch
 from torch import Tensor, nn
 
-from dast.errors import UserError
-from dast.models import build_corrector, build_discoverer, build_segmentor
 from dast.config import Config, RuntimeConfig, from_tree
 from dast.contexts import autocast_factory
+from dast.errors import UserError
+from dast.models import build_corrector, build_discoverer, build_segmentor
 from dast.models.io import ModelSpec, Networks
 from dast.rundir import STAGE1, round_name
 from dast.training.engine import Engine, StagePlan

@@ -9,16 +9,17 @@ iterations with a device synchronisation after each. Data loading is not include
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from dast.benchmarking.modes import STAGE1, STAGE2, ResolvedMode, TrainingSetup, build_nets, resolve_mode
 from dast.benchmarking.timing import Timing, device_name, measure, peak_memory_gib, reset_peak_memory, rss_gib
-from dast.models.target_model import TargetModel
 from dast.losses import upsample
+from dast.models.target_model import TargetModel
 from dast.training.graphs import GraphedCallable
 from dast.training.levers import compile_segmentor, to_channels_last
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from dast import __version__
 from dast.checkpoint import load_torch_file
@@ -24,8 +24,15 @@ from dast.data.label_convert import LabelConversion, convert_label_folder, parse
 from dast.data.labels import read_class_file
 from dast.data.transforms import NORMS
 from dast.errors import UserError
-from dast.models.convert import CONVERT_ARCHS, FORMATS, ConversionReport, imagenet_to_dast, official_to_dast
-from dast.models.convert import IMAGENET_ARCHS, timm_to_dast
+from dast.models.convert import (
+    CONVERT_ARCHS,
+    FORMATS,
+    IMAGENET_ARCHS,
+    ConversionReport,
+    imagenet_to_dast,
+    official_to_dast,
+    timm_to_dast,
+)
 from dast.models.io import Networks, save_networks
 from dast.models.known_weights import KNOWN_WEIGHTS, FileProvenance, KnownWeights, inspect_file
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -64,7 +64,7 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     return p
 
 
-def _source_kind(meta: dict[str, Any]) -> Optional[str]:
+def _source_kind(meta: dict[str, Any]) -> str | None:
     cfg = meta.get("config")
     if isinstance(cfg, dict) and isinstance(cfg.get("source"), dict):
         kind = cfg["source"].get("kind")
@@ -72,7 +72,7 @@ def _source_kind(meta: dict[str, Any]) -> Optional[str]:
     return None
 
 
-def _protocols(choice: str, dataset_kind: str, source_kind: Optional[str]) -> dict[str, tuple[int, ...]]:
+def _protocols(choice: str, dataset_kind: str, source_kind: str | None) -> dict[str, tuple[int, ...]]:
     if choice == "none":
         return {}
     if choice == "synthia" or source_kind == "synthia":
@@ -80,9 +80,7 @@ def _protocols(choice: str, dataset_kind: str, source_kind: Optional[str]) -> di
     return protocols_for(dataset_kind)
 
 
-def _classes(
-    args: argparse.Namespace, names: list[str], colors: list[tuple[int, int, int]]
-) -> Optional[list[ClassSpec]]:
+def _classes(args: argparse.Namespace, names: list[str], colors: list[tuple[int, int, int]]) -> list[ClassSpec] | None:
     if args.dataset != "folder":
         return None
     if args.classes:
@@ -94,7 +92,7 @@ def _classes(
     return [ClassSpec(name=n, color=tuple(c)) for n, c in zip(names, colors)]
 
 
-def _size(args: argparse.Namespace, spec_size: Optional[tuple[int, int]]) -> Optional[tuple[int, int]]:
+def _size(args: argparse.Namespace, spec_size: tuple[int, int] | None) -> tuple[int, int] | None:
     if args.size is not None:
         w, h = args.size
         if w < 1 or h < 1:

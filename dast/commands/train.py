@@ -41,8 +41,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
 def run(args: argparse.Namespace) -> int:
     from dast.errors import NumericalFault, UserError
-    from dast.training.pipeline import train
     from dast.training.loop import TrainingInterrupted
+    from dast.training.pipeline import train
 
     run_dir = args.out
     resume = bool(args.resume)

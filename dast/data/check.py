@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image
@@ -37,7 +37,7 @@ def _read_synthia_checked(path: Path) -> np.ndarray:
     return ids
 
 
-def _label_checker(kind: str, root: Path, num_classes: Optional[int]) -> Callable[[Path], np.ndarray]:
+def _label_checker(kind: str, root: Path, num_classes: int | None) -> Callable[[Path], np.ndarray]:
     if kind == "synthia":
         return _read_synthia_checked
     if kind == "folder":
@@ -47,7 +47,7 @@ def _label_checker(kind: str, root: Path, num_classes: Optional[int]) -> Callabl
     return label_reader(kind, 19)
 
 
-def colour_label_hint(path: Path, label_dir: Path, classes: Optional[str | Path]) -> Optional[str]:
+def colour_label_hint(path: Path, label_dir: Path, classes: str | Path | None) -> str | None:
     """The problem line for a colour (RGB/RGBA) label in a folder dataset, suggesting
     ``dast convert labels``; None when ``path`` is not a colour image."""
     try:
@@ -66,7 +66,7 @@ def colour_label_hint(path: Path, label_dir: Path, classes: Optional[str | Path]
 
 
 def _with_colour_hint(
-    read_label: Callable[[Path], np.ndarray], label_dir: Path, classes: Optional[str | Path]
+    read_label: Callable[[Path], np.ndarray], label_dir: Path, classes: str | Path | None
 ) -> Callable[[Path], np.ndarray]:
     def read(path: Path) -> np.ndarray:
         try:
@@ -80,7 +80,7 @@ def _with_colour_hint(
     return read
 
 
-def _check_pair(image: Path, label: Optional[Path], read_label: Callable[[Path], np.ndarray]) -> list[str]:
+def _check_pair(image: Path, label: Path | None, read_label: Callable[[Path], np.ndarray]) -> list[str]:
     problems = []
     try:
         rgb = read_image(image)
@@ -102,9 +102,7 @@ def _check_pair(image: Path, label: Optional[Path], read_label: Callable[[Path],
     return problems
 
 
-def _structure(
-    layout: Layout, list_file: Optional[str | Path], result: CheckResult
-) -> list[tuple[Path, Optional[Path]]]:
+def _structure(layout: Layout, list_file: str | Path | None, result: CheckResult) -> list[tuple[Path, Path | None]]:
     """Folders, pairing and list-file problems; returns the (image, label) pairs to read."""
     problems = result.problems
     if not layout.image_dir.is_dir():
@@ -129,7 +127,7 @@ def _structure(
         keep = set(wanted)
         images = [(n, p) for n, p in images if n in keep]
     label_dir_ok = has_labels and layout.label_dir.is_dir()  # type: ignore[union-attr]
-    pairs: list[tuple[Path, Optional[Path]]] = []
+    pairs: list[tuple[Path, Path | None]] = []
     for name, path in images:
         label = layout.label_path(name, path) if label_dir_ok else None
         if label is not None and not label.is_file():
@@ -148,14 +146,14 @@ def scan_dataset(
     kind: str,
     root: str | Path,
     split: str = "train",
-    list_file: Optional[str | Path] = None,
-    num_classes: Optional[int] = None,
+    list_file: str | Path | None = None,
+    num_classes: int | None = None,
     *,
     images: str = "images",
-    labels: Optional[str] = "labels",
-    workers: Optional[int] = None,
+    labels: str | None = "labels",
+    workers: int | None = None,
     progress: bool = True,
-    classes: Optional[str | Path] = None,
+    classes: str | Path | None = None,
 ) -> CheckResult:
     """Check every file of a dataset; a missing root is a :class:`UserError`.
 
@@ -195,8 +193,8 @@ def check_dataset(
     kind: str,
     root: str | Path,
     split: str = "train",
-    list_file: Optional[str | Path] = None,
-    num_classes: Optional[int] = None,
+    list_file: str | Path | None = None,
+    num_classes: int | None = None,
     **kwargs: object,
 ) -> list[str]:
     """Every problem of a dataset on disk, one readable line each (empty when clean)."""

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -22,7 +23,6 @@ from torch.utils.data import Dataset
 from dast.config import AugmentConfig, DatasetConfig
 from dast.constants import IGNORE_INDEX
 from dast.data.labels import ClassTable, table_for
-from dast.rundir import PL_STATS
 from dast.data.readers import label_reader, read_image, read_index_label
 from dast.data.transforms import (
     adjust_brightness,
@@ -37,6 +37,7 @@ from dast.data.transforms import (
     to_grayscale,
 )
 from dast.errors import ConfigError, DataError
+from dast.rundir import PL_STATS
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class Layout:
     kind: str
     root: Path
     image_dir: Path
-    label_dir: Optional[Path]
+    label_dir: Path | None
 
     def _nested(self) -> bool:
         return self.kind == "cityscapes"
@@ -83,7 +84,7 @@ class Layout:
             pairs = [(p.stem, p) for p in self.label_dir.iterdir() if p.is_file() and p.suffix.lower() == ".png"]
         return sorted(pairs, key=lambda t: (t[0], str(t[1])))
 
-    def label_path(self, name: str, image_path: Path) -> Optional[Path]:
+    def label_path(self, name: str, image_path: Path) -> Path | None:
         """The label file that belongs to an image (it may not exist)."""
         if self.label_dir is None:
             return None
@@ -93,7 +94,7 @@ class Layout:
 
 
 def layout_for(
-    kind: str, root: str | Path, split: str = "train", images: str = "images", labels: Optional[str] = "labels"
+    kind: str, root: str | Path, split: str = "train", images: str = "images", labels: str | None = "labels"
 ) -> Layout:
     """The layout of a dataset kind under ``root`` (``images``/``labels`` are for folders)."""
     r = Path(root)
@@ -153,7 +154,7 @@ class Source(Protocol):
 
     def label(self, j: int) -> np.ndarray: ...
 
-    def pair(self, j: int, with_label: bool) -> tuple[np.ndarray, Optional[np.ndarray]]: ...
+    def pair(self, j: int, with_label: bool) -> tuple[np.ndarray, np.ndarray | None]: ...
 
     def describe(self, j: int) -> str: ...
 
@@ -162,7 +163,7 @@ class FileSource:
     """Images (and labels) read from files."""
 
     def __init__(
-        self, images: Sequence[Path], labels: Sequence[Optional[Path]], reader: Optional[Callable[[Path], np.ndarray]]
+        self, images: Sequence[Path], labels: Sequence[Path | None], reader: Callable[[Path], np.ndarray] | None
     ) -> None:
         self.images = list(images)
         self.labels = list(labels)
@@ -177,7 +178,7 @@ class FileSource:
             raise DataError(f"no label file for image {self.images[j]}")
         return self.reader(path)
 
-    def pair(self, j: int, with_label: bool) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    def pair(self, j: int, with_label: bool) -> tuple[np.ndarray, np.ndarray | None]:
         return self.image(j), (self.label(j) if with_label else None)
 
     def describe(self, j: int) -> str:
@@ -196,7 +197,7 @@ class SyntheticSource:
         self.shift = shift
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def pair(self, j: int, with_label: bool) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    def pair(self, j: int, with_label: bool) -> tuple[np.ndarray, np.ndarray | None]:
         from dast.data.synthetic import generate_scene
 
         hit = self._cache.get(j)
@@ -236,7 +237,7 @@ class LabelDirSource:
     def label(self, j: int) -> np.ndarray:
         return read_index_label(self.label_dir / f"{self.names[j]}.png", self.num_classes)
 
-    def pair(self, j: int, with_label: bool) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    def pair(self, j: int, with_label: bool) -> tuple[np.ndarray, np.ndarray | None]:
         return self.image(j), (self.label(j) if with_label else None)
 
     def describe(self, j: int) -> str:
@@ -248,8 +249,8 @@ class LabelDirSource:
 
 
 def augment_pair(
-    rgb: np.ndarray, label: Optional[np.ndarray], aug: AugmentConfig, rng: np.random.Generator
-) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    rgb: np.ndarray, label: np.ndarray | None, aug: AugmentConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Random scale, then crop (padding with 0 / 255 where needed), then horizontal flip,
     then the photometric changes of :func:`photometric_augment` (image only)."""
     if aug.scale is not None:
@@ -326,10 +327,10 @@ class SegmentationDataset(Dataset):
         names: Sequence[str],
         table: ClassTable,
         kind: str,
-        size: Optional[tuple[int, int]],
+        size: tuple[int, int] | None,
         norm: str,
         has_labels: bool,
-        augment: Optional[AugmentConfig] = None,
+        augment: AugmentConfig | None = None,
         on_corrupt: str = "fail",
         seed: int = 0,
     ) -> None:
@@ -339,7 +340,7 @@ class SegmentationDataset(Dataset):
         self.names: list[str] = list(names)
         self.table = table
         self.kind = kind
-        self.size: Optional[tuple[int, int]] = (int(size[0]), int(size[1])) if size is not None else None
+        self.size: tuple[int, int] | None = (int(size[0]), int(size[1])) if size is not None else None
         self.norm = norm
         self.has_labels = has_labels
         self.augment = augment if augment is not None else AugmentConfig()
@@ -370,7 +371,7 @@ class SegmentationDataset(Dataset):
                 return item
         raise DataError(f"no readable sample left in the {self.kind} dataset ({n} samples tried)")
 
-    def item_or_none(self, i: int, draw: int | None = None, augment: bool = True) -> Optional[dict[str, Any]]:
+    def item_or_none(self, i: int, draw: int | None = None, augment: bool = True) -> dict[str, Any] | None:
         """Sample ``i`` itself, never a stand-in: None if it cannot be read and the policy is
         ``on_corrupt: skip`` (logged); with ``fail`` the DataError propagates. ``draw`` (default
         ``i``) seeds the augmentation; ``augment=False`` skips it (pseudo-labelling and
@@ -441,7 +442,7 @@ def _check_unique(found: Sequence[tuple[str, Path]]) -> None:
         seen[name] = path
 
 
-def _file_samples(cfg: DatasetConfig, want_labels: bool) -> tuple[list[str], list[Path], list[Optional[Path]]]:
+def _file_samples(cfg: DatasetConfig, want_labels: bool) -> tuple[list[str], list[Path], list[Path | None]]:
     if cfg.root is None:
         raise ConfigError(f"a {cfg.kind} dataset needs 'root' (the folder that holds it)")
     root = Path(cfg.root)
@@ -458,7 +459,7 @@ def _file_samples(cfg: DatasetConfig, want_labels: bool) -> tuple[list[str], lis
         found = select_by_list(found, cfg.list_file, layout.image_dir)
     names = [n for n, _ in found]
     images = [p for _, p in found]
-    labels: list[Optional[Path]] = [None] * len(found)
+    labels: list[Path | None] = [None] * len(found)
     if want_labels:
         if layout.label_dir is None or not layout.label_dir.is_dir():
             shown = layout.label_dir if layout.label_dir is not None else f"{root} (no label folder configured)"
@@ -544,7 +545,7 @@ def with_label_dir(base: SegmentationDataset, label_dir: str | Path) -> Segmenta
     )
 
 
-def save_label_png(path: str | Path, label: np.ndarray, table: Optional[ClassTable] = None) -> None:
+def save_label_png(path: str | Path, label: np.ndarray, table: ClassTable | None = None) -> None:
     """Write a train-id label as a PNG (palette-coloured when a table is given), atomically."""
     from dast.atomic import write_with
 

@@ -22,10 +22,10 @@ import contextlib
 import os
 import shutil
 import sys
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -201,7 +201,7 @@ def _check_folders(in_dir: Path, out_dir: Path, force: bool) -> None:
 
 def _swap_into_place(tmp: Path, out_dir: Path) -> None:
     """Rename the finished ``tmp`` folder onto ``out_dir`` (replacing an old one)."""
-    old: Optional[Path] = None
+    old: Path | None = None
     if out_dir.exists():
         old = out_dir.with_name(f"{out_dir.name}{TMP_MARK}old-{os.getpid()}")
         os.replace(out_dir, old)
@@ -223,7 +223,7 @@ def convert_label_folder(
     ignore: Iterable[Sequence[int]] = (),
     force: bool = False,
     classes_name: str = "the class list",
-    workers: Optional[int] = None,
+    workers: int | None = None,
     progress: bool = True,
 ) -> LabelConversion:
     """Convert every colour label PNG in ``in_dir`` into an index PNG of the same name in

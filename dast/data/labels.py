@@ -8,9 +8,10 @@ report the mIoU over 16 and 13 of them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
@@ -179,7 +180,7 @@ def _table_from_pairs(pairs: Sequence[tuple[str, Sequence[int]]]) -> ClassTable:
     return ClassTable(tuple(n for n, _ in pairs), tuple(tuple(int(v) for v in c) for _, c in pairs))  # type: ignore[misc]
 
 
-def table_for(cfg: "DatasetConfig", num_classes: int | None = None) -> ClassTable:
+def table_for(cfg: DatasetConfig, num_classes: int | None = None) -> ClassTable:
     """The class table of a dataset config; ``num_classes`` (if given) must agree with it."""
     if cfg.kind in CITYSCAPE_LIKE:
         table = cityscapes_table()

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
@@ -32,12 +32,12 @@ def _reason(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cityscapes_lut() -> np.ndarray:
     return cityscapes_id_to_train_lut()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _synthia_lut() -> np.ndarray:
     return synthia_id_to_train_lut()
 

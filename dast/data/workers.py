@@ -5,8 +5,9 @@ from __future__ import annotations
 import atexit
 import gc
 import signal
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 

@@ -14,8 +14,9 @@ Output (one seed; the layout is :class:`dast.rundir.DemoDir`): ``report.json``,
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

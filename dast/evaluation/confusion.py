@@ -38,14 +38,14 @@ class ConfusionMatrix:
         counts = torch.bincount(flat, minlength=n * n + 1)[: n * n]
         self.matrix += counts.reshape(n, n)
 
-    def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
+    def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
         """Add another matrix of the same size into this one; returns self."""
         if other.num_classes != self.num_classes:
             raise ValueError(f"cannot merge a {other.num_classes}-class matrix into a {self.num_classes}-class one")
         self.matrix += other.matrix.to(self.device)
         return self
 
-    def all_reduce(self) -> "ConfusionMatrix":
+    def all_reduce(self) -> ConfusionMatrix:
         """Sum the matrix over the ranks of ``torch.distributed`` (no-op when not initialised)."""
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self.matrix, op=dist.ReduceOp.SUM)

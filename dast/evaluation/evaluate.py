@@ -8,9 +8,10 @@ confusion matrix is accumulated on the device.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,9 +19,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from dast.constants import IGNORE_INDEX
 from dast.contexts import autocast
 from dast.data.datasets import SegmentationDataset, require_named_pngs
-from dast.constants import IGNORE_INDEX
 from dast.data.labels import protocols_for
 from dast.data.readers import read_index_label
 from dast.data.workers import loader_iterator, worker_init
@@ -67,9 +68,9 @@ def evaluate_confusion(
     device: torch.device | str,
     *,
     batch_size: int = 1,
-    amp_dtype: Optional[torch.dtype] = None,
+    amp_dtype: torch.dtype | None = None,
     progress: bool = True,
-    indices: Optional[Sequence[int]] = None,
+    indices: Sequence[int] | None = None,
     num_workers: int = 0,
     desc: str = "evaluating",
 ) -> tuple[ConfusionMatrix, int]:
@@ -128,10 +129,10 @@ def evaluate_model(
     device: torch.device | str,
     *,
     batch_size: int = 1,
-    amp_dtype: Optional[torch.dtype] = None,
+    amp_dtype: torch.dtype | None = None,
     progress: bool = True,
-    indices: Optional[Sequence[int]] = None,
-    protocols: Optional[Mapping[str, Sequence[int]]] = None,
+    indices: Sequence[int] | None = None,
+    protocols: Mapping[str, Sequence[int]] | None = None,
     distributed: bool = False,
     num_workers: int = 0,
     desc: str = "evaluating",
@@ -177,7 +178,7 @@ def evaluate_predictions(
     pred_dir: str | Path,
     *,
     progress: bool = True,
-    protocols: Optional[Mapping[str, Sequence[int]]] = None,
+    protocols: Mapping[str, Sequence[int]] | None = None,
     workers: int = 4,
 ) -> dict[str, Any]:
     """mIoU of train-id prediction PNGs ``<pred_dir>/<name>.png`` at the native label size."""

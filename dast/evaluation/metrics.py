@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +20,7 @@ def iou_per_class(matrix: np.ndarray) -> np.ndarray:
         return np.where(denom > 0, tp / np.where(denom > 0, denom, 1.0), np.nan)
 
 
-def _mean_percent(values: np.ndarray) -> Optional[float]:
+def _mean_percent(values: np.ndarray) -> float | None:
     finite = values[~np.isnan(values)]
     return float(finite.mean() * 100.0) if finite.size else None
 
@@ -27,7 +28,7 @@ def _mean_percent(values: np.ndarray) -> Optional[float]:
 def compute_metrics(
     matrix: np.ndarray,
     class_names: Sequence[str],
-    protocols: Optional[Mapping[str, Sequence[int]]] = None,
+    protocols: Mapping[str, Sequence[int]] | None = None,
     num_images: int = 0,
 ) -> dict[str, Any]:
     """``{"miou", "per_class", <protocol keys>, "num_images"}``, IoUs in percent.
@@ -49,7 +50,7 @@ def compute_metrics(
     return out
 
 
-def _fmt(v: Optional[float]) -> str:
+def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 

@@ -14,8 +14,9 @@ import io
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -131,7 +132,7 @@ def onnx_parity(
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     model = copy.deepcopy(nets.target_model()).to("cpu").eval()
     gen = torch.Generator().manual_seed(seed)
-    worst = {name: 0.0 for name in OUTPUT_NAMES}
+    worst = dict.fromkeys(OUTPUT_NAMES, 0.0)
     for w, h in sizes:
         x = torch.randn(batch, 3, h, w, generator=gen)
         with torch.no_grad():

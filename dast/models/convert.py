@@ -21,8 +21,8 @@ does not fit is a :class:`~dast.errors.CheckpointError` naming both shapes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor

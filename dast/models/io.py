@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,7 +37,7 @@ class ModelSpec:
     class_colors: list[tuple[int, int, int]] = field(default_factory=list)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelSpec:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         spec = cls(**known)
         if spec.input_size is not None:
@@ -64,7 +65,7 @@ class Networks:
         """The deployable target-domain model (attention only when the spec uses it)."""
         return TargetModel(self.segmentor, self.discoverer if self.spec.attention else None)
 
-    def to(self, device: torch.device | str) -> "Networks":
+    def to(self, device: torch.device | str) -> Networks:
         for m in self.modules():
             m.to(device)
         return self

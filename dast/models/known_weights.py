@@ -10,9 +10,9 @@ match. docs/weights.md lists the same files with their sources.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 _CHUNK = 1 << 20
 
@@ -25,8 +25,8 @@ class KnownWeights:
     description: str
     url: str
     sha256_prefix: str  # the hex digits in the file name (torch.hub convention)
-    sha256: Optional[str] = None  # the full SHA-256, where one is published
-    norm: Optional[str] = None  # the input normalisation the weights were trained with
+    sha256: str | None = None  # the full SHA-256, where one is published
+    norm: str | None = None  # the input normalisation the weights were trained with
 
     def matches(self, digest: str) -> bool:
         """Whether a file with SHA-256 ``digest`` is this one (full hash when known, else prefix)."""
@@ -84,7 +84,7 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def identify(digest: str, known: Sequence[KnownWeights] = KNOWN_WEIGHTS) -> Optional[KnownWeights]:
+def identify(digest: str, known: Sequence[KnownWeights] = KNOWN_WEIGHTS) -> KnownWeights | None:
     """The known file with SHA-256 ``digest``, or None."""
     for entry in known:
         if entry.matches(digest):
@@ -108,7 +108,7 @@ class FileProvenance:
 
     path: Path
     sha256: str
-    known: Optional[KnownWeights]
+    known: KnownWeights | None
 
     def lines(self) -> list[str]:
         """What ``dast convert`` prints about the file."""
@@ -122,7 +122,7 @@ class FileProvenance:
             )
         return out
 
-    def to_dict(self) -> dict[str, Optional[str]]:
+    def to_dict(self) -> dict[str, str | None]:
         """For a converted checkpoint's JSON: file name, SHA-256, recognised file name."""
         return {
             "file": self.path.name,
@@ -138,7 +138,7 @@ def inspect_file(path: str | Path, known: Sequence[KnownWeights] = KNOWN_WEIGHTS
     return FileProvenance(p, digest, identify(digest, known))
 
 
-def random_init_warning(arch: str, init: Optional[str]) -> Optional[str]:
+def random_init_warning(arch: str, init: str | None) -> str | None:
     """The warning for training a ``resnet101`` / ``vgg16`` model without ``model.init``
     (None for the small demo backbone, which is meant to start from scratch, or with an init)."""
     if init:

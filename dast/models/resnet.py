@@ -13,7 +13,7 @@ the modules still run in train mode, so running statistics are updated.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 

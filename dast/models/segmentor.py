@@ -8,7 +8,7 @@ discriminator.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from torch import Tensor, nn
 
@@ -22,7 +22,7 @@ class Segmentor(nn.Module):
         self.tail = tail
         self.classifier = classifier
         self.num_classes = num_classes
-        self.feature_channels: int = int(getattr(encoder, "out_channels"))
+        self.feature_channels: int = int(encoder.out_channels)
 
     def extract(self, x: Tensor) -> Tensor:
         """E: the feature map at the attention point (output stride 8 for the DeepLab backbones; a timm

@@ -17,14 +17,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
-from dast.rundir import DEMO_REPORT, DemoDir, RunDir
 from dast.errors import UserError
 from dast.reporting.page import CSS, _e, _note, _num, _table, img_tag, write_report
 from dast.reporting.rundir import read_run
+from dast.rundir import DEMO_REPORT, DemoDir, RunDir
 
 REPORT_JSON = DEMO_REPORT
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -52,10 +52,10 @@ class RunLink:
     name: str
     folder: Path
     variants: list[str] = field(default_factory=list)
-    report: Optional[Path] = None
+    report: Path | None = None
     status: str = "missing"
-    miou: Optional[float] = None
-    note: Optional[str] = None
+    miou: float | None = None
+    note: str | None = None
 
 
 @dataclass
@@ -64,7 +64,7 @@ class DemoContents:
 
     root: Path
     report: dict[str, Any]
-    figures: list[tuple[str, Optional[bytes]]]
+    figures: list[tuple[str, bytes | None]]
     runs: list[RunLink]
 
 
@@ -82,11 +82,11 @@ def read_report_json(root: Path) -> dict[str, Any]:
     return data
 
 
-def _figures(root: Path, report: dict[str, Any]) -> list[tuple[str, Optional[bytes]]]:
+def _figures(root: Path, report: dict[str, Any]) -> list[tuple[str, bytes | None]]:
     names = report.get("figures")
     if not isinstance(names, list):
         names = sorted(p.name for p in root.glob("*.png"))
-    out: list[tuple[str, Optional[bytes]]] = []
+    out: list[tuple[str, bytes | None]] = []
     for name in names:
         path = root / str(name)
         try:
@@ -97,7 +97,7 @@ def _figures(root: Path, report: dict[str, Any]) -> list[tuple[str, Optional[byt
     return out
 
 
-def _run_folder(root: Path, checkpoint: str) -> Optional[Path]:
+def _run_folder(root: Path, checkpoint: str) -> Path | None:
     """The run directory (the nearest folder inside ``root`` with a config.yaml) a checkpoint
     path lies in; ``root`` is resolved, and so is the answer."""
     for parent in (root / checkpoint).resolve().parents:
@@ -218,7 +218,7 @@ def other_fields_html(report: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def figures_html(figures: list[tuple[str, Optional[bytes]]]) -> str:
+def figures_html(figures: list[tuple[str, bytes | None]]) -> str:
     if not figures:
         return _note("No figures (report.json names none and the folder holds no PNG).", "warn")
     parts = []

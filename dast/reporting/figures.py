@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from dast.rundir import STAGE1
 from dast.reporting.rundir import stage_sort_key
+from dast.rundir import STAGE1
 
 MAX_POINTS = 2000
 GROUP_TITLES = {"loss": "Losses", "lr": "Learning rates", "other": "Discriminator outputs and attention"}
@@ -146,7 +147,7 @@ def scalar_group_png(group: Mapping[str, Mapping[str, Sequence[tuple[int, float]
     return figure_png(fig), binned
 
 
-def miou_curves_png(curves: Sequence[Mapping[str, Any]], selected: Mapping[str, int]) -> Optional[bytes]:
+def miou_curves_png(curves: Sequence[Mapping[str, Any]], selected: Mapping[str, int]) -> bytes | None:
     """The paper's Figure 4: label-free synthetic-val mIoU and target-val mIoU over iterations.
 
     ``selected`` maps a stage to its selected step; those points are starred. None when the

@@ -5,16 +5,17 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any
 
 import torch
 
 from dast.errors import UserError
-from dast.rundir import FINAL, RunDir
 from dast.reporting.figures import GROUP_TITLES, group_order, miou_curves_png, scalar_group_png, split_scalars
 from dast.reporting.rundir import RunContents, choose_model, class_names, missing_parts, read_run
 from dast.reporting.samples import SampleSet, predict_samples
+from dast.rundir import FINAL, RunDir
 
 SECTIONS = (
     ("status", "Run status"),
@@ -225,7 +226,7 @@ def legend_html(names: Sequence[str], colors: Sequence[Sequence[int]]) -> str:
     )
 
 
-def samples_html(sset: Optional[SampleSet], note: Optional[str]) -> str:
+def samples_html(sset: SampleSet | None, note: str | None) -> str:
     if sset is None:
         return _note(_e(note or "No sample predictions."), "warn")
     cols = ["input", "attention", "prediction"] + (["ground truth"] if sset.has_labels else [])
@@ -323,7 +324,7 @@ def log_html(run: RunContents) -> str:
 # ------------------------------------------------------------------------------ the page
 
 
-def _samples(run: RunContents, count: int, device: torch.device | str) -> tuple[Optional[SampleSet], str, str]:
+def _samples(run: RunContents, count: int, device: torch.device | str) -> tuple[SampleSet | None, str, str]:
     """(samples or None, why none, which model) for the report."""
     if count <= 0:
         return None, "Sample predictions were not requested (--samples 0).", "&ndash;"

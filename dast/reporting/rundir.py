@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from dast.config import Config
 from dast.errors import UserError
@@ -26,11 +26,11 @@ class StageInfo:
 
     name: str
     status: str  # complete | running | started | not started
-    steps: Optional[int] = None
-    selected_step: Optional[int] = None
-    selected_value: Optional[float] = None
-    selected_key: Optional[str] = None
-    latest_checkpoint: Optional[int] = None
+    steps: int | None = None
+    selected_step: int | None = None
+    selected_value: float | None = None
+    selected_key: str | None = None
+    latest_checkpoint: int | None = None
 
 
 @dataclass
@@ -41,9 +41,9 @@ class RoundLabels:
     folder: Path
     exists: bool
     complete: bool
-    stats: Optional[dict[str, Any]] = None
+    stats: dict[str, Any] | None = None
     previews: list[tuple[str, bytes]] = field(default_factory=list)
-    note: Optional[str] = None
+    note: str | None = None
 
 
 @dataclass
@@ -53,11 +53,11 @@ class RunContents:
     root: Path
     config_text: str
     config_tree: dict[str, Any]
-    config: Optional[Config]
+    config: Config | None
     manifest: dict[str, Any]
     scalars: dict[str, dict[int, float]]
     curves: list[dict[str, Any]]
-    metrics: Optional[dict[str, Any]]
+    metrics: dict[str, Any] | None
     stages: list[StageInfo]
     rounds: list[RoundLabels]
     log_tail: list[str]
@@ -100,7 +100,7 @@ def _read_json(path: Path, notes: list[str], what: str) -> Any:
         return None
 
 
-def _load_config(root: Path) -> tuple[str, dict[str, Any], Optional[Config], Optional[str]]:
+def _load_config(root: Path) -> tuple[str, dict[str, Any], Config | None, str | None]:
     import yaml
 
     from dast.config import from_tree
@@ -134,7 +134,7 @@ def _load_config(root: Path) -> tuple[str, dict[str, Any], Optional[Config], Opt
         return text, tree, None, str(exc)
 
 
-def planned_stages(cfg: Optional[Config], manifest: dict[str, Any], root: Path) -> list[str]:
+def planned_stages(cfg: Config | None, manifest: dict[str, Any], root: Path) -> list[str]:
     """The stages the config asks for, plus any the manifest or the directory already has."""
     names = {STAGE1}
     if cfg is not None:
@@ -144,7 +144,7 @@ def planned_stages(cfg: Optional[Config], manifest: dict[str, Any], root: Path) 
     return sorted(names, key=stage_sort_key)
 
 
-def latest_checkpoint(stage_dir: Path) -> Optional[tuple[int, Path]]:
+def latest_checkpoint(stage_dir: Path) -> tuple[int, Path] | None:
     """(step, path) of the newest ``checkpoints/step_*.safetensors`` of a stage, if any."""
     found = StageDir(stage_dir).checkpoint_files()
     return found[-1] if found else None
@@ -237,7 +237,7 @@ def read_run(run_dir: str | Path) -> RunContents:
     )
 
 
-def choose_model(run: RunContents) -> Optional[tuple[Path, str]]:
+def choose_model(run: RunContents) -> tuple[Path, str] | None:
     """The model to show predictions of: the final model, else the latest selected one,
     else the newest training checkpoint. Returns (path, description) or None."""
     final = RunDir(run.root).final_model
@@ -273,7 +273,7 @@ def missing_parts(run: RunContents) -> list[str]:
     return out
 
 
-def class_names(run: RunContents, num_classes: Optional[int] = None) -> list[str]:
+def class_names(run: RunContents, num_classes: int | None = None) -> list[str]:
     """Class names in train-id order: from the final metrics, else from the config's table."""
     if run.metrics is not None:
         return [str(k) for k in run.metrics["per_class"]]

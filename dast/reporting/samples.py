@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
+from dast.config import Config, DatasetConfig
 from dast.constants import IGNORE_INDEX
 from dast.contexts import eval_mode
-from dast.models.target_model import predict_full_res
-from dast.config import Config, DatasetConfig
 from dast.data.transforms import normalize, resize_label
 from dast.inference.visualize import colorize, heatmap, palette_for, png_bytes
+from dast.models.target_model import predict_full_res
 
 DISPLAY_WIDTH = 512  # wider images are shrunk before they are embedded
 
@@ -28,9 +27,9 @@ class Sample:
     image: bytes
     attention: bytes
     prediction: bytes
-    ground_truth: Optional[bytes]
+    ground_truth: bytes | None
     attention_range: tuple[float, float]
-    pixel_accuracy: Optional[float]
+    pixel_accuracy: float | None
 
 
 @dataclass
@@ -52,7 +51,7 @@ def _shrink(arr: np.ndarray, nearest: bool) -> np.ndarray:
     return np.asarray(Image.fromarray(arr).resize(size, Image.NEAREST if nearest else Image.BILINEAR))
 
 
-def pixel_accuracy(pred: np.ndarray, label: np.ndarray) -> Optional[float]:
+def pixel_accuracy(pred: np.ndarray, label: np.ndarray) -> float | None:
     """Percentage of labelled pixels (not 255) predicted right; None when none is labelled."""
     valid = label != IGNORE_INDEX
     n = int(valid.sum())

@@ -16,9 +16,10 @@ the same step function for the same config. It owns
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -154,7 +155,7 @@ class Engine:
         wrap: Callable[[Networks], StepModels] | None = None,
         log: logging.Logger | None = None,
         graph_warmup: int = 3,
-    ) -> "Engine":
+    ) -> Engine:
         """The engine of ``plan`` for ``nets`` on ``runtime`` (``wrap``: the DDP wrapping)."""
         tr, adv, levers = cfg.train, cfg.adversarial, runtime.levers
         if log is not None and cfg.runtime.cuda_graphs and not levers.cuda_graphs:

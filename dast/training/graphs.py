@@ -9,7 +9,8 @@ CUDA-only paths raise :class:`RuntimeError` on other devices; nothing here runs 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -19,9 +19,10 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -54,16 +55,16 @@ class StageState:
 class Hook:
     """The interface; every method is optional."""
 
-    def before_stage(self, loop: "StageLoop") -> None:
+    def before_stage(self, loop: StageLoop) -> None:
         pass
 
-    def after_step(self, loop: "StageLoop", result: StepResult, source: Batch, target: Batch | None) -> None:
+    def after_step(self, loop: StageLoop, result: StepResult, source: Batch, target: Batch | None) -> None:
         pass
 
-    def after_stage(self, loop: "StageLoop") -> None:
+    def after_stage(self, loop: StageLoop) -> None:
         pass
 
-    def close(self, loop: "StageLoop") -> None:
+    def close(self, loop: StageLoop) -> None:
         pass
 
 
@@ -78,7 +79,7 @@ class CheckpointHook(Hook):
     def __init__(self, every: int, keep_last: int) -> None:
         self.every, self.keep_last = every, keep_last
 
-    def before_stage(self, loop: "StageLoop") -> None:
+    def before_stage(self, loop: StageLoop) -> None:
         loop.stage.checkpoints.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(loop.stage.root)
         latest = loop.stage.latest_checkpoint()
@@ -87,7 +88,7 @@ class CheckpointHook(Hook):
             self.restore(loop, latest)
             loop.log.info("%s: resuming from %s (step %d)", loop.plan.name, latest.name, loop.state.step)
 
-    def restore(self, loop: "StageLoop", path: Path) -> None:
+    def restore(self, loop: StageLoop, path: Path) -> None:
         """Load weights, optimisers, RNG and stage state from checkpoint ``path``."""
         tensors, meta = load_checkpoint(path)
         assign_weights(loop.nets, tensors, str(path))
@@ -100,7 +101,7 @@ class CheckpointHook(Hook):
         if loop.runtime.is_main:
             prune_best_files(loop.stage, loop.state.best)  # those of an abandoned path
 
-    def save(self, loop: "StageLoop", step: int) -> None:
+    def save(self, loop: StageLoop, step: int) -> None:
         if not loop.runtime.is_main:
             return
         st = loop.state
@@ -119,11 +120,11 @@ class CheckpointHook(Hook):
             old.unlink(missing_ok=True)
         prune_best_files(loop.stage, st.best)  # superseded now that a checkpoint records `best`
 
-    def after_step(self, loop: "StageLoop", result: StepResult, source: Batch, target: Batch | None) -> None:
+    def after_step(self, loop: StageLoop, result: StepResult, source: Batch, target: Batch | None) -> None:
         if _due(loop.state.step, self.every, loop.plan.steps):
             self.save(loop, loop.state.step)
 
-    def after_stage(self, loop: "StageLoop") -> None:
+    def after_stage(self, loop: StageLoop) -> None:
         found = loop.stage.checkpoint_files()
         if not found or found[-1][0] != loop.plan.steps:
             self.save(loop, loop.plan.steps)
@@ -145,7 +146,7 @@ class EvalHook(Hook):
         self.evaluate, self.every, self.key, self.select_on = evaluate, every, key, select_on
         self.log_scalars, self.on_eval = log_scalars, on_eval
 
-    def after_step(self, loop: "StageLoop", result: StepResult, source: Batch, target: Batch | None) -> None:
+    def after_step(self, loop: StageLoop, result: StepResult, source: Batch, target: Batch | None) -> None:
         step, plan = loop.state.step, loop.plan
         if self.evaluate is None or not _due(step, self.every, plan.steps):
             return
@@ -168,7 +169,7 @@ class EvalHook(Hook):
             if self.on_eval:
                 self.on_eval(loop.state.history)
 
-    def after_stage(self, loop: "StageLoop") -> None:
+    def after_stage(self, loop: StageLoop) -> None:
         if loop.runtime.is_main:
             write_selected(
                 loop.stage, loop.nets, loop.plan.name, loop.plan.steps, loop.state.best, self.select_on, loop.log
@@ -200,7 +201,7 @@ class LogHook(Hook):
         self.bar: Any = None
         self._t0 = self._last_beat = time.monotonic()
 
-    def before_stage(self, loop: "StageLoop") -> None:
+    def before_stage(self, loop: StageLoop) -> None:
         self._t0 = self._last_beat = time.monotonic()
         if self.progress and loop.runtime.is_main:
             self.bar = tqdm(
@@ -218,7 +219,7 @@ class LogHook(Hook):
             self.bar.n = step
             self.bar.refresh()
 
-    def after_step(self, loop: "StageLoop", result: StepResult, source: Batch, target: Batch | None) -> None:
+    def after_step(self, loop: StageLoop, result: StepResult, source: Batch, target: Batch | None) -> None:
         step, plan, main = loop.state.step, loop.plan, loop.runtime.is_main
         if self.bar is not None:
             self.bar.update(1)
@@ -248,7 +249,7 @@ class LogHook(Hook):
             sys.stderr.write(f"{self.heartbeat}: {plan.name} step {step}/{plan.steps} ({now - self._t0:.0f} s)\n")
             sys.stderr.flush()
 
-    def close(self, loop: "StageLoop") -> None:
+    def close(self, loop: StageLoop) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -265,7 +266,7 @@ class FaultHook(Hook):
         self.fault_step: int | None = None  # the latest faulty step of the current streak
         self.buffers: BufferGuard | None = None
 
-    def before_stage(self, loop: "StageLoop") -> None:
+    def before_stage(self, loop: StageLoop) -> None:
         self.buffers = BufferGuard(loop.nets.modules())
 
     def before_step(self) -> None:
@@ -278,7 +279,7 @@ class FaultHook(Hook):
         if self.fault_step is not None and step >= self.fault_step:
             self.consecutive, self.fault_step = 0, None
 
-    def on_fault(self, loop: "StageLoop", result: StepResult, names: list[str]) -> bool:
+    def on_fault(self, loop: StageLoop, result: StepResult, names: list[str]) -> bool:
         """Handle a step that was not applied; True when the loop rolled back (and must not
         count the step)."""
         assert self.buffers is not None

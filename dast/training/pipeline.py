@@ -8,8 +8,9 @@ Crash safety, resume and the config-change policy are described in docs/reliabil
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from dast.atomic import remove_stale_temps, write_json, write_text
 from dast.checkpoint import load_checkpoint
@@ -39,7 +40,6 @@ from dast.training.runtime import (
     seed_everything,
 )
 from dast.training.selection import build_selection_sets, selection_score
-from dast.training.snapshots import best_across_stages
 from dast.training.setup import (
     check_training_sizes,
     close_logging,
@@ -52,6 +52,7 @@ from dast.training.setup import (
     read_manifest,
     setup_logging,
 )
+from dast.training.snapshots import best_across_stages
 from dast.training.step import StepModels
 
 

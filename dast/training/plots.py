@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from dast.rundir import STAGE1
 from dast.atomic import write_with
+from dast.rundir import STAGE1
 
 
 def plot_selection_curves(history: Sequence[dict[str, Any]], path: Path) -> None:

@@ -12,7 +12,7 @@ per-sample augmentation with the full value.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler

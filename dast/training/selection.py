@@ -4,7 +4,8 @@ The score is the mean mIoU over the betas (the paper uses beta = 0.5 and 0.9).""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -7,8 +7,9 @@ Optimiser states become named tensors (``optim.<name>.<index>.<key>``) plus a JS
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch

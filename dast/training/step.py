@@ -26,8 +26,9 @@ check, so phases 1-3 can be captured in a CUDA graph (:mod:`dast.training.graphs
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import InitVar, dataclass
-from typing import Callable, ContextManager, NamedTuple
+from typing import ContextManager, NamedTuple
 
 import torch
 import torch.nn.functional as F

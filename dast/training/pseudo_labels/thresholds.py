@@ -32,7 +32,7 @@ See ``docs/pseudo_labels.md``.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
