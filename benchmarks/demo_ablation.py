@@ -17,7 +17,8 @@ the share of the target pixels they label.
 
 Prints one JSON object; ``--out`` also writes it. Example (2 cores: about 4 min per seed)::
 
-    python benchmarks/demo_ablation.py --seeds 0 1 2 --work /tmp/ablation --demo-dirs /tmp/demo_s0 /tmp/demo_s1 /tmp/demo_s2
+    python benchmarks/demo_ablation.py --seeds 0 1 2 --work /tmp/ablation \
+        --demo-dirs /tmp/demo_s0 /tmp/demo_s1 /tmp/demo_s2
 """
 
 from __future__ import annotations

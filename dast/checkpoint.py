@@ -133,7 +133,10 @@ def _existing(path: str | Path) -> Path:
 
 
 def _not_dast(p: Path) -> str:
-    return f"{p} is not a dast checkpoint (expected a .safetensors file written by dast; use `dast convert` for other weights)"
+    return (
+        f"{p} is not a dast checkpoint (expected a .safetensors file written by dast; "
+        "use `dast convert` for other weights)"
+    )
 
 
 def _parse_meta(p: Path, meta: Mapping[str, str]) -> dict[str, Any]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterator
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 
 
-def autocast(device: torch.device | str, dtype: torch.dtype | None) -> ContextManager[Any]:
+def autocast(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
     """Autocast to ``dtype`` on ``device``'s type, or a no-op for full precision (``None``).
 
     The weight-cast cache is off: the values are the same, and a region that runs under
@@ -21,7 +21,9 @@ def autocast(device: torch.device | str, dtype: torch.dtype | None) -> ContextMa
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype, cache_enabled=False)
 
 
-def autocast_factory(device: torch.device | str, dtype: torch.dtype | None) -> Callable[[], ContextManager[Any]]:
+def autocast_factory(
+    device: torch.device | str, dtype: torch.dtype | None
+) -> Callable[[], contextlib.AbstractContextManager[Any]]:
     """``() -> context``: :func:`autocast` bound to a device and dtype (what the step takes)."""
     return functools.partial(autocast, device, dtype)
 

@@ -285,7 +285,7 @@ def test_forward_target_only_moves_batchnorm_statistics() -> None:
         out, applied = train_step(
             StepModels(seg, None, None), so, None, xs, ys, xt, None, settings, contextlib.nullcontext
         )
-        assert applied and set(k for k in out if k.startswith("loss/")) == {"loss/seg", "loss/total"}
+        assert applied and {k for k in out if k.startswith("loss/")} == {"loss/seg", "loss/total"}
         results.append(({n: p.detach().clone() for n, p in seg.named_parameters()}, _bn_stats(seg)))
     (w0, s0), (w1, s1) = results
     assert all(torch.equal(w0[k], w1[k]) for k in w0)  # same gradients: the target pass has no loss

@@ -175,7 +175,7 @@ def log_after(path: Path, offset: int) -> str:
 
 
 def temp_files(run: Path) -> list[Path]:
-    return [p for p in run.rglob(f"*{TMP_MARK}*")]
+    return list(run.rglob(f"*{TMP_MARK}*"))
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +209,7 @@ def test_sigkill_at_random_points_then_resume_gives_identical_weights(
         # a random point: after this process's n-th log line (a step, an evaluation, the
         # pseudo labels, ...) plus a random delay, so it does not depend on the machine's speed
         n, delay = rng.randint(1, 6), rng.uniform(0.0, 0.3)
-        wait_for(lambda: len(log_after(log, offset).splitlines()) >= n, proc)
+        wait_for(lambda offset=offset, n=n: len(log_after(log, offset).splitlines()) >= n, proc)
         time.sleep(delay)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)

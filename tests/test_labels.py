@@ -37,7 +37,7 @@ def test_cityscapes_id_lut_and_its_inverse():
     assert lut.shape == (256,) and lut.dtype == np.uint8
     assert lut[7] == 0 and lut[8] == 1 and lut[11] == 2 and lut[26] == 13 and lut[33] == 18
     assert lut[0] == 255 and lut[9] == 255 and lut[34] == 255 and lut[255] == 255
-    mapped = {l.id for l in cs_labels if 0 <= l.id and 0 <= l.trainId < 19}
+    mapped = {lab.id for lab in cs_labels if 0 <= lab.id and 0 <= lab.trainId < 19}
     assert int((lut != 255).sum()) == len(mapped) == 19
     inverse = train_to_cityscapes_id()
     assert np.array_equal(lut[inverse[:19]], np.arange(19))

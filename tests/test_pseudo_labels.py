@@ -320,7 +320,7 @@ def test_generate_writes_labels_previews_stats_and_marker(tmp_path: Path) -> Non
     assert pseudo_label_set_complete(out)
     expected = _expected_labels(model, ds, 0.5, 4)
     selected = np.zeros(4, np.int64)
-    for i, n in enumerate(names):
+    for n in names:
         png = Image.open(out / f"{n}.png")
         assert png.mode == "L" and png.size == (40, 24)
         lab = np.asarray(png)

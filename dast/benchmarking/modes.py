@@ -12,8 +12,9 @@ the benchmark times what ``dast train`` runs.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -106,7 +107,7 @@ class ResolvedMode:
         d["reuse_discoverer"] = self.reuse_discoverer
         return d
 
-    def autocast(self, device: torch.device) -> Callable[[], ContextManager[Any]]:
+    def autocast(self, device: torch.device) -> Callable[[], AbstractContextManager[Any]]:
         return autocast_factory(device, self.amp_dtype)
 
 

@@ -336,7 +336,7 @@ def measure_modes(
                 continue
             try:
                 times[k].extend(
-                    measure(lambda i, c=case: c.fn(c.warmup + it + i), iters=1, warmup=0, device=device).times_ms
+                    measure(lambda i, c=case, it=it: c.fn(c.warmup + it + i), iters=1, warmup=0, device=device).times_ms
                 )
             except Exception as exc:  # noqa: BLE001
                 cases[k] = _error(exc)

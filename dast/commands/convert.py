@@ -42,7 +42,8 @@ _ARCH_HELP = "backbone (small: dast's tiny demo backbone, which has no released 
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     p = subparsers.add_parser(
         name,
-        help="convert released checkpoints or ImageNet weights into a dast checkpoint, or colour labels into index labels",
+        help="convert released checkpoints or ImageNet weights into a dast checkpoint, "
+        "or colour labels into index labels",
         description="Convert the authors' released checkpoints or ImageNet initialisations into a dast checkpoint, "
         "or colour label images into class-index labels.",
     )

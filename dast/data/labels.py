@@ -96,7 +96,7 @@ def cityscapes_table() -> ClassTable:
     from cityscapesscripts.helpers.labels import trainId2label
 
     labels = [trainId2label[t] for t in range(CITYSCAPES_NUM_CLASSES)]
-    return ClassTable(tuple(l.name for l in labels), tuple(tuple(l.color) for l in labels))
+    return ClassTable(tuple(lab.name for lab in labels), tuple(tuple(lab.color) for lab in labels))
 
 
 def cityscapes_id_to_train_lut() -> np.ndarray:

@@ -391,7 +391,8 @@ def detect_imagenet_format(keys: Iterable[str], arch: str) -> tuple[str, str]:
     expected = (
         "torchvision VGG-16 keys like 'features.0.weight'"
         if arch == "vgg16"
-        else "DeepLab init keys like 'Scale.conv1.weight' or torchvision keys like 'conv1.weight', 'layer4.2.conv3.weight'"
+        else "DeepLab init keys like 'Scale.conv1.weight' "
+        "or torchvision keys like 'conv1.weight', 'layer4.2.conv3.weight'"
     )
     raise CheckpointError(
         f"unrecognised weight file for {arch}: expected {expected} or dast keys 'encoder.*'; found e.g. '{example}'"

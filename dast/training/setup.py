@@ -158,7 +158,8 @@ def initial_networks(cfg: Config, spec: ModelSpec, log: logging.Logger | None = 
         for key in ("arch", "num_classes", "timm_name"):
             if key in init_spec and init_spec[key] != getattr(spec, key):
                 raise UserError(
-                    f"model.init {cfg.model.init} is for {key}={init_spec[key]!r}, the config asks for {getattr(spec, key)!r}"
+                    f"model.init {cfg.model.init} is for {key}={init_spec[key]!r}, "
+                    f"the config asks for {getattr(spec, key)!r}"
                 )
         load_state_strict(nets.segmentor, split_prefixed(tensors, "segmentor"), "segmentor", cfg.model.init)
         for name, m in (("discoverer", nets.discoverer), ("corrector", nets.corrector)):

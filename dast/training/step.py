@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import InitVar, dataclass
-from typing import ContextManager, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ from dast.models.segmentor import Segmentor
 
 SOURCE_LABEL = 0.0
 TARGET_LABEL = 1.0
-Autocast = Callable[[], ContextManager[object]]
+Autocast = Callable[[], contextlib.AbstractContextManager[object]]
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class StepModels:
     corrector: Corrector | None
     extract: Callable[[Tensor], Tensor] | None = None
     predict: Callable[[Tensor], Tensor] | None = None
-    seg_no_sync: Callable[[], ContextManager[object]] | None = None
+    seg_no_sync: Callable[[], contextlib.AbstractContextManager[object]] | None = None
     adversaries: torch.nn.Module | None = None
 
 
