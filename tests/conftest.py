@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+
+from dast.config import deep_merge
 
 # Tiny networks run fastest on one thread, and subprocesses (torchrun, kill tests) must
 # not oversubscribe the CI machine's two cores.
@@ -52,10 +55,6 @@ def tiny_config(tmp_path: Path):
     """Write a tiny synthetic-domain config; returns a function taking overrides."""
 
     def make(name: str = "tiny.yaml", **sections) -> Path:
-        import copy
-
-        from dast.config import deep_merge
-
         tree = deep_merge(copy.deepcopy(TINY), sections)
         p = tmp_path / name
         p.write_text(yaml.safe_dump(tree))

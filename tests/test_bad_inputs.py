@@ -18,7 +18,10 @@ from PIL import Image
 
 import dast.atomic
 from dast.cli import main
+from dast.config import load_config
+from dast.data.datasets import build_dataset, with_label_dir
 from dast.errors import DataError
+from dast.models.io import ModelSpec, build_networks, save_networks
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 CASES: list[dict[str, Any]] = yaml.safe_load((CORPUS / "cases.yaml").read_text())
@@ -51,8 +54,6 @@ TINY = {
 
 
 def _save_model(path: Path, num_classes: int, names: list[str] | None = None) -> None:
-    from dast.models.io import ModelSpec, build_networks, save_networks
-
     torch.manual_seed(num_classes)
     spec = ModelSpec(
         arch="small",
@@ -307,8 +308,6 @@ def test_on_corrupt_skip_leaves_the_unreadable_target_image_out_of_self_training
     assert sorted(p.stem for p in labels.glob("*.png")) == [n for n in names if n != "b"]
     assert (run / "final" / "model.safetensors").is_file()
     # with on_corrupt: fail the same folder is incomplete
-    from dast.config import load_config
-    from dast.data.datasets import build_dataset, with_label_dir
 
     cfg = load_config(workspace / "folder.yaml")
     target = build_dataset(cfg.target, norm="unit", num_classes=3, with_labels=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dast.cli import main
-from dast.config import ConfigError, apply_overrides, config_diff, load_config, load_yaml_tree
+from dast.config import ConfigError, apply_overrides, config_diff, from_tree, load_config, load_yaml_tree
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_CONFIGS = sorted(p for p in (REPO / "dast" / "configs").rglob("*.yaml") if "base" not in p.parts)
@@ -60,7 +60,6 @@ def test_overrides_parse_yaml_values() -> None:
         load_yaml_tree(REPO / "dast/configs/demo.yaml"),
         ["train.steps=7", "selection.betas=[0.25]", "adversarial.lr=3e-4"],
     )
-    from dast.config import from_tree
 
     cfg = from_tree(tree)
     assert cfg.train.steps == 7 and cfg.selection.betas == [0.25] and cfg.adversarial.lr == 3e-4

@@ -13,8 +13,9 @@ from PIL import Image
 
 from dast.config import AugmentConfig, ClassSpec, DatasetConfig
 from dast.data.datasets import build_dataset, entry_to_name, save_label_png, with_label_dir
-from dast.data.labels import cityscapes_table
+from dast.data.labels import cityscapes_id_to_train_lut, cityscapes_table
 from dast.data.readers import read_cityscapes_label, read_gta5_label, read_image, read_synthia_label
+from dast.data.synthetic import generate_scene
 from dast.errors import ConfigError, DataError
 
 W, H = 12, 8
@@ -136,7 +137,6 @@ def test_cityscapes_names_order_and_labels(tmp_path):
         DatasetConfig(kind="cityscapes", root=str(tmp_path), split="val", size=(6, 4)), norm="unit", num_classes=19
     )
     assert ds.names == ["aachen_000000_000019", "aachen_000001_000019", "frankfurt_000000_000294"]
-    from dast.data.labels import cityscapes_id_to_train_lut
 
     lut = cityscapes_id_to_train_lut()
     for i, name in enumerate(ds.names):
@@ -288,8 +288,6 @@ def test_folder_dataset_with_classes_yaml_and_pseudo_labels(tmp_path):
 
 
 def test_synthetic_dataset_matches_the_generator(tmp_path):
-    from dast.data.synthetic import generate_scene
-
     cfg = DatasetConfig(kind="synthetic", domain="target", count=3, size=(32, 24))
     ds = build_dataset(cfg, norm="unit", num_classes=7, seed=4)
     assert len(ds) == 3 and ds.names[0] == "target_00000"

@@ -3,6 +3,7 @@ several-seed statistics."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from dast.cli import main
-from dast.config import load_yaml_tree
+from dast.config import from_tree, load_yaml_tree
 from dast.demo import DEMO_CONFIG, VARIANTS, demo_tree, gap_recovered, run_trees, summarize_seeds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,8 +23,6 @@ def test_configs_demo_yaml_is_the_demo_config() -> None:
 
 @pytest.mark.parametrize("shift", ["appearance", "appearance+layout"])
 def test_demo_shift_reaches_every_dataset_of_every_variant(shift: str) -> None:
-    from dast.config import from_tree
-
     for quick in (False, True):
         trees = run_trees(demo_tree(quick=quick, seed=3, shift=shift))
         for name, tree in trees.items():
@@ -111,8 +110,6 @@ def test_bad_seeds_are_user_errors(capsys, tmp_path: Path) -> None:
 
 
 def test_demo_with_a_timm_backbone_needs_timm_and_writes_nothing_without_it(capsys, tmp_path: Path) -> None:
-    import importlib.util
-
     if importlib.util.find_spec("timm") is not None:
         pytest.skip("timm is installed here; the missing-package path cannot be checked")
     assert main(["demo", "--out", str(tmp_path / "d"), "--quick", "--timm", "resnet10t", "--no-progress"]) == 2

@@ -10,9 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from dast.cli import main
+from dast.config import DatasetConfig
+from dast.data.datasets import build_dataset
+from dast.evaluation.evaluate import evaluate_model
+from dast.models import build_discoverer, build_segmentor
+from dast.models.target_model import TargetModel
 
 DDP_TRAIN = {
     "model": {"batchnorm": "per_image"},
@@ -60,10 +67,6 @@ def test_two_ranks_train_in_lockstep_and_match_one_process(tiny_config, tmp_path
 
 
 def _eval_worker(rank: int, world: int, init: str, out: str) -> None:
-    import torch.distributed as dist
-
-    from dast.evaluation.evaluate import evaluate_model
-
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
         model, ds = _eval_setup()
@@ -77,11 +80,6 @@ def _eval_worker(rank: int, world: int, init: str, out: str) -> None:
 
 
 def _eval_setup():
-    from dast.config import DatasetConfig
-    from dast.data.datasets import build_dataset
-    from dast.models import build_discoverer, build_segmentor
-    from dast.models.target_model import TargetModel
-
     torch.manual_seed(0)
     seg = build_segmentor("small", 7, "paper")
     model = TargetModel(seg, build_discoverer(seg.feature_channels)).eval()
@@ -90,10 +88,6 @@ def _eval_setup():
 
 
 def test_distributed_evaluation_equals_single_process(tmp_path: Path) -> None:
-    import torch.multiprocessing as mp
-
-    from dast.evaluation.evaluate import evaluate_model
-
     model, ds = _eval_setup()
     single = evaluate_model(model, ds, "cpu", progress=False)
     mp.spawn(_eval_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "m.json")), nprocs=2, join=True)

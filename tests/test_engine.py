@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -15,12 +16,13 @@ from conftest import TINY
 
 from dast.benchmarking.modes import Schedule, TrainingSetup, bench_config, bench_plan, build_nets, resolve_mode
 from dast.cli import main
-from dast.config import RuntimeConfig, from_tree
+from dast.config import RuntimeConfig, deep_merge, from_tree
+from dast.errors import UserError
 from dast.models import build_corrector, build_discoverer, build_segmentor
 from dast.models.io import ModelSpec, Networks
 from dast.progress import progress
 from dast.training import levers
-from dast.training.engine import AdversarialWarmup, Engine, StagePlan
+from dast.training.engine import AdversarialWarmup, Engine, StagePlan, adversarial_warmup
 from dast.training.levers import Levers, choose_levers
 from dast.training.optim import discriminator_optimizer, segmentor_optimizer
 from dast.training.runtime import Runtime
@@ -49,8 +51,6 @@ def _networks(variant: str = "paper", classes: int = 3) -> Networks:
 
 
 def _cfg(**sections):
-    from dast.config import deep_merge
-
     tree = deep_merge(copy.deepcopy(TINY), {"model": {"num_classes": 3}, **sections})
     return from_tree(tree, "test")
 
@@ -122,8 +122,6 @@ def test_warmup_schedule_by_hand() -> None:
 
 
 def test_warmup_is_stage1_only_and_off_by_default() -> None:
-    from dast.training.engine import adversarial_warmup
-
     plan1 = StagePlan("stage1", 0, 10, 100, 0.01, 10.0, False, adversarial=True)
     round1 = StagePlan("round1", 1, 10, 100, 0.01, 10.0, False, adversarial=True)
     assert adversarial_warmup(_cfg(), plan1) is None
@@ -166,8 +164,6 @@ def test_warmup_scale_multiplies_only_the_adversarial_gradient() -> None:
 
 
 def test_warmup_shows_in_the_logged_scalars(tiny_config, tmp_path) -> None:
-    import json
-
     cfg = tiny_config(
         selection={"enabled": False},
         val=None,
@@ -350,8 +346,6 @@ def test_fp16_builds_a_grad_scaler_that_skips_overflowing_steps() -> None:
 
 
 def test_fp16_is_refused_on_the_cpu_by_the_runtime() -> None:
-    from dast.errors import UserError
-
     with pytest.raises(UserError, match="fp16' needs a CUDA device"):
         choose_levers(RuntimeConfig(amp="fp16"), "cpu")
 

@@ -6,10 +6,12 @@ import json
 import math
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as ev
 from PIL import Image
 from torch import nn
 
@@ -21,6 +23,7 @@ from dast.errors import DataError
 from dast.evaluation.confusion import ConfusionMatrix
 from dast.evaluation.evaluate import evaluate_model, evaluate_predictions
 from dast.evaluation.metrics import compute_metrics, format_table, iou_per_class
+from dast.models.io import ModelSpec, build_networks, save_networks
 
 NAMES = ("frankfurt_000000_000294", "frankfurt_000001_007973", "lindau_000000_000019")
 
@@ -92,8 +95,6 @@ def test_synthia_13_class_miou_is_not_a_rescaled_19_class_miou():
 
 
 def test_predictions_agree_with_the_cityscapes_evaluator(tmp_path, monkeypatch):
-    from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as ev
-
     w, h = 64, 32
     root, preds, out = tmp_path / "cs", tmp_path / "pred", tmp_path / "out"
     make_cityscapes(root, w, h)
@@ -212,8 +213,6 @@ def test_prediction_errors(tmp_path):
 
 
 def test_synthia_dataset_reports_both_protocols(tmp_path):
-    import cv2
-
     root = tmp_path / "syn"
     (root / "RGB").mkdir(parents=True)
     (root / "GT" / "LABELS").mkdir(parents=True)
@@ -232,8 +231,6 @@ def test_synthia_dataset_reports_both_protocols(tmp_path):
 
 
 def test_evaluate_command_with_a_checkpoint(tmp_path):
-    from dast.models.io import ModelSpec, build_networks, save_networks
-
     make_cityscapes(tmp_path / "cs", 32, 16)
     torch.manual_seed(0)
     spec = ModelSpec(

@@ -11,6 +11,9 @@ import torch
 from dast.benchmarking.agreement import LossTolerance, compare_losses, loss_history, pixel_agreement
 from dast.benchmarking.modes import Schedule, TrainingSetup, build_nets, resolve_mode
 from dast.benchmarking.workloads import infer_fn
+from dast.contexts import autocast_factory
+from dast.data.synthetic import NUM_CLASSES, generate_scene
+from dast.data.transforms import normalize
 from dast.models.target_model import TargetModel
 from dast.training.graphs import GraphedCallable, GraphedStep
 from dast.training.levers import compile_segmentor, device_capabilities
@@ -272,9 +275,6 @@ def test_compiled_segmentor_keeps_state_dict_keys_and_outputs() -> None:
 
 
 def _scenes(domain: str, n: int, size: tuple[int, int]):
-    from dast.data.synthetic import generate_scene
-    from dast.data.transforms import normalize
-
     pairs = [generate_scene(domain, i, 0, size) for i in range(n)]
     x = torch.stack([normalize(img, "imagenet") for img, _ in pairs])
     y = torch.stack([torch.from_numpy(lab.astype("int64")) for _, lab in pairs])
@@ -285,7 +285,6 @@ def test_cpu_fast_mode_tracks_eager_fp32_within_tolerance() -> None:
     dev = torch.device("cpu")
     xs, ys = _scenes("source", 4, (96, 64))
     xt, _ = _scenes("target", 4, (96, 64))
-    from dast.data.synthetic import NUM_CLASSES
 
     sched = Schedule(poly_steps=1000)  # the released learning rates
     nets = build_nets("small", NUM_CLASSES, "reference", seed=0)
@@ -337,8 +336,6 @@ def test_compare_losses_rules_by_hand() -> None:
 
 
 def _cuda_setup(graph: bool, amp: torch.dtype | None = None, lr: float = 1e-3):
-    from dast.contexts import autocast_factory
-
     dev = torch.device("cuda")
     seg, d, c = (m.to(dev) for m in _nets())
     so, do = fast_optimizers(

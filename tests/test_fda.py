@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from dast.config import DatasetConfig
+from dast.data import fda
+from dast.data.datasets import build_dataset
 from dast.data.fda import fda_image, fda_transfer, low_frequency_window
+from dast.training.selection import FDAValSet
 
 SHAPES = [(8, 12, 3), (7, 9, 3), (6, 5, 1)]  # even, odd, mixed
 
@@ -100,11 +104,6 @@ def test_rejects_bad_inputs() -> None:
 
 
 def test_selection_set_restyles_each_image_once_and_matches_a_fresh_restyle(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dast.config import DatasetConfig
-    from dast.data import fda
-    from dast.data.datasets import build_dataset
-    from dast.training.selection import FDAValSet
-
     def synthetic(domain: str, seed: int):  # type: ignore[no-untyped-def]
         cfg = DatasetConfig(kind="synthetic", domain=domain, count=6, size=(48, 32))
         return build_dataset(cfg, norm="unit", num_classes=7, with_labels=True, seed=seed)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_engine import _batch, _cfg, _networks, _runtime
 
-from dast.checkpoint import read_meta
+from dast.checkpoint import load_checkpoint, read_meta
 from dast.errors import NumericalFault
 from dast.rundir import StageDir
 from dast.training.engine import Engine, StagePlan, StepResult
@@ -111,7 +111,6 @@ def test_eval_hook_keeps_the_best_snapshot_and_selects_it(tmp_path: Path) -> Non
     hook.after_stage(loop)
     meta = read_meta(loop.stage.selected)
     assert meta["step"] == 4 and loop.stage.best.exists() and not loop.stage.best_step_files()
-    from dast.checkpoint import load_checkpoint
 
     tensors, _ = load_checkpoint(loop.stage.selected)
     seg_weight = tensors["segmentor.encoder.conv1.weight"]

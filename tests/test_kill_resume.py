@@ -30,6 +30,10 @@ from safetensors.torch import load_file
 
 from dast.atomic import TMP_MARK
 from dast.cli import main
+from dast.config import deep_merge
+from dast.data.datasets import SegmentationDataset
+from dast.data.synthetic import scene_stem
+from dast.training.sampler import StepSampler
 
 # One DataLoader worker process: the default training path (workers) is the one killed.
 CONFIG: dict[str, Any] = {
@@ -117,8 +121,6 @@ def _no_strays():
 
 
 def write_config(path: Path, **over: Any) -> Path:
-    from dast.config import deep_merge
-
     path.write_text(yaml.safe_dump(deep_merge(CONFIG, over)))
     return path
 
@@ -416,8 +418,6 @@ FAULTS: dict[str, Any] = {
 
 def _source_names_at_step(step: int) -> list[str]:
     """The source images stage 1 reads at ``step`` (the sampler is a pure function of the seed)."""
-    from dast.data.synthetic import scene_stem
-    from dast.training.sampler import StepSampler
 
     n, batch = FAULTS["source"]["count"], FAULTS["train"]["batch_size"]
     it = iter(StepSampler(n, batch, FAULTS["seed"] * 10, start_step=step))
@@ -426,7 +426,6 @@ def _source_names_at_step(step: int) -> list[str]:
 
 def poison(monkeypatch: pytest.MonkeyPatch, victims: Any) -> list[str]:
     """Make the images for which ``victims(name, call)`` holds all-NaN; returns the poisoned names."""
-    from dast.data.datasets import SegmentationDataset
 
     real_item = SegmentationDataset._item
     calls, hit = [0], []
@@ -446,7 +445,6 @@ def poison(monkeypatch: pytest.MonkeyPatch, victims: Any) -> list[str]:
 def fault_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], train: dict[str, Any] | None = None, **faults: Any
 ) -> tuple[int, str, Path]:
-    from dast.config import deep_merge
 
     cfg = tmp_path / "faults.yaml"
     cfg.write_text(yaml.safe_dump(deep_merge(FAULTS, {"faults": faults, "train": train or {}})))

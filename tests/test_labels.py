@@ -19,6 +19,7 @@ from dast.data.labels import (
     table_for,
     train_to_cityscapes_id,
 )
+from dast.data.synthetic import SYNTHETIC_CLASSES
 from dast.errors import ConfigError
 
 
@@ -108,6 +109,5 @@ def test_table_for_each_kind(tmp_path):
     with pytest.raises(ConfigError, match="3 but"):
         table_for(DatasetConfig(kind="folder", root=str(tmp_path)), 3)
     syn = table_for(DatasetConfig(kind="synthetic"), None)
-    from dast.data.synthetic import SYNTHETIC_CLASSES
 
     assert syn.names == tuple(n for n, _ in SYNTHETIC_CLASSES)

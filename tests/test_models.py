@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dast.checkpoint import read_meta
+from dast.errors import CheckpointError
 from dast.models import attend, attention_map, build_corrector, build_discoverer, build_segmentor
 from dast.models.build import count_parameters
-from dast.models.resnet import Bottleneck
+from dast.models.io import ModelSpec, build_networks, load_networks, save_networks
+from dast.models.resnet import Bottleneck, ResNetEncoder
 from dast.models.target_model import TargetModel
 
 
@@ -85,7 +88,6 @@ def test_small_backbone_shape_and_zero_initialised_residual_branches() -> None:
 
 def test_resnet_ceil_mode_output_size() -> None:
     # the released maxpool uses ceil_mode=True: 512x1024 -> 65x129 features
-    from dast.models.resnet import ResNetEncoder
 
     enc = ResNetEncoder((1, 1, 1, 1), width=4, freeze_bn_affine=False).eval()
     with torch.no_grad():
@@ -161,10 +163,6 @@ def test_target_model_matches_manual_attention_path() -> None:
 
 
 def test_checkpoint_records_the_output_stride(tmp_path) -> None:
-    from dast.checkpoint import read_meta
-    from dast.errors import CheckpointError
-    from dast.models.io import ModelSpec, build_networks, load_networks, save_networks
-
     torch.manual_seed(0)
     nets = build_networks(ModelSpec(arch="small", num_classes=4, norm="unit", output_stride=4))
     save_networks(tmp_path / "os4.safetensors", nets)

@@ -11,7 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
+from dast.cli import main
+from dast.config import DatasetConfig, load_config
+from dast.data.datasets import build_dataset
 from dast.errors import ConfigError, DataError, UserError
+from dast.models import build_discoverer, build_segmentor
+from dast.models.io import ModelSpec, build_networks, save_networks
+from dast.models.target_model import TargetModel
 from dast.training.pseudo_labels import (
     ThresholdEstimator,
     generate_pseudo_labels,
@@ -233,10 +239,6 @@ def test_quality_refuses_bad_input() -> None:
 @pytest.mark.parametrize("mode", ["exact-reference", "histogram"])
 def test_quality_equals_precision_of_the_written_sets(tmp_path: Path, mode: str) -> None:
     """Scoring from the model and scoring the written PNGs agree, on a real labelled target."""
-    from dast.config import DatasetConfig
-    from dast.data.datasets import build_dataset
-    from dast.models import build_discoverer, build_segmentor
-    from dast.models.target_model import TargetModel
 
     torch.manual_seed(0)
     seg = build_segmentor("small", 7)
@@ -266,8 +268,6 @@ def test_quality_equals_precision_of_the_written_sets(tmp_path: Path, mode: str)
 
 
 def test_config_rule_defaults_to_ratio_in_both_variants() -> None:
-    from dast.config import load_config
-
     cfg = Path(__file__).resolve().parents[1] / "dast" / "configs" / "gta5" / "resnet101" / "dast.yaml"
     for variant in ("paper", "reference"):
         assert load_config(cfg, [f"variant={variant}"]).self_training.rule == "ratio"
@@ -277,9 +277,6 @@ def test_config_rule_defaults_to_ratio_in_both_variants() -> None:
 
 
 def test_cli_rule_flag_and_config_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from dast.cli import main
-    from dast.models.io import ModelSpec, build_networks, save_networks
-
     torch.manual_seed(0)
     save_networks(tmp_path / "m.ckpt", build_networks(ModelSpec(arch="small", num_classes=7, norm="unit")))
     cfg = tmp_path / "c.yaml"

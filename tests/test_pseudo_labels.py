@@ -5,14 +5,22 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from PIL import Image
 
+from dast.cli import main
+from dast.config import DatasetConfig, load_config
+from dast.data import datasets
+from dast.data.datasets import build_dataset
 from dast.errors import UserError
 from dast.models import build_discoverer, build_segmentor
+from dast.models.io import ModelSpec, build_networks, save_networks
 from dast.models.target_model import TargetModel
 from dast.training.pseudo_labels import (
     CITYSCAPES_COLORS,
@@ -20,6 +28,7 @@ from dast.training.pseudo_labels import (
     MARKER_NAME,
     ThresholdEstimator,
     generate_pseudo_labels,
+    pseudo_label_precision,
     pseudo_label_set_complete,
     select_labels,
     sorted_list_confidences,
@@ -406,8 +415,6 @@ def test_generate_indices_subset_and_module_modes_restored(tmp_path: Path) -> No
 
 
 def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         ds = FakeTarget(5)
@@ -426,8 +433,6 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 def test_distributed_shards_match_single_process(tmp_path: Path) -> None:
-    import torch.multiprocessing as mp
-
     single = generate_pseudo_labels(
         _tiny_model(),
         FakeTarget(5),
@@ -453,10 +458,6 @@ def test_distributed_shards_match_single_process(tmp_path: Path) -> None:
 
 
 def test_cli_pseudo_label(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from dast.cli import main
-    from dast.config import load_config
-    from dast.models.io import ModelSpec, build_networks, save_networks
-
     torch.manual_seed(0)
     save_networks(tmp_path / "m.ckpt", build_networks(ModelSpec(arch="small", num_classes=7, norm="unit")))
     cfg = tmp_path / "c.yaml"
@@ -465,7 +466,6 @@ def test_cli_pseudo_label(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsy
         "target: {kind: synthetic, domain: target, count: 3, size: [40, 24]}\n"
         "self_training: {portion: 0.4, mode: exact-reference, subsample: 2, preview_count: 1}\n"
     )
-    from dast.data import datasets
 
     calls: list[dict[str, object]] = []
     real_build = datasets.build_dataset
@@ -526,10 +526,6 @@ def test_cli_pseudo_label(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsy
 
 
 def test_pseudo_label_precision_against_hand_counted_pixels(tmp_path: Path) -> None:
-    from types import SimpleNamespace
-
-    from dast.training.pseudo_labels import pseudo_label_precision
-
     gts = {
         "a": np.array([[0, 1], [2, 255]], np.uint8),  # 3 valid pixels, one ground-truth ignore
         "b": np.ones((4, 4), np.uint8),  # native 4x4, pseudo label 2x2: resized to it
@@ -555,8 +551,6 @@ def test_pseudo_label_precision_against_hand_counted_pixels(tmp_path: Path) -> N
 def test_pseudo_labels_ignore_the_target_augmentation(tmp_path: Path) -> None:
     # labels are made from the images as they are: a target set with flips and colour jitter
     # switched on (for training) gives the same pseudo labels as the same set without them
-    from dast.config import DatasetConfig
-    from dast.data.datasets import build_dataset
 
     model = _tiny_model(7)
     sets = {}

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from dast.cli import main
+from dast.config import load_config, to_yaml
 from dast.reporting.figures import bin_means, split_scalars
 from dast.reporting.rundir import read_scalars
 from dast.reporting.samples import pixel_accuracy
@@ -115,8 +116,6 @@ def test_report_of_a_finished_and_an_unfinished_run(tiny_config, tmp_path: Path,
 
 
 def test_report_of_a_run_that_has_only_started(tiny_config, tmp_path: Path) -> None:
-    from dast.config import load_config, to_yaml
-
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(to_yaml(load_config(tiny_config(self_training={"rounds": 2}))))

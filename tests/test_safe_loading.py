@@ -19,6 +19,8 @@ import yaml
 from PIL import Image
 
 from dast.cli import main
+from dast.models.convert import dast_to_official
+from dast.models.io import ModelSpec, build_networks
 
 TINY = {
     "seed": 1,
@@ -81,9 +83,6 @@ def test_control_the_payload_runs_when_unpickled_unsafely(evil: dict[str, Path])
 
 
 def _official_segmentor(path: Path) -> None:
-    from dast.models.convert import dast_to_official
-    from dast.models.io import ModelSpec, build_networks
-
     seg, _ = dast_to_official(
         build_networks(
             ModelSpec(

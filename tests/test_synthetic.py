@@ -8,9 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from cityscapesscripts.helpers.labels import name2label
 from PIL import Image
 
 from dast.cli import main
+from dast.config import DatasetConfig
+from dast.data.datasets import build_dataset
 from dast.data.synthetic import (
     DOMAINS,
     NUM_CLASSES,
@@ -25,8 +28,6 @@ SIZE = (64, 32)
 
 
 def test_classes_use_cityscapes_names_and_colours() -> None:
-    from cityscapesscripts.helpers.labels import name2label
-
     assert len(SYNTHETIC_CLASSES) >= 6
     for name, colour in SYNTHETIC_CLASSES:
         assert tuple(name2label[name].color) == colour
@@ -156,9 +157,6 @@ def test_rejects_an_unknown_shift() -> None:
 
 
 def test_synthetic_dataset_passes_its_shift() -> None:
-    from dast.config import DatasetConfig
-    from dast.data.datasets import build_dataset
-
     for shift in SHIFTS:
         cfg = DatasetConfig(kind="synthetic", domain="target", count=2, size=(48, 32), shift=shift)
         ds = build_dataset(cfg, norm="unit", num_classes=NUM_CLASSES, seed=3)

@@ -9,7 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dast.checkpoint import read_meta, save_checkpoint
 from dast.cli import main
+from dast.rundir import StageDir
+from dast.training.snapshots import find_best_file, prune_best_files
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -135,7 +138,6 @@ def test_cuda_graphs_training_matches_eager_training_on_cuda(tiny_config, tmp_pa
 def test_best_weights_from_an_abandoned_path_are_never_selected(tiny_config, tmp_path: Path) -> None:
     # a best snapshot newer than the checkpoint a stage resumes from (a rollback, or a kill
     # between an evaluation and the checkpoint after it) must not become the selected model
-    from dast.checkpoint import read_meta, save_checkpoint
 
     cfg = tiny_config(self_training={"rounds": 0})
     run = tmp_path / "run"
@@ -154,10 +156,6 @@ def test_best_weights_from_an_abandoned_path_are_never_selected(tiny_config, tmp
 
 
 def test_a_best_snapshot_outlives_a_better_one_until_a_checkpoint_records_it(tmp_path: Path) -> None:
-    from dast.checkpoint import save_checkpoint
-    from dast.rundir import StageDir
-    from dast.training.snapshots import find_best_file, prune_best_files
-
     def _prune_best_files(folder, best):
         prune_best_files(StageDir(folder), best)
 
