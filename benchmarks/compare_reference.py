@@ -76,7 +76,7 @@ def _import_released(repo: Path, arch: str) -> tuple[Any, Any, list[str]]:
     sys.dont_write_bytecode = True  # leave the released checkout as it is
     sys.path.insert(0, str(repo.resolve()))
     try:
-        import torchvision  # noqa: F401  (the released data set and VGG model import it)
+        import torchvision  # noqa: F401, PLC0415 - optional: the released data set and VGG model import it
     except Exception as exc:  # noqa: BLE001 - absent, or a build that does not match this torch
         sys.modules["torchvision"] = _torchvision_standin()
         shims.append(

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dast.atomic import write_json, write_text
 from dast.benchmarking.agreement import LossTolerance, compare_losses, pixel_agreement
 from dast.benchmarking.modes import STAGE1, Schedule, TrainingSetup, build_nets, resolve_mode
 from dast.benchmarking.workloads import SIZES, infer_fn
@@ -211,8 +212,6 @@ def main(argv: list[str] | None = None) -> int:
         "pass": pass_training and pass_inference,
     }
     if args.history:
-        from dast.atomic import write_json
-
         write_json(
             args.history,
             {"eager-fp32": hist_a, args.fast_mode: hist_b, **({args.control: hist_c} if hist_c is not None else {})},
@@ -220,8 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(report)
     print(text, flush=True)
     if args.out:
-        from dast.atomic import write_text
-
         write_text(args.out, text + "\n")
     return 0 if report["pass"] else 1
 

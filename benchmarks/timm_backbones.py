@@ -35,7 +35,7 @@ def native_stride(name: str) -> int | None:
     """The output stride timm gives ``name`` without dilation (None for dast's own archs)."""
     if name == "small":
         return None
-    import timm  # optional, like the backbones themselves
+    import timm  # noqa: PLC0415 - optional: timm, like the backbones themselves
 
     return int(timm.create_model(name, features_only=True, out_indices=(-1,)).feature_info.reduction()[-1])
 

@@ -15,7 +15,7 @@ __all__ = ["Prediction", "Segmenter", "__version__"]
 def __getattr__(name: str) -> Any:
     # `Segmenter` is imported on first use: `import dast` (and `dast --help`) stays free of torch.
     if name in ("Segmenter", "Prediction"):
-        from dast.inference import segmenter
+        from dast.inference import segmenter  # noqa: PLC0415 - lazy: keeps `import dast` free of torch
 
         return getattr(segmenter, name)
     raise AttributeError(f"module 'dast' has no attribute {name!r}")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from dast.atomic import write_bytes
@@ -51,8 +51,6 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     """Read only the JSON document of a dast checkpoint."""
     p = _existing(path)
     try:
-        from safetensors import safe_open
-
         with safe_open(str(p), framework="pt") as fh:
             meta = fh.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:

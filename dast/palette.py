@@ -61,7 +61,7 @@ def generated_palette(num_classes: int) -> list[Color]:
     Up to 20 classes use matplotlib's qualitative ``tab20`` colours (the ``tab10`` hues
     first); beyond that, :func:`golden_color` ``0 .. n-1``.
     """
-    from matplotlib import colormaps  # heavy; only this palette needs it
+    from matplotlib import colormaps  # noqa: PLC0415 - heavy: matplotlib; only this palette needs it
 
     if num_classes <= 0:
         return []

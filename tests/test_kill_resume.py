@@ -418,7 +418,6 @@ FAULTS: dict[str, Any] = {
 
 def _source_names_at_step(step: int) -> list[str]:
     """The source images stage 1 reads at ``step`` (the sampler is a pure function of the seed)."""
-
     n, batch = FAULTS["source"]["count"], FAULTS["train"]["batch_size"]
     it = iter(StepSampler(n, batch, FAULTS["seed"] * 10, start_step=step))
     return [scene_stem("source", next(it) % n) for _ in range(batch)]
@@ -426,7 +425,6 @@ def _source_names_at_step(step: int) -> list[str]:
 
 def poison(monkeypatch: pytest.MonkeyPatch, victims: Any) -> list[str]:
     """Make the images for which ``victims(name, call)`` holds all-NaN; returns the poisoned names."""
-
     real_item = SegmentationDataset._item
     calls, hit = [0], []
 

@@ -180,7 +180,6 @@ def test_paper_blocks_are_checked_and_not_inherited(tmp_path: Path) -> None:
 def _copy_source(dst: Path) -> Path:
     """The files a wheel is built from, copied out of the checkout (a build writes build/ and
     *.egg-info next to pyproject.toml; the checkout stays untouched)."""
-
     dst.mkdir()
     shutil.copy2(REPO / "pyproject.toml", dst)
     shutil.copy2(REPO / "README.md", dst)
@@ -192,7 +191,6 @@ def _copy_source(dst: Path) -> Path:
 def test_the_wheel_ships_the_configs_and_trains_outside_the_checkout(tmp_path: Path) -> None:
     """Build the wheel, install it into a fresh venv (dependencies borrowed from this
     interpreter through a .pth file, nothing downloaded) and run it from another folder."""
-
     # no PYTHONPATH anywhere: pip would otherwise see the checkout's own dast metadata and skip the install
     clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 

@@ -239,7 +239,6 @@ def test_quality_refuses_bad_input() -> None:
 @pytest.mark.parametrize("mode", ["exact-reference", "histogram"])
 def test_quality_equals_precision_of_the_written_sets(tmp_path: Path, mode: str) -> None:
     """Scoring from the model and scoring the written PNGs agree, on a real labelled target."""
-
     torch.manual_seed(0)
     seg = build_segmentor("small", 7)
     model = TargetModel(seg, build_discoverer(seg.feature_channels)).eval()

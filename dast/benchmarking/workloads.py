@@ -203,7 +203,7 @@ def prepare_pseudo(
     """Pseudo-label work per batch, as ``generate_pseudo_labels`` in histogram mode does it:
     pass 1 (probabilities, histogram update) and pass 2 (probabilities, label selection,
     copy to the host). PNG encoding and disk writes are not included."""
-    from dast.training.pseudo_labels import ThresholdEstimator, select_labels
+    from dast.training.pseudo_labels import ThresholdEstimator, select_labels  # noqa: PLC0415 - lazy: keeps dast --help fast
 
     model = _target_model(arch, mode, device, variant, num_classes)
     probs = probability_fn(model, mode, device)

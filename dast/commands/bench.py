@@ -6,6 +6,10 @@ import argparse
 import json
 import sys
 
+import torch
+
+from dast.atomic import write_text
+from dast.benchmarking import MODES, WHATS, parse_modes, run_benchmarks
 from dast.commands._common import add_device_argument, nonnegative_int, positive_int, resolve_device
 from dast.errors import UserError
 
@@ -33,8 +37,6 @@ def _batches(text: str) -> list[int]:
 
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
-    from dast.benchmarking import MODES, WHATS
-
     p = subparsers.add_parser(
         name,
         help="time training steps, inference and pseudo-labelling (JSON lines)",
@@ -106,13 +108,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 
 
 def run(args: argparse.Namespace) -> int:
-    from dast.atomic import write_text
-    from dast.benchmarking import WHATS, parse_modes, run_benchmarks
-
     device = resolve_device(args.device)
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     whats = list(WHATS) if args.what.strip() == "all" else _list(args.what, WHATS, "--what")
     archs = (

@@ -62,7 +62,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
 
 def run(args: argparse.Namespace) -> int:
-    from dast.demo import format_report, format_seeds, run_demo, run_demo_seeds
+    from dast.demo import format_report, format_seeds, run_demo, run_demo_seeds  # noqa: PLC0415 - lazy: keeps dast --help fast
 
     if args.workers is not None and args.workers < 1:
         raise UserError("--workers must be at least 1")

@@ -12,10 +12,11 @@ from dast.atomic import write_json
 from dast.commands._common import add_device_argument, existing_dir, existing_file, resolve_device
 from dast.config import ClassSpec, DatasetConfig
 from dast.data.datasets import build_dataset
-from dast.data.labels import SYNTHIA_13, SYNTHIA_16, protocols_for, read_class_file
+from dast.data.labels import SYNTHIA_13, SYNTHIA_16, protocols_for, read_class_file, table_for
 from dast.errors import UserError
 from dast.evaluation.evaluate import evaluate_model, evaluate_predictions
 from dast.evaluation.metrics import format_table
+from dast.models.io import load_networks
 
 CITYSCAPES_EVAL_SIZE = (1024, 512)
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -109,8 +110,6 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     out = Path(args.out)
     if args.checkpoint:
-        from dast.models.io import load_networks
-
         device = resolve_device(args.device)
         nets, _, meta = load_networks(existing_file(args.checkpoint, "checkpoint"), device)
         spec = nets.spec
@@ -159,8 +158,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_class_count(args: argparse.Namespace, cfg: DatasetConfig, num_classes: int) -> None:
     """The checkpoint must predict the dataset's classes; say which file disagrees."""
-    from dast.data.labels import table_for
-
     have = table_for(cfg).num_classes
     if have != num_classes:
         if args.dataset != "folder":
@@ -173,6 +170,4 @@ def _check_class_count(args: argparse.Namespace, cfg: DatasetConfig, num_classes
 
 
 def _num_classes(cfg: DatasetConfig) -> int:
-    from dast.data.labels import table_for
-
     return table_for(cfg).num_classes

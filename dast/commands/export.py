@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dast.commands._common import existing_file
+from dast.models.io import load_networks
 
 FORMATS = ("onnx",)
 
@@ -28,8 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 
 
 def run(args: argparse.Namespace) -> int:
-    from dast.inference.export import PARITY_ATOL, export_onnx, onnx_parity
-    from dast.models.io import load_networks
+    from dast.inference.export import PARITY_ATOL, export_onnx, onnx_parity  # noqa: PLC0415 - lazy: keeps dast --help fast
 
     ckpt = existing_file(args.checkpoint, "checkpoint")
     nets, _, _ = load_networks(ckpt, "cpu")

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from dast.commands._common import add_device_argument, existing_file, nonnegative_int, positive_int, resolve_device
+from dast.models.io import load_networks
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -53,8 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 
 
 def run(args: argparse.Namespace) -> int:
-    from dast.inference.predict import expand_inputs, plan_outputs, predict_paths
-    from dast.models.io import load_networks
+    from dast.inference.predict import expand_inputs, plan_outputs, predict_paths  # noqa: PLC0415 - lazy: keeps dast --help fast
 
     device = resolve_device(args.device)
     inputs = expand_inputs(args.input)

@@ -11,8 +11,12 @@ from pathlib import Path
 import torch
 
 from dast.atomic import TMP_MARK
+from dast.checkpoint import read_meta
 from dast.commands._common import add_device_argument, existing_file, resolve_device
+from dast.config import load_config, resolve_config_path
+from dast.data import datasets
 from dast.errors import CheckpointError, UserError
+from dast.models.io import load_networks
 
 _AMP = {"none": None, "off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -92,7 +96,7 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 
 def check_output_folder(out: Path) -> None:
     """``out`` must be absent, empty or an earlier pseudo-label set (which is replaced)."""
-    from dast.training.pseudo_labels import MARKER_NAME
+    from dast.training.pseudo_labels import MARKER_NAME  # noqa: PLC0415 - lazy: keeps dast --help fast
 
     if out.exists() and not out.is_dir():
         raise UserError(f"pseudo-label output {out} exists and is not a directory")
@@ -102,8 +106,6 @@ def check_output_folder(out: Path) -> None:
 
 def check_model_matches(ckpt: Path, cfg_path: Path, arch: str, num_classes: int) -> None:
     """The config's model must be the checkpoint's (its classes are what the labels mean)."""
-    from dast.checkpoint import read_meta
-
     spec = read_meta(ckpt).get("model", {})
     for key, want in (("arch", arch), ("num_classes", num_classes)):
         if key in spec and spec[key] != want:
@@ -122,10 +124,7 @@ def replace_folder(new: Path, out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dast.config import load_config, resolve_config_path
-    from dast.data.datasets import build_dataset
-    from dast.models.io import load_networks
-    from dast.training.pseudo_labels import generate_pseudo_labels
+    from dast.training.pseudo_labels import generate_pseudo_labels  # noqa: PLC0415 - lazy: keeps dast --help fast
 
     cfg_path = resolve_config_path(args.config)
     ckpt = existing_file(args.checkpoint, "checkpoint")
@@ -152,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_folder(out)
     check_model_matches(ckpt, cfg_path, cfg.model.arch, cfg.model.num_classes)
     nets, _, _ = load_networks(ckpt, device)
-    dataset = build_dataset(
+    dataset = datasets.build_dataset(
         cfg.target, norm=nets.spec.norm, num_classes=nets.spec.num_classes, with_labels=False, seed=cfg.seed
     )
     colors = list(nets.spec.class_colors) or None

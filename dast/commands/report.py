@@ -35,8 +35,8 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dast.reporting import write_report
-    from dast.reporting.demo_page import is_demo_folder, write_demo_report
+    from dast.reporting import write_report  # noqa: PLC0415 - lazy: keeps dast --help fast
+    from dast.reporting.demo_page import is_demo_folder, write_demo_report  # noqa: PLC0415 - lazy: keeps dast --help fast
 
     if args.samples < 0:
         raise UserError(f"--samples must be 0 or more, got {args.samples}")

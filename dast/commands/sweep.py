@@ -6,6 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
+from dast.errors import UserError
+from dast.sweep import plan_jobs, run_sweep
+
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     p = sub.add_parser(
@@ -26,11 +31,6 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from dast.errors import UserError
-    from dast.sweep import plan_jobs, run_sweep
-
     out = Path(args.out)
     jobs = plan_jobs(args.configs, args.seeds, out, args.overrides)
     if args.gpus == "cpu" or (args.gpus == "all" and not torch.cuda.is_available()):

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+import traceback
 from pathlib import Path
 
 from dast.config import load_config
+from dast.errors import NumericalFault, UserError
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
@@ -40,9 +44,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
 
 def run(args: argparse.Namespace) -> int:
-    from dast.errors import NumericalFault, UserError
-    from dast.training.loop import TrainingInterrupted
-    from dast.training.pipeline import train
+    from dast.training.loop import TrainingInterrupted  # noqa: PLC0415 - lazy: keeps dast --help fast
+    from dast.training.pipeline import train  # noqa: PLC0415 - lazy: keeps dast --help fast
 
     run_dir = args.out
     resume = bool(args.resume)
@@ -60,20 +63,14 @@ def run(args: argparse.Namespace) -> int:
             cfg, run_dir, resume=resume, force=args.force, device=args.device, progress=not args.no_progress
         )
     except TrainingInterrupted as exc:
-        import sys
-
         sys.stderr.write(f"{exc}\n")
         return 128 + exc.signum
     except NumericalFault as exc:
         # not a user error (exit 1), but a diagnosis, not a crash: one line, details in log.txt
-        import sys
-        import traceback
-
         if getattr(args, "debug", False):
             traceback.print_exc()
         sys.stderr.write(f"error: {exc}\n")
         return 1
-    import os
 
     if metrics and os.environ.get("RANK", "0") == "0":
         print(json.dumps({"miou": metrics.get("miou"), "run_dir": str(run_dir)}))

@@ -20,10 +20,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from dast.atomic import write_with
 from dast.config import AugmentConfig, DatasetConfig
 from dast.constants import IGNORE_INDEX
 from dast.data.labels import ClassTable, table_for
 from dast.data.readers import label_reader, read_image, read_index_label
+from dast.data.synthetic import generate_scene, scene_stem
 from dast.data.transforms import (
     adjust_brightness,
     adjust_contrast,
@@ -198,8 +200,6 @@ class SyntheticSource:
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def pair(self, j: int, with_label: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        from dast.data.synthetic import generate_scene
-
         hit = self._cache.get(j)
         if hit is None:
             rgb, label = generate_scene(self.domain, j, self.seed, self.size, self.shift)
@@ -491,8 +491,6 @@ def build_dataset(
         seed=seed,
     )
     if cfg.kind == "synthetic":
-        from dast.data.synthetic import scene_stem
-
         if cfg.size is None:
             raise ConfigError("a synthetic dataset needs 'size' (width, height) for its generated scenes")
         names = [scene_stem(cfg.domain, k) for k in range(cfg.count)]
@@ -547,8 +545,6 @@ def with_label_dir(base: SegmentationDataset, label_dir: str | Path) -> Segmenta
 
 def save_label_png(path: str | Path, label: np.ndarray, table: ClassTable | None = None) -> None:
     """Write a train-id label as a PNG (palette-coloured when a table is given), atomically."""
-    from dast.atomic import write_with
-
     img = Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8))
     if table is not None:  # turns the 'L' image into a 'P' image with the same values
         img.putpalette(table.palette())

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
+from cityscapesscripts.helpers import labels as cs_labels
 
 from dast.constants import IGNORE_INDEX
+from dast.data.synthetic import SYNTHETIC_CLASSES
 from dast.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -93,18 +95,14 @@ class ClassTable:
 
 def cityscapes_table() -> ClassTable:
     """The 19 Cityscapes evaluation classes in train-id order."""
-    from cityscapesscripts.helpers.labels import trainId2label
-
-    labels = [trainId2label[t] for t in range(CITYSCAPES_NUM_CLASSES)]
+    labels = [cs_labels.trainId2label[t] for t in range(CITYSCAPES_NUM_CLASSES)]
     return ClassTable(tuple(lab.name for lab in labels), tuple(tuple(lab.color) for lab in labels))
 
 
 def cityscapes_id_to_train_lut() -> np.ndarray:
     """(256,) uint8: Cityscapes label id -> train id (255 for ignored and unknown ids)."""
-    from cityscapesscripts.helpers.labels import labels
-
     lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-    for label in labels:
+    for label in cs_labels.labels:
         if 0 <= label.id < 256 and 0 <= label.trainId < CITYSCAPES_NUM_CLASSES:
             lut[label.id] = label.trainId
     return lut
@@ -112,11 +110,9 @@ def cityscapes_id_to_train_lut() -> np.ndarray:
 
 def train_to_cityscapes_id() -> np.ndarray:
     """(256,) uint8: train id -> Cityscapes label id (255 and unknown -> 0, 'unlabeled')."""
-    from cityscapesscripts.helpers.labels import trainId2label
-
     lut = np.zeros(256, dtype=np.uint8)
     for t in range(CITYSCAPES_NUM_CLASSES):
-        lut[t] = trainId2label[t].id
+        lut[t] = cs_labels.trainId2label[t].id
     return lut
 
 
@@ -198,8 +194,6 @@ def table_for(cfg: DatasetConfig, num_classes: int | None = None) -> ClassTable:
                 f"write {Path(cfg.root or '.') / 'classes.yaml'}"
             )
     elif cfg.kind == "synthetic":
-        from dast.data.synthetic import SYNTHETIC_CLASSES
-
         table = _table_from_pairs(SYNTHETIC_CLASSES)
         where = "the synthetic demo domains"
     else:

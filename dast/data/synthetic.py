@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from PIL import Image
+from tqdm import tqdm
 
 from dast.atomic import write_text, write_with
 
@@ -609,8 +610,6 @@ def write_folder_dataset(
     write_text(out / "classes.yaml", classes_yaml(), fsync=fsync)
     indices: range | object = range(count)
     if progress:
-        from tqdm import tqdm
-
         indices = tqdm(range(count), desc=f"{domain} scenes", unit="img")
     for i in indices:  # type: ignore[union-attr]
         img, label = generate_scene(domain, i, seed, size, shift)

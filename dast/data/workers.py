@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import atexit
 import gc
+import multiprocessing.util  # noqa: F401 - registers its exit hook on import; worker_init's must come later
 import signal
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
+
+from torch.utils.data import dataloader
 
 T = TypeVar("T")
 
@@ -34,8 +37,6 @@ def shutdown_leaked_workers() -> None:
     before that (see :func:`worker_init`), this ends them through the DataLoader's own
     shutdown, whatever still references their iterators (an exception's traceback, say).
     """
-    from torch.utils.data import dataloader
-
     kind = getattr(dataloader, "_MultiProcessingDataLoaderIter", None)
     if kind is None:
         return
@@ -51,8 +52,6 @@ def worker_init(num_workers: int) -> Callable[[int], None] | None:
     runs the newest registration first, so it runs before ``multiprocessing``'s exit hook."""
     if num_workers <= 0:
         return None
-    import multiprocessing.util  # noqa: F401  (its exit hook is registered on import: ours must come later)
-
     atexit.unregister(shutdown_leaked_workers)
     atexit.register(shutdown_leaked_workers)
     return ignore_stop_signals

@@ -37,7 +37,7 @@ MIN_OPSET = 10  # ceil-mode max pooling with dynamic input sizes needs opset 10
 def max_opset() -> int:
     """The newest opset the installed torch's TorchScript exporter writes."""
     try:
-        from torch.onnx import _constants
+        from torch.onnx import _constants  # noqa: PLC0415 - optional: private torch module
     except ImportError:
         return DEFAULT_OPSET
     for name in ("ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", "ONNX_MAX_OPSET"):

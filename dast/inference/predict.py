@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from dast.atomic import write_with
 from dast.data.workers import loader_iterator, worker_init
@@ -236,8 +237,6 @@ def predict_paths(
     input, in input order. An unreadable image stops the run with a :class:`DataError`
     naming it; nothing is written for it.
     """
-    from tqdm import tqdm
-
     spec = nets.spec
     if spec.num_classes > 255:
         raise UserError(f"trainId PNGs hold at most 255 classes; this model has {spec.num_classes}")

@@ -66,7 +66,7 @@ def heatmap(att: np.ndarray, cmap: str = HEATMAP_CMAP) -> np.ndarray:
 
     Values outside [0, 1] are clipped; NaN is drawn as 0.
     """
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # noqa: PLC0415 - heavy: matplotlib
 
     a = np.asarray(att, dtype=np.float64)
     if a.ndim != 2:
@@ -120,8 +120,8 @@ def figure_grid(
     ``len(titles)`` cells. The figure is drawn with matplotlib's Agg canvas and written
     atomically.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 - heavy: matplotlib
+    from matplotlib.figure import Figure  # noqa: PLC0415 - heavy: matplotlib
 
     if not rows:
         raise ValueError("figure_grid needs at least one row")

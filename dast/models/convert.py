@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from dast.data.labels import cityscapes_table
 from dast.errors import CheckpointError
 from dast.models.io import ModelSpec, Networks, build_networks
+from dast.models.timm_backbone import TimmEncoder, encoder_key, full_model_keys
 from dast.models.vgg import torchvision_feature_index_map
 
 CONVERT_ARCHS = ("resnet101", "vgg16", "small")
@@ -248,7 +250,6 @@ def _class_table(num_classes: int) -> tuple[list[str], list[tuple[int, int, int]
     """Cityscapes names and colours for 19 classes (the released models' label set)."""
     if num_classes != 19:
         return [], []
-    from dast.data.labels import cityscapes_table
 
     table = cityscapes_table()
     return list(table.names), list(table.colors)
@@ -543,8 +544,6 @@ def timm_to_dast(
     past the deepest feature map (its classifier, a final norm) are ``skipped``; keys that
     fit no part of the model are ``unexpected``. ``norm`` defaults to ``imagenet``.
     """
-    from dast.models.timm_backbone import TimmEncoder, encoder_key, full_model_keys
-
     sd = _strip_common_prefix(weights_sd, "module.")
     if any(k.startswith("segmentor.") for k in sd):
         raise CheckpointError(

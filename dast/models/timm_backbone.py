@@ -40,7 +40,7 @@ PAPER_RATES = (6, 12, 18, 24)
 def import_timm() -> ModuleType:
     """The timm module, or a ConfigError saying how to install it."""
     try:
-        import timm  # type: ignore[import-not-found]  # optional, imported only for model.arch: timm
+        import timm  # noqa: PLC0415 - optional: timm, imported only for model.arch: timm
     except ImportError:
         raise ConfigError(f"a timm backbone (model.arch: timm) needs the timm package: {INSTALL_HINT}") from None
     except (OSError, RuntimeError) as exc:  # e.g. a torchvision built for another torch

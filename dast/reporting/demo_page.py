@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from dast import __version__
+from dast.atomic import write_text
 from dast.errors import UserError
 from dast.reporting.page import CSS, _e, _note, _num, _table, img_tag, write_report
 from dast.reporting.rundir import read_run
@@ -259,8 +261,6 @@ def runs_html(runs: list[RunLink], page: Path, report: dict[str, Any]) -> str:
 
 
 def header_html(contents: DemoContents) -> str:
-    from dast import __version__
-
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     facts = [("demo folder", _e(contents.root.resolve()))]
     facts += [(_e(k), _cell(v)) for k, v in contents.report.items() if _scalar(v)]
@@ -319,8 +319,6 @@ def write_demo_report(
 ) -> tuple[Path, list[RunLink]]:
     """Write every run's ``report.html``, then the demo page (default ``DEMO_DIR/report.html``),
     each atomically. Returns (the page, the runs with their report paths or notes)."""
-    from dast.atomic import write_text
-
     contents = read_demo(demo_dir)
     page = Path(out) if out is not None else DemoDir(contents.root).report_html
     write_run_reports(contents.runs, samples, device)

@@ -20,7 +20,7 @@ FIRST_PANELS = ("seg", "pseudo_seg", "adv_d", "adv_c", "disc", "total")
 
 def figure_png(fig: Any, dpi: int = 90) -> bytes:
     """Render a matplotlib ``Figure`` to PNG bytes with the Agg canvas."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 - heavy: matplotlib
 
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
@@ -29,7 +29,7 @@ def figure_png(fig: Any, dpi: int = 90) -> bytes:
 
 
 def _new_figure(width: float, height: float) -> Any:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # noqa: PLC0415 - heavy: matplotlib
 
     return Figure(figsize=(width, height), dpi=90)
 
@@ -91,7 +91,7 @@ def bin_means(points: Sequence[tuple[int, float]], limit: int = MAX_POINTS) -> t
 
 
 def stage_colors(stages: Sequence[str]) -> dict[str, Any]:
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # noqa: PLC0415 - heavy: matplotlib
 
     cmap = colormaps["tab10"]
     return {s: cmap(i % 10) for i, s in enumerate(sorted(set(stages), key=stage_sort_key))}
@@ -102,7 +102,7 @@ def scalar_group_png(group: Mapping[str, Mapping[str, Sequence[tuple[int, float]
 
     Returns (PNG bytes, the largest number of steps averaged into one plotted point).
     """
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415 - heavy: matplotlib
 
     names = panel_order(list(group))
     ncols = min(4, len(names))
@@ -153,9 +153,9 @@ def miou_curves_png(curves: Sequence[Mapping[str, Any]], selected: Mapping[str, 
     ``selected`` maps a stage to its selected step; those points are starred. None when the
     history holds neither score.
     """
-    fig = _new_figure(7.0, 3.8)
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415 - heavy: matplotlib
 
+    fig = _new_figure(7.0, 3.8)
     ax = fig.add_subplot(1, 1, 1)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     drawn = starred = False

@@ -11,7 +11,10 @@ from typing import Any
 
 import torch
 
+from dast import __version__
+from dast.atomic import write_text
 from dast.errors import UserError
+from dast.evaluation.metrics import PROTOCOL_TITLES
 from dast.reporting.figures import GROUP_TITLES, group_order, miou_curves_png, scalar_group_png, split_scalars
 from dast.reporting.rundir import RunContents, choose_model, class_names, missing_parts, read_run
 from dast.reporting.samples import SampleSet, predict_samples
@@ -93,8 +96,6 @@ def _badge(status: str) -> str:
 
 
 def header_html(run: RunContents, model_note: str) -> str:
-    from dast import __version__
-
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cfg = run.config
     facts = [
@@ -155,8 +156,6 @@ def status_html(run: RunContents) -> str:
 
 
 def metrics_html(run: RunContents) -> str:
-    from dast.evaluation.metrics import PROTOCOL_TITLES
-
     m = run.metrics
     if m is None:
         why = (
@@ -367,8 +366,6 @@ def write_report(
     run_dir: str | Path, out: str | Path | None = None, *, samples: int = 4, device: torch.device | str = "cpu"
 ) -> Path:
     """Render the report and write it atomically (default ``RUN_DIR/report.html``)."""
-    from dast.atomic import write_text
-
     path = Path(out) if out is not None else RunDir(Path(run_dir)).report
     page = render_report(run_dir, samples=samples, device=device)
     write_text(path, page)

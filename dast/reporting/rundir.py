@@ -12,7 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dast.config import Config
+import yaml
+
+from dast.checkpoint import read_meta
+from dast.config import Config, from_tree
+from dast.data.labels import table_for
 from dast.errors import UserError
 from dast.rundir import PL_COMPLETE, PL_PREVIEW, PL_STATS, STAGE1, RunDir, StageDir, round_name, stage_sort_key
 
@@ -101,10 +105,6 @@ def _read_json(path: Path, notes: list[str], what: str) -> Any:
 
 
 def _load_config(root: Path) -> tuple[str, dict[str, Any], Config | None, str | None]:
-    import yaml
-
-    from dast.config import from_tree
-
     path = RunDir(root).config
     if not root.exists():
         raise UserError(f"run directory not found: {root}")
@@ -151,8 +151,6 @@ def latest_checkpoint(stage_dir: Path) -> tuple[int, Path] | None:
 
 
 def _stage_info(root: Path, name: str, entry: dict[str, Any]) -> StageInfo:
-    from dast.checkpoint import read_meta
-
     stage_dir = root / name
     status = str(entry.get("status") or ("started" if stage_dir.is_dir() else "not started"))
     info = StageInfo(name=name, status=status, steps=entry.get("steps"))
@@ -278,8 +276,6 @@ def class_names(run: RunContents, num_classes: int | None = None) -> list[str]:
     if run.metrics is not None:
         return [str(k) for k in run.metrics["per_class"]]
     if run.config is not None:
-        from dast.data.labels import table_for
-
         try:
             return list(table_for(run.config.source, run.config.model.num_classes).names)
         except UserError:

@@ -12,8 +12,10 @@ from PIL import Image
 from dast.config import Config, DatasetConfig
 from dast.constants import IGNORE_INDEX
 from dast.contexts import eval_mode
+from dast.data.datasets import build_dataset
 from dast.data.transforms import normalize, resize_label
 from dast.inference.visualize import colorize, heatmap, palette_for, png_bytes
+from dast.models.io import load_networks
 from dast.models.target_model import predict_full_res
 
 DISPLAY_WIDTH = 512  # wider images are shrunk before they are embedded
@@ -72,9 +74,6 @@ def dataset_for_samples(cfg: Config) -> tuple[str, DatasetConfig, int, bool]:
 def predict_samples(model_path: Path, cfg: Config, count: int, device: torch.device | str = "cpu") -> SampleSet:
     """Run the target path of the checkpoint on the first ``count`` images of the run's val
     set (its target set without one). Raises UserError for a bad checkpoint or dataset."""
-    from dast.data.datasets import build_dataset
-    from dast.models.io import load_networks
-
     device = torch.device(device)
     nets, _, _ = load_networks(model_path, device)
     spec = nets.spec

@@ -155,7 +155,7 @@ def compile_segmentor(segmentor: nn.Module, *, mode: str | None = None, backend:
     turns that optimisation off (a process-wide ``torch._functorch.config`` switch).
     """
     try:
-        from torch._functorch import config as functorch_config  # private; absent on some builds
+        from torch._functorch import config as functorch_config  # noqa: PLC0415 - optional: private, absent on some builds
 
         if hasattr(functorch_config, "donated_buffer"):
             functorch_config.donated_buffer = False

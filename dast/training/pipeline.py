@@ -22,10 +22,12 @@ from dast.data.transforms import denormalize
 from dast.errors import UserError
 from dast.evaluation.evaluate import evaluate_model
 from dast.inference.visualize import colorize, heatmap
+from dast.models.batchnorm import use_per_image_batchnorm
 from dast.models.io import Networks, assign_weights, save_networks
 from dast.models.target_model import predict_full_res
 from dast.parallel import shard
 from dast.rundir import STAGE1, RunDir, round_name
+from dast.training.distributed import convert_sync_bn, wrap_for_ddp
 from dast.training.engine import StagePlan
 from dast.training.levers import compile_segmentor, to_channels_last
 from dast.training.loop import SignalFlag, StageCallbacks, StageResult, run_stage
@@ -67,7 +69,7 @@ class Pipeline:
         self.log = setup_logging(run_dir, rt)
         self.writer = None
         if rt.is_main:
-            from torch.utils.tensorboard import SummaryWriter  # heavy (tensorboard): only where logs are written
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - heavy: tensorboard, only where logs are written
 
             self.writer = SummaryWriter(str(self.paths.tensorboard))
             end_torn_line(self.paths.scalars)
@@ -218,13 +220,10 @@ class Pipeline:
         cfg, rt = self.cfg, self.rt
         nets = initial_networks(cfg, model_spec_for(cfg), self.log)
         if cfg.model.batchnorm == "per_image":
-            from dast.models.batchnorm import use_per_image_batchnorm
-
             use_per_image_batchnorm(nets.segmentor)
         if cfg.distributed.sync_bn and rt.distributed:
             if rt.device.type != "cuda":
                 raise UserError("distributed.sync_bn needs CUDA devices (SyncBatchNorm does not run on CPU)")
-            from dast.training.distributed import convert_sync_bn  # DDP wrapping: distributed runs only
 
             convert_sync_bn(nets)
         nets.to(rt.device)
@@ -237,7 +236,6 @@ class Pipeline:
     def _ddp_wrap(self) -> Callable[[Networks], StepModels] | None:
         if not self.rt.distributed:
             return None
-        from dast.training.distributed import wrap_for_ddp  # DDP wrapping: distributed runs only
 
         cfg, rt = self.cfg, self.rt
         return lambda n: wrap_for_ddp(n, rt, cfg)

@@ -12,7 +12,7 @@ from dast.rundir import STAGE1
 
 def plot_selection_curves(history: Sequence[dict[str, Any]], path: Path) -> None:
     """The paper's Figure 4: synthetic-val mIoU and target-val mIoU over iterations."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # noqa: PLC0415 - heavy: matplotlib
 
     fig = Figure(figsize=(6.4, 3.6), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
