@@ -12,6 +12,7 @@ import importlib
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import NoReturn
 
 from dast import __version__
 from dast.errors import UserError
@@ -37,7 +38,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors follow the one-line ``error:`` contract."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         sys.stderr.write(f"error: {message}\n")
         raise SystemExit(2)

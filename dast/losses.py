@@ -7,6 +7,7 @@
 * :func:`bce_adversarial_loss`: the sigmoid cross-entropy of AdaptSegNet.
 * :func:`adversarial_loss`: either of the two, chosen by name.
 * :func:`resize_weight`: bring an attention map to a discriminator's output size.
+* :func:`spatial_size`: the (height, width) of a tensor, the size argument of the above.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ from torch import Tensor
 from dast.constants import IGNORE_INDEX
 
 AdvLossName = Literal["lsgan", "bce"]
+
+
+def spatial_size(x: Tensor) -> tuple[int, int]:
+    """(height, width): the last two dimensions of ``x``."""
+    return x.shape[-2], x.shape[-1]
 
 
 def upsample(logits: Tensor, size: tuple[int, int]) -> Tensor:
@@ -45,7 +51,7 @@ def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_IND
 def segmentation_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """L_seg: upsample ``logits`` to the label size (a no-op when they are already there),
     then :func:`cross_entropy`."""
-    return cross_entropy(upsample(logits, tuple(labels.shape[-2:])), labels, ignore_index)
+    return cross_entropy(upsample(logits, spatial_size(labels)), labels, ignore_index)
 
 
 def lsgan_loss(out: Tensor, target: float, weight: Tensor | None = None) -> Tensor:
@@ -82,4 +88,4 @@ def resize_weight(alpha: Tensor, size: tuple[int, int]) -> Tensor:
 
 def attention_weighted_corrector_loss(name: AdvLossName, corrector_out: Tensor, target: float, alpha: Tensor) -> Tensor:
     """The paper's L_adv^C on target outputs, weighted per location by the attention map."""
-    return adversarial_loss(name, corrector_out, target, resize_weight(alpha, tuple(corrector_out.shape[-2:])))
+    return adversarial_loss(name, corrector_out, target, resize_weight(alpha, spatial_size(corrector_out)))

@@ -10,7 +10,7 @@ and the pseudo-label previews (:mod:`dast.training.pseudo_labels`) both draw wit
 from __future__ import annotations
 
 import colorsys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -45,6 +45,12 @@ CITYSCAPES_COLORS: tuple[Color, ...] = (
 _GOLDEN = 0.618033988749895
 
 
+def as_color(values: Iterable[float]) -> Color:
+    """Three numbers as an (R, G, B) tuple of ints (a ValueError for any other count)."""
+    r, g, b = (int(v) for v in values)
+    return r, g, b
+
+
 def golden_color(i: int) -> Color:
     """Colour ``i`` of a fixed sequence: hue ``i * 0.618... mod 1`` with alternating
     saturation (0.9, 0.65) and brightness (0.95, 0.95, 0.7, 0.7, ...); never black."""
@@ -66,9 +72,9 @@ def generated_palette(num_classes: int) -> list[Color]:
     if num_classes <= 0:
         return []
     if num_classes <= 20:
-        tab20 = colormaps["tab20"].colors  # type: ignore[attr-defined]  # a ListedColormap
+        tab20 = colormaps["tab20"]  # a listed colormap: tab20(i) is its colour i (RGBA)
         order = list(range(0, 20, 2)) + list(range(1, 20, 2))  # saturated hues, then light ones
-        return [tuple(int(round(255 * c)) for c in tab20[i]) for i in order[:num_classes]]  # type: ignore[misc]
+        return [as_color(round(255 * c) for c in tab20(i)[:3]) for i in order[:num_classes]]
     return [golden_color(i) for i in range(num_classes)]
 
 
@@ -82,7 +88,7 @@ def palette_for(num_classes: int, colors: Sequence[Sequence[int]] | None = None)
     if colors:
         if len(colors) != num_classes:
             raise ValueError(f"{len(colors)} class colours given for {num_classes} classes")
-        return [tuple(int(v) for v in c) for c in colors]  # type: ignore[misc]
+        return [as_color(c) for c in colors]
     return [CITYSCAPES_COLORS[i] if i < len(CITYSCAPES_COLORS) else golden_color(i) for i in range(num_classes)]
 
 

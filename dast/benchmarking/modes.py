@@ -14,17 +14,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from dast.config import Config, RuntimeConfig, from_tree
 from dast.contexts import autocast_factory
 from dast.errors import UserError
 from dast.models import build_corrector, build_discoverer, build_segmentor
+from dast.models.discriminators import Corrector, Discoverer
 from dast.models.io import ModelSpec, Networks
-from dast.rundir import STAGE1, round_name
+from dast.models.segmentor import Segmentor
+from dast.rundir import STAGE1 as STAGE1_NAME
+from dast.rundir import round_name
 from dast.training.engine import Engine, StagePlan
 from dast.training.graphs import GraphedStep
 from dast.training.levers import Levers, choose_levers, compile_segmentor, to_channels_last
@@ -35,10 +38,10 @@ from dast.training.runtime import Runtime
 class Mode:
     """Requested speed settings (``None`` for channels_last: on CUDA only)."""
 
-    amp: str  # "none" | "bf16"
+    amp: Literal["none", "bf16"]
     channels_last: bool | None
     reuse_discoverer: bool
-    optimizers: str  # "released" | "foreach" (see dast.training.optim)
+    optimizers: Literal["released", "foreach"]  # see dast.training.optim
     cuda_graph: bool
     compile: bool
     about: str
@@ -163,7 +166,7 @@ STAGE1 = Schedule()
 STAGE2 = Schedule(lr=2e-4, head_lr_mult=1.0, duplicate_params=False, poly_steps=100_000)
 
 
-def build_nets(arch: str, num_classes: int, variant: str, seed: int) -> tuple[nn.Module, nn.Module, nn.Module]:
+def build_nets(arch: str, num_classes: int, variant: str, seed: int) -> tuple[Segmentor, Discoverer, Corrector]:
     """(segmentor, discoverer, corrector) with random weights from ``seed``."""
     torch.manual_seed(seed)
     seg = build_segmentor(arch, num_classes, variant)
@@ -206,7 +209,7 @@ def bench_plan(schedule: Schedule, stage: int = 1) -> StagePlan:
     """The stage plan of a benchmarked iteration (stage 2: with pseudo labels)."""
     s = schedule
     return StagePlan(
-        STAGE1 if stage == 1 else round_name(1),
+        STAGE1_NAME if stage == 1 else round_name(1),
         0 if stage == 1 else 1,
         steps=s.poly_steps,
         poly_steps=s.poly_steps,
@@ -229,14 +232,14 @@ class TrainingSetup:
     def __init__(
         self,
         mode: ResolvedMode,
-        nets: tuple[nn.Module, nn.Module, nn.Module],
+        nets: tuple[Segmentor, Discoverer, Corrector],
         device: torch.device,
         schedule: Schedule = STAGE1,
         *,
         graph_warmup: int = 3,
         variant: str = "reference",
     ) -> None:
-        seg, disc, corr = (m.to(device) for m in nets)
+        seg, disc, corr = nets[0].to(device), nets[1].to(device), nets[2].to(device)
         for m in (seg, disc, corr):
             m.train()
         if mode.channels_last:
@@ -247,7 +250,7 @@ class TrainingSetup:
         self.segmentor, self.discoverer, self.corrector = seg, disc, corr
         num_classes = int(getattr(seg, "num_classes", 19))
         cfg = bench_config(mode, schedule, variant, num_classes)
-        networks = Networks(ModelSpec(arch="small", num_classes=num_classes, variant=variant), seg, disc, corr)  # type: ignore[arg-type]
+        networks = Networks(ModelSpec(arch="small", num_classes=num_classes, variant=variant), seg, disc, corr)
         runtime = Runtime(device, mode.levers, deterministic=False)
         self.engine = Engine.build(bench_plan(schedule), cfg, networks, runtime, graph_warmup=graph_warmup)
 

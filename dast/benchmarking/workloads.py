@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from dast.benchmarking.modes import STAGE1, STAGE2, ResolvedMode, TrainingSetup, build_nets, resolve_mode
 from dast.benchmarking.timing import Timing, device_name, measure, peak_memory_gib, reset_peak_memory, rss_gib
-from dast.losses import upsample
+from dast.losses import spatial_size, upsample
 from dast.models.target_model import TargetModel
 from dast.training.graphs import GraphedCallable
 from dast.training.levers import compile_segmentor, to_channels_last
@@ -158,7 +159,7 @@ def probability_fn(model: TargetModel, mode: ResolvedMode, device: torch.device)
         with torch.no_grad():
             with autocast():
                 logits, _ = model(x)
-            return torch.softmax(upsample(logits.float(), tuple(x.shape[-2:])), dim=1)  # type: ignore[arg-type]
+            return torch.softmax(upsample(logits.float(), spatial_size(x)), dim=1)
 
     return _graphed(fn, mode)
 
@@ -235,13 +236,19 @@ def prepare(
     num_classes: int,
 ) -> Case:
     """The :class:`Case` of one measurement."""
-    common = dict(warmup=warmup, variant=variant, num_classes=num_classes)
     if what in ("step", "step2"):
-        return prepare_step(arch, mode, device, sizes, stage=1 if what == "step" else 2, **common)  # type: ignore[arg-type]
+        stage = 1 if what == "step" else 2
+        return prepare_step(
+            arch, mode, device, sizes, stage=stage, warmup=warmup, variant=variant, num_classes=num_classes
+        )
     if what == "infer":
-        return prepare_infer(arch, mode, device, sizes, batch=batch, **common)  # type: ignore[arg-type]
+        return prepare_infer(
+            arch, mode, device, sizes, batch=batch, warmup=warmup, variant=variant, num_classes=num_classes
+        )
     if what == "pseudo":
-        return prepare_pseudo(arch, mode, device, sizes, batch=batch, **common)  # type: ignore[arg-type]
+        return prepare_pseudo(
+            arch, mode, device, sizes, batch=batch, warmup=warmup, variant=variant, num_classes=num_classes
+        )
     raise ValueError(f"unknown workload {what!r}")
 
 
@@ -262,6 +269,11 @@ def _result(timing: Timing, case: Case, warmup: int, mode: ResolvedMode, device:
 def _error(exc: BaseException) -> str:
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {msg}"[:500]
+
+
+def _call_at(case: Case, offset: int, i: int) -> Any:
+    """``case.fn`` at call index ``case.warmup + offset + i`` (the interleaved timing's count)."""
+    return case.fn(case.warmup + offset + i)
 
 
 def measure_modes(
@@ -286,6 +298,7 @@ def measure_modes(
     memory then covers all modes).
     """
     results: list[dict[str, Any] | str] = []
+    case: Case | None = None
     if not interleave:
         for name in modes:
             mode = resolve_mode(name, device)
@@ -306,7 +319,7 @@ def measure_modes(
                 results.append(_result(timing, case, case.warmup, mode, device))
             except Exception as exc:  # noqa: BLE001 - report and go on with the next measurement
                 results.append(_error(exc))
-            case = None  # type: ignore[assignment]
+            case = None
             _cleanup(device)
         return results
     reset_peak_memory(device)
@@ -331,18 +344,16 @@ def measure_modes(
             cases.append(_error(exc))
     times: list[list[float]] = [[] for _ in cases]
     for it in range(iters):
-        for k, case in enumerate(cases):
-            if isinstance(case, str):
+        for k, entry in enumerate(cases):
+            if isinstance(entry, str):
                 continue
             try:
-                times[k].extend(
-                    measure(lambda i, c=case, it=it: c.fn(c.warmup + it + i), iters=1, warmup=0, device=device).times_ms
-                )
+                times[k].extend(measure(partial(_call_at, entry, it), iters=1, warmup=0, device=device).times_ms)
             except Exception as exc:  # noqa: BLE001
                 cases[k] = _error(exc)
-    for name, case, ts in zip(modes, cases, times):
+    for name, entry, ts in zip(modes, cases, times):
         mode = resolve_mode(name, device)
-        results.append(case if isinstance(case, str) else _result(Timing(ts), case, case.warmup, mode, device))
+        results.append(entry if isinstance(entry, str) else _result(Timing(ts), entry, entry.warmup, mode, device))
     cases.clear()
     _cleanup(device)
     return results

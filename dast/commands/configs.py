@@ -11,7 +11,7 @@ from typing import Any
 from dast.config import PACKAGED_CONFIG_DIR, PaperRow, packaged_config_names, read_paper_row
 
 
-def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         name,
         help="list the packaged configs (one per paper row) with the paper's numbers",

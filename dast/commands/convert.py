@@ -39,7 +39,7 @@ from dast.models.known_weights import KNOWN_WEIGHTS, FileProvenance, KnownWeight
 _ARCH_HELP = "backbone (small: dast's tiny demo backbone, which has no released weights)"
 
 
-def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         name,
         help="convert released checkpoints or ImageNet weights into a dast checkpoint, "
@@ -254,7 +254,7 @@ def _imagenet(
         allow_missing=args.allow_missing,
         source=str(path),
     )
-    meta: dict[str, object] = {"from": "imagenet", "weights": path.name, "report": report.to_dict()}
+    meta = {"from": "imagenet", "weights": path.name, "report": report.to_dict()}
     return nets, report, meta, inputs
 
 

@@ -19,7 +19,7 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
-def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(
         name,
         help="run source-only, baseline, DA, DAST and oracle on synthetic domains",
@@ -72,14 +72,14 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.seeds is not None:
         seeds = _seeds(args.seeds)
-        report = run_demo_seeds(args.out, seeds, **common)  # type: ignore[arg-type]
+        report = run_demo_seeds(args.out, seeds, **common)
         print(format_seeds(report["summary"]))
         print(
             f"seeds {', '.join(map(str, seeds))}, {report['seconds']:.0f} s; report: {args.out}/report.json, "
             f"figure: {args.out}/seeds.png; each seed in {args.out}/seed<S>/"
         )
         return 0
-    report = run_demo(args.out, seed=args.seed, **common)  # type: ignore[arg-type]
+    report = run_demo(args.out, seed=args.seed, **common)
     print(format_report(report))
     print(
         f"seed {report['seed']}, {report['seconds']:.0f} s; report: {args.out}/report.json, figures: "

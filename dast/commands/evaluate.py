@@ -90,7 +90,7 @@ def _classes(args: argparse.Namespace, names: list[str], colors: list[tuple[int,
     if (Path(args.root) / "classes.yaml").is_file() or not names:
         return None
     colors = colors if len(colors) == len(names) else [(0, 0, 0)] * len(names)
-    return [ClassSpec(name=n, color=tuple(c)) for n, c in zip(names, colors)]
+    return [ClassSpec(name=n, color=c) for n, c in zip(names, colors)]
 
 
 def _size(args: argparse.Namespace, spec_size: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -100,7 +100,7 @@ def _size(args: argparse.Namespace, spec_size: tuple[int, int] | None) -> tuple[
             raise UserError(f"--size must be positive, got {w} {h}")
         return (w, h)
     if args.dataset in ("cityscapes", "folder") and spec_size is not None:
-        return tuple(spec_size)  # type: ignore[return-value]
+        return (spec_size[0], spec_size[1])
     return CITYSCAPES_EVAL_SIZE if args.dataset == "cityscapes" else None
 
 

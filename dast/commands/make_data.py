@@ -15,7 +15,7 @@ from dast.data.synthetic import (
 from dast.errors import UserError
 
 
-def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         name,
         help="write the synthetic source/target street scenes as folder datasets",

@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     )
     colors = list(nets.spec.class_colors) or None
     if colors is None and cfg.target.classes:
-        colors = [tuple(c.color) for c in cfg.target.classes]
+        colors = [c.color for c in cfg.target.classes]
     # written next to OUT and moved into place when complete: a failed run leaves OUT as it was
     staging = out.with_name(f"{out.name}{TMP_MARK}{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)

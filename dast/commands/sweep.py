@@ -12,7 +12,7 @@ from dast.errors import UserError
 from dast.sweep import plan_jobs, run_sweep
 
 
-def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(
         name,
         help="run many trainings (configs x seeds) across GPUs",

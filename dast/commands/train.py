@@ -13,7 +13,7 @@ from dast.config import load_config
 from dast.errors import NumericalFault, UserError
 
 
-def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(
         name,
         help="train a model (stage 1 and self-training rounds)",

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -107,8 +108,7 @@ def _structure(layout: Layout, list_file: str | Path | None, result: CheckResult
     problems = result.problems
     if not layout.image_dir.is_dir():
         problems.append(f"missing image folder: {layout.image_dir}")
-    has_labels = layout.label_dir is not None
-    if has_labels and not layout.label_dir.is_dir():  # type: ignore[union-attr]
+    if layout.label_dir is not None and not layout.label_dir.is_dir():
         problems.append(f"missing label folder: {layout.label_dir}")
     images = layout.image_files() if layout.image_dir.is_dir() else []
     labels = layout.label_files()
@@ -126,7 +126,7 @@ def _structure(layout: Layout, list_file: str | Path | None, result: CheckResult
                 problems.append(f"{list_file}:{lineno}: '{entry}' has no image in {layout.image_dir}")
         keep = set(wanted)
         images = [(n, p) for n, p in images if n in keep]
-    label_dir_ok = has_labels and layout.label_dir.is_dir()  # type: ignore[union-attr]
+    label_dir_ok = layout.label_dir is not None and layout.label_dir.is_dir()
     pairs: list[tuple[Path, Path | None]] = []
     for name, path in images:
         label = layout.label_path(name, path) if label_dir_ok else None
@@ -195,7 +195,8 @@ def check_dataset(
     split: str = "train",
     list_file: str | Path | None = None,
     num_classes: int | None = None,
-    **kwargs: object,
+    **kwargs: Any,
 ) -> list[str]:
-    """Every problem of a dataset on disk, one readable line each (empty when clean)."""
-    return scan_dataset(kind, root, split, list_file, num_classes, **kwargs).problems  # type: ignore[arg-type]
+    """Every problem of a dataset on disk, one readable line each (empty when clean);
+    ``kwargs`` are those of :func:`scan_dataset`."""
+    return scan_dataset(kind, root, split, list_file, num_classes, **kwargs).problems

@@ -59,6 +59,6 @@ def fda_image(source_rgb: np.ndarray, target_rgb: np.ndarray, beta: float) -> np
     if src.ndim != 3 or tgt.ndim != 3 or src.shape[2] != tgt.shape[2]:
         raise ValueError(f"expected two H x W x C images, got shapes {src.shape} and {tgt.shape}")
     if tgt.shape[:2] != src.shape[:2]:
-        tgt = np.asarray(Image.fromarray(tgt).resize((src.shape[1], src.shape[0]), Image.BICUBIC))
+        tgt = np.asarray(Image.fromarray(tgt).resize((src.shape[1], src.shape[0]), Image.Resampling.BICUBIC))
     out = fda_transfer(src.astype(np.float64), tgt.astype(np.float64), beta)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)

@@ -48,7 +48,7 @@ def parse_rgb(text: str) -> RGB:
         raise ValueError(f"expected R,G,B (three whole numbers), got {text!r}") from None
     if len(values) != 3 or any(not 0 <= v <= 255 for v in values):
         raise ValueError(f"expected R,G,B with three values in 0..255, got {text!r}")
-    return values  # type: ignore[return-value]
+    return values
 
 
 def encode_rgb(rgb: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ from cityscapesscripts.helpers import labels as cs_labels
 from dast.constants import IGNORE_INDEX
 from dast.data.synthetic import SYNTHETIC_CLASSES
 from dast.errors import ConfigError, DataError
+from dast.palette import as_color
 
 if TYPE_CHECKING:
     from dast.config import DatasetConfig
@@ -154,7 +155,7 @@ def parse_class_list(data: Any, source: str) -> ClassTable:
         if len(rgb) != 3 or any(not 0 <= v <= 255 for v in rgb):
             raise ConfigError(f"{source}: class {i} ({entry['name']}) colour must be three values in 0..255")
         names.append(str(entry["name"]))
-        colors.append(rgb)  # type: ignore[arg-type]
+        colors.append(rgb)
     if len(names) > IGNORE_INDEX:
         raise ConfigError(f"{source}: at most {IGNORE_INDEX} classes are supported, got {len(names)}")
     return ClassTable(tuple(names), tuple(colors))
@@ -173,7 +174,7 @@ def read_class_file(path: str | Path) -> ClassTable:
 
 
 def _table_from_pairs(pairs: Sequence[tuple[str, Sequence[int]]]) -> ClassTable:
-    return ClassTable(tuple(n for n, _ in pairs), tuple(tuple(int(v) for v in c) for _, c in pairs))  # type: ignore[misc]
+    return ClassTable(tuple(n for n, _ in pairs), tuple(as_color(c) for _, c in pairs))
 
 
 def table_for(cfg: DatasetConfig, num_classes: int | None = None) -> ClassTable:

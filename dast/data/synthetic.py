@@ -32,7 +32,9 @@ See ``docs/synthetic.md``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -268,7 +270,7 @@ def _jitter(rng: np.random.Generator, colour: Colour, jitter: float) -> np.ndarr
 def _smooth_noise(rng: np.random.Generator, w: int, h: int, cells: tuple[int, int]) -> np.ndarray:
     """Zero-mean, roughly unit-std low-frequency noise (bicubic upsampling of a coarse grid)."""
     grid = rng.standard_normal((cells[1], cells[0])).astype(np.float32)
-    return np.asarray(Image.fromarray(grid, mode="F").resize((w, h), Image.BICUBIC), np.float32)
+    return np.asarray(Image.fromarray(grid, mode="F").resize((w, h), Image.Resampling.BICUBIC), np.float32)
 
 
 @dataclass(frozen=True)
@@ -608,12 +610,12 @@ def write_folder_dataset(
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(parents=True, exist_ok=True)
     write_text(out / "classes.yaml", classes_yaml(), fsync=fsync)
-    indices: range | object = range(count)
+    indices: Iterable[int] = range(count)
     if progress:
         indices = tqdm(range(count), desc=f"{domain} scenes", unit="img")
-    for i in indices:  # type: ignore[union-attr]
+    for i in indices:
         img, label = generate_scene(domain, i, seed, size, shift)
         stem = scene_stem(domain, i)
-        write_with(out / "images" / f"{stem}.png", lambda p, a=img: _save_png(a, p), fsync=fsync)
-        write_with(out / "labels" / f"{stem}.png", lambda p, a=label: _save_png(a, p), fsync=fsync)
+        write_with(out / "images" / f"{stem}.png", partial(_save_png, img), fsync=fsync)
+        write_with(out / "labels" / f"{stem}.png", partial(_save_png, label), fsync=fsync)
     return out

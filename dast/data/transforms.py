@@ -33,14 +33,14 @@ def resize_image(img: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     """Resize an H x W x 3 uint8 RGB image to ``size`` = (width, height) with PIL bicubic."""
     if size is None or (img.shape[1], img.shape[0]) == tuple(size):
         return img
-    return np.asarray(Image.fromarray(img).resize(tuple(size), Image.BICUBIC))
+    return np.asarray(Image.fromarray(img).resize((size[0], size[1]), Image.Resampling.BICUBIC))
 
 
 def resize_label(label: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     """Resize an H x W label map to ``size`` = (width, height) with nearest neighbour."""
     if size is None or (label.shape[1], label.shape[0]) == tuple(size):
         return label
-    return np.asarray(Image.fromarray(label).resize(tuple(size), Image.NEAREST))
+    return np.asarray(Image.fromarray(label).resize((size[0], size[1]), Image.Resampling.NEAREST))
 
 
 def normalize(img: np.ndarray, norm: str) -> torch.Tensor:

@@ -71,7 +71,9 @@ def write_figure3(
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(title, fontsize=9)
-    handles = [Patch(color=np.array(c) / 255.0, label=name) for name, c in zip(val.table.names, colors)]
+    handles = [
+        Patch(color=(c[0] / 255.0, c[1] / 255.0, c[2] / 255.0), label=name) for name, c in zip(val.table.names, colors)
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=8, frameon=False)
     if heat is not None:  # the attention column's scale, at the right edge
         cax = fig.add_axes((0.945, 0.16, 0.012, 0.66))

@@ -127,7 +127,8 @@ def datasets(tree: dict[str, Any]) -> tuple[Config, Any, Any]:
     """(config, labelled target val set, the target training set with its labels) of a run."""
     cfg = from_tree(tree, "demo")
     n, norm = cfg.model.num_classes, cfg.model.norm
-    val = build_dataset(cfg.val, norm=norm, num_classes=n, with_labels=True, seed=cfg.seed + 2)  # type: ignore[arg-type]
+    assert cfg.val is not None  # every demo config names its target val set
+    val = build_dataset(cfg.val, norm=norm, num_classes=n, with_labels=True, seed=cfg.seed + 2)
     target = build_dataset(cfg.target, norm=norm, num_classes=n, with_labels=True, seed=cfg.seed + 1)
     return cfg, val, target
 

@@ -89,7 +89,7 @@ def summarize_seeds(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
         mean, std = _stats(vals)
         entry = {"mean": mean, "std": std, "per_seed": vals}
         if all(v is not None for v in lasts):
-            entry["last_mean"], entry["last_std"] = _stats(lasts)  # type: ignore[arg-type]
+            entry["last_mean"], entry["last_std"] = _stats(lasts)
             entry["last_per_seed"] = lasts
         out["methods"][m] = entry
         for control in CONTROLS:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from dast.constants import IGNORE_INDEX
 from dast.contexts import autocast
 from dast.data.datasets import SegmentationDataset, require_named_pngs
-from dast.data.labels import protocols_for
+from dast.data.labels import ClassTable, protocols_for
 from dast.data.readers import read_index_label
 from dast.data.workers import loader_iterator, worker_init
 from dast.errors import DataError
@@ -32,10 +32,27 @@ from dast.losses import upsample
 from dast.progress import progress as report_progress
 
 
+class LabelledImages(Protocol):
+    """What a model evaluation reads of a dataset: a labelled
+    :class:`~dast.data.datasets.SegmentationDataset`, or the FDA model-selection sets."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def num_classes(self) -> int: ...
+    @property
+    def has_labels(self) -> bool: ...
+    @property
+    def table(self) -> ClassTable: ...
+    def __len__(self) -> int: ...
+    def prepare_image(self, i: int) -> torch.Tensor: ...
+    def read_label_native(self, i: int) -> np.ndarray: ...
+
+
 class _EvalView(Dataset):
     """(network input, native label, index) for the evaluated samples."""
 
-    def __init__(self, dataset: SegmentationDataset, indices: Sequence[int]) -> None:
+    def __init__(self, dataset: LabelledImages, indices: Sequence[int]) -> None:
         self.dataset = dataset
         self.indices = list(indices)
 
@@ -56,7 +73,7 @@ def _logits(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _require_labels(dataset: SegmentationDataset) -> None:
+def _require_labels(dataset: LabelledImages) -> None:
     if not dataset.has_labels:
         raise DataError(f"the {dataset.kind} dataset was built without labels; evaluation needs them")
 
@@ -64,7 +81,7 @@ def _require_labels(dataset: SegmentationDataset) -> None:
 @torch.no_grad()
 def evaluate_confusion(
     model: nn.Module,
-    dataset: SegmentationDataset,
+    dataset: LabelledImages,
     device: torch.device | str,
     *,
     batch_size: int = 1,
@@ -106,7 +123,7 @@ def evaluate_confusion(
                     with autocast(device, amp_dtype):
                         logits = _logits(model(x))
                     for k, (_, label, _) in enumerate(group):
-                        up = upsample(logits[k : k + 1].float(), tuple(label.shape))  # type: ignore[arg-type]
+                        up = upsample(logits[k : k + 1].float(), tuple(label.shape))
                         cm.update(up.argmax(1)[0], label.to(device, non_blocking=True), check=False)
                     count += len(group)
                     start = end
@@ -125,7 +142,7 @@ def _reduce_count(count: int, device: torch.device) -> int:
 
 def evaluate_model(
     model: nn.Module,
-    dataset: SegmentationDataset,
+    dataset: LabelledImages,
     device: torch.device | str,
     *,
     batch_size: int = 1,

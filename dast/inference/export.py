@@ -100,7 +100,7 @@ def onnx_bytes(nets: Networks, opset: int = DEFAULT_OPSET) -> bytes:
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         with torch.no_grad():
-            torch.onnx.export(model, (sample,), buf, **kwargs)
+            torch.onnx.export(model, (sample,), buf, **kwargs)  # type: ignore[arg-type]  # torch stub: f may be a file object
     proto = onnx.load_from_string(buf.getvalue())
     for key, value in _metadata(nets).items():
         entry = proto.metadata_props.add()

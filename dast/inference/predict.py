@@ -180,8 +180,8 @@ def size_batches(paths: Sequence[Path], input_size: tuple[int, int] | None, batc
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     groups: dict[tuple[int, int], list[int]] = {}
     for i, p in enumerate(paths):
-        key = tuple(input_size) if input_size is not None else image_size(p)
-        groups.setdefault(key, []).append(i)  # type: ignore[arg-type]
+        key = (input_size[0], input_size[1]) if input_size is not None else image_size(p)
+        groups.setdefault(key, []).append(i)
     return [idx[s : s + batch_size] for idx in groups.values() for s in range(0, len(idx), batch_size)]
 
 
@@ -262,15 +262,15 @@ def predict_paths(
         ThreadPoolExecutor(max_workers=writers) as pool,
         segmenter.session(),
         tqdm(total=len(paths), unit="img", desc="predict", disable=not progress) as bar,
-        loader_iterator(loader) as batches,
+        loader_iterator(loader) as batch_iter,
     ):
-        for samples in batches:
+        for samples in batch_iter:
             bad = next((s for s in samples if s.error is not None), None)
             if bad is not None:
                 for f in pending:
                     f.result()
                 raise DataError(bad.error)
-            x = torch.stack([s.x for s in samples])  # type: ignore[misc]
+            x = torch.stack([s.x for s in samples])
             logits, att = segmenter.forward_batch(x)
             for j, s in enumerate(samples):
                 rgb = s.rgb

@@ -23,11 +23,10 @@ class ASPPClassifier(nn.Module):
         active_branches: int | None = None,
     ) -> None:
         super().__init__()
-        self.conv2d_list = nn.ModuleList(
-            nn.Conv2d(in_channels, num_classes, kernel_size=3, padding=r, dilation=r, bias=True) for r in rates
-        )
-        for conv in self.conv2d_list:
+        convs = [nn.Conv2d(in_channels, num_classes, kernel_size=3, padding=r, dilation=r, bias=True) for r in rates]
+        for conv in convs:
             nn.init.normal_(conv.weight, 0.0, 0.01)
+        self.conv2d_list = nn.ModuleList(convs)
         n = len(self.conv2d_list)
         self.active_branches = n if active_branches is None else min(int(active_branches), n)
         if self.active_branches < 1:

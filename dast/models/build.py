@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from torch import nn
+
 from dast.models.aspp import ASPPClassifier
 from dast.models.discriminators import Corrector, Discoverer
 from dast.models.resnet import (
@@ -24,7 +26,7 @@ from dast.models.resnet import (
     resnet_tail,
     zero_init_residuals,
 )
-from dast.models.segmentor import Segmentor
+from dast.models.segmentor import Encoder, Segmentor
 from dast.models.target_model import TargetModel
 from dast.models.timm_backbone import build_timm_segmentor
 from dast.models.vgg import VGGEncoder, vgg_tail
@@ -93,7 +95,7 @@ def build_segmentor(
     reference = variant == "reference"
     active = 2 if reference else None
     if arch == "vgg16":
-        encoder = VGGEncoder()
+        encoder: Encoder = VGGEncoder()
         tail = vgg_tail()
         classifier = ASPPClassifier(1024, num_classes, PAPER_RATES, active)
         return Segmentor(encoder, tail, classifier, num_classes)
@@ -130,6 +132,6 @@ def build_target_model(segmentor: Segmentor, discoverer: Discoverer | None) -> T
     return TargetModel(segmentor, discoverer)
 
 
-def count_parameters(module, trainable_only: bool = False) -> int:  # type: ignore[no-untyped-def]
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter elements (optionally only those with ``requires_grad``)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -30,6 +30,7 @@ from torch import Tensor
 from dast.data.labels import cityscapes_table
 from dast.errors import CheckpointError
 from dast.models.io import ModelSpec, Networks, build_networks
+from dast.models.resnet import ResNetEncoder
 from dast.models.timm_backbone import TimmEncoder, encoder_key, full_model_keys
 from dast.models.vgg import torchvision_feature_index_map
 
@@ -468,7 +469,8 @@ def imagenet_to_dast(
     report = ConversionReport(source_format=detected)
     mapped: list[tuple[str, str | None, Tensor]] = []
     hint = ""
-    n_enc = len(nets.segmentor.encoder.layer4) if arch != "vgg16" else 0
+    encoder = nets.segmentor.encoder
+    n_enc = len(encoder.layer4) if isinstance(encoder, ResNetEncoder) else 0  # VGG-16: no layer4
     for key, v in sd.items():
         inner = key[len(prefix) :] if prefix and key.startswith(prefix) else key
         top = inner.split(".", 1)[0]

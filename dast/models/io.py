@@ -16,6 +16,7 @@ from dast.models.build import ARCHS, VARIANTS, build_corrector, build_discoverer
 from dast.models.discriminators import Corrector, Discoverer
 from dast.models.segmentor import Segmentor
 from dast.models.target_model import TargetModel
+from dast.palette import as_color
 
 
 @dataclass
@@ -42,7 +43,7 @@ class ModelSpec:
         spec = cls(**known)
         if spec.input_size is not None:
             spec.input_size = (int(spec.input_size[0]), int(spec.input_size[1]))
-        spec.class_colors = [tuple(int(v) for v in c) for c in spec.class_colors]  # type: ignore[misc]
+        spec.class_colors = [as_color(c) for c in spec.class_colors]
         return spec
 
     def to_dict(self) -> dict[str, Any]:

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from dast.models.segmentor import Encoder
+
 
 def _frozen_bn(channels: int, freeze_affine: bool) -> nn.BatchNorm2d:
     bn = nn.BatchNorm2d(channels, affine=True)
@@ -86,7 +88,7 @@ def make_stage(
     return nn.Sequential(*layers)
 
 
-class ResNetEncoder(nn.Module):
+class ResNetEncoder(Encoder):
     """E of the segmentor: stem, layer1..layer4 (layer4 without its last block).
 
     The stem (``stem_width`` channels, default ``width``) divides the resolution by 4;

@@ -13,10 +13,24 @@ from collections.abc import Iterator
 from torch import Tensor, nn
 
 
+class Encoder(nn.Module):
+    """E: images -> the feature map at the attention point, ``out_channels`` wide.
+
+    The ResNet, VGG and timm encoders derive from it; each sets ``out_channels`` and lists
+    its top-level stages.
+    """
+
+    out_channels: int
+
+    def stages(self) -> list[nn.Module]:
+        """Top-level stages in the order of the released parameter generator."""
+        return list(self.children())
+
+
 class Segmentor(nn.Module):
     """DeepLab-v2 segmentor composed of an encoder, a tail stage and a classifier."""
 
-    def __init__(self, encoder: nn.Module, tail: nn.Module, classifier: nn.Module, num_classes: int) -> None:
+    def __init__(self, encoder: Encoder, tail: nn.Module, classifier: nn.Module, num_classes: int) -> None:
         super().__init__()
         self.encoder = encoder
         self.tail = tail

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from dast.contexts import autocast
-from dast.losses import upsample
+from dast.losses import spatial_size, upsample
 from dast.models.attention import attend
 from dast.models.discriminators import Discoverer
 from dast.models.segmentor import Segmentor
@@ -44,11 +44,11 @@ def predict_full_res(
     Returns (logits N x C x H x W, attention N x 1 x H x W; zeros for a model that returns no
     attention). No gradients are recorded.
     """
-    out_size = tuple(x.shape[-2:]) if size is None else (int(size[0]), int(size[1]))
+    out_size = spatial_size(x) if size is None else (int(size[0]), int(size[1]))
     with torch.no_grad():
         with autocast(x.device, amp_dtype):
             logits, alpha = model(x)
-        up = upsample(logits.float(), out_size)  # type: ignore[arg-type]
+        up = upsample(logits.float(), out_size)
         if alpha is None:  # a model without attention (a plain segmentor wrapped to return a pair)
             return up, torch.zeros_like(up[:, :1])
-        return up, upsample(alpha.float(), out_size)  # type: ignore[arg-type]
+        return up, upsample(alpha.float(), out_size)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from dast.errors import ConfigError, UserError
 from dast.models.aspp import ASPPClassifier
-from dast.models.segmentor import Segmentor
+from dast.models.segmentor import Encoder, Segmentor
 
 INSTALL_HINT = "pip install 'dast[timm]'"
 DEFAULT_STRIDE = 8
@@ -61,7 +61,7 @@ def aspp_rates(output_stride: int) -> tuple[int, ...]:
     return tuple(max(1, r * DEFAULT_STRIDE // output_stride) for r in PAPER_RATES)
 
 
-class TimmEncoder(nn.Module):
+class TimmEncoder(Encoder):
     """E: a timm feature extractor returning only its deepest feature map (N x C x h x w).
 
     ``body`` is timm's features-only network; its state-dict keys sit under ``body.``.

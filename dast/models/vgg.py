@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from dast.models.segmentor import Encoder
+
 # torchvision vgg16 "features" indices of the convolutions, with their (in, out) channels
 _VGG16_CONVS = {
     0: (3, 64), 2: (64, 64),
@@ -48,7 +50,7 @@ def _module_for(orig_index: int) -> nn.Module:
     return nn.ReLU(inplace=True)
 
 
-class VGGEncoder(nn.Module):
+class VGGEncoder(Encoder):
     """E of the VGG-16 segmentor: conv1_1 .. conv5_3 (with ReLU), output stride 8."""
 
     def __init__(self) -> None:

@@ -50,7 +50,9 @@ def _shrink(arr: np.ndarray, nearest: bool) -> np.ndarray:
     if w <= DISPLAY_WIDTH:
         return arr
     size = (DISPLAY_WIDTH, max(1, round(h * DISPLAY_WIDTH / w)))
-    return np.asarray(Image.fromarray(arr).resize(size, Image.NEAREST if nearest else Image.BILINEAR))
+    return np.asarray(
+        Image.fromarray(arr).resize(size, Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR)
+    )
 
 
 def pixel_accuracy(pred: np.ndarray, label: np.ndarray) -> float | None:

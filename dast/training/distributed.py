@@ -34,7 +34,9 @@ class AdversaryPair(nn.Module):
         self.discoverer = discoverer
         self.corrector = corrector
 
-    def forward(self, f_s: Tensor | None, p_s: Tensor | None, f_t: Tensor | None, p_t: Tensor | None):  # type: ignore[no-untyped-def]
+    def forward(
+        self, f_s: Tensor | None, p_s: Tensor | None, f_t: Tensor | None, p_t: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         d, c = self.discoverer, self.corrector
         return (
             d(f_s) if (d is not None and f_s is not None) else None,

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -29,9 +29,27 @@ from dast.models.io import Networks
 from dast.training.graphs import GraphedStep
 from dast.training.optim import build_optimizers, poly_lr, set_lrs
 from dast.training.runtime import Runtime
-from dast.training.step import StepModels, StepSettings, compute_gradients, losses_finite, train_step
+from dast.training.step import Autocast, StepModels, StepSettings, compute_gradients, losses_finite, train_step
 
-StepFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], "tuple[dict[str, Tensor], bool]"]
+
+class StepFn(Protocol):
+    """The signature of :func:`~dast.training.step.train_step`."""
+
+    def __call__(
+        self,
+        models: StepModels,
+        seg_opt: torch.optim.Optimizer,
+        disc_opt: torch.optim.Optimizer | None,
+        source_images: Tensor,
+        source_labels: Tensor,
+        target_images: Tensor,
+        target_labels: Tensor | None,
+        settings: StepSettings,
+        autocast: Autocast,
+        check_finite: bool = True,
+        *,
+        adv_scale: Tensor | float | None = None,
+    ) -> tuple[dict[str, Tensor], bool]: ...
 
 
 @dataclass
@@ -241,7 +259,8 @@ class Engine:
         scale = self.warmup.scale(step) if self.warmup is not None else None
         if self.graphed is not None:
             if self._adv_scale is not None:
-                self._adv_scale.fill_(float(scale))  # type: ignore[arg-type]
+                assert scale is not None  # the tensor exists only with a warm-up
+                self._adv_scale.fill_(float(scale))
             out, applied = self.graphed(xs, ys, xt, yt)
         elif self.scaler is not None:
             out, applied = _scaled_step(self, xs, ys, xt, yt, scale)
@@ -253,7 +272,7 @@ class Engine:
                 xs,
                 ys,
                 xt,
-                yt,  # type: ignore[call-arg]
+                yt,
                 self.settings,
                 self.runtime.autocast,
                 adv_scale=scale,
@@ -311,9 +330,9 @@ def _scaled_step(
     grads = [p.grad for opt in opts for g in opt.param_groups for p in g["params"] if p.grad is not None]
     finite = bool(losses_finite(out)) and (not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all()))
     if not finite:
-        for opt in (engine.seg_opt, engine.disc_opt):
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
+        for maybe_opt in (engine.seg_opt, engine.disc_opt):
+            if maybe_opt is not None:
+                maybe_opt.zero_grad(set_to_none=True)
         scaler.update()  # unscale_ recorded the overflow: the scale goes down
         return out, False
     for opt in opts:

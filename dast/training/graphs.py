@@ -10,7 +10,7 @@ CUDA-only paths raise :class:`RuntimeError` on other devices; nothing here runs 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor
@@ -29,6 +29,10 @@ def _require_cuda(t: Tensor, what: str) -> None:
         raise RuntimeError(f"{what} needs CUDA tensors (got {t.device.type}); use the eager step on this device")
 
 
+@overload
+def _static_like(t: Tensor, device: torch.device) -> Tensor: ...
+@overload
+def _static_like(t: Tensor | None, device: torch.device) -> Tensor | None: ...
 def _static_like(t: Tensor | None, device: torch.device) -> Tensor | None:
     return None if t is None else torch.empty_like(t, device=device)
 
@@ -36,6 +40,17 @@ def _static_like(t: Tensor | None, device: torch.device) -> Tensor | None:
 def _copy_into(dst: Tensor | None, src: Tensor | None) -> None:
     if dst is not None and src is not None:
         dst.copy_(src, non_blocking=True)
+
+
+def _lr_loader(opt: torch.optim.Optimizer) -> Callable[[], None]:
+    """``opt.load_lr``: copies the learning rates into the device tensors a captured step reads."""
+    load_lr: Callable[[], None] | None = getattr(opt, "load_lr", None)
+    if load_lr is None or not getattr(opt, "tensor_lr", True):
+        raise RuntimeError(
+            f"{type(opt).__name__} keeps its learning rate on the host; "
+            "use ForeachSGD(tensor_lr=True) and CapturableAdam"
+        )
+    return load_lr
 
 
 class GraphedStep:
@@ -77,12 +92,7 @@ class GraphedStep:
     ) -> None:
         if models.adversaries is not None or models.seg_no_sync is not None:
             raise RuntimeError("GraphedStep does not support data-parallel (DDP) models")
-        for opt in (seg_opt, disc_opt):
-            if opt is not None and not (hasattr(opt, "load_lr") and getattr(opt, "tensor_lr", True)):
-                raise RuntimeError(
-                    f"{type(opt).__name__} keeps its learning rate on the host; "
-                    "use ForeachSGD(tensor_lr=True) and CapturableAdam"
-                )
+        self._lr_loaders = [_lr_loader(opt) for opt in (seg_opt, disc_opt) if opt is not None]
         self.models, self.seg_opt, self.disc_opt, self.settings = models, seg_opt, disc_opt, settings
         self.warmup = max(int(warmup), 1)
         self.check_finite = check_finite
@@ -96,7 +106,7 @@ class GraphedStep:
     def reset(self) -> None:
         """Drop the graphs and buffers; the next calls warm up and capture again."""
         self.calls = 0
-        self._static: list[Tensor | None] | None = None
+        self._static: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None
         self._graphs: list[torch.cuda.CUDAGraph] = []
         self._keys: list[str] = []
         self._vals: Tensor | None = None
@@ -107,9 +117,8 @@ class GraphedStep:
         return bool(self._graphs)
 
     def _load_lrs(self) -> None:
-        for opt in (self.seg_opt, self.disc_opt):
-            if opt is not None:
-                opt.load_lr()  # type: ignore[attr-defined]
+        for load_lr in self._lr_loaders:
+            load_lr()
 
     def _capture(self) -> None:
         assert self._static is not None
@@ -127,7 +136,7 @@ class GraphedStep:
                 xs,
                 ys,
                 xt,
-                yt,  # type: ignore[arg-type]
+                yt,
                 self.settings,
                 self.autocast,
                 adv_scale=self.adv_scale,
@@ -149,7 +158,12 @@ class GraphedStep:
     ) -> tuple[dict[str, Tensor], bool]:
         batch = [source_images, source_labels, target_images, target_labels]
         if self._static is None:
-            self._static = [_static_like(t, self.device) for t in batch]
+            self._static = (
+                _static_like(source_images, self.device),
+                _static_like(source_labels, self.device),
+                _static_like(target_images, self.device),
+                _static_like(target_labels, self.device),
+            )
         for dst, src in zip(self._static, batch):
             if (dst is None) != (src is None):
                 raise RuntimeError(
@@ -173,7 +187,7 @@ class GraphedStep:
                     xs,
                     ys,
                     xt,
-                    yt,  # type: ignore[arg-type]
+                    yt,
                     self.settings,
                     self.autocast,
                     check_finite=self.check_finite,

@@ -140,7 +140,7 @@ def to_channels_last(*modules: nn.Module | None) -> None:
     """Convert the 4-d parameters and buffers of ``modules`` to channels_last, in place."""
     for m in modules:
         if m is not None:
-            m.to(memory_format=torch.channels_last)
+            m.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch stub: no memory_format
 
 
 def compile_segmentor(segmentor: nn.Module, *, mode: str | None = None, backend: str = "inductor") -> nn.Module:

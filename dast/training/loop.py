@@ -178,8 +178,8 @@ class StageLoop:
                 else:
                     self.faults.on_success(self.state.step)
                 self.state.step += 1  # a skipped step still counts: its evaluation and checkpoint follow
-                for h in self.hooks:
-                    h.after_step(self, result, source, target)
+                for hook in self.hooks:
+                    hook.after_step(self, result, source, target)
         finally:
             self.data.close()  # even when an exception leaves the loop
             self.logger.close(self)

@@ -22,7 +22,7 @@ Two families, chosen by :func:`build_optimizers`:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -81,7 +81,7 @@ class SequentialDuplicateSGD(torch.optim.Optimizer):
         super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, multiplicity=None))
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[no-untyped-def, override]
+    def step(self, closure: None = None) -> None:  # type: ignore[override]  # no closures: the base class takes one
         for group in self.param_groups:
             lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p, k in zip(group["params"], group["multiplicity"]):
@@ -209,22 +209,21 @@ class ForeachSGD(_TensorLR, torch.optim.Optimizer):
         *,
         tensor_lr: bool = False,
     ) -> None:
-        groups = list(groups)
-        if groups and isinstance(groups[0], Tensor):
-            groups = [{"params": groups}]
-        for g in groups:
-            g["params"] = list(g["params"])  # type: ignore[index]
-            mult = g.setdefault("multiplicity", [1] * len(g["params"]))  # type: ignore[union-attr]
-            if len(mult) != len(g["params"]) or any(int(k) < 1 for k in mult):  # type: ignore[index]
+        listed: list[Any] = list(groups)
+        dicts: list[dict[str, Any]] = [{"params": listed}] if listed and isinstance(listed[0], Tensor) else listed
+        for g in dicts:
+            g["params"] = list(g["params"])
+            mult = g.setdefault("multiplicity", [1] * len(g["params"]))
+            if len(mult) != len(g["params"]) or any(int(k) < 1 for k in mult):
                 raise ValueError("each parameter needs a multiplicity >= 1")
         if momentum < 0 or weight_decay < 0:
             raise ValueError("momentum and weight decay must be >= 0")
-        super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, multiplicity=None))
+        super().__init__(dicts, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, multiplicity=None))
         self.tensor_lr = tensor_lr
         self._init_lr_tensors()
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
+    def step(self, closure: None = None) -> None:  # type: ignore[override]  # no closures: the base class takes one
         if self.tensor_lr and not capturing():
             self.load_lr()
         for gi, group in enumerate(self.param_groups):
@@ -279,7 +278,7 @@ class CapturableAdam(_TensorLR, torch.optim.Optimizer):
         self._init_lr_tensors()
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
+    def step(self, closure: None = None) -> None:  # type: ignore[override]  # no closures: the base class takes one
         if not capturing():
             self.load_lr()
         for gi, group in enumerate(self.param_groups):

@@ -172,6 +172,9 @@ class Pipeline:
     def plans(self) -> list[StagePlan]:
         cfg = self.cfg
         tr, st = cfg.train, cfg.self_training
+        # a run's config is resolved (dast.config.resolve): no variant-dependent null is left
+        assert tr.head_lr_mult is not None and st.head_lr_mult is not None
+        assert st.lr is not None and st.poly_steps is not None
         has_disc = cfg.adversarial.discoverer or cfg.adversarial.corrector
         mult = float(self.rt.world_size) if cfg.distributed.lr_scaling == "linear" else 1.0
         out = [

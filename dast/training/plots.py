@@ -23,7 +23,7 @@ def plot_selection_curves(history: Sequence[dict[str, Any]], path: Path) -> None
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, markersize=3, label=label)
             drawn = True
-    starts = {}
+    starts: dict[str, int] = {}
     for h in history:
         starts.setdefault(h["stage"], h["global_step"] - h["step"])
     for name, x0 in starts.items():

@@ -133,7 +133,7 @@ def model_spec_for(cfg: Config) -> ModelSpec:
         num_classes=cfg.model.num_classes,
         variant=cfg.variant,
         norm=cfg.model.norm,
-        input_size=tuple(cfg.target.size) if cfg.target.size else None,
+        input_size=cfg.target.size or None,
         discoverer=adv.discoverer,
         corrector=adv.corrector,
         attention=adv.attention,
@@ -141,7 +141,7 @@ def model_spec_for(cfg: Config) -> ModelSpec:
         timm_name=cfg.model.timm_name,
         output_stride=cfg.model.output_stride,
         class_names=list(table.names),
-        class_colors=[tuple(c) for c in table.colors],
+        class_colors=list(table.colors),
     )
 
 

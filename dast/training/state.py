@@ -54,6 +54,7 @@ def optimizer_from_flat(
 def rng_to_flat() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {"rng.torch": torch.get_rng_state()}
     np_state = np.random.get_state()
+    assert isinstance(np_state, tuple)  # the legacy form (legacy=True is the default)
     tensors["rng.numpy"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
     py = random.getstate()
     doc = {

@@ -55,7 +55,7 @@ class StepSettings:
     that BatchNorm sees target images (the ``source_only_bn`` control).
     """
 
-    adv_loss: str = "lsgan"
+    adv_loss: losses.AdvLossName = "lsgan"
     lambda_d: float = 0.01
     lambda_c: float = 0.01
     attention: bool = True
@@ -140,6 +140,18 @@ class _Plan:
     def reuse_for_disc(self) -> bool:
         return self.reuse and self.pair is None
 
+    @property
+    def discoverer(self) -> Discoverer:
+        """D, for the paths that run it (``use_d`` or ``attention``, each of which implies it)."""
+        assert self.disc is not None
+        return self.disc
+
+    @property
+    def corrector(self) -> Corrector:
+        """C, for the paths that run it (``use_c``, which implies it)."""
+        assert self.corr is not None
+        return self.corr
+
 
 @dataclass
 class _Flow:
@@ -179,7 +191,7 @@ def _plan(
     attention = settings.attention and models.discoverer is not None
     reuse = settings.reuse_discoverer
     seg_params = [p for g in seg_opt.param_groups for p in g["params"] if p.requires_grad]
-    disc_params = [p for m in ((disc if use_d else None), corr) if m is not None for p in m.parameters()]
+    disc_params: list[Tensor] = [p for m in ((disc if use_d else None), corr) if m is not None for p in m.parameters()]
     return _Plan(
         use_d=use_d,
         use_c=use_c,
@@ -213,7 +225,7 @@ def source_phase(
         with autocast():
             f_s = p.extract(images)
             logits_s = p.predict(f_s)
-        up_s = losses.upsample(_full(logits_s), tuple(labels.shape[-2:]))
+        up_s = losses.upsample(_full(logits_s), losses.spatial_size(labels))
         l_seg = losses.segmentation_loss(up_s, labels)
         p.backward(l_seg, p.seg_inputs)
     out["loss/seg"] = l_seg.detach()
@@ -225,15 +237,15 @@ def _target_forward(p: _Plan, images: Tensor, autocast: Autocast, flow: _Flow) -
         f_t = p.extract(images)
         d_t = alpha = None
         if p.attention:
-            d_t = p.disc(f_t)  # type: ignore[misc]
+            d_t = p.discoverer(f_t)
             f_att, alpha = attend(f_t, d_t)
         else:
             f_att = f_t
             if p.use_d:
-                d_t = p.disc(f_t)  # type: ignore[misc]
+                d_t = p.discoverer(f_t)
         logits_t = p.predict(f_att)
     flow.f_t, flow.d_t, flow.alpha = f_t, d_t, alpha
-    flow.up_t = losses.upsample(_full(logits_t), tuple(images.shape[-2:]))
+    flow.up_t = losses.upsample(_full(logits_t), losses.spatial_size(images))
 
 
 def target_phase(
@@ -257,26 +269,26 @@ def target_phase(
     if p.use_d:
         if not p.reuse and p.attention:  # released: a second evaluation of D for the loss
             with autocast():
-                d_t_loss = p.disc(flow.f_t)  # type: ignore[misc, arg-type]
+                d_t_loss = p.discoverer(flow.f_t)
         else:
-            d_t_loss = flow.d_t  # type: ignore[assignment]
-        l_adv_d = losses.adversarial_loss(settings.adv_loss, _full(d_t_loss), SOURCE_LABEL)  # type: ignore[arg-type]
+            d_t_loss = flow.d_t
+        l_adv_d = losses.adversarial_loss(settings.adv_loss, _full(d_t_loss), SOURCE_LABEL)
         g_loss = g_loss + _adversarial(l_adv_d, settings.lambda_d, adv_scale)
         out["loss/adv_d"] = l_adv_d.detach()
-        out["out/d_target"] = d_t_loss.detach().float().mean()  # type: ignore[union-attr]
+        out["out/d_target"] = d_t_loss.detach().float().mean()
     if p.use_c:
         with autocast():
-            flow.c_t = p.corr(F.softmax(up_t, dim=1))  # type: ignore[misc]
+            flow.c_t = p.corrector(F.softmax(up_t, dim=1))
         c_t = _full(flow.c_t)
         if settings.weight_segmentor_adv and flow.alpha is not None:
             l_adv_c = losses.attention_weighted_corrector_loss(
                 settings.adv_loss,
                 c_t,
-                SOURCE_LABEL,  # type: ignore[arg-type]
+                SOURCE_LABEL,
                 _full(flow.alpha),
             )
         else:
-            l_adv_c = losses.adversarial_loss(settings.adv_loss, c_t, SOURCE_LABEL)  # type: ignore[arg-type]
+            l_adv_c = losses.adversarial_loss(settings.adv_loss, c_t, SOURCE_LABEL)
         g_loss = g_loss + _adversarial(l_adv_c, settings.lambda_c, adv_scale)
         out["loss/adv_c"] = l_adv_c.detach()
         out["out/c_target"] = flow.c_t.detach().float().mean()
@@ -293,28 +305,31 @@ def _discriminator_outputs(p: _Plan, flow: _Flow, autocast: Autocast) -> dict[st
     """D(f_s), C(p_s), D(f_t), C(p_t) on detached inputs (the target ones taken from the
     segmentor's graph when D(f_t) is reused)."""
     with autocast():
-        d_s = p.disc(flow.f_s.detach()) if p.use_d else None  # type: ignore[misc]
-        c_s = p.corr(F.softmax(flow.up_s.detach(), dim=1)) if p.use_c else None  # type: ignore[misc]
+        d_s = p.discoverer(flow.f_s.detach()) if p.use_d else None
+        c_s = p.corrector(F.softmax(flow.up_s.detach(), dim=1)) if p.use_c else None
     d_t = c_t = None
     if p.use_d:
         if p.reuse_for_disc and flow.d_t is not None:
             d_t = flow.d_t
         else:
+            assert flow.f_t is not None  # the target forward ran: use_d implies need_target
             with autocast():
-                d_t = p.disc(flow.f_t.detach())  # type: ignore[misc, union-attr]
+                d_t = p.discoverer(flow.f_t.detach())
     if p.use_c:
         if p.reuse_for_disc and flow.c_t is not None:
             c_t = flow.c_t
         else:
+            assert flow.up_t is not None  # the target forward ran: use_c implies need_target
             with autocast():
-                c_t = p.corr(F.softmax(flow.up_t.detach(), dim=1))  # type: ignore[misc, union-attr]
+                c_t = p.corrector(F.softmax(flow.up_t.detach(), dim=1))
     return {"d_source": d_s, "c_source": c_s, "d_target": d_t, "c_target": c_t}
 
 
 def _pair_outputs(p: _Plan, flow: _Flow, autocast: Autocast) -> dict[str, Tensor | None]:
     """The same four outputs through the DDP-wrapped pair (one forward)."""
+    assert p.pair is not None
     with autocast():
-        d_s, c_s, d_t, c_t = p.pair(  # type: ignore[misc]
+        d_s, c_s, d_t, c_t = p.pair(
             flow.f_s.detach() if p.use_d else None,
             F.softmax(flow.up_s.detach(), dim=1) if p.use_c else None,
             flow.f_t.detach() if (p.use_d and flow.f_t is not None) else None,
@@ -333,9 +348,9 @@ def _term_losses(
         if o is None:
             continue
         if term.weighted and settings.weight_corrector_adv and alpha is not None:
-            loss = losses.attention_weighted_corrector_loss(settings.adv_loss, _full(o), term.label, _full(alpha))  # type: ignore[arg-type]
+            loss = losses.attention_weighted_corrector_loss(settings.adv_loss, _full(o), term.label, _full(alpha))
         else:
-            loss = losses.adversarial_loss(settings.adv_loss, _full(o), term.label)  # type: ignore[arg-type]
+            loss = losses.adversarial_loss(settings.adv_loss, _full(o), term.label)
         out[f"loss/{term.key}"] = loss.detach()
         if term.label == SOURCE_LABEL:
             out[f"out/{term.key}"] = o.detach().float().mean()
@@ -370,9 +385,9 @@ def discriminator_phase(
         # D(f_t) and C(p_t) come from the segmentor's graph, where p_t depends on D
         # through the attention: route each loss to its own discriminator only.
         if p.use_d:
-            p.backward(terms["d_target"], list(p.disc.parameters()), retain=p.use_c)  # type: ignore[union-attr]
+            p.backward(terms["d_target"], list(p.discoverer.parameters()), retain=p.use_c)
         if p.use_c:
-            p.backward(terms["c_target"], list(p.corr.parameters()))  # type: ignore[union-attr]
+            p.backward(terms["c_target"], list(p.corrector.parameters()))
     elif l_tgt.requires_grad:
         p.backward(l_tgt, None)
     out["loss/disc"] = (l_src + l_tgt).detach()

@@ -291,6 +291,7 @@ class ThresholdEstimator:
         if reduce:
             self.all_reduce()
         if self.mode == "exact-reference" and self._current == 0:
+            assert self.portion is not None  # the constructor requires it in this mode
             k = self._selected_k(self.portion)
             self._bucket = _kth_bin_from_top(self._hist, k)
             self._rank = k - _count_above(self._hist, self._bucket)
@@ -304,8 +305,8 @@ class ThresholdEstimator:
 
     # -- results ------------------------------------------------------------------------
 
-    def _selected_k(self, portion: float | None) -> Tensor:
-        q = float(portion)  # type: ignore[arg-type]
+    def _selected_k(self, portion: float) -> Tensor:
+        q = float(portion)
         ks = [int(math.floor(int(n) * q)) for n in self.selected_counts.tolist()]
         return torch.tensor(ks, dtype=torch.int64, device=self.device)
 
