@@ -340,7 +340,7 @@ def measure_modes(
             for i in range(case.warmup):
                 case.fn(i)
             cases.append(case)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - an error row for this mode; the others go on
             cases.append(_error(exc))
     times: list[list[float]] = [[] for _ in cases]
     for it in range(iters):
@@ -349,7 +349,7 @@ def measure_modes(
                 continue
             try:
                 times[k].extend(measure(partial(_call_at, entry, it), iters=1, warmup=0, device=device).times_ms)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - an error row for this mode; the others go on
                 cases[k] = _error(exc)
     for name, entry, ts in zip(modes, cases, times):
         mode = resolve_mode(name, device)

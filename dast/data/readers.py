@@ -59,7 +59,7 @@ def read_image(path: PathLike) -> np.ndarray:
     img = _open_fully(path, "image")
     try:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
         raise DataError(f"cannot read image {path}: {_reason(exc)}") from None
 
 
@@ -69,7 +69,7 @@ def image_size(path: PathLike) -> tuple[int, int]:
     try:
         with Image.open(p) as img:
             return img.size
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
         raise DataError(f"cannot read image {p}: {_reason(exc)}") from None
 
 
