@@ -110,6 +110,11 @@ def test_bench_config_is_a_valid_training_config() -> None:
     assert plan.index == 1 and plan.duplicate_params and plan.poly_steps == 250_000
 
 
+def test_bench_plans_carry_the_run_directory_stage_names() -> None:
+    # the benchmarks' STAGE1 schedule once shadowed the stage name imported from dast.rundir
+    assert (bench_plan(Schedule()).name, bench_plan(Schedule(), stage=2).name) == ("stage1", "round1")
+
+
 # ---------------------------------------------------------------------------------------
 # Adversarial warm-up
 

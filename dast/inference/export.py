@@ -2,8 +2,9 @@
 
 The graph takes ``image`` (N x 3 x H x W, float32, already normalised as the
 checkpoint's ``norm`` says, at any size) and returns ``logits`` (N x C x h x w, output
-stride 8, or the checkpoint's ``output_stride``) and ``attention`` (N x 1 x h x w, values in [0, 1)). Batch, height and width
-are dynamic. The model's preprocessing convention is stored in the ONNX metadata.
+stride 8, or the checkpoint's ``output_stride``) and ``attention`` (N x 1 x h x w, values
+in [0, 1)). Batch, height and width are dynamic. The model's preprocessing convention is
+stored in the ONNX metadata.
 """
 
 from __future__ import annotations
