@@ -206,9 +206,8 @@ class RuntimeConfig(_Strict):
     channels_last: bool | None = None
     compile: bool = False  # torch.compile the segmentor halves (state-dict keys unchanged)
     cuda_graphs: bool = False  # replay the whole iteration as CUDA graphs (single GPU; see docs/performance.md)
-    optimizers: Literal["auto", "released", "foreach"] = (
-        "auto"  # auto: foreach with cuda_graphs, else released (torch SGD/Adam)
-    )
+    # auto: foreach with cuda_graphs, else released (torch SGD/Adam)
+    optimizers: Literal["auto", "released", "foreach"] = "auto"
     deterministic: bool | None = None  # null: true on CPU, false on CUDA (cuDNN autotuning)
 
 
