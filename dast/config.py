@@ -80,9 +80,8 @@ class DatasetConfig(_Strict):
     classes: list[ClassSpec] | None = None  # folder datasets
     domain: Literal["source", "target"] = "source"  # synthetic datasets
     count: int = Field(default=200, ge=1)  # synthetic datasets
-    shift: Literal["appearance", "appearance+layout"] = (
-        "appearance"  # synthetic datasets: what differs between the domains
-    )
+    # synthetic datasets: what differs between the domains
+    shift: Literal["appearance", "appearance+layout"] = "appearance"
     augment: AugmentConfig = AugmentConfig()
     on_corrupt: Literal["fail", "skip"] = "fail"
 
@@ -171,9 +170,8 @@ class SelfTrainingConfig(_Strict):
     # "frozen" (eval mode, the stage-1 running statistics, as the released DAST_train.py); null: the variant's
     batchnorm: Literal["train", "frozen"] | None = None
     eval_every: int | None = Field(default=None, ge=1)  # null: train.eval_every
-    rule: Literal["ratio", "threshold"] = (
-        "ratio"  # ratio: released argmax(p/t); threshold: keep argmax p where p >= t_c
-    )
+    # ratio: released argmax(p/t); threshold: keep argmax p where p >= t_c
+    rule: Literal["ratio", "threshold"] = "ratio"
     bins: int = Field(default=65536, ge=16)
     subsample: int = Field(default=4, ge=1)
     preview_count: int = Field(default=8, ge=0)
