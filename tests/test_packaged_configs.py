@@ -9,6 +9,7 @@ import shutil
 import site
 import subprocess
 import sys
+import textwrap
 import zipfile
 from pathlib import Path
 
@@ -153,8 +154,8 @@ def test_sweep_takes_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 def test_a_user_config_extends_a_packaged_one_by_name(tmp_path: Path) -> None:
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    example = readme.split("```yaml\n")[1].split("```")[0]
-    assert example.startswith("extends: base/common")
+    example = textwrap.dedent(readme.split("```yaml\n")[1].split("```")[0])  # the README's "Your own data" example
+    assert example.splitlines()[1].startswith("extends: base/common")
     (tmp_path / "mine.yaml").write_text(example)
     cfg = load_config(tmp_path / "mine.yaml")
     assert cfg.train.steps == 150000 and cfg.model.num_classes == 3 and cfg.self_training.rounds == 3
