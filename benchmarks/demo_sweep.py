@@ -74,7 +74,14 @@ STAGE1: dict[str, dict[str, Any]] = {
         _lr(0.0025), {"adversarial": {"corrector_weighting": "both"}}
     ),
     "lr 0.0025, ratio 2.5, lambda 0.03": deep_merge(_lr(0.0025), {"adversarial": {"lambda_d": 0.03, "lambda_c": 0.03}}),
+    # third pass: lambda 0.03 won at the grid's edge
+    "lr 0.0025, ratio 2.5, lambda 0.1": deep_merge(_lr(0.0025), {"adversarial": {"lambda_d": 0.1, "lambda_c": 0.1}}),
 }
+
+# The baseline's own lambda (AdaptSegNet publishes 0.001) at the learning rates chosen for both
+# methods above, so that DA's tuned lambda is not compared with an untuned baseline.
+BASELINE_LAMBDA_LR = 0.0025
+BASELINE_LAMBDAS = (0.001, 0.003, 0.01, 0.03)
 
 SELF_TRAINING: dict[str, dict[str, Any]] = {
     "base: BN train, lr 0.002, 300 steps, q 0.5, ratio rule": {},
@@ -144,7 +151,24 @@ def sweep_stage1(
             trees[f"{_slug(name)}_s{seed}"] = runs["dast"]
             if "weighting" not in name and "warm-up" not in name and "lambda 0.01" in name:
                 trees[f"{_slug(name)}_s{seed}_baseline"] = runs["baseline"]
+    for lam in BASELINE_LAMBDAS:
+        for seed in seeds:
+            base = demo_tree(
+                quick=quick,
+                seed=seed,
+                shift=shift,
+                overrides=deep_merge(_lr(BASELINE_LAMBDA_LR), {"self_training": {"rounds": 0}}),
+            )
+            trees[f"baseline_lambda{lam:g}_s{seed}"] = deep_merge(
+                run_trees(base)["baseline"], {"adversarial": {"lambda_c": lam}}
+            )
     train_runs(trees, work / "stage1", workers, progress)
+    baseline_lambda: dict[str, dict[str, dict[str, Any]]] = {}
+    for lam in BASELINE_LAMBDAS:
+        for seed in seeds:
+            run = RunDir(work / "stage1" / f"baseline_lambda{lam:g}_s{seed}")
+            key = f"baseline, lr {BASELINE_LAMBDA_LR}, lambda {lam:g}"
+            baseline_lambda.setdefault(key, {})[str(seed)] = _selected(run, "stage1")
     for name in STAGE1:
         for seed in seeds:
             results.setdefault(name, {})[str(seed)] = _selected(
@@ -161,6 +185,8 @@ def sweep_stage1(
         "da_mean": _summaries(results),
         "baseline": baseline,
         "baseline_mean": _summaries(baseline),
+        "baseline_lambda": baseline_lambda,
+        "baseline_lambda_mean": _summaries(baseline_lambda),
     }
 
 
@@ -245,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                 out["baseline_mean"],
                 "AdaptSegNet baseline (its own lambda 0.001 and BCE; the learning rates of the row)",
             )
+            + "\n\n"
+            + table(out["baseline_lambda_mean"], "AdaptSegNet baseline: its lambda at the chosen learning rates")
         )
     else:
         if args.stage1_setting is None:
