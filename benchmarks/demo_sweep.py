@@ -83,13 +83,15 @@ STAGE1: dict[str, dict[str, Any]] = {
 BASELINE_LAMBDA_LR = 0.0025
 BASELINE_LAMBDAS = (0.001, 0.003, 0.01, 0.03)
 
+# The round's learning rate starts at stage 1's, as in the paper (2.5e-4 in both stages).
+ST_LR = 0.0025
 SELF_TRAINING: dict[str, dict[str, Any]] = {
-    "base: BN train, lr 0.002, 300 steps, q 0.5, ratio rule": {},
-    "BN frozen (as released)": {"self_training": {"batchnorm": "frozen"}},
+    "base: BN train, lr 0.0025 (= stage 1), 300 steps, q 0.5, ratio rule": {"self_training": {"lr": ST_LR}},
+    "BN frozen (as released)": {"self_training": {"lr": ST_LR, "batchnorm": "frozen"}},
     "lr 0.0005": {"self_training": {"lr": 0.0005}},
-    "600 steps": {"self_training": {"steps": 600, "eval_every": 150}},
-    "q 0.3": {"self_training": {"portion": 0.3}},
-    "threshold rule": {"self_training": {"rule": "threshold"}},
+    "600 steps": {"self_training": {"lr": ST_LR, "steps": 600, "eval_every": 150}},
+    "q 0.3": {"self_training": {"lr": ST_LR, "portion": 0.3}},
+    "threshold rule": {"self_training": {"lr": ST_LR, "rule": "threshold"}},
 }
 
 
