@@ -116,8 +116,10 @@ def _selected(run: RunDir, stage: str) -> dict[str, Any]:
 
 
 def _mean(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return statistics.fmean(vals) if vals else None
+    """The mean, or None when any value is missing (a failed run fails its setting)."""
+    if not values or any(v is None for v in values):
+        return None
+    return statistics.fmean(v for v in values if v is not None)
 
 
 def _summaries(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -209,12 +211,21 @@ def sweep_self_training(
             stage1 = setting_overrides(stage1_setting, STAGE1[stage1_setting], quick)
             overrides = deep_merge(stage1, deep_merge({"self_training": {"rounds": 1}}, change))
             trees[run.name] = demo_tree(quick=quick, seed=seed, shift=shift, overrides=overrides)
-    train_runs(trees, work / "self_training", workers, progress, force=True)
+    failed: dict[str, str] = {}
+    train_runs(trees, work / "self_training", workers, progress, force=True, failures=failed)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for name in SELF_TRAINING:
         for seed in seeds:
-            run = RunDir(work / "self_training" / f"{_slug(name)}_s{seed}")
-            results.setdefault(name, {})[str(seed)] = {**_selected(run, "round1"), "stage1": _selected(run, "stage1")}
+            folder = f"{_slug(name)}_s{seed}"
+            run = RunDir(work / "self_training" / folder)
+            if folder in failed:  # e.g. the losses diverged: no score, and the reason is kept
+                scores: dict[str, Any] = {
+                    k: None for k in ("step", "synthetic", "target_info", "last_synthetic", "last_target_info")
+                }
+                scores["failed"] = failed[folder]
+            else:
+                scores = _selected(run, "round1")
+            results.setdefault(name, {})[str(seed)] = {**scores, "stage1": _selected(run, "stage1")}
     start = {name: {"stage1": {s: r["stage1"] for s, r in per_seed.items()}} for name, per_seed in results.items()}
     stage1_mean = _mean([r["stage1"]["synthetic"] for per_seed in results.values() for r in per_seed.values()])
     return {
@@ -226,6 +237,7 @@ def sweep_self_training(
         "dast": results,
         "dast_mean": _summaries(results),
         "start": start,
+        "failed": failed,
     }
 
 
@@ -248,6 +260,8 @@ def table(means: dict[str, dict[str, Any]], title: str) -> str:
             f"| {name}{mark} | {_fmt(m['synthetic'])} | {_fmt(m['last_synthetic'])} | "
             f"{_fmt(m['target_info'])} | {_fmt(m['last_target_info'])} |"
         )
+    if any(m["synthetic"] is None for m in means.values()):
+        lines += ["", "-: a seed's run stopped on non-finite losses (the reason is under `failed` in the JSON)."]
     return "\n".join(lines)
 
 

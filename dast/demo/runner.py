@@ -16,6 +16,7 @@ import torch
 from dast.checkpoint import read_meta
 from dast.config import Config, from_tree
 from dast.data.datasets import build_dataset
+from dast.errors import NumericalFault, UserError
 from dast.evaluation.evaluate import evaluate_model
 from dast.models.io import Networks, load_networks
 from dast.rundir import STAGE1, RunDir, round_name
@@ -32,20 +33,47 @@ def _train(tree: dict[str, Any], run_dir: Path, label: str | None, progress: boo
     return time.time() - t0
 
 
+# what a run may fail with that a sweep records instead of stopping (a diverged run, bad settings)
+RECORDABLE = (NumericalFault, UserError)
+
+
 def train_runs(
-    trees: dict[str, dict[str, Any]], runs: Path, workers: int, progress: bool, force: bool = False
+    trees: dict[str, dict[str, Any]],
+    runs: Path,
+    workers: int,
+    progress: bool,
+    force: bool = False,
+    failures: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """Train every run, ``workers`` at a time in separate processes (in the given order).
 
     In parallel, each run prints a heartbeat line (run, stage, step/total, seconds) now and
     then instead of a progress bar. ``force`` resumes runs whose config changed (a sweep
-    that continues a finished stage 1 with other self-training settings)."""
+    that continues a finished stage 1 with other self-training settings). With
+    ``failures``, a run that fails with a dast error (e.g. its losses diverged) is recorded
+    there (name -> message) and the others go on; without it the error is raised."""
     seconds: dict[str, float] = {}
+
+    def done(name: str, result: Any) -> None:
+        if isinstance(result, RECORDABLE) and failures is not None:
+            failures[name] = str(result)
+            if progress:
+                print(f"   {name} failed: {result}", flush=True)
+            return
+        if isinstance(result, BaseException):
+            raise result
+        seconds[name] = result
+        if progress:
+            print(f"   {name} done in {result:.0f} s", flush=True)
+
     if workers <= 1:
         for name, tree in trees.items():
             if progress:
                 print(f"== training {name}", flush=True)
-            seconds[name] = _train(tree, runs / name, None, progress, force)
+            try:
+                done(name, _train(tree, runs / name, None, progress, force))
+            except RECORDABLE as exc:
+                done(name, exc)
         return seconds
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
         futures = {
@@ -55,10 +83,8 @@ def train_runs(
         if progress:
             print(f"== training {', '.join(trees)} ({workers} at a time)", flush=True)
         for fut in as_completed(futures):
-            name = futures[fut]
-            seconds[name] = fut.result()
-            if progress:
-                print(f"   {name} done in {seconds[name]:.0f} s", flush=True)
+            exc = fut.exception()
+            done(futures[fut], exc if exc is not None else fut.result())
     return seconds
 
 
