@@ -219,9 +219,9 @@ def sweep_self_training(
             folder = f"{_slug(name)}_s{seed}"
             run = RunDir(work / "self_training" / folder)
             if folder in failed:  # e.g. the losses diverged: no score, and the reason is kept
-                scores: dict[str, Any] = {
-                    k: None for k in ("step", "synthetic", "target_info", "last_synthetic", "last_target_info")
-                }
+                scores: dict[str, Any] = dict.fromkeys(
+                    ("step", "synthetic", "target_info", "last_synthetic", "last_target_info")
+                )
                 scores["failed"] = failed[folder]
             else:
                 scores = _selected(run, "round1")

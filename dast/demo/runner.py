@@ -72,8 +72,8 @@ def train_runs(
                 print(f"== training {name}", flush=True)
             try:
                 done(name, _train(tree, runs / name, None, progress, force))
-            except RECORDABLE as exc:
-                done(name, exc)
+            except RECORDABLE as error:
+                done(name, error)
         return seconds
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
         futures = {
