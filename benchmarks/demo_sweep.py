@@ -92,6 +92,9 @@ SELF_TRAINING: dict[str, dict[str, Any]] = {
     "600 steps": {"self_training": {"lr": ST_LR, "steps": 600, "eval_every": 150}},
     "q 0.3": {"self_training": {"lr": ST_LR, "portion": 0.3}},
     "threshold rule": {"self_training": {"lr": ST_LR, "rule": "threshold"}},
+    # second pass: lr 0.0005 won at the grid's edge; and the round without its adversarial terms
+    "lr 0.0001": {"self_training": {"lr": 0.0001}},
+    "lr 0.0005, no adversarial terms in the round": {"self_training": {"lr": 0.0005, "adversarial": False}},
 }
 
 
