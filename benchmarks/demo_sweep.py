@@ -95,6 +95,9 @@ SELF_TRAINING: dict[str, dict[str, Any]] = {
     # second pass: lr 0.0005 won at the grid's edge; and the round without its adversarial terms
     "lr 0.0001": {"self_training": {"lr": 0.0001}},
     "lr 0.0005, no adversarial terms in the round": {"self_training": {"lr": 0.0005, "adversarial": False}},
+    # third pass: frozen BatchNorm diverged at lr 0.0025; the released mode at lower rates
+    "BN frozen, lr 0.0001": {"self_training": {"lr": 0.0001, "batchnorm": "frozen"}},
+    "BN frozen, lr 0.0003": {"self_training": {"lr": 0.0003, "batchnorm": "frozen"}},
 }
 
 
