@@ -306,3 +306,20 @@ def test_evaluate_command_user_errors(tmp_path, capsys):
     )
     assert rc == 2 and "error: prediction missing" in capsys.readouterr().err
     assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_evaluation_gives_every_submodule_its_own_mode_back() -> None:
+    # a self-training round with frozen BatchNorm trains in eval mode; evaluating through a
+    # fresh TargetModel wrapper (in train mode) must not switch the segmentor back to train mode
+    from dast.models import TargetModel, build_discoverer, build_segmentor
+
+    torch.manual_seed(0)
+    seg = build_segmentor("small", 7, "paper")
+    model = TargetModel(seg, build_discoverer(seg.feature_channels))
+    seg.eval()
+    assert model.training and not seg.training
+    cfg = DatasetConfig(kind="synthetic", domain="target", count=2, size=(64, 32))
+    val = build_dataset(cfg, norm="unit", num_classes=7, with_labels=True, seed=0)
+    evaluate_model(model, val, "cpu", progress=False)
+    assert model.training and not any(m.training for m in seg.modules())
+    assert model.discoverer is not None and model.discoverer.training

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dast.constants import IGNORE_INDEX
-from dast.contexts import autocast
+from dast.contexts import autocast, eval_mode
 from dast.data.datasets import SegmentationDataset, require_named_pngs
 from dast.data.labels import ClassTable, protocols_for
 from dast.data.readers import read_index_label
@@ -105,10 +105,8 @@ def evaluate_confusion(
         pin_memory=device.type == "cuda",
         worker_init_fn=worker_init(num_workers),
     )
-    was_training = model.training
-    model.eval()
     count = 0
-    try:
+    with eval_mode(model):  # every submodule's own mode comes back (a round may train with frozen BatchNorm)
         with loader_iterator(loader) as batches:
             bar = report_progress(batches, total=len(loader), desc=desc, unit="batch", enabled=progress)
             for batch in bar:
@@ -127,8 +125,6 @@ def evaluate_confusion(
                         cm.update(up.argmax(1)[0], label.to(device, non_blocking=True), check=False)
                     count += len(group)
                     start = end
-    finally:
-        model.train(was_training)
     return cm, count
 
 
