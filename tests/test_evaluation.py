@@ -23,6 +23,7 @@ from dast.errors import DataError
 from dast.evaluation.confusion import ConfusionMatrix
 from dast.evaluation.evaluate import evaluate_model, evaluate_predictions
 from dast.evaluation.metrics import compute_metrics, format_table, iou_per_class
+from dast.models import TargetModel, build_discoverer, build_segmentor
 from dast.models.io import ModelSpec, build_networks, save_networks
 
 NAMES = ("frankfurt_000000_000294", "frankfurt_000001_007973", "lindau_000000_000019")
@@ -311,8 +312,6 @@ def test_evaluate_command_user_errors(tmp_path, capsys):
 def test_evaluation_gives_every_submodule_its_own_mode_back() -> None:
     # a self-training round with frozen BatchNorm trains in eval mode; evaluating through a
     # fresh TargetModel wrapper (in train mode) must not switch the segmentor back to train mode
-    from dast.models import TargetModel, build_discoverer, build_segmentor
-
     torch.manual_seed(0)
     seg = build_segmentor("small", 7, "paper")
     model = TargetModel(seg, build_discoverer(seg.feature_channels))
