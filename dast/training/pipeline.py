@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from dast.atomic import remove_stale_temps, write_json, write_text
 from dast.checkpoint import load_checkpoint
 from dast.config import Config, to_yaml
@@ -116,19 +118,24 @@ class Pipeline:
             scores["synthetic"] = s.pop("score")
             scores.update({f"synthetic_{k}": v for k, v in s.items()})
         if self.val is not None:
-            m = evaluate_model(
-                model,
-                self.val,
-                rt.device,
-                amp_dtype=rt.amp_dtype,
-                progress=self._shows_progress,
-                indices=shard(len(self.val), rt.rank, rt.world_size),
-                distributed=rt.distributed,
-                protocols=self.protocols,
-                desc="evaluating target val",
-            )
-            scores["target"] = float(m["miou"])
+            scores["target"] = float(self.evaluate_val(model, "evaluating target val")["miou"])
         return scores
+
+    def evaluate_val(self, model: nn.Module, desc: str) -> dict[str, Any]:
+        """The metrics of ``model`` on the labelled val set (every rank its shard, all the union)."""
+        assert self.val is not None
+        rt = self.rt
+        return evaluate_model(
+            model,
+            self.val,
+            rt.device,
+            amp_dtype=rt.amp_dtype,
+            progress=self._shows_progress,
+            indices=shard(len(self.val), rt.rank, rt.world_size),
+            distributed=rt.distributed,
+            protocols=self.protocols,
+            desc=desc,
+        )
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
         """TensorBoard scalars, mirrored in RUN/scalars.jsonl for reports and scripts."""
@@ -347,18 +354,7 @@ class Pipeline:
             assign_weights(nets, tensors, str(selected))
         metrics: dict[str, Any] = {}
         if self.val is not None:
-            rt = self.rt
-            metrics = evaluate_model(
-                nets.target_model(),
-                self.val,
-                rt.device,
-                amp_dtype=rt.amp_dtype,
-                progress=self._shows_progress,
-                indices=shard(len(self.val), rt.rank, rt.world_size),
-                distributed=rt.distributed,
-                protocols=self.protocols,
-                desc="final evaluation",
-            )
+            metrics = self.evaluate_val(nets.target_model(), "final evaluation")
         if self.rt.is_main:
             source = str(selected.relative_to(self.paths.root)) if selected is not None else None
             save_networks(self.paths.final_model, nets, extra_meta={"stage": "final", "from": source})
