@@ -121,7 +121,9 @@ def _snapshot(path: Path, stage: str) -> Snapshot:
 
 def variant_snapshots(runs: Path, snapshots: dict[str, tuple[str, str]], rounds: int) -> dict[str, dict[str, Snapshot]]:
     """For every variant: its ``selected`` snapshot (what the method reports) and its ``last``
-    one (the stage's final step, the same for every method)."""
+    one (the stage's final step, the same for every method). ``stage1_last`` reports the last
+    step as the selected one (the oracle: an upper bound, trained on target labels, that no
+    label-free score should pick a snapshot of)."""
     out: dict[str, dict[str, Snapshot]] = {}
     for variant, (run_name, which) in snapshots.items():
         run = RunDir(runs / run_name)
@@ -132,6 +134,8 @@ def variant_snapshots(runs: Path, snapshots: dict[str, tuple[str, str]], rounds:
             best = best_across_stages(run)
             if best is not None:
                 selected = _snapshot(best[0], best[1])
+        if which == "stage1_last" and last_path is not None:  # a ceiling, not a method: no selection
+            selected = _snapshot(last_path, stage)
         out[variant] = {"selected": selected}
         if last_path is not None:
             out[variant]["last"] = _snapshot(last_path, stage)
