@@ -17,6 +17,11 @@ def add_device_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_set_argument(p: argparse.ArgumentParser, help: str = "override a config value (repeatable)") -> None:
+    """The repeatable ``--set KEY=VALUE`` option, collected into ``args.overrides``."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available; asking for CUDA without it is a user error."""
     if name == "auto":

@@ -12,7 +12,7 @@ import torch
 
 from dast.atomic import TMP_MARK
 from dast.checkpoint import read_meta
-from dast.commands._common import add_device_argument, existing_file, resolve_device
+from dast.commands._common import add_device_argument, add_set_argument, existing_file, resolve_device
 from dast.config import load_config, resolve_config_path
 from dast.data import datasets
 from dast.errors import CheckpointError, UserError
@@ -38,14 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
         help="YAML config file or packaged config name (`dast configs`) whose 'target' dataset is labelled",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (cleared if it holds an earlier set)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (repeatable)",
-    )
+    add_set_argument(p)
     p.add_argument(
         "--portion", type=float, metavar="Q", default=None, help="portion q per class (default: self_training.portion)"
     )

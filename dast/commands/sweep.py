@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from dast.commands._common import add_set_argument
 from dast.errors import UserError
 from dast.sweep import plan_jobs, run_sweep
 
@@ -23,9 +24,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument("--out", required=True, help="folder for the run directories and logs")
     p.add_argument("--gpus", default="all", help="comma-separated CUDA ids, 'all', or 'cpu' (default: all)")
     p.add_argument("--cpu-jobs", type=int, default=1, help="parallel jobs when running on CPU")
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override for every job"
-    )
+    add_set_argument(p, "override for every job")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     return p
 

@@ -9,6 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from dast.commands._common import add_set_argument
 from dast.config import load_config
 from dast.errors import NumericalFault, UserError
 
@@ -21,14 +22,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     )
     p.add_argument("--config", help="YAML config file, or the name of a packaged config (`dast configs` lists them)")
     p.add_argument("--out", help="run directory")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.steps=100 (repeatable)",
-    )
+    add_set_argument(p, "override a config value, e.g. --set train.steps=100 (repeatable)")
     p.add_argument(
         "--resume",
         nargs="?",
