@@ -5,9 +5,10 @@ Part 1 (``--seeds``): trains, on the demo config (``dast.demo.DEMO_CONFIG``), th
 paper's Table 3 as stage 1 only, and scores each run's last and selected snapshot on the
 target val set:
 
-* ``baseline`` — AdaptSegNet: output-space discriminator, sigmoid BCE, lambda 0.001;
-* ``mse`` — the same discriminator with the least-squares loss (lambda 0.01, as in DA);
-* ``mse_lambda0.001`` — the least-squares loss at the baseline's lambda 0.001;
+* ``baseline`` — AdaptSegNet: output-space discriminator, sigmoid BCE, at the demo baseline's
+  lambda (``BASELINE_LAMBDA``);
+* ``mse`` — the same discriminator with the least-squares loss (at DA's lambda);
+* ``mse_baseline_lambda`` — the least-squares loss at the baseline's lambda;
 * ``mse_2d`` — plus the discoverer on the features (no attention);
 * ``da`` — plus the attention f' = f + f*|tanh(D(f))| and the weighted corrector loss.
 
@@ -37,13 +38,16 @@ import yaml
 from dast.config import deep_merge, from_tree
 from dast.data.datasets import build_dataset
 from dast.demo import DEMO_CONFIG, NO_ADVERSARY, evaluate_checkpoint, train_runs
+from dast.demo.config import BASELINE_LAMBDA
 from dast.training.pseudo_labels import pseudo_label_precision
 
 STAGE1_ONLY = {"self_training": {"rounds": 0}}
 ROWS: dict[str, dict[str, Any]] = {
-    "baseline": {"adversarial": {**NO_ADVERSARY, "corrector": True, "loss": "bce", "lambda_c": 0.001}},
+    "baseline": {"adversarial": {**NO_ADVERSARY, "corrector": True, "loss": "bce", "lambda_c": BASELINE_LAMBDA}},
     "mse": {"adversarial": {**NO_ADVERSARY, "corrector": True, "loss": "lsgan"}},
-    "mse_lambda0.001": {"adversarial": {**NO_ADVERSARY, "corrector": True, "loss": "lsgan", "lambda_c": 0.001}},
+    "mse_baseline_lambda": {
+        "adversarial": {**NO_ADVERSARY, "corrector": True, "loss": "lsgan", "lambda_c": BASELINE_LAMBDA}
+    },
     "mse_2d": {
         "adversarial": {
             "discoverer": True,

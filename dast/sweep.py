@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dast.config import resolve_config_path
 from dast.errors import UserError
+from dast.rundir import RunDir
 
 
 @dataclass
@@ -47,7 +48,7 @@ class Job:
         ]
         for o in self.overrides:
             cmd += ["--set", o]
-        if (self.run_dir / "config.yaml").exists():
+        if RunDir(self.run_dir).config.exists():
             cmd.append("--resume")
         if device == "cpu":
             cmd += ["--device", "cpu"]
