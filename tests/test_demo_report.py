@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from dast.cli import main
+from dast.demo.summary import summarize_seeds
 from dast.models.io import ModelSpec, build_networks, save_networks
 
 TINY_RUN_CONFIG = """
@@ -161,3 +162,47 @@ def test_a_broken_report_json_is_one_error_line(
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err and str(demo) in err
     assert not (demo / "report.html").exists()
+
+
+def _seed_report(seed: int, base: float, bn: float, da: float) -> dict:
+    def variant(miou: float) -> dict:
+        return {"miou": miou, "per_class": {"road": miou}, "last": {"miou": miou + 1.0}}
+
+    return {
+        "seed": seed,
+        "variants": {"source_only_bn": variant(bn), "baseline": variant(base), "da": variant(da)},
+        "figures": [],
+    }
+
+
+def test_report_of_a_several_seed_demo_links_every_seed_page(tmp_path: Path) -> None:
+    demo = tmp_path / "demo"
+    reports = [_seed_report(0, 40.0, 30.0, 44.0), _seed_report(1, 42.0, 34.0, 40.0)]
+    for r in reports:
+        (demo / f"seed{r['seed']}").mkdir(parents=True)
+        (demo / f"seed{r['seed']}" / "report.json").write_text(json.dumps(r))
+    _run_dir(demo / "seed1" / "runs" / "baseline", 42.0)
+    summary = summarize_seeds(reports)
+    top = {
+        "variants": {m: {"miou": e["mean"], "std": e["std"]} for m, e in summary["methods"].items()},
+        "seeds": [0, 1, 2],
+        "summary": summary,
+        "per_seed": {"0": "seed0/report.json", "1": "seed1/report.json", "2": "seed2/report.json"},
+        "figures": [],
+    }
+    (demo / "report.json").write_text(json.dumps(top))
+    assert main(["report", str(demo), "--device", "cpu", "--samples", "0"]) == 0
+
+    sec = _sections((demo / "report.html").read_text(encoding="utf-8"))
+    seeds = sec["seeds"]
+    rows = re.findall(r"<tr>(.*?)</tr>", seeds)[1:]
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in rows]
+    assert [c[0] for c in cells] == ["source_only_bn", "baseline", "da"]
+    # da: mean 42.0, std of (44, 40) = 2.83; last step 43.0; per seed 44.0, 40.0;
+    # vs baseline: (+4, -2) -> +1.0, higher on 1 of 2; vs source_only_bn: (+14, +6) -> +10.0, 2 of 2
+    assert cells[2][1:] == ["42.0 &plusmn; 2.8", "43.0 &plusmn; 2.8", "44.0", "40.0", "+1.0 (1/2)", "+10.0 (2/2)"]
+    assert 'href="seed0/report.html"' in seeds and 'href="seed1/report.html"' in seeds
+    assert "seed2/ holds no demo report" in seeds
+    assert (demo / "seed0" / "report.html").is_file() and (demo / "seed1" / "report.html").is_file()
+    assert (demo / "seed1" / "runs" / "baseline" / "report.html").is_file()  # a seed's runs get their reports
+    assert "No run directories" not in sec["runs"] and "each seed's page links them" in sec["runs"]

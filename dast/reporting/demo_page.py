@@ -31,7 +31,7 @@ from dast.rundir import DEMO_REPORT, DemoDir, RunDir
 REPORT_JSON = DEMO_REPORT
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # report.json keys with a section of their own; any other key is shown generically
-_KNOWN_KEYS = ("variants", "figures", "runs", "train_seconds", "pseudo_labels")
+_KNOWN_KEYS = ("variants", "figures", "runs", "train_seconds", "pseudo_labels", "summary", "per_seed")
 # per-variant keys with a column of their own, in this order
 _VARIANT_KEYS = ("miou", "gap_recovered", "per_class")
 
@@ -61,6 +61,16 @@ class RunLink:
 
 
 @dataclass
+class SeedLink:
+    """One seed's folder of a several-seed demo (``dast demo --seeds``) and its own page."""
+
+    seed: str
+    folder: Path
+    report: Path | None = None
+    note: str | None = None
+
+
+@dataclass
 class DemoContents:
     """What the demo page shows, read from a demo folder."""
 
@@ -68,6 +78,7 @@ class DemoContents:
     report: dict[str, Any]
     figures: list[tuple[str, bytes | None]]
     runs: list[RunLink]
+    seeds: list[SeedLink] = field(default_factory=list)
 
 
 def read_report_json(root: Path) -> dict[str, Any]:
@@ -133,6 +144,16 @@ def find_runs(root: Path, report: dict[str, Any]) -> list[RunLink]:
     return list(links.values())
 
 
+def find_seeds(root: Path, report: dict[str, Any]) -> list[SeedLink]:
+    """The seed folders a several-seed report names (``per_seed``: seed -> its report.json)."""
+    links = []
+    for seed, path in _mapping(report.get("per_seed")).items():
+        folder = (root / str(path)).parent
+        note = None if is_demo_folder(folder) else f"{Path(str(path)).parent.as_posix()}/ holds no demo report"
+        links.append(SeedLink(seed=str(seed), folder=folder, note=note))
+    return links
+
+
 def write_run_reports(runs: list[RunLink], samples: int, device: torch.device | str) -> None:
     """Write ``report.html`` in each run directory; a failure becomes the run's note."""
     for link in runs:
@@ -195,6 +216,50 @@ def results_html(report: dict[str, Any]) -> str:
     return intro + _table(head, rows)
 
 
+def _mean_std(mean: Any, std: Any) -> str:
+    return f"{_cell(mean)} &plusmn; {_cell(std)}" if isinstance(mean, (int, float)) else "&ndash;"
+
+
+def seeds_html(report: dict[str, Any], seeds: list[SeedLink], page: Path) -> str:
+    """A several-seed demo: mean +- std, last step, per seed, the paired differences against
+    each control, and a link to every seed's own page."""
+    summary = _mapping(report.get("summary"))
+    methods = _mapping(summary.get("methods"))
+    names = [str(s) for s in summary.get("seeds", [])] if isinstance(summary.get("seeds"), list) else []
+    paired = _mapping(summary.get("paired"))
+    controls = list(dict.fromkeys(c for p in paired.values() for c in _mapping(p)))
+    head = ["method", "mean &plusmn; std", "last step", *[f"seed {_e(s)}" for s in names]]
+    head += [_e(c.replace("_", " ")) + " (seeds higher)" for c in controls]
+    rows = []
+    for method, e in methods.items():
+        e = _mapping(e)
+        values = e.get("per_seed")
+        per_seed: list[Any] = values if isinstance(values, list) else []
+        row = [_e(method), _mean_std(e.get("mean"), e.get("std")), _mean_std(e.get("last_mean"), e.get("last_std"))]
+        row += [_cell(per_seed[i]) if i < len(per_seed) else "&ndash;" for i in range(len(names))]
+        for c in controls:
+            d = _mapping(_mapping(paired.get(method)).get(c))
+            row.append(f"{d['mean']:+.1f} ({d.get('positive')}/{len(names)})" if "mean" in d else "")
+        rows.append(row)
+    parts = [
+        "<p>mIoU (%) at the snapshots each method selects without target labels, and at the last step; "
+        "<i>vs X</i>: the mean of the per-seed differences, with the number of seeds on which the "
+        "method is higher.</p>",
+        _table(head, rows) if rows else _note("report.json has no several-seed summary.", "warn"),
+    ]
+    items = []
+    for link in seeds:
+        if link.report is not None:
+            href = Path(os.path.relpath(link.report, page.parent)).as_posix()
+            items.append(f'<li>seed {_e(link.seed)}: <a href="{_e(href)}">{_e(href)}</a></li>')
+        else:
+            items.append(f"<li>seed {_e(link.seed)}: {_e(link.note or 'no page')}</li>")
+    if items:
+        title = "<h3>Each seed's page (its table, mechanisms, figures and runs)</h3>"
+        parts.append(title + "<ul>" + "".join(items) + "</ul>")
+    return "".join(parts)
+
+
 def _mapping_html(data: dict[str, Any]) -> str:
     """A dict shown generically: its scalars as a list, each dict of scalars as a one-row table."""
     facts = [f"{_e(k)}: <b>{_cell(v)}</b>" for k, v in data.items() if _scalar(v)]
@@ -232,8 +297,10 @@ def figures_html(figures: list[tuple[str, bytes | None]]) -> str:
     return "".join(parts)
 
 
-def runs_html(runs: list[RunLink], page: Path, report: dict[str, Any]) -> str:
+def runs_html(runs: list[RunLink], page: Path, report: dict[str, Any], seeds: bool = False) -> str:
     if not runs:
+        if seeds:
+            return "<p>The run directories are in the seed folders; each seed's page links them.</p>"
         return _note("No run directories (runs/*/config.yaml) found.", "warn")
     seconds = _mapping(report.get("train_seconds"))
     rows = []
@@ -262,18 +329,13 @@ def runs_html(runs: list[RunLink], page: Path, report: dict[str, Any]) -> str:
 
 def header_html(contents: DemoContents) -> str:
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    sections = [("results", "Results")] + ([("seeds", "Seeds")] if contents.seeds else [])
+    sections += [("figures", "Figures"), ("runs", "Runs"), ("raw", "report.json")]
     facts = [("demo folder", _e(contents.root.resolve()))]
     facts += [(_e(k), _cell(v)) for k, v in contents.report.items() if _scalar(v)]
     facts += [("dast", _e(__version__)), ("torch", _e(torch.__version__)), ("generated", _e(now))]
     rows = "".join(f"<tr><th class=l>{k}</th><td class=l>{v}</td></tr>" for k, v in facts)
-    nav = (
-        "<nav>"
-        + "".join(
-            f'<a href="#{sid}">{title}</a>'
-            for sid, title in (("results", "Results"), ("figures", "Figures"), ("runs", "Runs"), ("raw", "report.json"))
-        )
-        + "</nav>"
-    )
+    nav = "<nav>" + "".join(f'<a href="#{sid}">{title}</a>' for sid, title in sections) + "</nav>"
     return f"<h1>DAST demo report: {_e(contents.root.resolve().name)}</h1>{nav}<table>{rows}</table>"
 
 
@@ -286,7 +348,13 @@ def read_demo(demo_dir: str | Path) -> DemoContents:
     if not root.is_dir():
         raise UserError(f"demo folder not found: {root}" if not root.exists() else f"{root} is not a directory")
     report = read_report_json(root)
-    return DemoContents(root=root, report=report, figures=_figures(root, report), runs=find_runs(root, report))
+    return DemoContents(
+        root=root,
+        report=report,
+        figures=_figures(root, report),
+        runs=find_runs(root, report),
+        seeds=find_seeds(root, report),
+    )
 
 
 def render_demo_page(contents: DemoContents, page: Path) -> str:
@@ -294,11 +362,13 @@ def render_demo_page(contents: DemoContents, page: Path) -> str:
     report = contents.report
     pseudo = report.get("pseudo_labels")
     sections = [("results", "Results", results_html(report))]
+    if contents.seeds or "summary" in report:
+        sections.append(("seeds", "Seeds", seeds_html(report, contents.seeds, page)))
     if isinstance(pseudo, dict):
         sections.append(("pseudo-labels", "Round-1 pseudo labels against the target labels", _mapping_html(pseudo)))
     sections += [
         ("figures", "Figures", figures_html(contents.figures)),
-        ("runs", "Runs", runs_html(contents.runs, page, report)),
+        ("runs", "Runs", runs_html(contents.runs, page, report, seeds=bool(contents.seeds))),
     ]
     body = "".join(f'<section id="{sid}"><h2>{title}</h2>{html}</section>' for sid, title, html in sections)
     body += other_fields_html(report)
@@ -317,10 +387,16 @@ def render_demo_page(contents: DemoContents, page: Path) -> str:
 def write_demo_report(
     demo_dir: str | Path, out: str | Path | None = None, *, samples: int = 4, device: torch.device | str = "cpu"
 ) -> tuple[Path, list[RunLink]]:
-    """Write every run's ``report.html``, then the demo page (default ``DEMO_DIR/report.html``),
-    each atomically. Returns (the page, the runs with their report paths or notes)."""
+    """Write every run's ``report.html`` (and, for ``dast demo --seeds``, every seed's page),
+    then the demo page (default ``DEMO_DIR/report.html``), each atomically. Returns (the
+    page, the runs with their report paths or notes; a seeds folder's runs are its seeds')."""
     contents = read_demo(demo_dir)
     page = Path(out) if out is not None else DemoDir(contents.root).report_html
     write_run_reports(contents.runs, samples, device)
+    runs = list(contents.runs)
+    for link in contents.seeds:
+        if link.note is None:
+            link.report, seed_runs = write_demo_report(link.folder, samples=samples, device=device)
+            runs += seed_runs
     write_text(page, render_demo_page(contents, page))
-    return page, contents.runs
+    return page, runs
