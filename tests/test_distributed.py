@@ -66,6 +66,21 @@ def test_two_ranks_train_in_lockstep_and_match_one_process(tiny_config, tmp_path
     assert (two / "final" / "model.safetensors").is_file() and (two / "log.txt").is_file()
 
 
+@pytest.mark.slow
+def test_forward_target_alone_still_synchronises_the_gradients(tiny_config, tmp_path: Path) -> None:
+    """source_only_bn under torchrun: the target forward has no loss, so the source backward
+    is the only one and must all-reduce (it once ran under no_sync and the ranks drifted)."""
+    no_adversary = {"discoverer": False, "corrector": False, "attention": False}
+    cfg = tiny_config(**DDP_TRAIN, adversarial=no_adversary)
+    run = tmp_path / "run"
+    args = ["train", "--config", str(cfg), "--out", str(run), "--no-progress", "--set", "train.forward_target=true"]
+    res = _torchrun(args, tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = _digests(run / "digests" / "rank0.jsonl"), _digests(run / "digests" / "rank1.jsonl")
+    assert [d["step"] for d in r0] == [1, 2, 3]
+    assert r0 == r1
+
+
 def _eval_worker(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:

@@ -40,6 +40,7 @@ from dast.training.runtime import (
     barrier,
     configure_backends,
     init_process_group,
+    leave_process_group,
     make_runtime,
     seed_everything,
 )
@@ -400,7 +401,7 @@ def train(
     run_dir = Path(run_dir)
     cfg = prepare_run_dir(run_dir, cfg, resume, force)
     rt = make_runtime(cfg.runtime, device)
-    init_process_group(rt)
+    created_group = init_process_group(rt)
     configure_backends(rt)
     fresh = not resume and not (run_dir.exists() and any(run_dir.iterdir()))
     created = first_missing(run_dir)
@@ -421,3 +422,5 @@ def train(
         raise
     finally:
         pipe.close()
+        del pipe  # the DDP wrappers, so that the process group can really end
+        leave_process_group(created_group)

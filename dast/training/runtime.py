@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import random
 from dataclasses import dataclass
@@ -109,11 +110,26 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def init_process_group(rt: Runtime) -> None:
-    """Join torchrun's process group (NCCL on CUDA, gloo on CPU) when distributed."""
+def init_process_group(rt: Runtime) -> bool:
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU) when distributed; True when
+    this call created it (and :func:`leave_process_group` should end it)."""
     if rt.world_size > 1 and not dist.is_initialized():
         backend = "nccl" if rt.device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
+        return True
+    return False
+
+
+def leave_process_group(created: bool) -> None:
+    """End a process group that :func:`init_process_group` created, once nothing holds it.
+
+    Call it after dropping the DDP-wrapped models: a group that is still referenced keeps its
+    gloo worker threads, which may release their last collective's tensors while the
+    interpreter finalises and abort the rank ("terminate called without an active
+    exception") after a finished run."""
+    if created and dist.is_initialized():
+        gc.collect()  # DDP wrappers in reference cycles keep the group (and its threads) alive
+        dist.destroy_process_group()
 
 
 def barrier(rt: Runtime) -> None:

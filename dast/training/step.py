@@ -117,7 +117,8 @@ class _Plan:
     use_c: bool  # the corrector's adversarial loss
     attention: bool
     reuse: bool
-    need_target: bool
+    need_target: bool  # the target batch is forwarded
+    target_loss: bool  # ... and has a loss, so a second backward follows the source one
     disc: Discoverer | None
     corr: Corrector | None
     seg_inputs: list[Tensor] | None  # routed backward of the segmentor's losses
@@ -198,6 +199,7 @@ def _plan(
         attention=attention,
         reuse=reuse,
         need_target=use_d or use_c or attention or has_pseudo or settings.forward_target,
+        target_loss=use_d or use_c or attention or has_pseudo,
         disc=disc,
         corr=corr,
         seg_inputs=seg_params if reuse and (disc is not None or corr is not None) else None,
@@ -219,8 +221,8 @@ def source_phase(
     p: _Plan, models: StepModels, images: Tensor, labels: Tensor, autocast: Autocast, out: dict[str, Tensor]
 ) -> _Flow:
     """L_seg on the source batch and its backward (no gradient all-reduce yet under DDP
-    when a second backward follows)."""
-    no_sync = models.seg_no_sync if (models.seg_no_sync is not None and p.need_target) else contextlib.nullcontext
+    when a second backward follows; ``forward_target`` alone has none)."""
+    no_sync = models.seg_no_sync if (models.seg_no_sync is not None and p.target_loss) else contextlib.nullcontext
     with no_sync():
         with autocast():
             f_s = p.extract(images)
@@ -260,8 +262,7 @@ def target_phase(
 ) -> Tensor:
     """The target path and the segmentor's adversarial and pseudo-label losses, backward
     into the segmentor; returns their detached sum."""
-    loss_free = not (p.use_d or p.use_c or p.attention or labels is not None)
-    with torch.no_grad() if loss_free else contextlib.nullcontext():  # forward_target: BatchNorm only
+    with contextlib.nullcontext() if p.target_loss else torch.no_grad():  # forward_target: BatchNorm only
         _target_forward(p, images, autocast, flow)
     up_t = flow.up_t
     assert up_t is not None
