@@ -339,15 +339,25 @@ def test_fp16_builds_a_grad_scaler_that_skips_overflowing_steps() -> None:
         result = engine.step(i, xs, ys, xt, None)
         if result.applied:
             break
+        assert result.overflow  # finite losses: not a numerical fault
         assert engine.scaler.get_scale() == scale / 2
-    assert result.applied and engine.scaler.get_scale() < 2.0**16
+    assert result.applied and not result.overflow and engine.scaler.get_scale() < 2.0**16
     scale = engine.scaler.get_scale()
     weights = [p.detach().clone() for p in nets.segmentor.parameters()]
     bad_xs = xs.clone()
     bad_xs[0, 0, 0, 0] = float("inf")
     bad = engine.step(i + 1, bad_xs, ys, xt, None)
-    assert not bad.applied and engine.scaler.get_scale() == scale / 2
+    assert not bad.applied and not bad.overflow and engine.scaler.get_scale() == scale / 2  # a real fault
     assert all(torch.equal(p, q) for p, q in zip(weights, nets.segmentor.parameters()))
+
+
+def test_fp16_turns_cuda_graphs_off_and_says_why(monkeypatch) -> None:
+    monkeypatch.setattr(levers, "device_capabilities", lambda device: levers.Capabilities("cuda", True, "sm90"))
+    got = choose_levers(RuntimeConfig(amp="fp16", cuda_graphs=True), "cuda")
+    assert got.amp_dtype == torch.float16 and not got.cuda_graphs
+    assert "fp16 needs gradient scaling" in got.why["cuda_graphs"]
+    bf16 = choose_levers(RuntimeConfig(amp="bf16", cuda_graphs=True), "cuda")
+    assert bf16.amp_dtype == torch.bfloat16 and bf16.cuda_graphs
 
 
 def test_fp16_is_refused_on_the_cpu_by_the_runtime() -> None:

@@ -149,6 +149,40 @@ def test_fault_hook_skips_undoes_batchnorm_and_stops_after_a_streak(tmp_path: Pa
         hook.on_fault(loop, _failed(loop), ["b.png"])
 
 
+def test_fault_hook_counts_faults_but_not_fp16_overflows(tmp_path: Path) -> None:
+    loop = _loop(tmp_path)
+    hook = FaultHook("rollback", max_consecutive=2, lr_factor=0.5)
+    hook.before_stage(loop)
+    hook.before_step()
+    source = {"name": ["s.png"]}
+    overflow = StepResult({"loss/seg": torch.tensor(1.0)}, False, 0.01, 1e-4, overflow=True)
+    for _ in range(5):  # the GradScaler's own skips: no streak, no rollback, no learning-rate cut
+        assert hook.after_result(loop, overflow, source, None) is False
+    assert hook.consecutive == 0 and loop.engine.lr_scale == 1.0
+    assert hook.after_result(loop, _failed(loop), source, None) is False
+    assert hook.consecutive == 1 and loop.engine.lr_scale == 0.5  # a real fault: counted, lr cut
+    applied = StepResult({"loss/seg": torch.tensor(1.0)}, True, 0.01, 1e-4)
+    assert hook.after_result(loop, applied, source, None) is False and hook.consecutive == 0
+    hook.after_result(loop, _failed(loop), source, None)
+    with pytest.raises(NumericalFault, match="s.png"):
+        hook.after_result(loop, _failed(loop), source, None)
+
+
+def test_checkpoint_keeps_the_fp16_loss_scale(tmp_path: Path) -> None:
+    loop = _loop(tmp_path)
+    loop.engine.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    loop.engine.scaler.scale(torch.ones(()))  # the scale tensor exists from the first use
+    loop.engine.scaler.update(new_scale=64.0)
+    hook = CheckpointHook(every=2, keep_last=2)
+    hook.before_stage(loop)
+    _train(loop, [hook], 2)
+    assert read_meta(loop.stage.checkpoint(2))["stage_state"]["grad_scaler"]["scale"] == 64.0
+    resumed = _loop(tmp_path)
+    resumed.engine.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    CheckpointHook(every=2, keep_last=2).before_stage(resumed)
+    assert resumed.state.step == 2 and resumed.engine.scaler.get_scale() == 64.0
+
+
 def test_fault_hook_rolls_back_to_the_last_checkpoint_at_a_lower_learning_rate(tmp_path: Path) -> None:
     loop = _loop(tmp_path)
     ckpt = CheckpointHook(every=2, keep_last=2)

@@ -116,6 +116,7 @@ class StepResult:
     applied: bool
     lr: float
     lr_d: float
+    overflow: bool = False  # fp16: finite losses, overflowing gradients; the GradScaler skipped the update
 
 
 def step_settings(cfg: Config, plan: StagePlan) -> StepSettings:
@@ -257,6 +258,7 @@ class Engine:
         """Iteration ``step``: its learning rates, its warm-up factor, one update."""
         lr, lr_d = self.set_lr(step)
         scale = self.warmup.scale(step) if self.warmup is not None else None
+        overflow = False
         if self.graphed is not None:
             if self._adv_scale is not None:
                 assert scale is not None  # the tensor exists only with a warm-up
@@ -264,6 +266,7 @@ class Engine:
             out, applied = self.graphed(xs, ys, xt, yt)
         elif self.scaler is not None:
             out, applied = _scaled_step(self, xs, ys, xt, yt, scale)
+            overflow = not applied and bool(losses_finite(out))
         else:
             out, applied = self.step_fn(
                 self.models,
@@ -279,7 +282,7 @@ class Engine:
             )
         if scale is not None:
             out["adversarial/warmup"] = torch.tensor(scale)
-        return StepResult(out, applied, lr, lr_d)
+        return StepResult(out, applied, lr, lr_d, overflow)
 
     def reset(self) -> None:
         """Forget captured graphs (after weights or optimiser state were loaded)."""

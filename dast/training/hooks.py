@@ -97,6 +97,8 @@ class CheckpointHook(Hook):
         st = meta["stage_state"]
         loop.state = StageState(int(st["step"]), list(st["history"]), st["best"])
         loop.engine.lr_scale = float(st["lr_scale"])
+        if loop.engine.scaler is not None and st.get("grad_scaler"):
+            loop.engine.scaler.load_state_dict(st["grad_scaler"])  # fp16: resume at the scale reached
         loop.engine.reset()  # captured graphs hold the replaced tensors
         if loop.runtime.is_main:
             prune_best_files(loop.stage, loop.state.best)  # those of an abandoned path
@@ -112,6 +114,7 @@ class CheckpointHook(Hook):
                 "history": st.history,
                 "best": st.best,
                 "lr_scale": loop.engine.lr_scale,
+                "grad_scaler": loop.engine.scaler.state_dict() if loop.engine.scaler is not None else None,
             },
             "config": loop.cfg.model_dump(mode="json"),
         }
@@ -272,6 +275,18 @@ class FaultHook(Hook):
     def before_step(self) -> None:
         assert self.buffers is not None
         self.buffers.save()
+
+    def after_result(self, loop: StageLoop, result: StepResult, source: Batch, target: Batch | None) -> bool:
+        """Judge one iteration's result; True when the loop rolled back (and must not count
+        the step). An fp16 step whose gradients overflowed with finite losses is not a fault:
+        the GradScaler skipped it and lowered its scale, as it is meant to."""
+        if result.applied:
+            self.on_success(loop.state.step)
+            return False
+        if result.overflow:
+            return False
+        names = list(source["name"]) + (list(target["name"]) if target is not None else [])
+        return self.on_fault(loop, result, names)
 
     def on_success(self, step: int) -> None:
         """A step at or past the last faulty one succeeded: the streak is over (steps

@@ -109,9 +109,11 @@ def choose_levers(request: RuntimeConfig, device: torch.device | str, *, world_s
         channels_last, cl_why = cuda, ("on: cuDNN prefers NHWC" if cuda else "off: no gain measured on the CPU")
     else:
         channels_last, cl_why = bool(request.channels_last), "as requested"
-    graphs = bool(request.cuda_graphs) and cuda and world_size == 1
+    graphs = bool(request.cuda_graphs) and cuda and world_size == 1 and amp != torch.float16
     if graphs:
         graphs_why = "on: one CUDA device"
+    elif request.cuda_graphs and amp == torch.float16:
+        graphs_why = "off: fp16 needs gradient scaling, which the captured step does not do (use bf16 for graphs)"
     elif request.cuda_graphs:
         graphs_why = f"off: runtime.cuda_graphs needs a single CUDA device (device {dev}, {world_size} process(es))"
     else:

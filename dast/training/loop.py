@@ -171,12 +171,8 @@ class StageLoop:
                 source, target = self.data.next()
                 self.faults.before_step()
                 result = self.engine.step(self.state.step, *self.engine.prepare(source, target))
-                if not result.applied:
-                    names = list(source["name"]) + (list(target["name"]) if target is not None else [])
-                    if self.faults.on_fault(self, result, names):
-                        continue  # rolled back: the restored step runs again
-                else:
-                    self.faults.on_success(self.state.step)
+                if self.faults.after_result(self, result, source, target):
+                    continue  # rolled back: the restored step runs again
                 self.state.step += 1  # a skipped step still counts: its evaluation and checkpoint follow
                 for hook in self.hooks:
                     hook.after_step(self, result, source, target)
