@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from dast.cli import main
-from dast.config import from_tree, load_yaml_tree
+from dast.config import from_tree, load_config, load_yaml_tree
 from dast.demo import DEMO_CONFIG, VARIANTS, demo_tree, gap_recovered, run_trees, summarize_seeds
+from dast.demo.config import timm_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,3 +116,18 @@ def test_demo_with_a_timm_backbone_needs_timm_and_writes_nothing_without_it(caps
     assert main(["demo", "--out", str(tmp_path / "d"), "--quick", "--timm", "resnet10t", "--no-progress"]) == 2
     assert "pip install 'dast[timm]'" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_demo_timm_runs_use_the_packaged_demo_timm_model_section() -> None:
+    """`dast demo --timm NAME`: every run gets the timm encoder at timm's own stride (the
+    demo's output stride 4 is one timm's ResNets refuse), as the packaged demo_timm does."""
+    packaged = load_config("demo_timm").model
+    for name, tree in run_trees(demo_tree(quick=True, overrides=timm_overrides("resnet10t"))).items():
+        model = from_tree(tree, name).model
+        assert (model.arch, model.timm_name, model.norm, model.output_stride) == (
+            packaged.arch,
+            packaged.timm_name,
+            packaged.norm,
+            packaged.output_stride,
+        ), name
+    assert packaged.output_stride is None

@@ -63,10 +63,11 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
 def run(args: argparse.Namespace) -> int:
     from dast.demo import format_report, format_seeds, run_demo, run_demo_seeds  # noqa: PLC0415 - lazy: keeps dast --help fast
+    from dast.demo.config import timm_overrides  # noqa: PLC0415 - lazy: keeps dast --help fast
 
     if args.workers is not None and args.workers < 1:
         raise UserError("--workers must be at least 1")
-    overrides = {"model": {"arch": "timm", "timm_name": args.timm, "norm": "imagenet"}} if args.timm else None
+    overrides = timm_overrides(args.timm) if args.timm else None
     common = dict(
         quick=args.quick, progress=not args.no_progress, workers=args.workers, shift=args.shift, overrides=overrides
     )

@@ -34,6 +34,7 @@ __all__ = [
     "VARIANT_SNAPSHOTS",
     "demo_tree",
     "run_trees",
+    "timm_overrides",
 ]
 
 VARIANTS = ("source_only", "source_only_bn", "baseline", "da", "dast", "dast_best", "oracle")
@@ -126,6 +127,13 @@ QUICK: dict[str, Any] = {
 BASELINE_LAMBDA = 0.01
 
 NO_ADVERSARY = {"discoverer": False, "corrector": False, "attention": False}
+
+
+def timm_overrides(name: str) -> dict[str, Any]:
+    """The config change of ``dast demo --timm NAME``: every run's encoder is that timm model
+    (random init, ImageNet normalisation) at timm's own output stride for it (the small
+    net's stride 4 is below what timm's backbones dilate to)."""
+    return {"model": {"arch": "timm", "timm_name": name, "norm": "imagenet", "output_stride": None}}
 
 
 def demo_tree(
