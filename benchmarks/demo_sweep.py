@@ -40,6 +40,30 @@ from dast.demo import demo_tree, run_trees, train_runs
 from dast.rundir import RunDir
 
 PAPER_RATIO = 2.5  # segmentor : discriminator learning rate, 2.5e-4 : 1e-4 in the paper
+ADAPTSEGNET_LAMBDA = 0.001  # the baseline's published lambda, used for the per-row baselines
+
+# The demo's settings before this sweep chose them: every setting below changes only what it
+# names, from these values, so that a row means the same whatever the demo's defaults are now
+# (they were set from this sweep's results).
+SWEEP_BASE: dict[str, Any] = {
+    "adversarial": {
+        "lr": 1e-4,
+        "lambda_d": 0.01,
+        "lambda_c": 0.01,
+        "warmup_steps": 0,
+        "warmup_ramp": 0,
+    },
+    "train": {"lr": 0.01},
+    "self_training": {
+        "lr": 0.002,
+        "batchnorm": "train",
+        "steps": 300,
+        "portion": 0.5,
+        "rule": "ratio",
+        "adversarial": True,
+        "eval_every": 75,
+    },
+}
 
 
 def _lr(seg: float, ratio: float = PAPER_RATIO) -> dict[str, Any]:
@@ -139,10 +163,35 @@ def _summaries(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[
 
 
 def setting_overrides(name: str, change: dict[str, Any], quick: bool) -> dict[str, Any]:
-    """A stage-1 setting's config changes (the warm-up sized to the demo's stage 1)."""
+    """A stage-1 setting's config changes from :data:`SWEEP_BASE` (the warm-up sized to the
+    demo's stage 1)."""
+    change = deep_merge(SWEEP_BASE, change)
     if WARMUP in name:
         return deep_merge(change, _warmup(demo_tree(quick=quick)))
     return change
+
+
+def stage1_trees(seeds: list[int], quick: bool, shift: str | None) -> dict[str, dict[str, Any]]:
+    """Every run of the stage-1 phase, by folder name: DA per setting and seed, the baseline
+    at the rows' learning rates (AdaptSegNet's lambda), and the baseline's own lambda grid."""
+    trees: dict[str, dict[str, Any]] = {}
+    stage1_only = {"self_training": {"rounds": 0}}
+    adaptsegnet = {"adversarial": {"lambda_c": ADAPTSEGNET_LAMBDA}}
+    for name, change in STAGE1.items():
+        change = setting_overrides(name, change, quick)
+        for seed in seeds:
+            runs = run_trees(demo_tree(quick=quick, seed=seed, shift=shift, overrides=deep_merge(change, stage1_only)))
+            trees[f"{_slug(name)}_s{seed}"] = runs["dast"]
+            if "weighting" not in name and "warm-up" not in name and "lambda 0.01" in name:
+                trees[f"{_slug(name)}_s{seed}_baseline"] = deep_merge(runs["baseline"], adaptsegnet)
+    for lam in BASELINE_LAMBDAS:
+        change = deep_merge(deep_merge(SWEEP_BASE, _lr(BASELINE_LAMBDA_LR)), stage1_only)
+        for seed in seeds:
+            base = demo_tree(quick=quick, seed=seed, shift=shift, overrides=change)
+            trees[f"baseline_lambda{lam:g}_s{seed}"] = deep_merge(
+                run_trees(base)["baseline"], {"adversarial": {"lambda_c": lam}}
+            )
+    return trees
 
 
 def sweep_stage1(
@@ -150,29 +199,7 @@ def sweep_stage1(
 ) -> dict[str, Any]:
     results: dict[str, dict[str, dict[str, Any]]] = {}
     baseline: dict[str, dict[str, dict[str, Any]]] = {}
-    trees: dict[str, dict[str, Any]] = {}
-    for name, change in STAGE1.items():
-        change = setting_overrides(name, change, quick)
-        for seed in seeds:
-            base = demo_tree(
-                quick=quick, seed=seed, shift=shift, overrides=deep_merge(change, {"self_training": {"rounds": 0}})
-            )
-            runs = run_trees(base)
-            trees[f"{_slug(name)}_s{seed}"] = runs["dast"]
-            if "weighting" not in name and "warm-up" not in name and "lambda 0.01" in name:
-                trees[f"{_slug(name)}_s{seed}_baseline"] = runs["baseline"]
-    for lam in BASELINE_LAMBDAS:
-        for seed in seeds:
-            base = demo_tree(
-                quick=quick,
-                seed=seed,
-                shift=shift,
-                overrides=deep_merge(_lr(BASELINE_LAMBDA_LR), {"self_training": {"rounds": 0}}),
-            )
-            trees[f"baseline_lambda{lam:g}_s{seed}"] = deep_merge(
-                run_trees(base)["baseline"], {"adversarial": {"lambda_c": lam}}
-            )
-    train_runs(trees, work / "stage1", workers, progress)
+    train_runs(stage1_trees(seeds, quick, shift), work / "stage1", workers, progress)
     baseline_lambda: dict[str, dict[str, dict[str, Any]]] = {}
     for lam in BASELINE_LAMBDAS:
         for seed in seeds:
@@ -200,23 +227,33 @@ def sweep_stage1(
     }
 
 
+def self_training_trees(
+    seeds: list[int], quick: bool, shift: str | None, stage1_setting: str
+) -> dict[str, dict[str, Any]]:
+    """Every run of the self-training phase, by folder name: round 1 of each setting of
+    :data:`SELF_TRAINING`, on top of ``stage1_setting``'s stage 1."""
+    stage1 = setting_overrides(stage1_setting, STAGE1[stage1_setting], quick)
+    trees: dict[str, dict[str, Any]] = {}
+    for name, change in SELF_TRAINING.items():
+        overrides = deep_merge(stage1, deep_merge({"self_training": {"rounds": 1}}, change))
+        for seed in seeds:
+            trees[f"{_slug(name)}_s{seed}"] = demo_tree(quick=quick, seed=seed, shift=shift, overrides=overrides)
+    return trees
+
+
 def sweep_self_training(
     seeds: list[int], work: Path, quick: bool, workers: int, shift: str | None, stage1_setting: str, progress: bool
 ) -> dict[str, Any]:
     if stage1_setting not in STAGE1:
         raise SystemExit(f"error: unknown stage-1 setting {stage1_setting!r}; choose from: " + "; ".join(STAGE1))
-    trees: dict[str, dict[str, Any]] = {}
-    for name, change in SELF_TRAINING.items():
-        for seed in seeds:
-            src = work / "stage1" / f"{_slug(stage1_setting)}_s{seed}"
-            if not (src / "stage1" / "selected.safetensors").exists():
-                raise SystemExit(f"error: {src} has no finished stage 1; run the stage1 phase first")
-            run = work / "self_training" / f"{_slug(name)}_s{seed}"
-            if not run.exists():  # stage 1 is reused, not retrained (its manifest entry says complete)
-                shutil.copytree(src, run, ignore=shutil.ignore_patterns("final", "report.html"))
-            stage1 = setting_overrides(stage1_setting, STAGE1[stage1_setting], quick)
-            overrides = deep_merge(stage1, deep_merge({"self_training": {"rounds": 1}}, change))
-            trees[run.name] = demo_tree(quick=quick, seed=seed, shift=shift, overrides=overrides)
+    trees = self_training_trees(seeds, quick, shift, stage1_setting)
+    for name in trees:
+        src = work / "stage1" / f"{_slug(stage1_setting)}_s{name.rsplit('_s', 1)[1]}"
+        if not RunDir(src).stage("stage1").selected.exists():
+            raise SystemExit(f"error: {src} has no finished stage 1; run the stage1 phase first")
+        run = work / "self_training" / name
+        if not run.exists():  # stage 1 is reused, not retrained (its manifest entry says complete)
+            shutil.copytree(src, run, ignore=shutil.ignore_patterns("final", "report.html"))
     failed: dict[str, str] = {}
     train_runs(trees, work / "self_training", workers, progress, force=True, failures=failed)
     results: dict[str, dict[str, dict[str, Any]]] = {}
