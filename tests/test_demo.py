@@ -8,12 +8,15 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import TINY
 from PIL import Image
 
 from dast.cli import main
-from dast.config import from_tree, load_config, load_yaml_tree
+from dast.config import deep_merge, from_tree, load_config, load_yaml_tree
 from dast.demo import DEMO_CONFIG, VARIANTS, demo_tree, gap_recovered, run_trees, summarize_seeds
 from dast.demo.config import timm_overrides
+from dast.demo.runner import _train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,3 +134,11 @@ def test_demo_timm_runs_use_the_packaged_demo_timm_model_section() -> None:
             packaged.output_stride,
         ), name
     assert packaged.output_stride is None
+
+
+def test_training_a_run_in_process_restores_the_thread_count(tmp_path: Path) -> None:
+    tree = deep_merge(TINY, {"train": {"steps": 2, "eval_every": 2, "checkpoint_every": 2, "image_every": 2}})
+    torch.set_num_threads(2)
+    _train(tree, tmp_path / "run", None, progress=False)
+    assert torch.get_num_threads() == 2  # the run trains on one thread, then gives the caller's back
+    assert (tmp_path / "run" / "final").is_dir()

@@ -27,9 +27,13 @@ from dast.training.snapshots import best_across_stages
 def _train(tree: dict[str, Any], run_dir: Path, label: str | None, progress: bool, force: bool = False) -> float:
     """Train one run (resuming a finished or interrupted one); return its seconds."""
     t0 = time.time()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny networks: one thread per run, runs in parallel instead
-    cfg = from_tree(tree, "demo")
-    train(cfg, run_dir, resume=RunDir(run_dir).config.exists(), force=force, progress=progress, heartbeat=label)
+    try:
+        cfg = from_tree(tree, "demo")
+        train(cfg, run_dir, resume=RunDir(run_dir).config.exists(), force=force, progress=progress, heartbeat=label)
+    finally:
+        torch.set_num_threads(threads)  # the caller's process when runs are trained one at a time
     return time.time() - t0
 
 
