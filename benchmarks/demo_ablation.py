@@ -35,10 +35,12 @@ from typing import Any
 
 import yaml
 
-from dast.config import deep_merge, from_tree
-from dast.data.datasets import build_dataset
+from dast.atomic import write_json
+from dast.config import deep_merge
 from dast.demo import DEMO_CONFIG, NO_ADVERSARY, evaluate_checkpoint, train_runs
 from dast.demo.config import BASELINE_LAMBDA
+from dast.demo.runner import datasets
+from dast.rundir import STAGE1, DemoDir, RunDir
 from dast.training.pseudo_labels import pseudo_label_precision
 
 STAGE1_ONLY = {"self_training": {"rounds": 0}}
@@ -77,16 +79,11 @@ def ablation(seeds: list[int], work: Path, workers: int) -> dict[str, Any]:
         trees = row_trees(seed)
         runs = work / f"seed{seed}"
         train_runs(trees, runs, workers, progress=False)
-        cfg = from_tree(trees["da"], "ablation")
-        val = build_dataset(
-            cfg.val, norm=cfg.model.norm, num_classes=cfg.model.num_classes, with_labels=True, seed=cfg.seed + 2
-        )
+        cfg, val, _ = datasets(trees["da"])
+        stages = {name: RunDir(runs / name).stage(STAGE1) for name in trees}
         per_seed[str(seed)] = {
-            name: {
-                "last": score(runs / name / "stage1" / "checkpoints" / f"step_{cfg.train.steps:08d}.safetensors", val),
-                "selected": score(runs / name / "stage1" / "selected.safetensors", val),
-            }
-            for name in trees
+            name: {"last": score(stage.checkpoint(cfg.train.steps), val), "selected": score(stage.selected, val)}
+            for name, stage in stages.items()
         }
         print(f"seed {seed}: " + json.dumps(per_seed[str(seed)]), file=sys.stderr, flush=True)
     summary = {}
@@ -103,12 +100,9 @@ def ablation(seeds: list[int], work: Path, workers: int) -> dict[str, Any]:
 
 def demo_pseudo_labels(demo_dir: Path) -> dict[str, Any]:
     """Precision of ``runs/dast/round1/pseudo_labels`` against the synthetic target labels."""
-    run = demo_dir / "runs" / "dast"
-    cfg = from_tree(yaml.safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))
-    target = build_dataset(
-        cfg.target, norm=cfg.model.norm, num_classes=cfg.model.num_classes, with_labels=True, seed=cfg.seed + 1
-    )
-    return pseudo_label_precision(run / "round1" / "pseudo_labels", target)
+    run = DemoDir(demo_dir).run("dast")
+    _, _, target = datasets(yaml.safe_load(run.config.read_text()))
+    return pseudo_label_precision(run.round(1).pseudo_labels, target)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,10 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         result["ablation"] = ablation(args.seeds, args.work, args.workers)
     if args.demo_dirs:
         result["pseudo_labels"] = {str(d): demo_pseudo_labels(d) for d in args.demo_dirs}
-    text = json.dumps(result, indent=1)
-    print(text)
+    print(json.dumps(result, indent=1))
     if args.out:
-        args.out.write_text(text + "\n")
+        write_json(args.out, result)
     return 0
 
 

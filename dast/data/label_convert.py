@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import sys
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from dast.atomic import TMP_MARK
 from dast.constants import IGNORE_INDEX
 from dast.data.labels import ClassTable
 from dast.errors import ConfigError, DataError, UserError
+from dast.progress import progress as report_progress
 
 RGB = tuple[int, int, int]
 
@@ -244,16 +243,7 @@ def convert_label_folder(
         with ThreadPoolExecutor(max_workers=n_workers) as pool:
             try:
                 done = pool.map(lambda p: convert_label_file(p, tmp / p.name, lookup, classes_name), files)
-                bar = tqdm(
-                    done,
-                    total=len(files),
-                    desc="converting labels",
-                    unit="img",
-                    file=sys.stderr,
-                    disable=None if progress else True,
-                    leave=False,
-                )
-                for counts in bar:
+                for counts in report_progress(done, total=len(files), desc="converting labels", enabled=progress):
                     total += counts
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)

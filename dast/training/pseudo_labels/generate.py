@@ -36,6 +36,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from dast.atomic import TMP_MARK, write_json, write_text, write_with
+from dast.contexts import eval_mode
 from dast.data.workers import loader_iterator, worker_init
 from dast.errors import DataError, UserError
 from dast.models.target_model import predict_full_res
@@ -248,14 +249,9 @@ def model_num_classes(model: nn.Module) -> int | None:
 def evaluating(model: nn.Module, device: torch.device) -> Iterator[None]:
     """Run ``model`` in eval mode on ``device`` without gradients; every module's train/eval
     flag is restored exactly afterwards (the model stays on ``device``)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval().to(device)
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, training in modes:
-            m.training = training
+    model.to(device)
+    with eval_mode(model), torch.no_grad():
+        yield
 
 
 def estimate_thresholds(
