@@ -151,12 +151,28 @@ def create_timm_encoder(name: str, output_stride: int | None = None, pretrained:
             raise exc from None
     encoder = TimmEncoder(body, name, used)
     if output_stride is not None and encoder.output_stride != output_stride:
-        native = encoder.output_stride
+        works = ", ".join(str(s) for s in _strides_that_build(timm, name, encoder.output_stride))
         raise ConfigError(
-            f"timm model {name!r} cannot run at output stride {output_stride}; its native output stride "
-            f"is {native} (set model.output_stride to null or {native})"
+            f"timm model {name!r} cannot run at output stride {output_stride}; it runs at {works} "
+            f"(model.output_stride: null picks {DEFAULT_STRIDE} where the family dilates, else its native "
+            f"{encoder.output_stride})"
         )
     return encoder
+
+
+def _strides_that_build(timm: ModuleType, name: str, native: int) -> list[int]:
+    """The output strides among 8, 16, 32 that timm builds ``name`` at (random weights), for
+    an error message; the native stride always works."""
+    works = {native}
+    for stride in (8, 16, 32):
+        if stride < native:
+            try:
+                body, used = _create_body(timm, name, False, {"output_stride": stride})
+            except (TypeError, AssertionError, ValueError, RuntimeError):
+                continue
+            if TimmEncoder(body, name, used).output_stride == stride:
+                works.add(stride)
+    return sorted(works)
 
 
 def build_timm_segmentor(
