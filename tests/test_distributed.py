@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from test_engine import _batch, _cfg, _networks, _runtime
 
 from dast.cli import main
 from dast.config import DatasetConfig
@@ -20,6 +21,7 @@ from dast.data.datasets import build_dataset
 from dast.evaluation.evaluate import evaluate_model
 from dast.models import build_discoverer, build_segmentor
 from dast.models.target_model import TargetModel
+from dast.training.engine import Engine, StagePlan
 
 DDP_TRAIN = {
     "model": {"batchnorm": "per_image"},
@@ -79,6 +81,32 @@ def test_forward_target_alone_still_synchronises_the_gradients(tiny_config, tmp_
     r0, r1 = _digests(run / "digests" / "rank0.jsonl"), _digests(run / "digests" / "rank1.jsonl")
     assert [d["step"] for d in r0] == [1, 2, 3]
     assert r0 == r1
+
+
+def _fault_worker(rank: int, world: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        nets = _networks()
+        plan = StagePlan("stage1", 0, 4, 100, 0.01, 10.0, False, adversarial=True)
+        engine = Engine.build(plan, _cfg(), nets, _runtime())
+        engine.train_modes(nets.modules())
+        xs, ys, xt = _batch()
+        if rank == 1:
+            xs[0, 0, 0, 0] = float("inf")  # only this rank's loss is non-finite
+        before = [p.detach().clone() for p in nets.segmentor.parameters()]
+        result = engine.step(0, xs, ys, xt, None)
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, nets.segmentor.parameters()))
+        Path(f"{out}.{rank}").write_text(json.dumps([result.applied, unchanged]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_fault_on_one_rank_skips_the_step_on_every_rank(tmp_path: Path) -> None:
+    """Without agreement the finite rank applied its update and the ranks diverged."""
+    out = str(tmp_path / "r")
+    mp.spawn(_fault_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    assert [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)] == [[False, True], [False, True]]
 
 
 def _eval_worker(rank: int, world: int, init: str, out: str) -> None:

@@ -168,6 +168,19 @@ def test_fault_hook_counts_faults_but_not_fp16_overflows(tmp_path: Path) -> None
         hook.after_result(loop, _failed(loop), source, None)
 
 
+def test_fp16_overflows_stop_the_run_once_the_loss_scale_cannot_help(tmp_path: Path) -> None:
+    loop = _loop(tmp_path)
+    loop.engine.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**-20)
+    loop.engine.scaler.scale(torch.ones(()))
+    hook = FaultHook("skip", max_consecutive=3, lr_factor=0.5)
+    hook.before_stage(loop)
+    overflow = StepResult({"loss/seg": torch.tensor(1.0)}, False, 0.01, 1e-4, overflow=True)
+    assert hook.after_result(loop, overflow, {"name": ["s.png"]}, None) is False  # 2^-20: still worth trying
+    loop.engine.scaler.update(new_scale=2.0**-25)
+    with pytest.raises(NumericalFault, match=r"loss scale fell to 2.98023e-08 .*overflow at any scale"):
+        hook.after_result(loop, overflow, {"name": ["s.png"]}, None)
+
+
 def test_checkpoint_keeps_the_fp16_loss_scale(tmp_path: Path) -> None:
     loop = _loop(tmp_path)
     loop.engine.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)

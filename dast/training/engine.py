@@ -29,7 +29,15 @@ from dast.models.io import Networks
 from dast.training.graphs import GraphedStep
 from dast.training.optim import build_optimizers, poly_lr, set_lrs
 from dast.training.runtime import Runtime
-from dast.training.step import Autocast, StepModels, StepSettings, compute_gradients, losses_finite, train_step
+from dast.training.step import (
+    Autocast,
+    StepModels,
+    StepSettings,
+    all_ranks_agree,
+    compute_gradients,
+    losses_finite,
+    train_step,
+)
 
 
 class StepFn(Protocol):
@@ -265,8 +273,7 @@ class Engine:
                 self._adv_scale.fill_(float(scale))
             out, applied = self.graphed(xs, ys, xt, yt)
         elif self.scaler is not None:
-            out, applied = _scaled_step(self, xs, ys, xt, yt, scale)
-            overflow = not applied and bool(losses_finite(out))
+            out, applied, overflow = _scaled_step(self, xs, ys, xt, yt, scale)
         else:
             out, applied = self.step_fn(
                 self.models,
@@ -309,10 +316,11 @@ def _grad_scaler(device: torch.device) -> Any:
 
 def _scaled_step(
     engine: Engine, xs: Tensor, ys: Tensor, xt: Tensor, yt: Tensor | None, scale: float | None
-) -> tuple[dict[str, Tensor], bool]:
+) -> tuple[dict[str, Tensor], bool, bool]:
     """An fp16 iteration: every loss is scaled before its backward, both optimisers'
     gradients are unscaled, and one check guards both updates (a non-finite loss or
-    gradient skips the iteration and lowers the scale, as ``GradScaler.update`` does)."""
+    gradient skips the iteration and lowers the scale, as ``GradScaler.update`` does).
+    Returns (scalars, applied, overflow: skipped with finite losses)."""
     scaler = engine.scaler
     out, disc_active = compute_gradients(
         engine.models,
@@ -331,14 +339,16 @@ def _scaled_step(
     for opt in opts:
         scaler.unscale_(opt)
     grads = [p.grad for opt in opts for g in opt.param_groups for p in g["params"] if p.grad is not None]
-    finite = bool(losses_finite(out)) and (not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all()))
-    if not finite:
+    loss_flag = losses_finite(out)
+    grads_ok = torch.stack([g.isfinite().all() for g in grads]).all() if grads else torch.ones_like(loss_flag)
+    losses_ok = all_ranks_agree(loss_flag)  # every rank decides alike under DDP
+    if not (losses_ok and all_ranks_agree(grads_ok)):
         for maybe_opt in (engine.seg_opt, engine.disc_opt):
             if maybe_opt is not None:
                 maybe_opt.zero_grad(set_to_none=True)
         scaler.update()  # unscale_ recorded the overflow: the scale goes down
-        return out, False
+        return out, False, losses_ok  # finite losses: an overflow, the scaler's own skip
     for opt in opts:
         scaler.step(opt)
     scaler.update()
-    return out, True
+    return out, True, False

@@ -41,6 +41,9 @@ if TYPE_CHECKING:  # the loop imports the hooks
 
 Scalars = dict[str, float]
 Batch = dict[str, Any]
+# fp16: a loss scale below this (fp16's smallest subnormal, 2^-24) cannot bring the
+# gradients into range: every step would be skipped
+MIN_LOSS_SCALE = 2.0**-24
 
 
 @dataclass
@@ -284,6 +287,19 @@ class FaultHook(Hook):
             self.on_success(loop.state.step)
             return False
         if result.overflow:
+            scaler = loop.engine.scaler
+            scale = scaler.get_scale() if scaler is not None else None
+            loop.log.info(
+                "%s step %d: fp16 gradients overflowed; skipped, loss scale now %s",
+                loop.plan.name,
+                loop.state.step,
+                scale,
+            )
+            if scale is not None and scale < MIN_LOSS_SCALE:
+                raise NumericalFault(
+                    f"{loop.plan.name} step {loop.state.step}: the fp16 loss scale fell to {scale:g} (below "
+                    f"{MIN_LOSS_SCALE:g}): the gradients overflow at any scale; train in bf16 or fp32"
+                )
             return False
         names = list(source["name"]) + (list(target["name"]) if target is not None else [])
         return self.on_fault(loop, result, names)

@@ -31,6 +31,7 @@ from dataclasses import InitVar, dataclass
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -444,6 +445,17 @@ def losses_finite(out: dict[str, Tensor]) -> Tensor:
     return torch.isfinite(vals).all()
 
 
+def all_ranks_agree(flag: Tensor) -> bool:
+    """``flag`` (a boolean tensor) AND-ed over the ranks of the process group (one scalar
+    all-reduce under DDP; no communication otherwise), so that every rank skips or applies
+    the same steps: a non-finite loss on one rank makes every rank's gradients non-finite."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        agreed = flag.to(torch.int32).reshape(1)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        return bool(agreed.item())
+    return bool(flag)
+
+
 def apply_updates(seg_opt: torch.optim.Optimizer, disc_opt: torch.optim.Optimizer | None, disc_active: bool) -> None:
     """Step the segmentor optimiser, and the discriminators' when they have gradients."""
     seg_opt.step()
@@ -482,7 +494,7 @@ def train_step(
         autocast,
         adv_scale=adv_scale,
     )
-    if check_finite and not bool(losses_finite(out)):
+    if check_finite and not all_ranks_agree(losses_finite(out)):
         seg_opt.zero_grad(set_to_none=True)
         if disc_opt is not None:
             disc_opt.zero_grad(set_to_none=True)
