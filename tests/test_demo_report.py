@@ -187,10 +187,21 @@ def test_report_of_a_several_seed_demo_links_every_seed_page(tmp_path: Path) -> 
         "variants": {m: {"miou": e["mean"], "std": e["std"]} for m, e in summary["methods"].items()},
         "seeds": [0, 1, 2],
         "summary": summary,
-        "per_seed": {"0": "seed0/report.json", "1": "seed1/report.json", "2": "seed2/report.json"},
+        "per_seed": {
+            "0": "seed0/report.json",
+            "1": "seed1/report.json",
+            "2": "seed2/report.json",  # missing
+            "3": "seed3/report.json",  # truncated
+            "4": "report.json",  # the demo folder itself: no recursion
+            "5": "../elsewhere/report.json",  # outside the demo folder
+        },
         "figures": [],
     }
     (demo / "report.json").write_text(json.dumps(top))
+    (demo / "seed3").mkdir()
+    (demo / "seed3" / "report.json").write_text('{"variants": {')
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "report.json").write_text(json.dumps(reports[0]))
     assert main(["report", str(demo), "--device", "cpu", "--samples", "0"]) == 0
 
     sec = _sections((demo / "report.html").read_text(encoding="utf-8"))
@@ -203,6 +214,11 @@ def test_report_of_a_several_seed_demo_links_every_seed_page(tmp_path: Path) -> 
     assert cells[2][1:] == ["42.0 &plusmn; 2.8", "43.0 &plusmn; 2.8", "44.0", "40.0", "+1.0 (1/2)", "+10.0 (2/2)"]
     assert 'href="seed0/report.html"' in seeds and 'href="seed1/report.html"' in seeds
     assert "seed2/ holds no demo report" in seeds
+    assert "seed 3: no page: " in seeds and "cannot be read as JSON" in seeds
+    assert "seed 4: ./ is not a seed folder inside the demo folder" in seeds
+    assert "seed 5: ../elsewhere/ is not a seed folder inside the demo folder" in seeds
+    assert not (tmp_path / "elsewhere" / "report.html").exists()
+    assert 'href="#seeds"' in (demo / "report.html").read_text(encoding="utf-8")
     assert (demo / "seed0" / "report.html").is_file() and (demo / "seed1" / "report.html").is_file()
     assert (demo / "seed1" / "runs" / "baseline" / "report.html").is_file()  # a seed's runs get their reports
     assert "No run directories" not in sec["runs"] and "each seed's page links them" in sec["runs"]

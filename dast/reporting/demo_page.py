@@ -146,10 +146,17 @@ def find_runs(root: Path, report: dict[str, Any]) -> list[RunLink]:
 
 def find_seeds(root: Path, report: dict[str, Any]) -> list[SeedLink]:
     """The seed folders a several-seed report names (``per_seed``: seed -> its report.json)."""
+    root = root.resolve()
     links = []
     for seed, path in _mapping(report.get("per_seed")).items():
-        folder = (root / str(path)).parent
-        note = None if is_demo_folder(folder) else f"{Path(str(path)).parent.as_posix()}/ holds no demo report"
+        folder = (root / str(path)).parent.resolve()
+        shown = Path(str(path)).parent.as_posix()
+        if folder == root or root not in folder.parents:
+            note: str | None = f"{shown}/ is not a seed folder inside the demo folder"
+        elif not is_demo_folder(folder):
+            note = f"{shown}/ holds no demo report"
+        else:
+            note = None
         links.append(SeedLink(seed=str(seed), folder=folder, note=note))
     return links
 
@@ -327,9 +334,14 @@ def runs_html(runs: list[RunLink], page: Path, report: dict[str, Any], seeds: bo
     return intro + _table(["run", "variants", "status", "final mIoU", "training s", "report"], rows, left=3)
 
 
+def _has_seeds(contents: DemoContents) -> bool:
+    """Whether the folder is a several-seed demo (``dast demo --seeds``)."""
+    return bool(contents.seeds) or "summary" in contents.report
+
+
 def header_html(contents: DemoContents) -> str:
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    sections = [("results", "Results")] + ([("seeds", "Seeds")] if contents.seeds else [])
+    sections = [("results", "Results")] + ([("seeds", "Seeds")] if _has_seeds(contents) else [])
     sections += [("figures", "Figures"), ("runs", "Runs"), ("raw", "report.json")]
     facts = [("demo folder", _e(contents.root.resolve()))]
     facts += [(_e(k), _cell(v)) for k, v in contents.report.items() if _scalar(v)]
@@ -362,7 +374,7 @@ def render_demo_page(contents: DemoContents, page: Path) -> str:
     report = contents.report
     pseudo = report.get("pseudo_labels")
     sections = [("results", "Results", results_html(report))]
-    if contents.seeds or "summary" in report:
+    if _has_seeds(contents):
         sections.append(("seeds", "Seeds", seeds_html(report, contents.seeds, page)))
     if isinstance(pseudo, dict):
         sections.append(("pseudo-labels", "Round-1 pseudo labels against the target labels", _mapping_html(pseudo)))
@@ -396,7 +408,11 @@ def write_demo_report(
     runs = list(contents.runs)
     for link in contents.seeds:
         if link.note is None:
-            link.report, seed_runs = write_demo_report(link.folder, samples=samples, device=device)
+            try:
+                link.report, seed_runs = write_demo_report(link.folder, samples=samples, device=device)
+            except UserError as exc:  # e.g. a truncated report.json: the other seeds still get pages
+                link.note = f"no page: {exc}"
+                continue
             runs += seed_runs
     write_text(page, render_demo_page(contents, page))
     return page, runs
