@@ -14,7 +14,7 @@ from PIL import Image
 
 from dast.cli import main
 from dast.config import deep_merge, from_tree, load_config, load_yaml_tree
-from dast.demo import DEMO_CONFIG, VARIANTS, demo_tree, gap_recovered, run_trees, summarize_seeds
+from dast.demo import DEMO_CONFIG, RUNS, VARIANTS, demo_tree, gap_recovered, run_trees, summarize_seeds
 from dast.demo.config import timm_overrides
 from dast.demo.runner import _train
 
@@ -80,6 +80,12 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys) -> None:
     assert set(mech["discriminators"]) == {"D", "C"}
     assert set(mech["pseudo_labels"]["rules"]) == {"ratio", "threshold"}
     assert "attention AUROC" in printed and "pseudo labels (threshold rule)" in printed
+    assert report["already_trained"] == [] and set(report["train_seconds"]) == set(RUNS)
+    # run again over the finished runs: the same numbers, and no resume check passed off as training time
+    assert main(["demo", "--out", str(out), "--quick", "--seed", "1", "--no-progress"]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["variants"] == report["variants"]
+    assert sorted(again["already_trained"]) == sorted(RUNS) and again["train_seconds"] == {}
 
 
 def test_several_seed_summary_by_hand() -> None:

@@ -39,6 +39,7 @@ from dast.demo.runner import (
     datasets,
     default_workers,
     evaluate_checkpoint,
+    finished,
     load,
     progress_line,
     train_runs,
@@ -130,6 +131,7 @@ def run_demo(
     check_runs(trees)  # bad settings fail here, before anything is written
     demo.root.mkdir(parents=True, exist_ok=True)
     n = workers if workers is not None else default_workers()
+    already = [name for name in trees if finished(demo.run(name))]  # a rerun over finished runs
     train_seconds = train_runs(trees, demo.runs, n, progress)
     progress_line("== scoring the variants and measuring the mechanisms", progress)
     threads = torch.get_num_threads()
@@ -144,7 +146,9 @@ def run_demo(
             "quick": bool(quick),
             "workers": n,
             "shift": shift,
-            "train_seconds": {k: round(v, 1) for k, v in train_seconds.items()},
+            # seconds of the runs trained by this call; runs finished before it are only listed
+            "train_seconds": {k: round(v, 1) for k, v in train_seconds.items() if k not in already},
+            "already_trained": already,
         }
     )
     report["seconds"] = round(time.time() - t0, 1)
