@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +17,14 @@ from safetensors.torch import load_file
 from test_engine import _batch, _cfg, _networks, _runtime
 
 from dast.cli import main
-from dast.config import DatasetConfig
+from dast.config import DatasetConfig, load_config
 from dast.data.datasets import build_dataset
+from dast.errors import UserError
 from dast.evaluation.evaluate import evaluate_model
 from dast.models import build_discoverer, build_segmentor
 from dast.models.target_model import TargetModel
 from dast.training.engine import Engine, StagePlan
+from dast.training.pipeline import train
 
 DDP_TRAIN = {
     "model": {"batchnorm": "per_image"},
@@ -107,6 +110,36 @@ def test_a_fault_on_one_rank_skips_the_step_on_every_rank(tmp_path: Path) -> Non
     out = str(tmp_path / "r")
     mp.spawn(_fault_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
     assert [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)] == [[False, True], [False, True]]
+
+
+def _group_worker(rank: int, world: int, port: int, cfg_path: str, out: str, case: str) -> None:
+    """train() under a torchrun-like environment, in one of three cases."""
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    cfg = load_config(cfg_path)
+    if case == "theirs":
+        dist.init_process_group("gloo")  # the caller's own group
+    if case == "failing":
+        # the source folder vanishes after the config was checked: the run fails inside the group
+        cfg = cfg.model_copy(update={"source": cfg.source.model_copy(update={"kind": "folder", "root": out + "/gone"})})
+    try:
+        train(cfg, Path(out) / "run", progress=False)
+    except UserError:
+        pass
+    Path(f"{out}/seen.{rank}").write_text(json.dumps(dist.is_initialized()))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case, alive", [("ok", False), ("failing", False), ("theirs", True)])
+def test_training_ends_only_the_process_group_it_created(tiny_config, tmp_path: Path, case: str, alive: bool) -> None:
+    cfg = tiny_config(**DDP_TRAIN)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_group_worker, args=(2, port, str(cfg), str(tmp_path), case), nprocs=2, join=True)
+    assert [json.loads((tmp_path / f"seen.{r}").read_text()) for r in (0, 1)] == [alive, alive]
 
 
 def _eval_worker(rank: int, world: int, init: str, out: str) -> None:

@@ -8,6 +8,7 @@ Crash safety, resume and the config-change policy are described in docs/reliabil
 from __future__ import annotations
 
 import json
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -402,6 +403,18 @@ def train(
     cfg = prepare_run_dir(run_dir, cfg, resume, force)
     rt = make_runtime(cfg.runtime, device)
     created_group = init_process_group(rt)
+    try:
+        return _train_in_group(cfg, run_dir, rt, resume, progress, heartbeat)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)  # their locals hold the DDP wrappers, which hold the group
+        raise
+    finally:
+        leave_process_group(created_group)
+
+
+def _train_in_group(
+    cfg: Config, run_dir: Path, rt: Runtime, resume: bool, progress: bool, heartbeat: str | None
+) -> dict[str, Any]:
     configure_backends(rt)
     fresh = not resume and not (run_dir.exists() and any(run_dir.iterdir()))
     created = first_missing(run_dir)
@@ -422,5 +435,3 @@ def train(
         raise
     finally:
         pipe.close()
-        del pipe  # the DDP wrappers, so that the process group can really end
-        leave_process_group(created_group)
