@@ -28,6 +28,7 @@ Every writer and reader of these folders takes names and patterns from here.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +209,14 @@ class RunDir:
     @property
     def final_metrics(self) -> Path:
         return self.final / FINAL_METRICS
+
+    def finished(self) -> bool:
+        """Whether the run completed: its manifest says so and the final model is there."""
+        try:
+            status = json.loads(self.manifest.read_text()).get("status")
+        except (OSError, ValueError, AttributeError):
+            return False
+        return status == "complete" and self.final_model.is_file()
 
     def has_progress(self) -> bool:
         """Whether the run holds trained weights worth keeping."""

@@ -39,7 +39,6 @@ from dast.demo.runner import (
     datasets,
     default_workers,
     evaluate_checkpoint,
-    finished,
     load,
     progress_line,
     train_runs,
@@ -131,7 +130,7 @@ def run_demo(
     check_runs(trees)  # bad settings fail here, before anything is written
     demo.root.mkdir(parents=True, exist_ok=True)
     n = workers if workers is not None else default_workers()
-    already = [name for name in trees if finished(demo.run(name))]  # a rerun over finished runs
+    already = [name for name in trees if demo.run(name).finished()]  # a rerun over finished runs
     train_seconds = train_runs(trees, demo.runs, n, progress)
     progress_line("== scoring the variants and measuring the mechanisms", progress)
     threads = torch.get_num_threads()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -36,14 +35,6 @@ def _train(tree: dict[str, Any], run_dir: Path, label: str | None, progress: boo
     finally:
         torch.set_num_threads(threads)  # the caller's process when runs are trained one at a time
     return time.time() - t0
-
-
-def finished(run: RunDir) -> bool:
-    """Whether ``run`` completed (its manifest says so): training it again only checks it."""
-    try:
-        return json.loads(run.manifest.read_text()).get("status") == "complete"
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 # what a run may fail with that a sweep records instead of stopping (a diverged run, bad settings)
