@@ -25,9 +25,9 @@ from dast.config import from_tree, load_yaml_tree
 from dast.contexts import eval_mode
 from dast.data.datasets import build_dataset, with_label_dir
 from dast.models.io import load_networks
-from dast.rundir import STAGE1, RunDir, round_name
-from dast.training.engine import StagePlan
+from dast.rundir import STAGE1, RunDir
 from dast.training.loop import StageData
+from dast.training.plans import stage_plans
 from dast.training.runtime import make_runtime
 
 
@@ -40,7 +40,9 @@ def measure(run_dir: Path, batches: int) -> dict[str, object]:
     labels = run.round(1).pseudo_labels
     nets, _, _ = load_networks(run.stage(STAGE1).selected, "cpu")
     model = nets.target_model()
-    plan = StagePlan(round_name(1), 1, batches, batches, 0.0, 1.0, False, True, pseudo_dir=labels)
+    if cfg.self_training.rounds < 1:
+        raise SystemExit(f"error: {run_dir} has no self-training round")
+    plan = stage_plans(cfg, 1)[1]  # round 1, as the run trained it
     data = StageData(cfg, plan, make_runtime(cfg.runtime), source, with_label_dir(target, labels))
     data.open(0)
     ce_eval, ce_train, agree = [], [], []

@@ -40,7 +40,7 @@ import torch
 
 from dast.atomic import write_json, write_text
 from dast.benchmarking.agreement import LossTolerance, compare_losses, pixel_agreement
-from dast.benchmarking.modes import STAGE1, Schedule, TrainingSetup, build_nets, resolve_mode
+from dast.benchmarking.modes import TrainingSetup, build_nets, resolve_mode
 from dast.benchmarking.workloads import SIZES, infer_fn
 
 try:
@@ -68,10 +68,16 @@ def scenes(domain: str, count: int, size: tuple[int, int], seed: int) -> tuple[t
 
 
 def train(
-    mode_name: str, nets: Any, device: torch.device, schedule: Schedule, data: dict[str, torch.Tensor], steps: int
+    mode_name: str,
+    nets: Any,
+    device: torch.device,
+    overrides: dict[str, Any],
+    data: dict[str, torch.Tensor],
+    steps: int,
 ) -> tuple[TrainingSetup, dict[str, list[float]], float]:
-    """Run ``steps`` iterations; return the setup, every loss per step and ms per step."""
-    setup = TrainingSetup(resolve_mode(mode_name, device), nets, device, schedule)
+    """Run ``steps`` iterations (stage 1 of the config with ``overrides``); return the setup,
+    every loss per step and ms per step."""
+    setup = TrainingSetup(resolve_mode(mode_name, device), nets, device, overrides=overrides)
     k = data["xs"].shape[0]
     xs = [setup.prepare_images(data["xs"][i : i + 1]) for i in range(k)]
     ys = [data["ys"][i : i + 1].to(device) for i in range(k)]
@@ -155,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size or ("paper" if device.type == "cuda" else "small")
     arch = args.arch or ("resnet101" if size == "paper" else "small")
     sizes = SIZES[size]
-    lr = args.lr if args.lr is not None else STAGE1.lr
-    schedule = Schedule(lr=lr, lr_d=args.lr_d if args.lr_d is not None else STAGE1.lr_d)
+    schedule: dict[str, Any] = {"train": {}, "adversarial": {}}  # the config's learning rates unless given
+    if args.lr is not None:
+        schedule["train"]["lr"] = args.lr
+    if args.lr_d is not None:
+        schedule["adversarial"]["lr"] = args.lr_d
     t0 = time.perf_counter()
     xs, ys = scenes("source", args.batches, sizes.source, args.seed)
     xt, _ = scenes("target", args.batches, sizes.target, args.seed)
@@ -196,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "source_size": list(sizes.source),
         "target_size": list(sizes.target),
         "steps": args.steps,
-        "lr": lr,
+        "lr": eager.config.train.lr,
         "fast_mode": args.fast_mode,
         "fast_settings": resolve_mode(args.fast_mode, device).describe(),
         "control_mode": args.control,

@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dast.config import SelfTrainingConfig
+from dast.execution import Execution
 from dast.models import build_discoverer, build_segmentor
 from dast.models.target_model import TargetModel
 from dast.training.pseudo_labels import (
@@ -117,13 +119,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                 model,
                 ds,
                 f"{tmp}/pl",
-                portion=0.5,
-                mode=args.method,
-                bins=args.bins,
-                device=device,
-                batch_size=args.batch_size,
-                progress=False,
-                num_workers=args.num_workers,
+                SelfTrainingConfig(portion=0.5, estimator=args.method, bins=args.bins),
+                execution=Execution(
+                    device=device, batch_size=args.batch_size, progress=False, num_workers=args.num_workers
+                ),
             )
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from dast.benchmarking.modes import Schedule, TrainingSetup, resolve_mode
+from dast.benchmarking.modes import TrainingSetup, resolve_mode
 from dast.benchmarking.timing import measure
 from dast.benchmarking.workloads import random_images, random_labels
 from dast.models.build import count_parameters
@@ -65,8 +65,8 @@ def measure_backbone(name: str, iters: int, warmup: int) -> dict[str, object]:
         "build_s": round(build_s, 2),
     }
     device = torch.device("cpu")
-    sched = Schedule(lr=0.01, duplicate_params=False, poly_steps=2000)  # the demo's stage 1
-    setup = TrainingSetup(resolve_mode("fast-fp32", device), (seg, disc, corr), device, sched)
+    stage1 = {"train": {"lr": 0.01, "duplicate_params": False, "poly_steps": 2000}}  # the demo's stage 1
+    setup = TrainingSetup(resolve_mode("fast-fp32", device), (seg, disc, corr), device, overrides=stage1)
     gen = torch.Generator().manual_seed(1)
     xs, ys = random_images(BATCH, SIZE, gen), random_labels(BATCH, SIZE, NUM_CLASSES, gen)
     xt = random_images(BATCH, SIZE, gen)

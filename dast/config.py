@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dast.errors import ConfigError
 
@@ -165,7 +165,9 @@ class SelfTrainingConfig(_Strict):
     lr: float | None = None
     poly_steps: int | None = None
     head_lr_mult: float | None = None
-    mode: Literal["histogram", "exact-reference"] = "histogram"
+    # how the class thresholds are estimated: streaming histograms, or the released code's
+    # exact sort (bit-identical to it); "mode" is this key's old name
+    estimator: Literal["histogram", "exact-reference"] = "histogram"
     # BatchNorm while a round trains: "train" (batch statistics, running ones updated) or
     # "frozen" (eval mode, the stage-1 running statistics, as the released DAST_train.py); null: the variant's
     batchnorm: Literal["train", "frozen"] | None = None
@@ -175,6 +177,14 @@ class SelfTrainingConfig(_Strict):
     bins: int = Field(default=65536, ge=16)
     subsample: int = Field(default=4, ge=1)
     preview_count: int = Field(default=8, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_mode(cls, data: Any) -> Any:
+        """``mode: histogram | exact-reference`` is the old spelling of ``estimator``."""
+        if isinstance(data, dict) and data.get("mode") in ("histogram", "exact-reference") and "estimator" not in data:
+            data = {k: v for k, v in data.items() if k != "mode"} | {"estimator": data["mode"]}
+        return data
 
 
 class SelectionConfig(_Strict):
@@ -534,15 +544,19 @@ def resolve(cfg: Config) -> Config:
     if adv.attention and not adv.discoverer:
         raise ConfigError("config key 'adversarial.attention' needs 'adversarial.discoverer: true'")
     _check_backbone(out)
-    if out.source.kind == "folder" or out.target.kind == "folder":
-        for ds in (out.source, out.target, out.val):
-            if ds is not None and ds.kind == "folder" and ds.classes is not None:
-                if len(ds.classes) != out.model.num_classes:
-                    raise ConfigError(
-                        f"config key 'model.num_classes' is {out.model.num_classes} but the folder dataset "
-                        f"lists {len(ds.classes)} classes"
-                    )
+    _check_folder_classes(out)
     return out
+
+
+def _check_folder_classes(cfg: Config) -> None:
+    """A folder dataset's class list has ``model.num_classes`` entries."""
+    for ds in (cfg.source, cfg.target, cfg.val):
+        if ds is not None and ds.kind == "folder" and ds.classes is not None:
+            if len(ds.classes) != cfg.model.num_classes:
+                raise ConfigError(
+                    f"config key 'model.num_classes' is {cfg.model.num_classes} but the folder dataset "
+                    f"lists {len(ds.classes)} classes"
+                )
 
 
 def _check_backbone(cfg: Config) -> None:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from dast.benchmarking import SIZES, Sizes, parse_modes, run_benchmarks, workloads
+from dast.benchmarking import SIZES, BenchRequest, Sizes, parse_modes, run_benchmarks, workloads
 from dast.benchmarking.timing import measure
 from dast.cli import main
 from dast.errors import UserError
@@ -65,16 +65,18 @@ def test_cli_small_step_prints_one_json_row_per_mode(capsys, tmp_path) -> None:
 def test_every_workload_runs_at_a_tiny_size(tiny_size, interleave) -> None:
     rows = list(
         run_benchmarks(
-            device=torch.device("cpu"),
-            archs=["small"],
-            size=tiny_size,
-            whats=["step2", "infer", "pseudo"],
-            modes=["eager-fp32", "fast"],
-            iters=2,
-            warmup=1,
-            batches=[1, 2],
-            num_classes=5,
-            interleave=interleave,
+            BenchRequest(
+                device=torch.device("cpu"),
+                archs=["small"],
+                size=tiny_size,
+                whats=["step2", "infer", "pseudo"],
+                modes=["eager-fp32", "fast"],
+                iters=2,
+                warmup=1,
+                batches=[1, 2],
+                num_classes=5,
+                interleave=interleave,
+            )
         )
     )
     assert [(r["what"], r["batch"], r["mode"]) for r in rows] == [
@@ -107,16 +109,18 @@ def test_a_failing_measurement_yields_an_error_row_and_the_rest_still_run(tiny_s
     monkeypatch.setattr(workloads, "prepare_infer", broken)
     rows = list(
         run_benchmarks(
-            device=torch.device("cpu"),
-            archs=["small"],
-            size=tiny_size,
-            whats=["infer", "pseudo"],
-            modes=["eager-fp32"],
-            iters=1,
-            warmup=0,
-            batches=[1],
-            num_classes=3,
-            interleave=interleave,
+            BenchRequest(
+                device=torch.device("cpu"),
+                archs=["small"],
+                size=tiny_size,
+                whats=["infer", "pseudo"],
+                modes=["eager-fp32"],
+                iters=1,
+                warmup=0,
+                batches=[1],
+                num_classes=3,
+                interleave=interleave,
+            )
         )
     )
     assert rows[0]["error"] == "RuntimeError: out of memory" and "ms_median" not in rows[0]

@@ -105,3 +105,11 @@ def test_extends_chain_and_missing_parent(tmp_path: Path) -> None:
     (tmp_path / "child.yaml").write_text("extends: nowhere.yaml\nseed: 1\n")
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "child.yaml")
+
+
+def test_the_old_threshold_mode_key_is_read_as_the_estimator() -> None:
+    from dast.config import SelfTrainingConfig  # noqa: PLC0415 - test-local
+
+    assert SelfTrainingConfig.model_validate({"mode": "exact-reference"}).estimator == "exact-reference"
+    assert SelfTrainingConfig.model_validate({"estimator": "histogram"}).estimator == "histogram"
+    assert SelfTrainingConfig().estimator == "histogram"

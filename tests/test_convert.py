@@ -9,7 +9,7 @@ import torch
 
 from dast.cli import main
 from dast.errors import CheckpointError
-from dast.models.convert import ConversionReport, dast_to_official, imagenet_to_dast, official_to_dast
+from dast.models.convert import ConversionReport, ImportOptions, dast_to_official, imagenet_to_dast, official_to_dast
 from dast.models.io import ModelSpec, Networks, build_networks, load_networks
 
 # torchvision vgg16 "features": conv index -> (out, in) channels, written out by hand
@@ -170,7 +170,7 @@ def test_deeplab_init_paper_variant_misses_nothing_and_class_count_rule() -> Non
     # the released loader skips the old classifier only for 19 classes
     with pytest.raises(CheckpointError, match=r"unexpected key.*layer5\.conv2d_list\.0\.weight.*num_classes == 19"):
         imagenet_to_dast(init, "small", 16, "paper")
-    _, rep16 = imagenet_to_dast(init, "small", 16, "paper", allow_unexpected=True)
+    _, rep16 = imagenet_to_dast(init, "small", 16, "paper", ImportOptions(allow_unexpected=True))
     assert rep16.unexpected == ["Scale.layer5.conv2d_list.0.weight"] and rep16.skipped == []
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 import torch.distributed as dist
@@ -21,10 +22,12 @@ from dast.config import DatasetConfig, load_config
 from dast.data.datasets import build_dataset
 from dast.errors import UserError
 from dast.evaluation.evaluate import evaluate_model
+from dast.execution import Execution
 from dast.models import build_discoverer, build_segmentor
 from dast.models.target_model import TargetModel
-from dast.training.engine import Engine, StagePlan
+from dast.training.engine import Engine
 from dast.training.pipeline import train
+from dast.training.step import Batch
 
 DDP_TRAIN = {
     "model": {"batchnorm": "per_image"},
@@ -91,14 +94,14 @@ def _fault_worker(rank: int, world: int, init: str, out: str) -> None:
     try:
         torch.manual_seed(0)
         nets = _networks()
-        plan = StagePlan("stage1", 0, 4, 100, 0.01, 10.0, False, adversarial=True)
+        plan = helpers.plan("stage1", 0, 4)
         engine = Engine.build(plan, _cfg(), nets, _runtime())
         engine.train_modes(nets.modules())
         xs, ys, xt = _batch()
         if rank == 1:
             xs[0, 0, 0, 0] = float("inf")  # only this rank's loss is non-finite
         before = [p.detach().clone() for p in nets.segmentor.parameters()]
-        result = engine.step(0, xs, ys, xt, None)
+        result = engine.step(0, Batch(xs, ys, xt, None))
         unchanged = all(torch.equal(a, b) for a, b in zip(before, nets.segmentor.parameters()))
         Path(f"{out}.{rank}").write_text(json.dumps([result.applied, unchanged]))
     finally:
@@ -147,7 +150,7 @@ def _eval_worker(rank: int, world: int, init: str, out: str) -> None:
     try:
         model, ds = _eval_setup()
         m = evaluate_model(
-            model, ds, "cpu", progress=False, indices=list(range(rank, len(ds), world)), distributed=True
+            model, ds, Execution(progress=False, indices=list(range(rank, len(ds), world))), distributed=True
         )
         if rank == 0:
             Path(out).write_text(json.dumps(m))
@@ -165,7 +168,7 @@ def _eval_setup():
 
 def test_distributed_evaluation_equals_single_process(tmp_path: Path) -> None:
     model, ds = _eval_setup()
-    single = evaluate_model(model, ds, "cpu", progress=False)
+    single = evaluate_model(model, ds, Execution(progress=False))
     mp.spawn(_eval_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "m.json")), nprocs=2, join=True)
     two = json.loads((tmp_path / "m.json").read_text())
     assert two == json.loads(json.dumps(single))

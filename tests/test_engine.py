@@ -7,26 +7,28 @@ import contextlib
 import copy
 import io
 import json
-from pathlib import Path
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY
 
-from dast.benchmarking.modes import Schedule, TrainingSetup, bench_config, bench_plan, build_nets, resolve_mode
+from dast.benchmarking.modes import TrainingSetup, bench_config, bench_plan, build_nets, resolve_mode
 from dast.cli import main
 from dast.config import RuntimeConfig, deep_merge, from_tree
-from dast.errors import UserError
+from dast.errors import NumericalFault, UserError
 from dast.models import build_corrector, build_discoverer, build_segmentor
 from dast.models.io import ModelSpec, Networks
 from dast.progress import progress
 from dast.training import levers
-from dast.training.engine import AdversarialWarmup, Engine, StagePlan, adversarial_warmup
+from dast.training.engine import Engine
 from dast.training.levers import Levers, choose_levers
 from dast.training.optim import discriminator_optimizer, segmentor_optimizer
+from dast.training.plans import AdversarialWarmup, adversarial_warmup
 from dast.training.runtime import Runtime
-from dast.training.step import StepModels, StepSettings, compute_gradients, train_step
+from dast.training.step import Batch, StepModels, compute_gradients
+from dast.training.updates import ScaledUpdate, train_step
 
 CPU = torch.device("cpu")
 
@@ -91,28 +93,32 @@ def test_bench_and_train_build_their_step_through_the_same_engine(
     )
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     trained = built[-1]
-    sched = Schedule(lr=0.01, lr_d=1e-4, poly_steps=100)
-    setup = TrainingSetup(resolve_mode(mode, CPU), build_nets("small", 7, "reference", seed=0), CPU, sched)
+    sched = {"train": {"lr": 0.01, "poly_steps": 100}}
+    setup = TrainingSetup(resolve_mode(mode, CPU), build_nets("small", 7, "reference", seed=0), CPU, overrides=sched)
     bench = built[-1]
     assert setup.engine is bench
     assert (trained.describe()["segmentor_optimizer"], trained.describe()["discriminator_optimizer"]) == want
     assert trained.describe() == bench.describe()
-    assert trained.step_fn is bench.step_fn is train_step
-    assert type(trained.settings) is type(bench.settings)
+    assert type(trained.update) is type(bench.update) and trained.update.name == "train_step"
+    assert type(trained.ctx.settings) is type(bench.ctx.settings)
 
 
 def test_bench_config_is_a_valid_training_config() -> None:
     mode = resolve_mode("eager-fp32", CPU)
-    cfg = bench_config(mode, Schedule(), "reference", 19)
+    cfg = bench_config(mode, "reference", 19)
     assert cfg.runtime.optimizers == "released" and cfg.train.reuse_discoverer is False
     assert cfg.adversarial.corrector_weighting == "none"  # the release
-    plan = bench_plan(Schedule(), stage=2)
-    assert plan.index == 1 and plan.duplicate_params and plan.poly_steps == 250_000
+    stage1 = bench_plan(cfg)
+    assert stage1.index == 0 and stage1.duplicate_params and stage1.poly_steps == 250_000 and stage1.lr == 2.5e-4
+    plan = bench_plan(cfg, stage=2)  # the released stage 2: one group, lr 2e-4, poly over 100k
+    assert plan.index == 1 and plan.pseudo_labels and not plan.duplicate_params and plan.poly_steps == 100_000
+    assert (plan.lr, plan.head_lr_mult) == (2e-4, 1.0)
 
 
 def test_bench_plans_carry_the_run_directory_stage_names() -> None:
     # the benchmarks' STAGE1 schedule once shadowed the stage name imported from dast.rundir
-    assert (bench_plan(Schedule()).name, bench_plan(Schedule(), stage=2).name) == ("stage1", "round1")
+    cfg = bench_config(resolve_mode("eager-fp32", CPU), "reference", 19)
+    assert (bench_plan(cfg).name, bench_plan(cfg, stage=2).name) == ("stage1", "round1")
 
 
 # ---------------------------------------------------------------------------------------
@@ -127,8 +133,8 @@ def test_warmup_schedule_by_hand() -> None:
 
 
 def test_warmup_is_stage1_only_and_off_by_default() -> None:
-    plan1 = StagePlan("stage1", 0, 10, 100, 0.01, 10.0, False, adversarial=True)
-    round1 = StagePlan("round1", 1, 10, 100, 0.01, 10.0, False, adversarial=True)
+    plan1 = helpers.plan("stage1", 0, 10)
+    round1 = helpers.plan("round1", 1, 10)
     assert adversarial_warmup(_cfg(), plan1) is None
     cfg = _cfg(adversarial={"warmup_steps": 5, "warmup_ramp": 10})
     assert adversarial_warmup(cfg, plan1) == AdversarialWarmup(5, 10)
@@ -144,9 +150,11 @@ def _seg_grads(scale, settings=None):
             seg, lr=0.01, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0, duplicate_params=False
         )
         do = discriminator_optimizer([d, c], 1e-4, (0.9, 0.99))
-        s = settings or StepSettings()
+        s = settings or helpers.settings()
         out, _ = compute_gradients(
-            StepModels(seg, d, c), so, do, xs, ys, xt, None, s, contextlib.nullcontext, adv_scale=scale
+            helpers.context(StepModels(seg, d, c), so, do, s, contextlib.nullcontext),
+            Batch(xs, ys, xt, None),
+            adv_scale=scale,
         )
         return out, {n: p.grad.clone() for n, p in seg.named_parameters() if p.grad is not None}
     finally:
@@ -158,7 +166,7 @@ def test_warmup_scale_multiplies_only_the_adversarial_gradient() -> None:
     out_one, one = _seg_grads(1.0)
     _, half = _seg_grads(0.5)
     _, zero = _seg_grads(0.0)
-    _, seg_only = _seg_grads(None, StepSettings(adversarial=False, attention=False))
+    _, seg_only = _seg_grads(None, helpers.settings(adversarial=False, attention=False))
     for name in seg_only:
         assert torch.equal(full[name], one[name])
         torch.testing.assert_close(zero[name], seg_only[name], rtol=1e-12, atol=1e-15)
@@ -197,11 +205,13 @@ def test_corrector_weighting_options_match_hand_derived_losses(weighting: str) -
             seg, lr=0.01, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0, duplicate_params=False
         )
         do = discriminator_optimizer([d, c], 1e-4, (0.9, 0.99))
-        settings = StepSettings(
+        settings = helpers.settings(
             weight_segmentor_adv=weighting in ("segmentor", "both"),
             weight_corrector_adv=weighting in ("corrector", "both"),
         )
-        out, _ = compute_gradients(StepModels(seg, d, c), so, do, xs, ys, xt, None, settings, contextlib.nullcontext)
+        out, _ = compute_gradients(
+            helpers.context(StepModels(seg, d, c), so, do, settings, contextlib.nullcontext), Batch(xs, ys, xt, None)
+        )
         # by hand, on copies of the networks before the step
         rseg, rd, rc = ref
         with torch.no_grad():
@@ -224,9 +234,9 @@ def test_corrector_weighting_options_match_hand_derived_losses(weighting: str) -
 
 
 def test_weight_corrector_init_switch_sets_both_terms() -> None:
-    s = StepSettings(weight_corrector=True)
+    s = helpers.settings(weight_corrector=True)
     assert s.weight_segmentor_adv and s.weight_corrector_adv
-    assert not StepSettings().weight_segmentor_adv
+    assert not helpers.settings().weight_segmentor_adv
 
 
 # ---------------------------------------------------------------------------------------
@@ -249,16 +259,14 @@ def test_reference_round_step_with_frozen_batchnorm_keeps_and_uses_the_running_s
         for _ in range(3):
             nets.segmentor(torch.randn(2, 3, 40, 48) * 3 + 1)
     before = _bn_stats(nets.segmentor)
-    plan = StagePlan(
-        "round1", 1, 5, 100, 2e-4, 1.0, False, adversarial=True, pseudo_dir=Path("pl"), batchnorm=batchnorm
-    )
+    plan = helpers.plan("round1", 1, 5, lr=2e-4, head_lr_mult=1.0, batchnorm=batchnorm)
     engine = Engine.build(plan, cfg, nets, _runtime())
     engine.train_modes(nets.modules())
     assert all(not m.training for m in nets.modules()) == (batchnorm == "frozen")
     with torch.no_grad():  # what L_seg must be if the forward normalises with the running statistics
         ref = copy.deepcopy(nets.segmentor).eval()
         want = F.cross_entropy(F.interpolate(ref(xs), size=ys.shape[-2:], mode="bilinear", align_corners=True), ys)
-    result = engine.step(0, xs, ys, xt, yt)
+    result = engine.step(0, Batch(xs, ys, xt, yt))
     assert result.applied
     after = _bn_stats(nets.segmentor)
     unchanged = all(torch.equal(before[k], after[k]) for k in before)
@@ -282,9 +290,10 @@ def test_forward_target_only_moves_batchnorm_statistics() -> None:
             seg, lr=0.01, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0, duplicate_params=False
         )
         xs, ys, xt = _batch()
-        settings = StepSettings(adversarial=False, attention=False, forward_target=forward_target)
+        settings = helpers.settings(adversarial=False, attention=False, forward_target=forward_target)
         out, applied = train_step(
-            StepModels(seg, None, None), so, None, xs, ys, xt, None, settings, contextlib.nullcontext
+            helpers.context(StepModels(seg, None, None), so, None, settings, contextlib.nullcontext),
+            Batch(xs, ys, xt, None),
         )
         assert applied and {k for k in out if k.startswith("loss/")} == {"loss/seg", "loss/total"}
         results.append(({n: p.detach().clone() for n, p in seg.named_parameters()}, _bn_stats(seg)))
@@ -300,13 +309,14 @@ def test_forward_target_only_moves_batchnorm_statistics() -> None:
 def _engine_run(scaler: bool, steps: int = 3):
     cfg = _cfg()
     nets = _networks()
-    plan = StagePlan("stage1", 0, steps, 100, 0.01, 10.0, False, adversarial=True)
+    plan = helpers.plan("stage1", 0, steps)
     engine = Engine.build(plan, cfg, nets, _runtime())
     if scaler:
-        engine.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        engine.update = ScaledUpdate(CPU)
+        engine.update.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     engine.train_modes(nets.modules())
     xs, ys, xt = _batch()
-    outs = [engine.step(i, xs, ys, xt, None) for i in range(steps)]
+    outs = [engine.step(i, Batch(xs, ys, xt, None)) for i in range(steps)]
     return engine, nets, outs
 
 
@@ -326,28 +336,28 @@ def test_gradient_scaling_in_fp32_gives_the_same_bits_as_no_scaling() -> None:
 def test_fp16_builds_a_grad_scaler_that_skips_overflowing_steps() -> None:
     cfg = _cfg()
     nets = _networks()
-    plan = StagePlan("stage1", 0, 50, 100, 0.01, 10.0, False, adversarial=True)
+    plan = helpers.plan("stage1", 0, 50)
     engine = Engine.build(plan, cfg, nets, _runtime(torch.float16))
-    assert isinstance(engine.scaler, torch.amp.GradScaler)
+    assert isinstance(engine.update, ScaledUpdate)
     assert engine.describe()["step_function"] == "train_step+GradScaler"
     engine.train_modes(nets.modules())
     xs, ys, xt = _batch()
     # fp16 gradients overflow at the initial scale (2^16): each such step is skipped and
     # halves the scale, until one is applied
     for i in range(40):
-        scale = engine.scaler.get_scale()
-        result = engine.step(i, xs, ys, xt, None)
+        scale = engine.update.scale
+        result = engine.step(i, Batch(xs, ys, xt, None))
         if result.applied:
             break
         assert result.overflow  # finite losses: not a numerical fault
-        assert engine.scaler.get_scale() == scale / 2
-    assert result.applied and not result.overflow and engine.scaler.get_scale() < 2.0**16
-    scale = engine.scaler.get_scale()
+        assert engine.update.scale == scale / 2
+    assert result.applied and not result.overflow and engine.update.scale < 2.0**16
+    scale = engine.update.scale
     weights = [p.detach().clone() for p in nets.segmentor.parameters()]
     bad_xs = xs.clone()
     bad_xs[0, 0, 0, 0] = float("inf")
-    bad = engine.step(i + 1, bad_xs, ys, xt, None)
-    assert not bad.applied and not bad.overflow and engine.scaler.get_scale() == scale / 2  # a real fault
+    bad = engine.step(i + 1, Batch(bad_xs, ys, xt, None))
+    assert not bad.applied and not bad.overflow and engine.update.scale == scale / 2  # a real fault
     assert all(torch.equal(p, q) for p, q in zip(weights, nets.segmentor.parameters()))
 
 
@@ -405,3 +415,31 @@ def test_progress_prints_lines_when_not_on_a_terminal() -> None:
     quiet = io.StringIO()
     assert list(progress(range(3), total=3, desc="x", stream=quiet, enabled=False)) == [0, 1, 2]
     assert quiet.getvalue() == ""
+
+
+def test_the_fp16_update_stops_once_the_loss_scale_cannot_help(monkeypatch) -> None:
+    """Overflowing gradients with finite losses halve the scale; below 2^-24 the run stops."""
+    from dast.training import updates  # noqa: PLC0415 - patched below
+
+    seg, d, c = _nets()
+    so, do = (
+        segmentor_optimizer(seg, lr=0.01, momentum=0.9, weight_decay=0.0, head_lr_mult=1.0, duplicate_params=False),
+        None,
+    )
+
+    def overflowing(ctx, batch, adv_scale=None, *, loss_scale=None):
+        loss_scale(torch.ones(()))  # as the real step scales each loss before its backward
+        for p in seg.parameters():
+            p.grad = torch.full_like(p, float("inf"))
+        return {"loss/seg": torch.tensor(1.0)}, False
+
+    monkeypatch.setattr(updates, "compute_gradients", overflowing)
+    policy = ScaledUpdate(CPU)
+    policy.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**-23)
+    ctx = helpers.context(StepModels(seg, d, c), so, do)
+    xs, ys, xt = _batch()
+    first = policy(ctx, Batch(xs, ys, xt), None)
+    assert not first.applied and first.overflow and policy.scale == 2.0**-24  # 2^-24: still worth trying
+    assert first.note == "fp16 gradients overflowed; skipped, loss scale now 5.96046e-08"
+    with pytest.raises(NumericalFault, match=r"loss scale fell to 2.98023e-08 .*overflow at any scale"):
+        policy(ctx, Batch(xs, ys, xt), None)

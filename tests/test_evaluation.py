@@ -23,6 +23,7 @@ from dast.errors import DataError
 from dast.evaluation.confusion import ConfusionMatrix
 from dast.evaluation.evaluate import evaluate_model, evaluate_predictions
 from dast.evaluation.metrics import compute_metrics, format_table, iou_per_class
+from dast.execution import Execution
 from dast.models import TargetModel, build_discoverer, build_segmentor
 from dast.models.io import ModelSpec, build_networks, save_networks
 
@@ -173,7 +174,7 @@ def test_model_protocol_upsamples_logits_to_native_labels(tmp_path):
     cfg = DatasetConfig(kind="cityscapes", root=str(tmp_path), split="val", size=(16, 8))
     ds = build_dataset(cfg, norm="unit", num_classes=19)
     model = _Tiny().train()
-    metrics = evaluate_model(model, ds, "cpu", progress=False)
+    metrics = evaluate_model(model, ds, Execution(progress=False))
     assert model.training  # the caller's mode is restored
     # the same protocol by hand: resized input, align_corners upsampling to 32x16, argmax
     manual = np.zeros((19, 19), np.int64)
@@ -192,9 +193,9 @@ def test_model_protocol_upsamples_logits_to_native_labels(tmp_path):
     assert metrics["miou"] == pytest.approx(expected["miou"]) and metrics["num_images"] == 3
     assert metrics["per_class"] == expected["per_class"]
     assert evaluate_predictions(ds, pred_dir, progress=False)["per_class"] == expected["per_class"]
-    batched = evaluate_model(model, ds, "cpu", batch_size=2, progress=False)
+    batched = evaluate_model(model, ds, Execution(batch_size=2, progress=False))
     assert batched["per_class"] == expected["per_class"]
-    shard = evaluate_model(model, ds, "cpu", indices=[0, 2], progress=False)
+    shard = evaluate_model(model, ds, Execution(indices=[0, 2], progress=False))
     assert shard["num_images"] == 2
 
 
@@ -270,7 +271,7 @@ def test_evaluate_command_with_a_checkpoint(tmp_path):
         norm="unit",
         num_classes=19,
     )
-    direct = evaluate_model(nets.target_model(), ds, "cpu", progress=False)
+    direct = evaluate_model(nets.target_model(), ds, Execution(progress=False))
     assert got["num_images"] == 3 and got["per_class"] == pytest.approx(direct["per_class"], nan_ok=True)
     assert got["miou"] == pytest.approx(direct["miou"])
 
@@ -319,6 +320,6 @@ def test_evaluation_gives_every_submodule_its_own_mode_back() -> None:
     assert model.training and not seg.training
     cfg = DatasetConfig(kind="synthetic", domain="target", count=2, size=(64, 32))
     val = build_dataset(cfg, norm="unit", num_classes=7, with_labels=True, seed=0)
-    evaluate_model(model, val, "cpu", progress=False)
+    evaluate_model(model, val, Execution(progress=False))
     assert model.training and not any(m.training for m in seg.modules())
     assert model.discoverer is not None and model.discoverer.training

@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import copy
 
+import helpers
 import pytest
 import torch
 
 from dast.benchmarking.agreement import LossTolerance, compare_losses, loss_history, pixel_agreement
-from dast.benchmarking.modes import Schedule, TrainingSetup, build_nets, resolve_mode
+from dast.benchmarking.modes import TrainingSetup, build_nets, resolve_mode
 from dast.benchmarking.workloads import infer_fn
 from dast.contexts import autocast_factory
 from dast.data.synthetic import NUM_CLASSES, generate_scene
@@ -20,15 +21,28 @@ from dast.training.levers import compile_segmentor, device_capabilities
 from dast.training.optim import (
     CapturableAdam,
     ForeachSGD,
+    OptimizerSettings,
     SequentialDuplicateSGD,
     build_optimizers,
     discriminator_optimizer,
-    fast_optimizers,
     segmentor_optimizer,
 )
-from dast.training.step import StepModels, StepSettings, apply_updates, compute_gradients, losses_finite, train_step
+from dast.training.step import Batch, StepModels, apply_updates, compute_gradients, losses_finite
+from dast.training.updates import train_step
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _opt_settings(lr: float = 0.01, duplicate: bool = True) -> OptimizerSettings:
+    return OptimizerSettings(
+        lr=lr,
+        momentum=0.9,
+        weight_decay=5e-4,
+        head_lr_mult=10.0,
+        duplicate_params=duplicate,
+        lr_d=1e-4,
+        betas=(0.9, 0.99),
+    )
 
 
 def _nets(variant: str = "reference", classes: int = 4):
@@ -72,18 +86,7 @@ def test_foreach_sgd_gives_the_same_bits_as_the_eager_optimisers(duplicate: bool
         a, lr=0.01, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0, duplicate_params=duplicate
     )
     assert isinstance(ref, SequentialDuplicateSGD if duplicate else torch.optim.SGD)
-    fast, _ = fast_optimizers(
-        b,
-        [],
-        lr=0.01,
-        momentum=0.9,
-        weight_decay=5e-4,
-        head_lr_mult=10.0,
-        duplicate_params=duplicate,
-        lr_d=1e-4,
-        betas=(0.9, 0.99),
-        tensor_lr=False,
-    )
+    fast, _ = build_optimizers(b, [], _opt_settings(duplicate=duplicate), family="foreach", tensor_lr=False)
     grads = _toy_grads(seg, 4)
     lrs = [0.01, 0.008, 0.005, 0.002]
     _run_sgd(a, ref, grads, lrs)
@@ -117,11 +120,8 @@ def test_foreach_sgd_duplicates_apply_k_sequential_updates_by_hand() -> None:
 def test_foreach_sgd_tensor_learning_rate_follows_param_groups() -> None:
     seg, _, _ = _nets()
     a, b = copy.deepcopy(seg), copy.deepcopy(seg)
-    kw = dict(
-        lr=0.01, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0, duplicate_params=True, lr_d=1e-4, betas=(0.9, 0.99)
-    )
-    ref, _ = fast_optimizers(a, [], tensor_lr=False, **kw)
-    fast, _ = fast_optimizers(b, [], tensor_lr=True, **kw)
+    ref, _ = build_optimizers(a, [], _opt_settings(), family="foreach", tensor_lr=False)
+    fast, _ = build_optimizers(b, [], _opt_settings(), family="foreach", tensor_lr=True)
     grads = _toy_grads(seg, 3)
     lrs = [0.01, 0.004, 0.001]
     _run_sgd(a, ref, grads, lrs)
@@ -170,18 +170,20 @@ def test_train_step_is_exactly_its_phases(reuse: bool) -> None:
             seg, lr=0.01, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0, duplicate_params=True
         )
         do = discriminator_optimizer([d, c], 1e-3, (0.9, 0.99))
-        models, settings = StepModels(seg, d, c), StepSettings(reuse_discoverer=reuse)
+        models, settings = StepModels(seg, d, c), helpers.settings(reuse_discoverer=reuse)
         outs = []
         for i in range(2):
             if split:
                 out, active = compute_gradients(
-                    models, so, do, xs, ys, xt, yt if i else None, settings, contextlib.nullcontext
+                    helpers.context(models, so, do, settings, contextlib.nullcontext),
+                    Batch(xs, ys, xt, yt if i else None),
                 )
                 assert bool(losses_finite(out)) and active
                 apply_updates(so, do, active)
             else:
                 out, applied = train_step(
-                    models, so, do, xs, ys, xt, yt if i else None, settings, contextlib.nullcontext
+                    helpers.context(models, so, do, settings, contextlib.nullcontext),
+                    Batch(xs, ys, xt, yt if i else None),
                 )
                 assert applied
             outs.append(out)
@@ -195,8 +197,10 @@ def test_train_step_is_exactly_its_phases(reuse: bool) -> None:
 def test_eager_fp32_mode_is_the_default_fp32_train_step_bit_for_bit() -> None:
     """The benchmark's baseline runs exactly what the trainer's default fp32 path runs."""
     xs, ys, xt, _ = _batch()
-    sched = Schedule(lr=0.01, lr_d=1e-3, poly_steps=100)
-    setup = TrainingSetup(resolve_mode("eager-fp32", torch.device("cpu")), _nets(), torch.device("cpu"), sched)
+    sched = {"train": {"lr": 0.01, "poly_steps": 100}, "adversarial": {"lr": 1e-3}}
+    setup = TrainingSetup(
+        resolve_mode("eager-fp32", torch.device("cpu")), _nets(), torch.device("cpu"), overrides=sched
+    )
     seg, d, c = _nets()
     so = segmentor_optimizer(seg, lr=0.01, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0, duplicate_params=True)
     do = discriminator_optimizer([d, c], 1e-3, (0.9, 0.99))
@@ -206,15 +210,10 @@ def test_eager_fp32_mode_is_the_default_fp32_train_step_bit_for_bit() -> None:
         so.param_groups[0]["lr"], so.param_groups[1]["lr"] = lr, 10 * lr
         do.param_groups[0]["lr"] = 1e-3 * (1 - i / 100) ** 0.9
         out_b, _ = train_step(
-            StepModels(seg, d, c),
-            so,
-            do,
-            xs,
-            ys,
-            xt,
-            None,
-            StepSettings(reuse_discoverer=False),
-            contextlib.nullcontext,
+            helpers.context(
+                StepModels(seg, d, c), so, do, helpers.settings(reuse_discoverer=False), contextlib.nullcontext
+            ),
+            Batch(xs, ys, xt, None),
         )
         assert all(torch.equal(out_a[k], out_b[k]) for k in out_b)
     for p, q in zip(setup.segmentor.parameters(), seg.parameters()):
@@ -239,21 +238,9 @@ def test_fast_mode_levers_on_cpu() -> None:
 
 def test_cuda_graph_helpers_refuse_cpu_tensors() -> None:
     seg, d, c = _nets()
-    so, do = build_optimizers(
-        seg,
-        [d, c],
-        family="foreach",
-        lr=0.01,
-        momentum=0.9,
-        weight_decay=5e-4,
-        head_lr_mult=10.0,
-        duplicate_params=True,
-        lr_d=1e-4,
-        betas=(0.9, 0.99),
-        tensor_lr=True,
-    )
+    so, do = build_optimizers(seg, [d, c], _opt_settings(), family="foreach", tensor_lr=True)
     with pytest.raises(RuntimeError, match="needs a model on CUDA"):
-        GraphedStep(StepModels(seg, d, c), so, do, StepSettings(), None)
+        GraphedStep(helpers.context(StepModels(seg, d, c), so, do))
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         GraphedCallable(lambda x: x * 2)(torch.zeros(2))
 
@@ -286,11 +273,11 @@ def test_cpu_fast_mode_tracks_eager_fp32_within_tolerance() -> None:
     xs, ys = _scenes("source", 4, (96, 64))
     xt, _ = _scenes("target", 4, (96, 64))
 
-    sched = Schedule(poly_steps=1000)  # the released learning rates
+    sched = {"train": {"poly_steps": 1000}}  # the released learning rates
     nets = build_nets("small", NUM_CLASSES, "reference", seed=0)
     runs = {}
     for name in ("eager-fp32", "fast"):
-        setup = TrainingSetup(resolve_mode(name, dev), copy.deepcopy(nets), dev, sched)
+        setup = TrainingSetup(resolve_mode(name, dev), copy.deepcopy(nets), dev, overrides=sched)
         outs = []
         for i in range(12):
             out, applied = setup.step(i, xs[i % 4 : i % 4 + 1], ys[i % 4 : i % 4 + 1], xt[i % 4 : i % 4 + 1], None)
@@ -338,24 +325,12 @@ def test_compare_losses_rules_by_hand() -> None:
 def _cuda_setup(graph: bool, amp: torch.dtype | None = None, lr: float = 1e-3):
     dev = torch.device("cuda")
     seg, d, c = (m.to(dev) for m in _nets())
-    so, do = fast_optimizers(
-        seg,
-        [d, c],
-        lr=lr,
-        momentum=0.9,
-        weight_decay=5e-4,
-        head_lr_mult=10.0,
-        duplicate_params=True,
-        lr_d=1e-4,
-        betas=(0.9, 0.99),
-        tensor_lr=True,
-    )
+    so, do = build_optimizers(seg, [d, c], _opt_settings(lr=lr), family="foreach", tensor_lr=True)
     models = StepModels(seg, d, c)
-    settings = StepSettings(reuse_discoverer=True)
+    ctx = helpers.context(models, so, do, helpers.settings(reuse_discoverer=True), autocast_factory(dev, amp))
     if graph:
-        return models, so, do, GraphedStep(models, so, do, settings, amp, warmup=2)
-    ac = autocast_factory(dev, amp)
-    return models, so, do, lambda *b: train_step(models, so, do, *b, settings, ac)
+        return models, so, do, GraphedStep(ctx, warmup=2)
+    return models, so, do, lambda batch: train_step(ctx, batch)
 
 
 @pytest.fixture()
@@ -375,7 +350,7 @@ def test_graphed_step_matches_the_eager_step_on_cuda(cudnn_deterministic) -> Non
         outs = []
         for i in range(6):
             so.param_groups[0]["lr"] = 1e-3 / (i + 1)  # the schedule reaches the captured step
-            out, applied = step(xs, ys, xt, None)
+            out, applied = step(Batch(xs, ys, xt, None))
             assert applied
             outs.append({k: float(v) for k, v in out.items()})
         runs.append((outs, [p.detach().clone() for p in models.segmentor.parameters()]))
@@ -395,16 +370,16 @@ def test_graphed_step_skips_non_finite_updates_on_cuda() -> None:
     xs, ys, xt, _ = (t.cuda() for t in _batch())
     models, so, do, step = _cuda_setup(True)
     for _ in range(4):
-        assert step(xs, ys, xt, None)[1]
+        assert step(Batch(xs, ys, xt, None))[1]
     assert step.captured
     before = [p.detach().clone() for p in models.segmentor.parameters()]
-    out, applied = step(xs * float("nan"), ys, xt, None)
+    out, applied = step(Batch(xs * float("nan"), ys, xt, None))
     assert not applied and not torch.isfinite(out["loss/seg"])
     assert all(torch.equal(p, q) for p, q in zip(before, models.segmentor.parameters()))
-    assert step(xs, ys, xt, None)[1]
+    assert step(Batch(xs, ys, xt, None))[1]
     assert any(not torch.equal(p, q) for p, q in zip(before, models.segmentor.parameters()))
     with pytest.raises(RuntimeError, match="built without target labels"):
-        step(xs, ys, xt, ys)
+        step(Batch(xs, ys, xt, ys))
 
 
 @cuda
@@ -414,7 +389,7 @@ def test_graphed_bf16_step_and_graphed_inference_run_on_cuda() -> None:
     xs, ys, xt, yt = (t.cuda() for t in _batch())
     models, _, _, step = _cuda_setup(True, torch.bfloat16)
     for _ in range(5):
-        out, applied = step(xs, ys, xt, yt)
+        out, applied = step(Batch(xs, ys, xt, yt))
         assert applied and torch.isfinite(out["loss/total"]) and "loss/pseudo_seg" in out
     model = TargetModel(models.segmentor, models.discoverer).eval()
     dev = torch.device("cuda")

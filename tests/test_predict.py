@@ -13,6 +13,7 @@ from PIL import Image
 
 from dast.cli import main
 from dast.errors import UserError
+from dast.execution import Execution
 from dast.inference.predict import expand_inputs, output_stem, predict_paths
 from dast.inference.visualize import colorize, figure_grid, generated_palette, heatmap, overlay, palette_for
 from dast.models.io import ModelSpec, build_networks, load_networks, save_networks
@@ -134,8 +135,8 @@ def test_native_size_groups_batches_by_image_size(ckpt: Path, images: dict[str, 
     nets, _, _ = load_networks(ckpt, "cpu")
     nets.spec = dataclasses.replace(nets.spec, input_size=None)  # images reach the network at their own size
     inputs = [images["b"], images["a"], images["c"]]
-    one = predict_paths(nets, inputs, tmp_path / "one", batch_size=1, save_logits=True, progress=False)
-    many = predict_paths(nets, inputs, tmp_path / "many", batch_size=3, save_logits=True, progress=False)
+    one = predict_paths(nets, inputs, tmp_path / "one", Execution(progress=False), save_logits=True)
+    many = predict_paths(nets, inputs, tmp_path / "many", Execution(batch_size=3, progress=False), save_logits=True)
     assert [r["stem"] for r in one] == [r["stem"] for r in many] == ["b", "a", "c"]
     assert [(r["width"], r["height"]) for r in many] == [(70, 41), (50, 30), (70, 41)]
     for stem in "abc":
@@ -150,7 +151,7 @@ def test_predict_restores_train_mode(ckpt: Path, images: dict[str, Path], tmp_pa
     nets, _, _ = load_networks(ckpt, "cpu")
     for m in nets.modules():
         m.train()
-    predict_paths(nets, [images["a"]], tmp_path / "o", progress=False)
+    predict_paths(nets, [images["a"]], tmp_path / "o", Execution(progress=False))
     assert all(m.training for top in nets.modules() for m in top.modules())
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from dast import Prediction, Segmenter
 from dast.errors import UserError
+from dast.execution import Execution
 from dast.inference.predict import predict_paths
 from dast.models.io import ModelSpec, build_networks, load_networks, save_networks
 
@@ -53,7 +54,7 @@ def test_every_input_type_gives_the_labels_of_dast_predict(ckpt: Path, tmp_path:
     Image.fromarray(a).save(tmp_path / "a.png")
     Image.fromarray(b).save(tmp_path / "b.png")
     nets, _, _ = load_networks(ckpt, "cpu")
-    predict_paths(nets, [tmp_path / "a.png", tmp_path / "b.png"], tmp_path / "out", progress=False)
+    predict_paths(nets, [tmp_path / "a.png", tmp_path / "b.png"], tmp_path / "out", Execution(progress=False))
     from_files = [np.asarray(Image.open(tmp_path / "out" / f"{s}.png")) for s in "ab"]
 
     from_pil = seg(Image.fromarray(a))

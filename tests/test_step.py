@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import copy
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dast.models import build_corrector, build_discoverer, build_segmentor
 from dast.training.optim import discriminator_optimizer, segmentor_optimizer
-from dast.training.step import StepModels, StepSettings, train_step
+from dast.training.step import Batch, StepModels
+from dast.training.updates import train_step
 
 LR, LR_D, MOM, WD = 0.01, 1e-3, 0.9, 5e-4
 
@@ -108,10 +110,12 @@ def test_reference_iteration_matches_released_update_rule(f64, reuse: bool) -> N
 
     so = segmentor_optimizer(seg, lr=LR, momentum=MOM, weight_decay=WD, head_lr_mult=10.0, duplicate_params=True)
     do = discriminator_optimizer([D, C], LR_D, (0.9, 0.99))
-    settings = StepSettings(
+    settings = helpers.settings(
         adv_loss="lsgan", lambda_d=0.01, lambda_c=0.01, attention=True, weight_corrector=False, reuse_discoverer=reuse
     )
-    out, applied = train_step(StepModels(seg, D, C), so, do, xs, ys, xt, None, settings, contextlib.nullcontext)
+    out, applied = train_step(
+        helpers.context(StepModels(seg, D, C), so, do, settings, contextlib.nullcontext), Batch(xs, ys, xt, None)
+    )
     assert applied
     assert out["loss/seg"].item() == pytest.approx(losses["seg"], rel=1e-12)
     assert (out["loss/adv_d"] * 0.01 + out["loss/adv_c"] * 0.01).item() == pytest.approx(losses["adv"], rel=1e-10)
@@ -144,10 +148,13 @@ def test_reusing_discoverer_output_is_identical_to_recomputing(f64) -> None:
         xs, ys, xt = _data()
         so = segmentor_optimizer(seg, lr=LR, momentum=MOM, weight_decay=WD, head_lr_mult=10.0, duplicate_params=False)
         do = discriminator_optimizer([D, C], LR_D, (0.9, 0.99))
-        settings = StepSettings(weight_corrector=True, reuse_discoverer=reuse)
+        settings = helpers.settings(weight_corrector=True, reuse_discoverer=reuse)
         outs = []
         for _ in range(3):
-            out, _ = train_step(StepModels(seg, D, C), so, do, xs, ys, xt, None, settings, contextlib.nullcontext)
+            out, _ = train_step(
+                helpers.context(StepModels(seg, D, C), so, do, settings, contextlib.nullcontext),
+                Batch(xs, ys, xt, None),
+            )
             outs.append({k: v.item() for k, v in out.items()})
         results.append((outs, [copy.deepcopy(m.state_dict()) for m in (seg, D, C)]))
     (o1, w1), (o2, w2) = results
@@ -168,7 +175,10 @@ def test_non_finite_loss_skips_the_update() -> None:
     so = segmentor_optimizer(seg, lr=LR, momentum=MOM, weight_decay=WD, head_lr_mult=10.0, duplicate_params=False)
     do = discriminator_optimizer([D, C], LR_D, (0.9, 0.99))
     before = [copy.deepcopy(m.state_dict()) for m in (seg, D, C)]
-    out, applied = train_step(StepModels(seg, D, C), so, do, xs, ys, xt, None, StepSettings(), contextlib.nullcontext)
+    out, applied = train_step(
+        helpers.context(StepModels(seg, D, C), so, do, helpers.settings(), contextlib.nullcontext),
+        Batch(xs, ys, xt, None),
+    )
     assert not applied
     for m, sd in zip((seg, D, C), before):
         for k, v in m.state_dict().items():
@@ -182,15 +192,14 @@ def test_pseudo_label_loss_and_no_adversarial_path(f64) -> None:
     yt = torch.randint(0, 3, ys.shape)
     so = segmentor_optimizer(seg, lr=LR, momentum=MOM, weight_decay=WD, head_lr_mult=10.0, duplicate_params=False)
     out, _ = train_step(
-        StepModels(seg, D, None),
-        so,
-        None,
-        xs,
-        ys,
-        xt,
-        yt,
-        StepSettings(adversarial=False, attention=True, mu=0.5),
-        contextlib.nullcontext,
+        helpers.context(
+            StepModels(seg, D, None),
+            so,
+            None,
+            helpers.settings(adversarial=False, attention=True, mu=0.5),
+            contextlib.nullcontext,
+        ),
+        Batch(xs, ys, xt, yt),
     )
     assert "loss/pseudo_seg" in out and "loss/adv_d" not in out
     assert out["loss/total"].item() == pytest.approx(out["loss/seg"].item() + 0.5 * out["loss/pseudo_seg"].item())

@@ -8,7 +8,7 @@
 """
 
 from dast.benchmarking.modes import MODES, Mode, ResolvedMode, TrainingSetup, parse_modes, resolve_mode
-from dast.benchmarking.workloads import SIZES, WHATS, Sizes, run_benchmarks
+from dast.benchmarking.workloads import SIZES, WHATS, BenchRequest, Sizes, Workload, run_benchmarks
 
 __all__ = [
     "MODES",
@@ -21,4 +21,6 @@ __all__ = [
     "parse_modes",
     "resolve_mode",
     "run_benchmarks",
+    "BenchRequest",
+    "Workload",
 ]

@@ -19,19 +19,19 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from dast.config import Config, RuntimeConfig, from_tree
+from dast.config import Config, RuntimeConfig, deep_merge, from_tree, resolve
 from dast.contexts import autocast_factory
 from dast.errors import UserError
 from dast.models import build_corrector, build_discoverer, build_segmentor
 from dast.models.discriminators import Corrector, Discoverer
 from dast.models.io import ModelSpec, Networks
 from dast.models.segmentor import Segmentor
-from dast.rundir import STAGE1 as STAGE1_NAME
-from dast.rundir import round_name
-from dast.training.engine import Engine, StagePlan
-from dast.training.graphs import GraphedStep
+from dast.training.engine import Engine
+from dast.training.graphs import GraphedStep, GraphedUpdate
 from dast.training.levers import Levers, choose_levers, compile_segmentor, to_channels_last
+from dast.training.plans import StagePlan, stage_plans
 from dast.training.runtime import Runtime
+from dast.training.step import Batch
 
 
 @dataclass(frozen=True)
@@ -147,25 +147,6 @@ def resolve_mode(name: str, device: torch.device) -> ResolvedMode:
 # Training setups
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """Optimiser settings of a stage (defaults: the released stage 1)."""
-
-    lr: float = 2.5e-4
-    head_lr_mult: float = 10.0
-    duplicate_params: bool = True
-    poly_steps: int = 250_000
-    lr_d: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.99)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    power: float = 0.9
-
-
-STAGE1 = Schedule()
-STAGE2 = Schedule(lr=2e-4, head_lr_mult=1.0, duplicate_params=False, poly_steps=100_000)
-
-
 def build_nets(arch: str, num_classes: int, variant: str, seed: int) -> tuple[Segmentor, Discoverer, Corrector]:
     """(segmentor, discoverer, corrector) with random weights from ``seed``."""
     torch.manual_seed(seed)
@@ -173,51 +154,37 @@ def build_nets(arch: str, num_classes: int, variant: str, seed: int) -> tuple[Se
     return seg, build_discoverer(seg.feature_channels), build_corrector(num_classes)
 
 
-def bench_config(mode: ResolvedMode, schedule: Schedule, variant: str, num_classes: int) -> Config:
-    """The config whose stage ``dast train`` would build exactly as the benchmark does."""
+def bench_config(
+    mode: ResolvedMode, variant: str, num_classes: int, arch: str = "small", overrides: dict[str, Any] | None = None
+) -> Config:
+    """The resolved config whose stages ``dast train`` would build exactly as the benchmark
+    does: the config's defaults (the paper's optimiser settings; ``reference``: the released
+    ones), one self-training round, the mode's levers and ``overrides`` (a config tree, e.g.
+    ``{"train": {"lr": 0.01}}``). ``arch`` only steers the variant's defaults (released VGG-16)."""
     levers = mode.levers
     amp = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[levers.amp_dtype]
-    s = schedule
-    return from_tree(
-        {
-            "variant": variant,
-            "model": {"arch": "small", "num_classes": num_classes},
-            "source": {"kind": "synthetic"},
-            "target": {"kind": "synthetic", "domain": "target"},
-            "adversarial": {"lr": s.lr_d, "betas": list(s.betas)},
-            "train": {
-                "lr": s.lr,
-                "poly_steps": s.poly_steps,
-                "momentum": s.momentum,
-                "weight_decay": s.weight_decay,
-                "power": s.power,
-                "reuse_discoverer": mode.reuse_discoverer,
-            },
-            "runtime": {
-                "amp": amp,
-                "channels_last": levers.channels_last,
-                "cuda_graphs": levers.cuda_graphs,
-                "compile": levers.compile,
-                "optimizers": levers.optimizers,
-            },
+    tree: dict[str, Any] = {
+        "variant": variant,
+        "model": {"arch": arch if arch in ("resnet101", "vgg16", "small") else "small", "num_classes": num_classes},
+        "source": {"kind": "synthetic"},
+        "target": {"kind": "synthetic", "domain": "target"},
+        "train": {"reuse_discoverer": mode.reuse_discoverer},
+        "self_training": {"rounds": 1},
+        "runtime": {
+            "amp": amp,
+            "channels_last": levers.channels_last,
+            "cuda_graphs": levers.cuda_graphs,
+            "compile": levers.compile,
+            "optimizers": levers.optimizers,
         },
-        "bench",
-    )
+    }
+    return resolve(from_tree(deep_merge(tree, overrides or {}), "bench"))
 
 
-def bench_plan(schedule: Schedule, stage: int = 1) -> StagePlan:
-    """The stage plan of a benchmarked iteration (stage 2: with pseudo labels)."""
-    s = schedule
-    return StagePlan(
-        STAGE1_NAME if stage == 1 else round_name(1),
-        0 if stage == 1 else 1,
-        steps=s.poly_steps,
-        poly_steps=s.poly_steps,
-        lr=s.lr,
-        head_lr_mult=s.head_lr_mult,
-        duplicate_params=s.duplicate_params,
-        adversarial=True,
-    )
+def bench_plan(cfg: Config, stage: int = 1) -> StagePlan:
+    """The plan of a benchmarked iteration: stage 1, or (``stage`` 2) the first round, with
+    pseudo labels; the plans ``dast train`` makes of ``cfg``."""
+    return stage_plans(cfg, 1)[0 if stage == 1 else 1]
 
 
 class TrainingSetup:
@@ -225,8 +192,10 @@ class TrainingSetup:
 
     ``step(i, xs, ys, xt, yt)`` runs iteration ``i`` through ``Engine.step`` (poly learning
     rates, then the eager or graph-replayed step), exactly as ``dast train`` does for the
-    config :func:`bench_config` writes. The networks are moved to ``device`` and converted
-    to channels_last / compiled as the mode says.
+    config :func:`bench_config` writes (``stage`` 1, or 2: the first self-training round;
+    ``arch`` names the networks' architecture for the variant's defaults; ``overrides``: a
+    config tree). The networks are moved to ``device`` and converted to channels_last /
+    compiled as the mode says.
     """
 
     def __init__(
@@ -234,10 +203,12 @@ class TrainingSetup:
         mode: ResolvedMode,
         nets: tuple[Segmentor, Discoverer, Corrector],
         device: torch.device,
-        schedule: Schedule = STAGE1,
         *,
+        stage: int = 1,
+        overrides: dict[str, Any] | None = None,
         graph_warmup: int = 3,
         variant: str = "reference",
+        arch: str = "small",
     ) -> None:
         seg, disc, corr = nets[0].to(device), nets[1].to(device), nets[2].to(device)
         for m in (seg, disc, corr):
@@ -246,17 +217,19 @@ class TrainingSetup:
             to_channels_last(seg, disc, corr)
         if mode.compile:
             compile_segmentor(seg)
-        self.mode, self.device, self.schedule = mode, device, schedule
+        self.mode, self.device = mode, device
         self.segmentor, self.discoverer, self.corrector = seg, disc, corr
         num_classes = int(getattr(seg, "num_classes", 19))
-        cfg = bench_config(mode, schedule, variant, num_classes)
+        self.config = bench_config(mode, variant, num_classes, arch, overrides)
         networks = Networks(ModelSpec(arch="small", num_classes=num_classes, variant=variant), seg, disc, corr)
         runtime = Runtime(device, mode.levers, deterministic=False)
-        self.engine = Engine.build(bench_plan(schedule), cfg, networks, runtime, graph_warmup=graph_warmup)
+        plan = bench_plan(self.config, stage)
+        self.engine = Engine.build(plan, self.config, networks, runtime, graph_warmup=graph_warmup)
 
     @property
     def graphed(self) -> GraphedStep | None:
-        return self.engine.graphed
+        update = self.engine.update
+        return update.graphed if isinstance(update, GraphedUpdate) else None
 
     @property
     def seg_opt(self) -> torch.optim.Optimizer:
@@ -272,5 +245,5 @@ class TrainingSetup:
         return x.contiguous(memory_format=torch.channels_last) if self.mode.channels_last else x
 
     def step(self, i: int, xs: Tensor, ys: Tensor, xt: Tensor, yt: Tensor | None) -> tuple[dict[str, Tensor], bool]:
-        result = self.engine.step(i, xs, ys, xt, yt)
+        result = self.engine.step(i, Batch(xs, ys, xt, yt))
         return result.scalars, result.applied

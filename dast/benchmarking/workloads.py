@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dast.benchmarking.modes import STAGE1, STAGE2, ResolvedMode, TrainingSetup, build_nets, resolve_mode
+from dast.benchmarking.modes import ResolvedMode, TrainingSetup, build_nets, resolve_mode
 from dast.benchmarking.timing import Timing, device_name, measure, peak_memory_gib, reset_peak_memory, rss_gib
 from dast.losses import spatial_size, upsample
 from dast.models.target_model import TargetModel
@@ -72,26 +72,50 @@ class Case:
     info: Callable[[], dict[str, Any]]
 
 
-def prepare_step(
-    arch: str,
-    mode: ResolvedMode,
-    device: torch.device,
-    sizes: Sizes,
-    *,
-    stage: int,
-    warmup: int,
-    variant: str,
-    num_classes: int = NUM_CLASSES,
-) -> Case:
-    """One training iteration (batch 1 source + 1 target; stage 2 adds target pseudo labels)."""
-    setup = TrainingSetup(
-        mode, build_nets(arch, num_classes, variant, seed=0), device, STAGE1 if stage == 1 else STAGE2, variant=variant
-    )
+@dataclass(frozen=True, kw_only=True)
+class Workload:
+    """One measured (what, arch, batch) besides the mode: its device, sizes, warm-up
+    iterations, network variant and class count."""
+
+    what: str
+    arch: str
+    device: torch.device
+    sizes: Sizes
+    batch: int = 1
+    warmup: int = 3
+    variant: str = "reference"
+    num_classes: int = NUM_CLASSES
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchRequest:
+    """What ``dast bench`` measures: every (what, arch, batch) for every mode.
+    ``interleave`` None: on the CPU only (see :func:`measure_modes`)."""
+
+    device: torch.device
+    archs: Sequence[str]
+    size: str
+    whats: Sequence[str]
+    modes: Sequence[str]
+    iters: int
+    warmup: int
+    batches: Sequence[int]
+    variant: str = "reference"
+    num_classes: int = NUM_CLASSES
+    interleave: bool | None = None
+
+
+def prepare_step(work: Workload, mode: ResolvedMode) -> Case:
+    """One training iteration (batch 1 source + 1 target; ``step2`` adds target pseudo labels)."""
+    w, sizes, num_classes, warmup = work, work.sizes, work.num_classes, work.warmup
+    stage = 2 if w.what == "step2" else 1
+    nets = build_nets(w.arch, num_classes, w.variant, seed=0)
+    setup = TrainingSetup(mode, nets, w.device, stage=stage, variant=w.variant, arch=w.arch)
     gen = torch.Generator().manual_seed(1)
     xs = setup.prepare_images(random_images(1, sizes.source, gen))
-    ys = random_labels(1, sizes.source, num_classes, gen).to(device)
+    ys = random_labels(1, sizes.source, num_classes, gen).to(w.device)
     xt = setup.prepare_images(random_images(1, sizes.target, gen))
-    yt = random_labels(1, sizes.target, num_classes, gen).to(device) if stage == 2 else None
+    yt = random_labels(1, sizes.target, num_classes, gen).to(w.device) if stage == 2 else None
     applied: list[bool] = []
     last: dict[str, Tensor] = {}
 
@@ -115,9 +139,9 @@ def prepare_step(
     return Case(one, warmup, info)
 
 
-def _target_model(arch: str, mode: ResolvedMode, device: torch.device, variant: str, num_classes: int) -> TargetModel:
-    seg, disc, _ = build_nets(arch, num_classes, variant, seed=0)
-    model = TargetModel(seg, disc).to(device).eval()
+def _target_model(work: Workload, mode: ResolvedMode) -> TargetModel:
+    seg, disc, _ = build_nets(work.arch, work.num_classes, work.variant, seed=0)
+    model = TargetModel(seg, disc).to(work.device).eval()
     if mode.channels_last:
         to_channels_last(model)
     if mode.compile:
@@ -168,45 +192,27 @@ def _graph_warmup(mode: ResolvedMode, warmup: int) -> int:
     return max(warmup, 4) if mode.cuda_graph else warmup
 
 
-def prepare_infer(
-    arch: str,
-    mode: ResolvedMode,
-    device: torch.device,
-    sizes: Sizes,
-    *,
-    batch: int,
-    warmup: int,
-    variant: str,
-    num_classes: int = NUM_CLASSES,
-) -> Case:
+def prepare_infer(work: Workload, mode: ResolvedMode) -> Case:
     """Target inference at the target size, upsampled to ``sizes.infer_out``, argmax on the device."""
-    model = _target_model(arch, mode, device, variant, num_classes)
-    fn = infer_fn(model, mode, device, sizes.infer_out)
-    x = _images(batch, sizes.target, mode, device)
+    sizes, batch = work.sizes, work.batch
+    model = _target_model(work, mode)
+    fn = infer_fn(model, mode, work.device, sizes.infer_out)
+    x = _images(batch, sizes.target, mode, work.device)
     return Case(
         lambda i: fn(x),
-        _graph_warmup(mode, warmup),
+        _graph_warmup(mode, work.warmup),
         lambda: {"batch": batch, "input_size": list(sizes.target), "output_size": list(sizes.infer_out)},
     )
 
 
-def prepare_pseudo(
-    arch: str,
-    mode: ResolvedMode,
-    device: torch.device,
-    sizes: Sizes,
-    *,
-    batch: int,
-    warmup: int,
-    variant: str,
-    num_classes: int = NUM_CLASSES,
-) -> Case:
+def prepare_pseudo(work: Workload, mode: ResolvedMode) -> Case:
     """Pseudo-label work per batch, as ``generate_pseudo_labels`` in histogram mode does it:
     pass 1 (probabilities, histogram update) and pass 2 (probabilities, label selection,
     copy to the host). PNG encoding and disk writes are not included."""
     from dast.training.pseudo_labels import ThresholdEstimator, select_labels  # noqa: PLC0415 - lazy: keeps dast --help fast
 
-    model = _target_model(arch, mode, device, variant, num_classes)
+    device, sizes, batch, num_classes = work.device, work.sizes, work.batch, work.num_classes
+    model = _target_model(work, mode)
     probs = probability_fn(model, mode, device)
     est = ThresholdEstimator(num_classes, portion=0.5, mode="histogram", device=device)
     thresholds = torch.full((num_classes,), 0.5, device=device)
@@ -218,38 +224,20 @@ def prepare_pseudo(
 
     return Case(
         run,
-        _graph_warmup(mode, warmup),
+        _graph_warmup(mode, work.warmup),
         lambda: {"batch": batch, "input_size": list(sizes.target), "forward_passes_per_image": 2},
     )
 
 
-def prepare(
-    what: str,
-    arch: str,
-    mode: ResolvedMode,
-    device: torch.device,
-    sizes: Sizes,
-    *,
-    batch: int,
-    warmup: int,
-    variant: str,
-    num_classes: int,
-) -> Case:
+def prepare(work: Workload, mode: ResolvedMode) -> Case:
     """The :class:`Case` of one measurement."""
-    if what in ("step", "step2"):
-        stage = 1 if what == "step" else 2
-        return prepare_step(
-            arch, mode, device, sizes, stage=stage, warmup=warmup, variant=variant, num_classes=num_classes
-        )
-    if what == "infer":
-        return prepare_infer(
-            arch, mode, device, sizes, batch=batch, warmup=warmup, variant=variant, num_classes=num_classes
-        )
-    if what == "pseudo":
-        return prepare_pseudo(
-            arch, mode, device, sizes, batch=batch, warmup=warmup, variant=variant, num_classes=num_classes
-        )
-    raise ValueError(f"unknown workload {what!r}")
+    if work.what in ("step", "step2"):
+        return prepare_step(work, mode)
+    if work.what == "infer":
+        return prepare_infer(work, mode)
+    if work.what == "pseudo":
+        return prepare_pseudo(work, mode)
+    raise ValueError(f"unknown workload {work.what!r}")
 
 
 def _result(timing: Timing, case: Case, warmup: int, mode: ResolvedMode, device: torch.device) -> dict[str, Any]:
@@ -276,20 +264,7 @@ def _call_at(case: Case, offset: int, i: int) -> Any:
     return case.fn(case.warmup + offset + i)
 
 
-def measure_modes(
-    what: str,
-    arch: str,
-    modes: Sequence[str],
-    device: torch.device,
-    sizes: Sizes,
-    *,
-    batch: int,
-    iters: int,
-    warmup: int,
-    variant: str,
-    num_classes: int,
-    interleave: bool,
-) -> list[dict[str, Any] | str]:
+def measure_modes(work: Workload, modes: Sequence[str], *, iters: int, interleave: bool) -> list[dict[str, Any] | str]:
     """Time every mode of one (what, arch, batch); a result row, or an error string, per mode.
 
     Sequential: each mode is built, warmed up, timed and freed in turn (peak memory is
@@ -297,6 +272,7 @@ def measure_modes(
     one iteration at a time, so that a shared machine's load affects them alike (peak
     memory then covers all modes).
     """
+    device = work.device
     results: list[dict[str, Any] | str] = []
     case: Case | None = None
     if not interleave:
@@ -304,17 +280,7 @@ def measure_modes(
             mode = resolve_mode(name, device)
             try:
                 reset_peak_memory(device)
-                case = prepare(
-                    what,
-                    arch,
-                    mode,
-                    device,
-                    sizes,
-                    batch=batch,
-                    warmup=warmup,
-                    variant=variant,
-                    num_classes=num_classes,
-                )
+                case = prepare(work, mode)
                 timing = measure(case.fn, iters=iters, warmup=case.warmup, device=device)
                 results.append(_result(timing, case, case.warmup, mode, device))
             except Exception as exc:  # noqa: BLE001 - report and go on with the next measurement
@@ -326,17 +292,7 @@ def measure_modes(
     cases: list[Case | str] = []
     for name in modes:
         try:
-            case = prepare(
-                what,
-                arch,
-                resolve_mode(name, device),
-                device,
-                sizes,
-                batch=batch,
-                warmup=warmup,
-                variant=variant,
-                num_classes=num_classes,
-            )
+            case = prepare(work, resolve_mode(name, device))
             for i in range(case.warmup):
                 case.fn(i)
             cases.append(case)
@@ -359,54 +315,42 @@ def measure_modes(
     return results
 
 
-def run_benchmarks(
-    *,
-    device: torch.device,
-    archs: Sequence[str],
-    size: str,
-    whats: Sequence[str],
-    modes: Sequence[str],
-    iters: int,
-    warmup: int,
-    batches: Sequence[int],
-    variant: str = "reference",
-    num_classes: int = NUM_CLASSES,
-    interleave: bool | None = None,
-) -> Iterator[dict[str, Any]]:
+def run_benchmarks(request: BenchRequest) -> Iterator[dict[str, Any]]:
     """Yield one result row per (what, arch, batch, mode); a failing measurement yields a
-    row with ``error`` instead of timings and the others still run. ``interleave``
+    row with ``error`` instead of timings and the others still run. ``request.interleave``
     (default: on the CPU only) times the modes round-robin, see :func:`measure_modes`."""
+    r = request
+    device, modes, variant, num_classes = r.device, list(r.modes), r.variant, r.num_classes
+    interleave = r.interleave
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if interleave is None:
         interleave = device.type == "cpu"
-    sizes = SIZES[size]
+    sizes = SIZES[r.size]
     base = {
         "device": device.type,
         "device_name": device_name(device),
         "torch": torch.__version__,
-        "size": size,
+        "size": r.size,
         "variant": variant,
         "num_classes": num_classes,
         "interleaved": interleave,
         "tf32": bool(device.type == "cuda" and torch.backends.cudnn.allow_tf32),
     }
-    for what in whats:
-        for arch in archs:
-            for batch in [1] if what in ("step", "step2") else list(batches):
-                results = measure_modes(
-                    what,
-                    arch,
-                    modes,
-                    device,
-                    sizes,
+    for what in r.whats:
+        for arch in r.archs:
+            for batch in [1] if what in ("step", "step2") else list(r.batches):
+                work = Workload(
+                    what=what,
+                    arch=arch,
+                    device=device,
+                    sizes=sizes,
                     batch=batch,
-                    iters=iters,
-                    warmup=warmup,
+                    warmup=r.warmup,
                     variant=variant,
                     num_classes=num_classes,
-                    interleave=interleave,
                 )
+                results = measure_modes(work, modes, iters=r.iters, interleave=interleave)
                 baseline: float | None = None
                 for name, result in zip(modes, results):
                     row: dict[str, Any] = {"what": what, "arch": arch, "mode": name, **base}

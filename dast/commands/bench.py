@@ -9,7 +9,7 @@ import sys
 import torch
 
 from dast.atomic import write_text
-from dast.benchmarking import MODES, WHATS, parse_modes, run_benchmarks
+from dast.benchmarking import MODES, WHATS, BenchRequest, parse_modes, run_benchmarks
 from dast.commands._common import add_device_argument, nonnegative_int, positive_int, resolve_device
 from dast.errors import UserError
 
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     batches = _batches(args.batches) if args.batches else ([1, 2, 4, 8] if device.type == "cuda" else [1, 2])
     lines: list[str] = []
     failed = 0
-    for row in run_benchmarks(
+    request = BenchRequest(
         device=device,
         archs=archs,
         size=args.size,
@@ -133,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
         variant=args.variant,
         num_classes=args.num_classes,
         interleave=None if args.interleave == "auto" else args.interleave == "on",
-    ):
+    )
+    for row in run_benchmarks(request):
         line = json.dumps(row, sort_keys=False)
         print(line, flush=True)
         lines.append(line)

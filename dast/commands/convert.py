@@ -29,6 +29,7 @@ from dast.models.convert import (
     FORMATS,
     IMAGENET_ARCHS,
     ConversionReport,
+    ImportOptions,
     imagenet_to_dast,
     official_to_dast,
     timm_to_dast,
@@ -243,17 +244,14 @@ def _imagenet(
             "report": report.to_dict(),
         }
         return nets, report, meta, inputs
-    nets, report = imagenet_to_dast(
-        sd,
-        args.arch,
-        args.num_classes,
-        args.variant,
-        args.fmt,
+    options = ImportOptions(
+        fmt=args.fmt,
         norm=args.norm,
         allow_unexpected=args.allow_unexpected,
         allow_missing=args.allow_missing,
         source=str(path),
     )
+    nets, report = imagenet_to_dast(sd, args.arch, args.num_classes, args.variant, options)
     meta = {"from": "imagenet", "weights": path.name, "report": report.to_dict()}
     return nets, report, meta, inputs
 

@@ -16,6 +16,7 @@ from dast.data.labels import SYNTHIA_13, SYNTHIA_16, protocols_for, read_class_f
 from dast.errors import UserError
 from dast.evaluation.evaluate import evaluate_model, evaluate_predictions
 from dast.evaluation.metrics import format_table
+from dast.execution import Execution
 from dast.models.io import load_networks
 
 CITYSCAPES_EVAL_SIZE = (1024, 512)
@@ -125,15 +126,18 @@ def run(args: argparse.Namespace) -> int:
         )
         _check_class_count(args, cfg, spec.num_classes)
         dataset = build_dataset(cfg, norm=spec.norm, num_classes=spec.num_classes, with_labels=True)
-        metrics = evaluate_model(
-            nets.target_model(),
-            dataset,
-            device,
+        execution = Execution(
+            device=device,
             batch_size=args.batch_size,
             amp_dtype=AMP[args.amp],
             progress=not args.quiet,
-            protocols=_protocols(args.protocols, args.dataset, _source_kind(meta)),
             num_workers=max(0, args.workers),
+        )
+        metrics = evaluate_model(
+            nets.target_model(),
+            dataset,
+            execution,
+            protocols=_protocols(args.protocols, args.dataset, _source_kind(meta)),
         )
     else:
         pred_dir = existing_dir(args.predictions, "prediction folder")

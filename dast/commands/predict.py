@@ -54,6 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 
 
 def run(args: argparse.Namespace) -> int:
+    from dast.execution import Execution  # noqa: PLC0415 - lazy: keeps dast --help fast
     from dast.inference.predict import expand_inputs, plan_outputs, predict_paths  # noqa: PLC0415 - lazy: keeps dast --help fast
 
     device = resolve_device(args.device)
@@ -67,17 +68,14 @@ def run(args: argparse.Namespace) -> int:
     new_files = [f for files in plans for f in files.values() if not f.exists()]
     created = not out.exists()
     try:
-        records = predict_paths(
-            nets,
-            inputs,
-            out,
-            batch_size=args.batch_size,
+        execution = Execution(
             device=device,
-            save_logits=args.save_logits,
+            batch_size=args.batch_size,
             amp_dtype=AMP_DTYPES[args.amp],
             progress=not args.no_progress,
             num_workers=args.workers,
         )
+        records = predict_paths(nets, inputs, out, execution, save_logits=args.save_logits)
     except BaseException:
         _remove_outputs(new_files, out if created else None)
         raise

@@ -16,6 +16,7 @@ from dast.commands._common import add_device_argument, add_set_argument, existin
 from dast.config import load_config, resolve_config_path
 from dast.data import datasets
 from dast.errors import CheckpointError, UserError
+from dast.execution import Execution
 from dast.models.io import load_networks
 
 _AMP = {"none": None, "off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -125,16 +126,22 @@ def run(args: argparse.Namespace) -> int:
     st = cfg.self_training
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    bins = st.bins if args.bins is None else args.bins
-    if bins < 1:
-        raise UserError(f"--bins must be >= 1, got {bins}")
-    subsample = st.subsample if args.subsample is None else args.subsample
-    if subsample < 1:
-        raise UserError(f"--subsample must be >= 1, got {subsample}")
-    portion = st.portion if args.portion is None else args.portion
-    if not 0.0 < portion <= 1.0:
-        raise UserError(f"--portion must be in (0, 1], got {portion}")
-    cap = st.cap if args.cap is None else args.cap
+    overrides = {
+        "portion": args.portion,
+        "cap": args.cap,
+        "estimator": args.mode,
+        "rule": args.rule,
+        "bins": args.bins,
+        "subsample": args.subsample,
+        "preview_count": args.preview_count,
+    }
+    st = st.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    if st.bins < 1:
+        raise UserError(f"--bins must be >= 1, got {st.bins}")
+    if st.subsample < 1:
+        raise UserError(f"--subsample must be >= 1, got {st.subsample}")
+    if not 0.0 < st.portion <= 1.0:
+        raise UserError(f"--portion must be in (0, 1], got {st.portion}")
     num_workers = cfg.train.num_workers if args.num_workers is None else args.num_workers
     if num_workers < 0:
         raise UserError(f"--workers must be >= 0, got {num_workers}")
@@ -154,23 +161,20 @@ def run(args: argparse.Namespace) -> int:
     staging = out.with_name(f"{out.name}{TMP_MARK}{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
+        execution = Execution(
+            device=device,
+            batch_size=args.batch_size,
+            amp_dtype=_AMP[args.amp],
+            num_workers=num_workers,
+            progress=not args.no_progress,
+        )
         stats = generate_pseudo_labels(
             nets.target_model(),
             dataset,
             staging,
-            portion=portion,
-            cap=cap,
-            mode=args.mode or st.mode,
-            rule=args.rule or st.rule,
-            bins=bins,
-            subsample=subsample,
-            device=device,
-            batch_size=args.batch_size,
-            amp_dtype=_AMP[args.amp],
-            preview_count=st.preview_count if args.preview_count is None else args.preview_count,
+            st,
+            execution=execution,
             colors=colors,
-            progress=not args.no_progress,
-            num_workers=num_workers,
             num_classes=nets.spec.num_classes,
         )
         replace_folder(staging, out)

@@ -313,8 +313,21 @@ def _augment_enabled(aug: AugmentConfig) -> bool:
 # The dataset
 
 
+@dataclass(frozen=True, kw_only=True)
+class SamplePrep:
+    """How a dataset prepares its samples: the size images are resized to (width, height;
+    None: as stored), the input normalisation, the augmentation, what an unreadable sample
+    does (``fail`` or ``skip``) and the seed of the augmentation draws."""
+
+    size: tuple[int, int] | None
+    norm: str
+    augment: AugmentConfig | None = None
+    on_corrupt: str = "fail"
+    seed: int = 0
+
+
 class SegmentationDataset(Dataset):
-    """Images (resized to ``size``, normalised with ``norm``) and train-id labels.
+    """Images (resized to ``prep.size``, normalised with ``prep.norm``) and train-id labels.
 
     ``dataset[i]`` is ``{"image": 3xHxW float, "label": HxW long (when has_labels),
     "name": str, "index": int}`` for sample ``i % len(dataset)``.
@@ -327,12 +340,8 @@ class SegmentationDataset(Dataset):
         names: Sequence[str],
         table: ClassTable,
         kind: str,
-        size: tuple[int, int] | None,
-        norm: str,
         has_labels: bool,
-        augment: AugmentConfig | None = None,
-        on_corrupt: str = "fail",
-        seed: int = 0,
+        prep: SamplePrep,
     ) -> None:
         if not names:
             raise DataError("the dataset is empty")
@@ -340,12 +349,14 @@ class SegmentationDataset(Dataset):
         self.names: list[str] = list(names)
         self.table = table
         self.kind = kind
-        self.size: tuple[int, int] | None = (int(size[0]), int(size[1])) if size is not None else None
-        self.norm = norm
         self.has_labels = has_labels
-        self.augment = augment if augment is not None else AugmentConfig()
-        self.on_corrupt = on_corrupt
-        self.seed = int(seed)
+        self.prep = prep
+        size = prep.size
+        self.size: tuple[int, int] | None = (int(size[0]), int(size[1])) if size is not None else None
+        self.norm = prep.norm
+        self.augment = prep.augment if prep.augment is not None else AugmentConfig()
+        self.on_corrupt = prep.on_corrupt
+        self.seed = int(prep.seed)
 
     @property
     def num_classes(self) -> int:
@@ -480,16 +491,8 @@ def build_dataset(
         raise DataError(f"dataset root not found: {cfg.root}")  # before asking it for a class list
     table = table_for(cfg, num_classes)
     want = cfg.with_labels if with_labels is None else bool(with_labels)
-    common: dict[str, Any] = dict(
-        table=table,
-        kind=cfg.kind,
-        size=cfg.size,
-        norm=norm,
-        has_labels=want,
-        augment=cfg.augment,
-        on_corrupt=cfg.on_corrupt,
-        seed=seed,
-    )
+    prep = SamplePrep(size=cfg.size, norm=norm, augment=cfg.augment, on_corrupt=cfg.on_corrupt, seed=seed)
+    common: dict[str, Any] = dict(table=table, kind=cfg.kind, has_labels=want, prep=prep)
     if cfg.kind == "synthetic":
         if cfg.size is None:
             raise ConfigError("a synthetic dataset needs 'size' (width, height) for its generated scenes")
@@ -530,16 +533,7 @@ def with_label_dir(base: SegmentationDataset, label_dir: str | Path) -> Segmenta
     d = require_named_pngs(label_dir, base.names, "pseudo label", may_lack)
     source = LabelDirSource(base.source, d, base.names, base.num_classes)
     return SegmentationDataset(
-        source,
-        names=base.names,
-        table=base.table,
-        kind=base.kind,
-        size=base.size,
-        norm=base.norm,
-        has_labels=True,
-        augment=base.augment,
-        on_corrupt=base.on_corrupt,
-        seed=base.seed,
+        source, names=base.names, table=base.table, kind=base.kind, has_labels=True, prep=base.prep
     )
 
 

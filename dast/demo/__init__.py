@@ -46,6 +46,7 @@ from dast.demo.runner import (
 )
 from dast.demo.summary import format_report, format_seeds, gap_recovered, summarize_seeds
 from dast.evaluation.evaluate import evaluate_model
+from dast.execution import Execution
 from dast.models.io import build_networks
 from dast.rundir import DemoDir
 from dast.training.pseudo_labels import pseudo_label_precision
@@ -90,7 +91,7 @@ def _score(snapshots: dict[str, dict[str, Any]], val: Any, nets_out: dict[str, A
         for which, snap in snaps.items():
             if snap.path not in cache:
                 nets = load(snap)
-                metrics = evaluate_model(nets.target_model(), val, "cpu", progress=False)
+                metrics = evaluate_model(nets.target_model(), val, Execution(progress=False))
                 cache[snap.path] = {"miou": float(metrics["miou"]), "per_class": metrics["per_class"]}
                 if which == "selected":
                     nets_out[v] = nets
@@ -165,7 +166,7 @@ def _score_and_draw(demo: DemoDir, trees: dict[str, Any], seed: int, progress: b
     mechanisms: dict[str, Any] = {
         "attention": attention_auroc(nets["da"], nets["source_only"], val),
         "discriminators": discriminator_separation(demo.run("dast").scalars),
-        "pseudo_labels": pseudo_label_report(nets["da"], target, st.portion, st.cap, st.mode) if st.rounds else None,
+        "pseudo_labels": pseudo_label_report(nets["da"], target, st) if st.rounds else None,
     }
     report: dict[str, Any] = {
         "variants": variants,

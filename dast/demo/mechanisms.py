@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dast.config import SelfTrainingConfig
 from dast.constants import IGNORE_INDEX
 from dast.contexts import eval_mode
 from dast.evaluation.auroc import auroc
@@ -90,16 +91,9 @@ def discriminator_separation(scalars: Path, stage: str = STAGE1, tail: float = 0
     return out
 
 
-def pseudo_label_report(
-    model_nets: Networks, target_with_labels: Any, portion: float, cap: float, mode: str
-) -> dict[str, Any]:
+def pseudo_label_report(model_nets: Networks, target_with_labels: Any, settings: SelfTrainingConfig) -> dict[str, Any]:
     """:func:`pseudo_label_quality` of the model that makes round 1's labels, both rules."""
     with torch.no_grad():
         return pseudo_label_quality(
-            model_nets.target_model(),
-            target_with_labels,
-            portion=portion,
-            cap=cap,
-            mode=mode,
-            rules=("ratio", "threshold"),
+            model_nets.target_model(), target_with_labels, settings, rules=("ratio", "threshold")
         )

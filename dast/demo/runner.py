@@ -18,6 +18,7 @@ from dast.config import Config, from_tree
 from dast.data.datasets import build_dataset
 from dast.errors import NumericalFault, UserError
 from dast.evaluation.evaluate import evaluate_model
+from dast.execution import Execution
 from dast.models.io import Networks, load_networks
 from dast.rundir import STAGE1, RunDir, round_name
 from dast.training.pipeline import train
@@ -154,7 +155,7 @@ def load(snapshot: Snapshot) -> Networks:
 def evaluate_checkpoint(checkpoint: Path, val: Any) -> tuple[dict[str, Any], Networks]:
     """(metrics of the target model on ``val``, the networks) for a checkpoint, on the CPU."""
     nets, _, _ = load_networks(checkpoint, "cpu")
-    return evaluate_model(nets.target_model(), val, "cpu", progress=False), nets
+    return evaluate_model(nets.target_model(), val, Execution(progress=False)), nets
 
 
 def datasets(tree: dict[str, Any]) -> tuple[Config, Any, Any]:

@@ -28,6 +28,7 @@ from dast.data.workers import loader_iterator, worker_init
 from dast.errors import DataError
 from dast.evaluation.confusion import ConfusionMatrix
 from dast.evaluation.metrics import compute_metrics
+from dast.execution import Execution
 from dast.losses import upsample
 from dast.progress import progress as report_progress
 
@@ -80,21 +81,13 @@ def _require_labels(dataset: LabelledImages) -> None:
 
 @torch.no_grad()
 def evaluate_confusion(
-    model: nn.Module,
-    dataset: LabelledImages,
-    device: torch.device | str,
-    *,
-    batch_size: int = 1,
-    amp_dtype: torch.dtype | None = None,
-    progress: bool = True,
-    indices: Sequence[int] | None = None,
-    num_workers: int = 0,
-    desc: str = "evaluating",
+    model: nn.Module, dataset: LabelledImages, execution: Execution | None = None, *, desc: str = "evaluating"
 ) -> tuple[ConfusionMatrix, int]:
-    """Run ``model`` over ``dataset`` (or its ``indices``) and return (confusion matrix, images)."""
+    """Run ``model`` over ``dataset`` (or the execution's ``indices``) and return (confusion matrix, images)."""
     _require_labels(dataset)
-    device = torch.device(device)
-    idx = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+    ex = execution or Execution()
+    device, batch_size, num_workers, amp_dtype = ex.torch_device, ex.batch_size, ex.num_workers, ex.amp_dtype
+    idx = ex.order(len(dataset))
     cm = ConfusionMatrix(dataset.num_classes, device)
     loader = DataLoader(
         _EvalView(dataset, idx),
@@ -108,7 +101,7 @@ def evaluate_confusion(
     count = 0
     with eval_mode(model):  # every submodule's own mode comes back (a round may train with frozen BatchNorm)
         with loader_iterator(loader) as batches:
-            bar = report_progress(batches, total=len(loader), desc=desc, unit="batch", enabled=progress)
+            bar = report_progress(batches, total=len(loader), desc=desc, unit="batch", enabled=ex.progress)
             for batch in bar:
                 start = 0
                 while start < len(batch):  # images of one forward pass must share a size
@@ -139,34 +132,20 @@ def _reduce_count(count: int, device: torch.device) -> int:
 def evaluate_model(
     model: nn.Module,
     dataset: LabelledImages,
-    device: torch.device | str,
+    execution: Execution | None = None,
     *,
-    batch_size: int = 1,
-    amp_dtype: torch.dtype | None = None,
-    progress: bool = True,
-    indices: Sequence[int] | None = None,
     protocols: Mapping[str, Sequence[int]] | None = None,
     distributed: bool = False,
-    num_workers: int = 0,
     desc: str = "evaluating",
 ) -> dict[str, Any]:
-    """mIoU of a target model (already on ``device``) on a labelled dataset (keys: :func:`compute_metrics`).
+    """mIoU of a target model (already on the execution's device) on a labelled dataset
+    (keys: :func:`compute_metrics`).
 
-    ``indices`` restricts the evaluation to a shard; with ``distributed=True`` every rank
-    must call this with its own shard and all get the metrics of the union.
+    ``execution.indices`` restricts the evaluation to a shard; with ``distributed=True``
+    every rank must call this with its own shard and all get the metrics of the union.
     ``protocols`` defaults to those of ``dataset.kind`` (16/13 classes for SYNTHIA).
     """
-    cm, count = evaluate_confusion(
-        model,
-        dataset,
-        device,
-        batch_size=batch_size,
-        amp_dtype=amp_dtype,
-        progress=progress,
-        indices=indices,
-        num_workers=num_workers,
-        desc=desc,
-    )
+    cm, count = evaluate_confusion(model, dataset, execution, desc=desc)
     if distributed:
         cm.all_reduce()
         count = _reduce_count(count, cm.device)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from dast.atomic import write_with
 from dast.data.workers import loader_iterator, worker_init
 from dast.errors import DataError, UserError
+from dast.execution import Execution
 from dast.inference.images import image_size, read_rgb
 from dast.inference.segmenter import Segmenter, prepare_image
 from dast.inference.visualize import colorize, heatmap, overlay, palette_for, save_png
@@ -220,13 +221,9 @@ def predict_paths(
     nets: Networks,
     inputs: Sequence[Path],
     out_dir: str | os.PathLike[str],
+    execution: Execution | None = None,
     *,
-    batch_size: int = 1,
-    device: torch.device | str = "cpu",
     save_logits: bool = False,
-    amp_dtype: torch.dtype | None = None,
-    progress: bool = True,
-    num_workers: int = 0,
 ) -> list[dict[str, Any]]:
     """Predict ``inputs`` with the target path of ``nets`` and write the results to ``out_dir``.
 
@@ -237,21 +234,21 @@ def predict_paths(
     input, in input order. An unreadable image stops the run with a :class:`DataError`
     naming it; nothing is written for it.
     """
-    spec = nets.spec
+    spec, ex = nets.spec, execution or Execution()
     if spec.num_classes > 255:
         raise UserError(f"trainId PNGs hold at most 255 classes; this model has {spec.num_classes}")
     out = Path(out_dir)
     paths = [Path(p) for p in inputs]
     plans = plan_outputs(paths, out, save_logits)
-    segmenter = Segmenter(nets, device, amp_dtype=amp_dtype)
-    batches = size_batches(paths, segmenter.input_size, batch_size)
+    segmenter = Segmenter(nets, ex.device, amp_dtype=ex.amp_dtype)
+    batches = size_batches(paths, segmenter.input_size, ex.batch_size)
     colors = class_colors(spec)
     loader = DataLoader(
         _ImageSet(paths, segmenter.input_size, segmenter.norm),
         batch_sampler=batches,
         collate_fn=_collate,
-        num_workers=max(0, num_workers),
-        worker_init_fn=worker_init(num_workers),
+        num_workers=max(0, ex.num_workers),
+        worker_init_fn=worker_init(ex.num_workers),
     )
     records: list[dict[str, Any] | None] = [None] * len(paths)
     pending: list[Future[None]] = []
@@ -261,7 +258,7 @@ def predict_paths(
     with (
         ThreadPoolExecutor(max_workers=writers) as pool,
         segmenter.session(),
-        tqdm(total=len(paths), unit="img", desc="predict", disable=not progress) as bar,
+        tqdm(total=len(paths), unit="img", desc="predict", disable=not ex.progress) as bar,
         loader_iterator(loader) as batch_iter,
     ):
         for samples in batch_iter:

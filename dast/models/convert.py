@@ -429,17 +429,25 @@ def _vgg_torchvision_key(key: str) -> str | None:
     return f"encoder.layer{layer}.{idx}.{parts[2]}"
 
 
+@dataclass(frozen=True, kw_only=True)
+class ImportOptions:
+    """How :func:`imagenet_to_dast` reads a weight file: its format (``auto``, ``deeplab``,
+    ``torchvision``), the input normalisation to record (None: the format's), whether
+    unexpected or missing keys are tolerated, and the name errors give the file."""
+
+    fmt: str = "auto"
+    norm: str | None = None
+    allow_unexpected: bool = False
+    allow_missing: bool = False
+    source: str = "weight file"
+
+
 def imagenet_to_dast(
     weights_sd: Mapping[str, Tensor],
     arch: str,
     num_classes: int,
     variant: str = "paper",
-    fmt: str = "auto",
-    *,
-    norm: str | None = None,
-    allow_unexpected: bool = False,
-    allow_missing: bool = False,
-    source: str = "weight file",
+    options: ImportOptions | None = None,
 ) -> tuple[Networks, ConversionReport]:
     """Build fresh dast networks (segmentor, D, C) whose backbone comes from ImageNet weights.
 
@@ -457,6 +465,9 @@ def imagenet_to_dast(
     for the DeepLab file and ``imagenet`` for torchvision weights.
     """
     _check_arch(arch)
+    opts = options or ImportOptions()
+    fmt, norm, source = opts.fmt, opts.norm, opts.source
+    allow_missing, allow_unexpected = opts.allow_missing, opts.allow_unexpected
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown weight format {fmt!r} (known: {', '.join(FORMATS)})")
     sd = dict(weights_sd)

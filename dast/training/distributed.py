@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -78,12 +76,3 @@ def wrap_for_ddp(nets: Networks, rt: Runtime, cfg: Config) -> StepModels:
     return StepModels(
         seg, nets.discoverer, nets.corrector, extract=enc, predict=pred, seg_no_sync=no_sync, adversaries=pair
     )
-
-
-def broadcast_object(obj: Any, rt: Runtime) -> Any:
-    """Rank 0's value of ``obj`` on every rank."""
-    if not rt.distributed:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]

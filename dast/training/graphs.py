@@ -2,6 +2,7 @@
 
 * :class:`GraphedStep`: the iteration replayed from two CUDA graphs (gradients, then
   updates); the finiteness check reads one device flag between them.
+* :class:`GraphedUpdate`: the update policy (:mod:`dast.training.updates`) that runs it.
 * :class:`GraphedCallable`: a forward function (inference) replayed from a CUDA graph.
 
 CUDA-only paths raise :class:`RuntimeError` on other devices; nothing here runs at import.
@@ -15,8 +16,8 @@ from typing import Any, overload
 import torch
 from torch import Tensor
 
-from dast.contexts import autocast_factory
-from dast.training.step import StepModels, StepSettings, apply_updates, compute_gradients, losses_finite, train_step
+from dast.training.step import Batch, StepContext, apply_updates, compute_gradients, losses_finite, zero_grads
+from dast.training.updates import Update, train_step
 
 
 def capturing() -> bool:
@@ -54,7 +55,7 @@ def _lr_loader(opt: torch.optim.Optimizer) -> Callable[[], None]:
 
 
 class GraphedStep:
-    """A DAST iteration replayed from CUDA graphs; call it like ``train_step`` minus the models.
+    """A DAST iteration replayed from CUDA graphs: ``graphed(batch) -> (scalars, applied)``.
 
     The first ``warmup`` calls run the eager step on a side stream (cuDNN autotuning,
     optimiser state allocation; each is a real update). The next call captures
@@ -72,41 +73,31 @@ class GraphedStep:
     :class:`CapturableAdam`). Batch shapes must not change; after loading weights or
     optimiser state (which replaces tensors) call :meth:`reset`.
 
-    Returns ``(scalars, applied)`` like ``train_step``; the scalars are a fresh copy.
-    ``adv_scale``, when given, is a 0-dim device tensor that scales the segmentor's
-    adversarial terms; the caller changes it in place (``fill_``) between calls.
-    Not for DDP-wrapped models.
+    The scalars returned are a fresh copy. ``adv_scale``, when given, is a 0-dim device
+    tensor that scales the segmentor's adversarial terms; the caller changes it in place
+    (``fill_``) between calls. Not for DDP-wrapped models.
     """
 
     def __init__(
-        self,
-        models: StepModels,
-        seg_opt: torch.optim.Optimizer,
-        disc_opt: torch.optim.Optimizer | None,
-        settings: StepSettings,
-        amp_dtype: torch.dtype | None,
-        *,
-        warmup: int = 3,
-        check_finite: bool = True,
-        adv_scale: Tensor | None = None,
+        self, ctx: StepContext, *, warmup: int = 3, check_finite: bool = True, adv_scale: Tensor | None = None
     ) -> None:
+        models = ctx.models
         if models.adversaries is not None or models.seg_no_sync is not None:
             raise RuntimeError("GraphedStep does not support data-parallel (DDP) models")
-        self._lr_loaders = [_lr_loader(opt) for opt in (seg_opt, disc_opt) if opt is not None]
-        self.models, self.seg_opt, self.disc_opt, self.settings = models, seg_opt, disc_opt, settings
+        self._lr_loaders = [_lr_loader(opt) for opt in (ctx.seg_opt, ctx.disc_opt) if opt is not None]
+        self.ctx = ctx
         self.warmup = max(int(warmup), 1)
         self.check_finite = check_finite
         self.device = next(models.segmentor.parameters()).device
         if self.device.type != "cuda":
             raise RuntimeError(f"GraphedStep needs a model on CUDA (got {self.device.type}); use train_step here")
-        self.autocast = autocast_factory(self.device, amp_dtype)
         self.adv_scale = adv_scale  # a device tensor the caller refills in place (adversarial warm-up)
         self.reset()
 
     def reset(self) -> None:
         """Drop the graphs and buffers; the next calls warm up and capture again."""
         self.calls = 0
-        self._static: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None
+        self._static: Batch | None = None
         self._graphs: list[torch.cuda.CUDAGraph] = []
         self._keys: list[str] = []
         self._vals: Tensor | None = None
@@ -122,49 +113,34 @@ class GraphedStep:
 
     def _capture(self) -> None:
         assert self._static is not None
-        xs, ys, xt, yt = self._static
-        self.seg_opt.zero_grad(set_to_none=True)
-        if self.disc_opt is not None:
-            self.disc_opt.zero_grad(set_to_none=True)
+        zero_grads(self.ctx)
         torch.cuda.synchronize(self.device)
         g1 = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g1):
-            out, disc_active = compute_gradients(
-                self.models,
-                self.seg_opt,
-                self.disc_opt,
-                xs,
-                ys,
-                xt,
-                yt,
-                self.settings,
-                self.autocast,
-                adv_scale=self.adv_scale,
-            )
+            out, disc_active = compute_gradients(self.ctx, self._static, self.adv_scale)
             self._keys = list(out)
             self._vals = torch.stack([v.float() for v in out.values()])
             self._finite = losses_finite(out)
             if not self.check_finite:
-                apply_updates(self.seg_opt, self.disc_opt, disc_active)
+                apply_updates(self.ctx, disc_active)
         self._graphs = [g1]
         if self.check_finite:
             g2 = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g2):
-                apply_updates(self.seg_opt, self.disc_opt, disc_active)
+                apply_updates(self.ctx, disc_active)
             self._graphs.append(g2)
 
-    def __call__(
-        self, source_images: Tensor, source_labels: Tensor, target_images: Tensor, target_labels: Tensor | None
-    ) -> tuple[dict[str, Tensor], bool]:
-        batch = [source_images, source_labels, target_images, target_labels]
+    def _stage(self, batch: Batch) -> Batch:
+        """Copy ``batch`` into the static buffers (made on the first call)."""
         if self._static is None:
-            self._static = (
-                _static_like(source_images, self.device),
-                _static_like(source_labels, self.device),
-                _static_like(target_images, self.device),
-                _static_like(target_labels, self.device),
+            self._static = Batch(
+                _static_like(batch.xs, self.device),
+                _static_like(batch.ys, self.device),
+                _static_like(batch.xt, self.device),
+                _static_like(batch.yt, self.device),
             )
-        for dst, src in zip(self._static, batch):
+        static = self._static
+        for dst, src in ((static.xs, batch.xs), (static.ys, batch.ys), (static.xt, batch.xt), (static.yt, batch.yt)):
             if (dst is None) != (src is None):
                 raise RuntimeError(
                     "GraphedStep was built with"
@@ -174,25 +150,16 @@ class GraphedStep:
             if dst is not None and src is not None and dst.shape != src.shape:
                 raise RuntimeError(f"GraphedStep was built for shape {tuple(dst.shape)}, got {tuple(src.shape)}")
             _copy_into(dst, src)
-        xs, ys, xt, yt = self._static
+        return static
+
+    def __call__(self, batch: Batch) -> tuple[dict[str, Tensor], bool]:
+        static = self._stage(batch)
         self.calls += 1
         if not self._graphs and self.calls <= self.warmup:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                result = train_step(
-                    self.models,
-                    self.seg_opt,
-                    self.disc_opt,
-                    xs,
-                    ys,
-                    xt,
-                    yt,
-                    self.settings,
-                    self.autocast,
-                    check_finite=self.check_finite,
-                    adv_scale=self.adv_scale,
-                )
+                result = train_step(self.ctx, static, self.adv_scale, check_finite=self.check_finite)
             torch.cuda.current_stream(self.device).wait_stream(side)
             return result
         if not self._graphs:
@@ -208,6 +175,34 @@ class GraphedStep:
         assert self._vals is not None
         vals = self._vals.clone()
         return {k: vals[i] for i, k in enumerate(self._keys)}, applied
+
+
+class GraphedUpdate:
+    """The update policy of :class:`GraphedStep` (single CUDA device, so its finiteness
+    check needs no agreement between ranks). An adversarial warm-up factor is written into
+    a device tensor that the captured step reads."""
+
+    name = "GraphedStep"
+
+    def __init__(self, ctx: StepContext, *, warmup: int, with_adv_scale: bool) -> None:
+        device = next(ctx.models.segmentor.parameters()).device
+        self.adv_scale = torch.zeros((), dtype=torch.float32, device=device) if with_adv_scale else None
+        self.graphed = GraphedStep(ctx, warmup=warmup, adv_scale=self.adv_scale)
+
+    def __call__(self, ctx: StepContext, batch: Batch, adv_scale: float | None) -> Update:
+        if self.adv_scale is not None:
+            self.adv_scale.fill_(1.0 if adv_scale is None else float(adv_scale))
+        return Update(*self.graphed(batch))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def reset(self) -> None:
+        """Captured graphs hold the replaced tensors: capture again."""
+        self.graphed.reset()
 
 
 class GraphedCallable:

@@ -1,73 +1,119 @@
 """What happens around each iteration of a stage, one job per hook.
 
-A hook sees the running :class:`~dast.training.loop.StageLoop` (its plan, networks,
-engine, state and stage folder) at three moments: ``before_stage`` (after a resume),
-``after_step`` (after an applied or skipped iteration) and ``after_stage``; ``close``
-runs even when the stage fails. The loop calls them in list order, so a checkpoint taken
-after a step records the evaluation of that step.
+The loop (:class:`dast.training.loop.StageLoop`) holds a plain ``list[Hook]`` and calls
+every hook at each moment, in list order:
 
-* :class:`LogHook`: progress bar, scalars (log, TensorBoard, ``scalars.jsonl``), images, digests.
+* ``before_stage`` — after a resume, before the first iteration;
+* ``before_step`` — before each iteration (``loop.current`` holds its raw batch);
+* ``after_step`` — after each iteration, applied or skipped; a hook that rolls back
+  (``loop.restore``) ends the iteration: the hooks after it do not run for it;
+* ``after_stage`` — after the last iteration;
+* ``on_failure`` — when the stage fails or is interrupted (every hook's, even when one of
+  them raises);
+* ``state_dict`` / ``load_state_dict`` — what a checkpoint keeps of the hook (tensors and
+  JSON values; a hook with an empty ``name`` keeps nothing).
+
+Hooks see the loop through :class:`StageView` and never import the loop.
+
+* :class:`FaultHook`: the non-finite-loss policy (skip, or roll back to the last checkpoint).
+* :class:`LogHook`: progress bar, scalars (log, TensorBoard, ``scalars.jsonl``), images, digests, heartbeat.
 * :class:`EvalHook`: evaluation history, best snapshot, final selection.
-* :class:`CheckpointHook`: full-state checkpoints, pruning, restore (resume, rollback, SIGTERM).
-* :class:`FaultHook`: the non-finite-loss policy (skip or roll back), called by the loop
-  when an iteration was not applied.
+* :class:`CheckpointHook`: full-state checkpoints, pruning, and the save-and-stop on SIGTERM.
+
+:func:`default_hooks` builds the list of a stage.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from dast.atomic import remove_stale_temps
-from dast.checkpoint import load_checkpoint
+from dast.config import Config
 from dast.contexts import eval_mode
 from dast.errors import NumericalFault
-from dast.models.io import Networks, assign_weights
-from dast.training.engine import StagePlan, StepResult
+from dast.models.io import Networks
+from dast.rundir import StageDir
+from dast.training.engine import Engine, StepResult
+from dast.training.plans import StagePlan
+from dast.training.runtime import Runtime
+from dast.training.signals import SignalFlag, TrainingInterrupted
 from dast.training.snapshots import prune_best_files, save_best, write_selected
-from dast.training.state import restore_optimizers, rng_from_flat, save_training_state
-
-if TYPE_CHECKING:  # the loop imports the hooks
-    from dast.training.loop import StageLoop
 
 Scalars = dict[str, float]
 Batch = dict[str, Any]
-# fp16: a loss scale below this (fp16's smallest subnormal, 2^-24) cannot bring the
-# gradients into range: every step would be skipped
-MIN_LOSS_SCALE = 2.0**-24
 
 
 @dataclass
 class StageState:
-    """What a checkpoint of a stage records besides weights, optimisers and RNG."""
+    """What a checkpoint of a stage records besides weights, engine, hooks and RNG."""
 
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
 
 
+@dataclass
+class StageView:
+    """What a hook may read or call of the running stage (the loop, :class:`dast.training.loop.StageLoop`,
+    is one): its config, plan, networks, runtime, engine, folder, log, stop flag, state and
+    the raw (source, target) batch of the running iteration."""
+
+    cfg: Config
+    plan: StagePlan
+    nets: Networks
+    runtime: Runtime
+    engine: Engine
+    stage: StageDir
+    log: logging.Logger
+    stop: SignalFlag
+    run_digests: Path
+    state: StageState = field(default_factory=StageState)
+    current: tuple[Batch, Batch | None] | None = None
+
+    def save(self, step: int) -> None:
+        """Write the full training state as the checkpoint of ``step`` (rank 0)."""
+        raise NotImplementedError
+
+    def restore(self, path: Path) -> None:
+        """Load a checkpoint: weights, engine, hooks, RNG, stage state; data from its step."""
+        raise NotImplementedError
+
+
 class Hook:
-    """The interface; every method is optional."""
+    """The interface; every method is optional. ``name``: the key of the hook's state in
+    checkpoints (empty: the hook keeps nothing)."""
 
-    def before_stage(self, loop: StageLoop) -> None:
+    name = ""
+
+    def before_stage(self, loop: StageView) -> None:
         pass
 
-    def after_step(self, loop: StageLoop, result: StepResult, source: Batch, target: Batch | None) -> None:
+    def before_step(self, loop: StageView) -> None:
         pass
 
-    def after_stage(self, loop: StageLoop) -> None:
+    def after_step(self, loop: StageView, result: StepResult) -> None:
         pass
 
-    def close(self, loop: StageLoop) -> None:
+    def after_stage(self, loop: StageView) -> None:
+        pass
+
+    def on_failure(self, loop: StageView, exc: BaseException) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
 
@@ -76,61 +122,29 @@ def _due(step: int, every: int, last: int) -> bool:
 
 
 class CheckpointHook(Hook):
-    """Saves the full training state every ``every`` steps and at the end (the last
-    ``keep_last`` kept), resumes from the latest one, and restores one on request."""
+    """Saves the full training state every ``every`` steps and at the end, keeps the last
+    ``keep_last``, and on SIGTERM/SIGINT saves and stops the stage (:class:`TrainingInterrupted`)."""
 
     def __init__(self, every: int, keep_last: int) -> None:
         self.every, self.keep_last = every, keep_last
 
-    def before_stage(self, loop: StageLoop) -> None:
-        loop.stage.checkpoints.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(loop.stage.root)
-        latest = loop.stage.latest_checkpoint()
-        loop.resumed = latest is not None
-        if latest is not None:
-            self.restore(loop, latest)
-            loop.log.info("%s: resuming from %s (step %d)", loop.plan.name, latest.name, loop.state.step)
-
-    def restore(self, loop: StageLoop, path: Path) -> None:
-        """Load weights, optimisers, RNG and stage state from checkpoint ``path``."""
-        tensors, meta = load_checkpoint(path)
-        assign_weights(loop.nets, tensors, str(path))
-        restore_optimizers(tensors, meta, loop.engine.optimizers)
-        rng_from_flat(tensors, meta.get("rng", {}))
-        st = meta["stage_state"]
-        loop.state = StageState(int(st["step"]), list(st["history"]), st["best"])
-        loop.engine.lr_scale = float(st["lr_scale"])
-        if loop.engine.scaler is not None and st.get("grad_scaler"):
-            loop.engine.scaler.load_state_dict(st["grad_scaler"])  # fp16: resume at the scale reached
-        loop.engine.reset()  # captured graphs hold the replaced tensors
+    def save(self, loop: StageView, step: int) -> None:
+        loop.save(step)
         if loop.runtime.is_main:
-            prune_best_files(loop.stage, loop.state.best)  # those of an abandoned path
+            for _, old in loop.stage.checkpoint_files()[: -self.keep_last]:
+                old.unlink(missing_ok=True)
+            prune_best_files(loop.stage, loop.state.best)  # superseded now that a checkpoint records `best`
 
-    def save(self, loop: StageLoop, step: int) -> None:
-        if not loop.runtime.is_main:
-            return
-        st = loop.state
-        meta = {
-            "stage_state": {
-                "stage": loop.plan.name,
-                "step": step,
-                "history": st.history,
-                "best": st.best,
-                "lr_scale": loop.engine.lr_scale,
-                "grad_scaler": loop.engine.scaler.state_dict() if loop.engine.scaler is not None else None,
-            },
-            "config": loop.cfg.model_dump(mode="json"),
-        }
-        save_training_state(loop.stage.checkpoint(step), loop.nets, loop.engine.optimizers, meta)
-        for _, old in loop.stage.checkpoint_files()[: -self.keep_last]:
-            old.unlink(missing_ok=True)
-        prune_best_files(loop.stage, st.best)  # superseded now that a checkpoint records `best`
+    def before_step(self, loop: StageView) -> None:
+        if loop.stop.signum is not None:
+            self.save(loop, loop.state.step)
+            raise TrainingInterrupted(loop.stop.signum, loop.plan.name, loop.state.step)
 
-    def after_step(self, loop: StageLoop, result: StepResult, source: Batch, target: Batch | None) -> None:
+    def after_step(self, loop: StageView, result: StepResult) -> None:
         if _due(loop.state.step, self.every, loop.plan.steps):
             self.save(loop, loop.state.step)
 
-    def after_stage(self, loop: StageLoop) -> None:
+    def after_stage(self, loop: StageView) -> None:
         found = loop.stage.checkpoint_files()
         if not found or found[-1][0] != loop.plan.steps:
             self.save(loop, loop.plan.steps)
@@ -152,7 +166,7 @@ class EvalHook(Hook):
         self.evaluate, self.every, self.key, self.select_on = evaluate, every, key, select_on
         self.log_scalars, self.on_eval = log_scalars, on_eval
 
-    def after_step(self, loop: StageLoop, result: StepResult, source: Batch, target: Batch | None) -> None:
+    def after_step(self, loop: StageView, result: StepResult) -> None:
         step, plan = loop.state.step, loop.plan
         if self.evaluate is None or not _due(step, self.every, plan.steps):
             return
@@ -175,11 +189,23 @@ class EvalHook(Hook):
             if self.on_eval:
                 self.on_eval(loop.state.history)
 
-    def after_stage(self, loop: StageLoop) -> None:
+    def after_stage(self, loop: StageView) -> None:
         if loop.runtime.is_main:
             write_selected(
                 loop.stage, loop.nets, loop.plan.name, loop.plan.steps, loop.state.best, self.select_on, loop.log
             )
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """How often :class:`LogHook` logs, and where."""
+
+    log_every: int
+    image_every: int
+    digest_every: int
+    progress: bool
+    heartbeat: str | None = None  # a run's name: print a progress line now and then instead of a bar
+    heartbeat_every: float = 30.0
 
 
 class LogHook(Hook):
@@ -192,24 +218,17 @@ class LogHook(Hook):
 
     def __init__(
         self,
-        log_every: int,
-        image_every: int,
-        digest_every: int,
-        progress: bool,
+        settings: LogSettings,
         log_scalars: Callable[[Scalars, int], None] | None = None,
         log_images: Callable[[Networks, Batch, StagePlan, int], None] | None = None,
-        heartbeat: str | None = None,
-        heartbeat_every: float = 30.0,
     ) -> None:
-        self.log_every, self.image_every, self.digest_every = log_every, image_every, digest_every
-        self.progress, self.log_scalars, self.log_images = progress, log_scalars, log_images
-        self.heartbeat, self.heartbeat_every = heartbeat, heartbeat_every
+        self.settings, self.log_scalars, self.log_images = settings, log_scalars, log_images
         self.bar: Any = None
         self._t0 = self._last_beat = time.monotonic()
 
-    def before_stage(self, loop: StageLoop) -> None:
+    def before_stage(self, loop: StageView) -> None:
         self._t0 = self._last_beat = time.monotonic()
-        if self.progress and loop.runtime.is_main:
+        if self.settings.progress and loop.runtime.is_main:
             self.bar = tqdm(
                 total=loop.plan.steps,
                 initial=loop.state.step,
@@ -219,52 +238,64 @@ class LogHook(Hook):
                 mininterval=1.0,
             )
 
-    def rewind(self, step: int) -> None:
-        """Show ``step`` after a rollback."""
-        if self.bar is not None:
-            self.bar.n = step
+    def before_step(self, loop: StageView) -> None:
+        if self.bar is not None and self.bar.n != loop.state.step:  # after a rollback
+            self.bar.n = loop.state.step
             self.bar.refresh()
 
-    def after_step(self, loop: StageLoop, result: StepResult, source: Batch, target: Batch | None) -> None:
-        step, plan, main = loop.state.step, loop.plan, loop.runtime.is_main
+    def after_step(self, loop: StageView, result: StepResult) -> None:
+        step, plan, main, s = loop.state.step, loop.plan, loop.runtime.is_main, self.settings
         if self.bar is not None:
             self.bar.update(1)
-        if result.applied and _due(step, self.log_every, plan.steps):
-            scalars = {k: float(v) for k, v in result.scalars.items()}
-            scalars["lr/segmentor"] = result.lr
-            scalars["lr/discriminators"] = result.lr_d
-            if self.bar is not None:
-                self.bar.set_postfix(seg=f"{scalars['loss/seg']:.3f}", refresh=False)
-            if main:
-                loop.log.info(
-                    "%s step %d/%d %s",
-                    plan.name,
-                    step,
-                    plan.steps,
-                    " ".join(f"{k.split('/', 1)[1]}={v:.4g}" for k, v in scalars.items() if k.startswith("loss/")),
-                )
-                if self.log_scalars:
-                    self.log_scalars({f"{plan.name}/{k}": v for k, v in scalars.items()}, plan.global_offset + step)
-        if self.log_images and main and step % self.image_every == 0:
+        if result.applied and _due(step, s.log_every, plan.steps):
+            self._log_losses(loop, result)
+        if self.log_images and main and step % s.image_every == 0 and loop.current is not None:
+            source, target = loop.current
             self.log_images(loop.nets, target if target is not None else source, plan, plan.global_offset + step)
-        if self.digest_every and step % self.digest_every == 0:
+        if s.digest_every and step % s.digest_every == 0:
             _write_digest(loop.run_digests, plan.name, step, loop.nets)
         now = time.monotonic()
-        if self.heartbeat and main and (now - self._last_beat >= self.heartbeat_every or step == plan.steps):
+        if s.heartbeat and main and (now - self._last_beat >= s.heartbeat_every or step == plan.steps):
             self._last_beat = now
-            sys.stderr.write(f"{self.heartbeat}: {plan.name} step {step}/{plan.steps} ({now - self._t0:.0f} s)\n")
+            sys.stderr.write(f"{s.heartbeat}: {plan.name} step {step}/{plan.steps} ({now - self._t0:.0f} s)\n")
             sys.stderr.flush()
 
-    def close(self, loop: StageLoop) -> None:
+    def _log_losses(self, loop: StageView, result: StepResult) -> None:
+        step, plan = loop.state.step, loop.plan
+        scalars = {k: float(v) for k, v in result.scalars.items()}
+        scalars["lr/segmentor"] = result.lr
+        scalars["lr/discriminators"] = result.lr_d
+        if self.bar is not None:
+            self.bar.set_postfix(seg=f"{scalars['loss/seg']:.3f}", refresh=False)
+        if loop.runtime.is_main:
+            loop.log.info(
+                "%s step %d/%d %s",
+                plan.name,
+                step,
+                plan.steps,
+                " ".join(f"{k.split('/', 1)[1]}={v:.4g}" for k, v in scalars.items() if k.startswith("loss/")),
+            )
+            if self.log_scalars:
+                self.log_scalars({f"{plan.name}/{k}": v for k, v in scalars.items()}, plan.global_offset + step)
+
+    def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def after_stage(self, loop: StageView) -> None:
+        self.close()
+
+    def on_failure(self, loop: StageView, exc: BaseException) -> None:
+        self.close()
 
 
 class FaultHook(Hook):
     """The non-finite-loss policy: the skipped step's BatchNorm statistics are undone, and
     ``rollback`` restores the latest checkpoint at a lower learning rate; ``max_consecutive``
-    faults in a row stop the stage with :class:`NumericalFault`."""
+    faults in a row stop the stage with :class:`NumericalFault`. A step the update policy
+    skipped without a fault (an fp16 overflow) is logged and not counted. The streak is
+    not checkpointed: it must survive the rollbacks it causes."""
 
     def __init__(self, policy: str, max_consecutive: int, lr_factor: float) -> None:
         self.policy, self.max_consecutive, self.lr_factor = policy, max_consecutive, lr_factor
@@ -272,37 +303,22 @@ class FaultHook(Hook):
         self.fault_step: int | None = None  # the latest faulty step of the current streak
         self.buffers: BufferGuard | None = None
 
-    def before_stage(self, loop: StageLoop) -> None:
+    def before_stage(self, loop: StageView) -> None:
         self.buffers = BufferGuard(loop.nets.modules())
 
-    def before_step(self) -> None:
+    def before_step(self, loop: StageView) -> None:
         assert self.buffers is not None
         self.buffers.save()
 
-    def after_result(self, loop: StageLoop, result: StepResult, source: Batch, target: Batch | None) -> bool:
-        """Judge one iteration's result; True when the loop rolled back (and must not count
-        the step). An fp16 step whose gradients overflowed with finite losses is not a fault:
-        the GradScaler skipped it and lowered its scale, as it is meant to."""
+    def after_step(self, loop: StageView, result: StepResult) -> None:
         if result.applied:
-            self.on_success(loop.state.step)
-            return False
-        if result.overflow:
-            scaler = loop.engine.scaler
-            scale = scaler.get_scale() if scaler is not None else None
-            loop.log.info(
-                "%s step %d: fp16 gradients overflowed; skipped, loss scale now %s",
-                loop.plan.name,
-                loop.state.step,
-                scale,
-            )
-            if scale is not None and scale < MIN_LOSS_SCALE:
-                raise NumericalFault(
-                    f"{loop.plan.name} step {loop.state.step}: the fp16 loss scale fell to {scale:g} (below "
-                    f"{MIN_LOSS_SCALE:g}): the gradients overflow at any scale; train in bf16 or fp32"
-                )
-            return False
-        names = list(source["name"]) + (list(target["name"]) if target is not None else [])
-        return self.on_fault(loop, result, names)
+            self.on_success(result.step)
+        elif result.overflow:
+            loop.log.info("%s step %d: %s", loop.plan.name, result.step, result.note)
+        else:
+            source, target = loop.current or ({"name": []}, None)
+            names = list(source["name"]) + (list(target["name"]) if target is not None else [])
+            self.on_fault(loop, result, names)
 
     def on_success(self, step: int) -> None:
         """A step at or past the last faulty one succeeded: the streak is over (steps
@@ -310,12 +326,11 @@ class FaultHook(Hook):
         if self.fault_step is not None and step >= self.fault_step:
             self.consecutive, self.fault_step = 0, None
 
-    def on_fault(self, loop: StageLoop, result: StepResult, names: list[str]) -> bool:
-        """Handle a step that was not applied; True when the loop rolled back (and must not
-        count the step)."""
+    def on_fault(self, loop: StageView, result: StepResult, names: list[str]) -> None:
+        """Handle a step that was not applied: skip it, or roll back."""
         assert self.buffers is not None
         self.buffers.restore()  # the weights are those before the step: undo its forward passes
-        step, plan, log = loop.state.step, loop.plan, loop.log
+        step, plan, log = result.step, loop.plan, loop.log
         self.consecutive += 1
         self.fault_step = step if self.fault_step is None else max(self.fault_step, step)
         log.warning(
@@ -331,7 +346,7 @@ class FaultHook(Hook):
                 f"(last batch: {', '.join(names)}); see log.txt"
             )
         if self.policy != "rollback":
-            return False
+            return
         scale = loop.engine.lr_scale * self.lr_factor  # compounds over repeated rollbacks
         last = loop.stage.latest_checkpoint()
         if last is None:
@@ -339,13 +354,57 @@ class FaultHook(Hook):
             log.warning(
                 "%s: no checkpoint to roll back to yet; skipped step %d, learning-rate scale %g", plan.name, step, scale
             )
-            return False
-        loop.checkpoints.restore(loop, last)
+            return
+        loop.restore(last)
         loop.engine.lr_scale = scale
-        loop.data.restart(loop.state.step)
-        loop.logger.rewind(loop.state.step)
         log.warning("%s: rolled back to step %d with learning-rate scale %g", plan.name, loop.state.step, scale)
-        return True
+
+
+@dataclass(frozen=True)
+class HookInputs:
+    """What the pipeline gives the hooks of a stage: its callbacks (all optional) and how
+    to show progress."""
+
+    evaluate: Callable[[Networks, StagePlan, int], Scalars] | None = None
+    log_scalars: Callable[[Scalars, int], None] | None = None
+    log_images: Callable[[Networks, Batch, StagePlan, int], None] | None = None
+    on_eval: Callable[[list[dict[str, Any]]], None] | None = None
+    progress: bool = True
+    heartbeat: str | None = None
+
+
+def selection_key(cfg: Config) -> str | None:
+    """The score that picks a stage's best snapshot, or None."""
+    if cfg.selection.select_on == "synthetic" and cfg.selection.enabled:
+        return "synthetic"
+    if cfg.selection.select_on == "target":
+        return "target"
+    return None
+
+
+def default_hooks(cfg: Config, plan: StagePlan, inputs: HookInputs, extra: Sequence[Hook] = ()) -> list[Hook]:
+    """The hooks of a stage, in the order they run: the fault policy first (a rollback ends
+    the iteration), then ``extra``, logging, evaluation and last the checkpoints, so that a
+    checkpoint taken after a step records everything that step changed."""
+    tr = cfg.train
+    return [
+        FaultHook(cfg.faults.policy, cfg.faults.max_consecutive, cfg.faults.lr_factor),
+        *extra,
+        LogHook(
+            LogSettings(tr.log_every, tr.image_every, tr.digest_every, inputs.progress, heartbeat=inputs.heartbeat),
+            inputs.log_scalars,
+            inputs.log_images,
+        ),
+        EvalHook(
+            inputs.evaluate,
+            plan.eval_every,
+            selection_key(cfg),
+            cfg.selection.select_on,
+            inputs.log_scalars,
+            inputs.on_eval,
+        ),
+        CheckpointHook(tr.checkpoint_every, tr.keep_last),
+    ]
 
 
 class BufferGuard:

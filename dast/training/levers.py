@@ -27,6 +27,7 @@ from torch import nn
 
 from dast.config import RuntimeConfig
 from dast.errors import UserError
+from dast.training.updates import needs_loss_scaling
 
 OPTIMIZER_CHOICES = ("auto", "released", "foreach")
 AMP_NAMES = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -109,10 +110,10 @@ def choose_levers(request: RuntimeConfig, device: torch.device | str, *, world_s
         channels_last, cl_why = cuda, ("on: cuDNN prefers NHWC" if cuda else "off: no gain measured on the CPU")
     else:
         channels_last, cl_why = bool(request.channels_last), "as requested"
-    graphs = bool(request.cuda_graphs) and cuda and world_size == 1 and amp != torch.float16
+    graphs = bool(request.cuda_graphs) and cuda and world_size == 1 and not needs_loss_scaling(amp)
     if graphs:
         graphs_why = "on: one CUDA device"
-    elif request.cuda_graphs and amp == torch.float16:
+    elif request.cuda_graphs and needs_loss_scaling(amp):
         graphs_why = "off: fp16 needs gradient scaling, which the captured step does not do (use bf16 for graphs)"
     elif request.cuda_graphs:
         graphs_why = f"off: runtime.cuda_graphs needs a single CUDA device (device {dev}, {world_size} process(es))"

@@ -1,14 +1,16 @@
 """The training loop of one stage (stage 1, or one self-training round).
 
-The loop only orders things: resume, then for each iteration ``engine.step`` and the
-hooks (:mod:`dast.training.hooks`), then the stage's last checkpoint and its selected
-model. The stage's files are laid out as :class:`dast.rundir.StageDir` says.
+The loop only orders things: resume from the latest checkpoint (:meth:`StageLoop.restore`,
+which a rollback uses too), then for each iteration the hooks' ``before_step``,
+``engine.step`` and the hooks' ``after_step`` (:mod:`dast.training.hooks`), then their
+``after_stage``. It owns the checkpoint format's use (:meth:`StageLoop.save`): the
+networks, the engine's state, every hook's state and the RNG. The stage's files are laid
+out as :class:`dast.rundir.StageDir` says.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,61 +19,22 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+from dast.atomic import remove_stale_temps
 from dast.config import Config
 from dast.data.workers import close_loader_iterator, worker_init
-from dast.models.io import Networks
+from dast.models.io import Networks, assign_weights
 from dast.rundir import RunDir, StageDir
-from dast.training.engine import Engine, StagePlan
-from dast.training.hooks import CheckpointHook, EvalHook, FaultHook, Hook, LogHook, StageState
+from dast.training.engine import Engine
+from dast.training.hooks import Hook, HookInputs, StageState, StageView, default_hooks
+from dast.training.plans import StagePlan
 from dast.training.runtime import Runtime
 from dast.training.sampler import StepSampler
+from dast.training.signals import SignalFlag, TrainingInterrupted
+from dast.training.snapshots import prune_best_files
+from dast.training.state import load_training_state, rng_from_flat, save_training_state
 from dast.training.step import StepModels
 
-
-class TrainingInterrupted(Exception):
-    """SIGTERM or SIGINT arrived; a checkpoint was saved."""
-
-    def __init__(self, signum: int, stage: str, step: int) -> None:
-        self.signum, self.stage, self.step = signum, stage, step
-        name = signal.Signals(signum).name
-        super().__init__(
-            f"{name} received at {stage} step {step}: checkpoint saved; continue with `dast train --resume`"
-        )
-
-
-class SignalFlag:
-    """Records SIGTERM/SIGINT instead of dying, so the loop can save and stop."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> SignalFlag:
-        for s in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-@dataclass
-class StageCallbacks:
-    """What the pipeline provides to the loop (all optional)."""
-
-    evaluate: Callable[[Networks, StagePlan, int], dict[str, float]] | None = None
-    log_scalars: Callable[[dict[str, float], int], None] | None = None
-    log_images: Callable[[Networks, dict[str, Any], StagePlan, int], None] | None = None
-    on_eval: Callable[[list[dict[str, Any]]], None] | None = None
+__all__ = ["SignalFlag", "StageData", "StageLoop", "StageResult", "StageRun", "TrainingInterrupted", "run_stage"]
 
 
 @dataclass
@@ -104,6 +67,10 @@ class StageData:
             )
         )
 
+    @property
+    def is_open(self) -> bool:
+        return self.iters[0] is not None
+
     def open(self, step: int) -> None:
         """Start both loaders at ``step`` (the data order depends only on seed and step)."""
         base = self.cfg.seed * 10 + 2 * self.plan.index
@@ -130,120 +97,135 @@ class StageData:
             self.iters[i] = None
 
 
-@dataclass
-class StageLoop:
-    """One stage's loop and everything its hooks may read or change."""
+@dataclass(kw_only=True)
+class StageLoop(StageView):
+    """One stage's loop: the :class:`~dast.training.hooks.StageView` its hooks see, plus its
+    data and its hooks."""
 
-    cfg: Config
-    plan: StagePlan
-    nets: Networks
-    runtime: Runtime
-    engine: Engine
-    stage: StageDir
     data: StageData
-    log: logging.Logger
-    stop: SignalFlag
-    checkpoints: CheckpointHook
-    logger: LogHook
-    faults: FaultHook
-    evaluator: EvalHook
-    run_digests: Path
-    state: StageState = field(default_factory=StageState)
+    hooks: list[Hook]
     resumed: bool = False
+    _rewound: bool = False
 
-    @property
-    def hooks(self) -> list[Hook]:
-        """In the order they run after a step."""
-        return [self.logger, self.evaluator, self.checkpoints]
+    def __post_init__(self) -> None:
+        names = [h.name for h in self.hooks if h.name]
+        if len(names) != len(set(names)):
+            raise ValueError(f"two hooks keep their state under one name: {names}")
 
     def run(self) -> StageResult:
-        self.checkpoints.before_stage(self)  # resume from the latest checkpoint
+        self.resume()
         start, t0 = self.state.step, time.time()
         self.engine.train_modes(self.nets.modules())
         self.data.open(start)
-        for h in (self.logger, self.faults):
-            h.before_stage(self)
         try:
+            for hook in self.hooks:
+                hook.before_stage(self)
             while self.state.step < self.plan.steps:
-                if self.stop.signum is not None:
-                    self.checkpoints.save(self, self.state.step)
-                    raise TrainingInterrupted(self.stop.signum, self.plan.name, self.state.step)
-                source, target = self.data.next()
-                self.faults.before_step()
-                result = self.engine.step(self.state.step, *self.engine.prepare(source, target))
-                if self.faults.after_result(self, result, source, target):
-                    continue  # rolled back: the restored step runs again
-                self.state.step += 1  # a skipped step still counts: its evaluation and checkpoint follow
-                for hook in self.hooks:
-                    hook.after_step(self, result, source, target)
+                self.iterate()
+        except BaseException as exc:
+            self._fail(exc)
+            raise
         finally:
             self.data.close()  # even when an exception leaves the loop
-            self.logger.close(self)
         if not self.resumed or start < self.plan.steps:
             self.log.info("%s: %d steps in %.1f s", self.plan.name, self.plan.steps - start, time.time() - t0)
-        self.checkpoints.after_stage(self)
-        self.evaluator.after_stage(self)
+        for hook in self.hooks:
+            hook.after_stage(self)
         return StageResult(selected=self.stage.selected, history=self.state.history, steps_done=self.plan.steps)
 
+    def iterate(self) -> None:
+        """One iteration: the hooks' ``before_step``, the engine's step, their ``after_step``."""
+        self.current, self._rewound = self.data.next(), False
+        for hook in self.hooks:
+            hook.before_step(self)
+        result = self.engine.step(self.state.step, self.engine.prepare(*self.current))
+        self.state.step += 1  # a skipped step still counts: its evaluation and checkpoint follow
+        for hook in self.hooks:
+            hook.after_step(self, result)
+            if self._rewound:  # a hook restored an earlier checkpoint: this iteration is undone
+                return
 
-def selection_key(cfg: Config) -> str | None:
-    """The score that picks a stage's best snapshot, or None."""
-    if cfg.selection.select_on == "synthetic" and cfg.selection.enabled:
-        return "synthetic"
-    if cfg.selection.select_on == "target":
-        return "target"
-    return None
+    def _fail(self, exc: BaseException) -> None:
+        """Every hook's ``on_failure``, even when one of them raises."""
+        for hook in self.hooks:
+            try:
+                hook.on_failure(self, exc)
+            except Exception:
+                self.log.exception("%s: %s.on_failure failed", self.plan.name, type(hook).__name__)
+
+    def resume(self) -> None:
+        """Continue from the stage's latest checkpoint, if it has one (clearing torn files first)."""
+        self.stage.checkpoints.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.stage.root)
+        latest = self.stage.latest_checkpoint()
+        self.resumed = latest is not None
+        if latest is not None:
+            self.restore(latest)
+            self.log.info("%s: resuming from %s (step %d)", self.plan.name, latest.name, self.state.step)
+
+    def save(self, step: int) -> None:
+        """Write the full training state as the checkpoint of ``step`` (rank 0 only)."""
+        if not self.runtime.is_main:
+            return
+        st = self.state
+        meta = {
+            "stage_state": {"stage": self.plan.name, "step": step, "history": st.history, "best": st.best},
+            "config": self.cfg.model_dump(mode="json"),
+        }
+        hooks = {h.name: h.state_dict() for h in self.hooks if h.name}
+        save_training_state(self.stage.checkpoint(step), self.nets, self.engine.state_dict(), hooks, meta)
+
+    def restore(self, path: Path) -> None:
+        """Load checkpoint ``path``: weights, engine, hooks, RNG and stage state; the data
+        restarts at its step (resume, and the fault policy's rollback)."""
+        ckpt = load_training_state(path)
+        assign_weights(self.nets, ckpt.tensors, str(path))
+        self.engine.load_state_dict(ckpt.engine)
+        for hook in self.hooks:
+            if hook.name:
+                hook.load_state_dict(ckpt.hooks.get(hook.name, {}))
+        rng_from_flat(ckpt.tensors, ckpt.meta.get("rng", {}))
+        st = ckpt.meta["stage_state"]
+        self.state = StageState(int(st["step"]), list(st["history"]), st["best"])
+        if self.runtime.is_main:
+            prune_best_files(self.stage, self.state.best)  # those of an abandoned path
+        if self.data.is_open:
+            self.data.restart(self.state.step)
+        self._rewound = True
 
 
-def run_stage(
-    cfg: Config,
-    plan: StagePlan,
-    nets: Networks,
-    rt: Runtime,
-    stage_dir: Path,
-    source_ds: Any,
-    target_ds: Any,
-    log: logging.Logger,
-    callbacks: StageCallbacks,
-    stop: SignalFlag,
-    progress: bool = True,
-    wrap: Callable[[Networks], StepModels] | None = None,
-    heartbeat: str | None = None,
-) -> StageResult:
+@dataclass(frozen=True)
+class StageRun:
+    """What the pipeline gives one stage besides its config, plan and networks: the data,
+    the log, the stop flag, the hooks' callbacks, the DDP wrapping and extra hooks (see
+    :func:`~dast.training.hooks.default_hooks` for where they run)."""
+
+    source: Any
+    target: Any | None
+    log: logging.Logger
+    stop: SignalFlag
+    inputs: HookInputs = HookInputs()
+    wrap: Callable[[Networks], StepModels] | None = None
+    extra_hooks: tuple[Hook, ...] = ()
+
+
+def run_stage(cfg: Config, plan: StagePlan, nets: Networks, rt: Runtime, stage_dir: Path, run: StageRun) -> StageResult:
     """Train one stage to ``plan.steps`` (resuming from its latest checkpoint), then write
     ``selected.safetensors``."""
-    engine = Engine.build(plan, cfg, nets, rt, wrap=wrap, log=log)
-    tr, s = cfg.train, engine.settings
-    reads_target = plan.adversarial or s.attention or plan.pseudo_dir is not None or s.forward_target
+    engine = Engine.build(plan, cfg, nets, rt, wrap=run.wrap, log=run.log)
+    s = engine.ctx.settings
+    reads_target = plan.adversarial or s.attention or plan.pseudo_labels or s.forward_target
     loop = StageLoop(
-        cfg,
-        plan,
-        nets,
-        rt,
-        engine,
-        StageDir(stage_dir),
-        StageData(cfg, plan, rt, source_ds, target_ds if reads_target else None),
-        log,
-        stop,
-        checkpoints=CheckpointHook(tr.checkpoint_every, tr.keep_last),
-        logger=LogHook(
-            tr.log_every,
-            tr.image_every,
-            tr.digest_every,
-            progress,
-            callbacks.log_scalars,
-            callbacks.log_images,
-            heartbeat=heartbeat,
-        ),
-        faults=FaultHook(cfg.faults.policy, cfg.faults.max_consecutive, cfg.faults.lr_factor),
-        evaluator=EvalHook(
-            callbacks.evaluate,
-            plan.eval_every or tr.eval_every,
-            selection_key(cfg),
-            cfg.selection.select_on,
-            callbacks.log_scalars,
-            callbacks.on_eval,
-        ),
+        cfg=cfg,
+        plan=plan,
+        nets=nets,
+        runtime=rt,
+        engine=engine,
+        stage=StageDir(stage_dir),
+        log=run.log,
+        stop=run.stop,
         run_digests=RunDir(stage_dir.parent).digests(rt.rank),
+        data=StageData(cfg, plan, rt, run.source, run.target if reads_target else None),
+        hooks=default_hooks(cfg, plan, run.inputs, run.extra_hooks),
     )
     return loop.run()

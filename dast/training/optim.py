@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -325,18 +326,25 @@ class CapturableAdam(_TensorLR, torch.optim.Optimizer):
 OPTIMIZER_FAMILIES = ("released", "foreach")
 
 
+@dataclass(frozen=True, kw_only=True)
+class OptimizerSettings:
+    """The hyper-parameters of a stage's two optimisers (from the config and the stage plan)."""
+
+    lr: float
+    momentum: float
+    weight_decay: float
+    head_lr_mult: float
+    duplicate_params: bool
+    lr_d: float
+    betas: tuple[float, float]
+
+
 def build_optimizers(
     segmentor: Segmentor,
     discriminators: Sequence[nn.Module | None],
+    settings: OptimizerSettings,
     *,
     family: str,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    head_lr_mult: float,
-    duplicate_params: bool,
-    lr_d: float,
-    betas: tuple[float, float],
     tensor_lr: bool = False,
 ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
     """(segmentor optimiser, discriminator optimiser or None) of ``family`` over the
@@ -344,46 +352,18 @@ def build_optimizers(
     rules and state keys, so a checkpoint of one resumes in the other."""
     if family not in OPTIMIZER_FAMILIES:
         raise ValueError(f"unknown optimiser family {family!r}; choose one of {', '.join(OPTIMIZER_FAMILIES)}")
+    s = settings
     if family == "released":
         seg_opt = segmentor_optimizer(
             segmentor,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            head_lr_mult=head_lr_mult,
-            duplicate_params=duplicate_params,
+            lr=s.lr,
+            momentum=s.momentum,
+            weight_decay=s.weight_decay,
+            head_lr_mult=s.head_lr_mult,
+            duplicate_params=s.duplicate_params,
         )
-        return seg_opt, discriminator_optimizer(discriminators, lr_d, betas)
-    groups = segmentor_param_groups(segmentor, lr, head_lr_mult, duplicate_params)
-    fseg = ForeachSGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, tensor_lr=tensor_lr)
+        return seg_opt, discriminator_optimizer(discriminators, s.lr_d, s.betas)
+    groups = segmentor_param_groups(segmentor, s.lr, s.head_lr_mult, s.duplicate_params)
+    fseg = ForeachSGD(groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, tensor_lr=tensor_lr)
     dparams = [p for m in discriminators if m is not None for p in m.parameters()]
-    return fseg, (CapturableAdam(dparams, lr=lr_d, betas=betas) if dparams else None)
-
-
-def fast_optimizers(
-    segmentor: Segmentor,
-    discriminators: Sequence[nn.Module | None],
-    *,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    head_lr_mult: float,
-    duplicate_params: bool,
-    lr_d: float,
-    betas: tuple[float, float],
-    tensor_lr: bool = True,
-) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
-    """The ``foreach`` family of :func:`build_optimizers` (device-tensor learning rates by default)."""
-    return build_optimizers(
-        segmentor,
-        discriminators,
-        family="foreach",
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        head_lr_mult=head_lr_mult,
-        duplicate_params=duplicate_params,
-        lr_d=lr_d,
-        betas=betas,
-        tensor_lr=tensor_lr,
-    )
+    return fseg, (CapturableAdam(dparams, lr=s.lr_d, betas=s.betas) if dparams else None)

@@ -24,16 +24,18 @@ from dast.data.labels import protocols_for
 from dast.data.transforms import denormalize
 from dast.errors import UserError
 from dast.evaluation.evaluate import evaluate_model
+from dast.execution import Execution
 from dast.inference.visualize import colorize, heatmap
 from dast.models.batchnorm import use_per_image_batchnorm
 from dast.models.io import Networks, assign_weights, save_networks
 from dast.models.target_model import predict_full_res
 from dast.parallel import shard
-from dast.rundir import STAGE1, RunDir, round_name
+from dast.rundir import RunDir
 from dast.training.distributed import convert_sync_bn, wrap_for_ddp
-from dast.training.engine import StagePlan
+from dast.training.hooks import HookInputs
 from dast.training.levers import compile_segmentor, to_channels_last
-from dast.training.loop import SignalFlag, StageCallbacks, StageResult, run_stage
+from dast.training.loop import SignalFlag, StageResult, StageRun, run_stage
+from dast.training.plans import StagePlan, stage_plans
 from dast.training.plots import plot_selection_curves
 from dast.training.pseudo_labels import generate_pseudo_labels, pseudo_label_set_complete
 from dast.training.runtime import (
@@ -108,15 +110,7 @@ class Pipeline:
         model = nets.target_model()
         scores: dict[str, float] = {}
         if self.selection_sets:
-            s = selection_score(
-                model,
-                self.selection_sets,
-                rt.device,
-                rt.amp_dtype,
-                rank=rt.rank,
-                world=rt.world_size,
-                progress=self._shows_progress,
-            )
+            s = selection_score(model, self.selection_sets, self.execution(), rank=rt.rank, world=rt.world_size)
             scores["synthetic"] = s.pop("score")
             scores.update({f"synthetic_{k}": v for k, v in s.items()})
         if self.val is not None:
@@ -130,14 +124,16 @@ class Pipeline:
         return evaluate_model(
             model,
             self.val,
-            rt.device,
-            amp_dtype=rt.amp_dtype,
-            progress=self._shows_progress,
-            indices=shard(len(self.val), rt.rank, rt.world_size),
+            self.execution(shard(len(self.val), rt.rank, rt.world_size)),
             distributed=rt.distributed,
             protocols=self.protocols,
             desc=desc,
         )
+
+    def execution(self, indices: list[int] | None = None) -> Execution:
+        """How this process runs a pass over a dataset (its shard: ``indices``)."""
+        rt = self.rt
+        return Execution(device=rt.device, amp_dtype=rt.amp_dtype, indices=indices, progress=self._shows_progress)
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
         """TensorBoard scalars, mirrored in RUN/scalars.jsonl for reports and scripts."""
@@ -179,48 +175,7 @@ class Pipeline:
 
     # ---------------------------------------------------------------- stages
     def plans(self) -> list[StagePlan]:
-        cfg = self.cfg
-        tr, st = cfg.train, cfg.self_training
-        # a run's config is resolved (dast.config.resolve): no variant-dependent null is left
-        assert tr.head_lr_mult is not None and st.head_lr_mult is not None
-        assert st.lr is not None and st.poly_steps is not None
-        has_disc = cfg.adversarial.discoverer or cfg.adversarial.corrector
-        mult = float(self.rt.world_size) if cfg.distributed.lr_scaling == "linear" else 1.0
-        out = [
-            StagePlan(
-                STAGE1,
-                0,
-                tr.steps,
-                tr.poly_steps,
-                tr.lr,
-                float(tr.head_lr_mult),
-                bool(tr.duplicate_params),
-                adversarial=has_disc,
-                lr_mult=mult,
-            )
-        ]
-        offset = tr.steps
-        for k in range(1, st.rounds + 1):
-            out.append(
-                StagePlan(
-                    round_name(k),
-                    k,
-                    st.steps,
-                    int(st.poly_steps),
-                    float(st.lr),
-                    float(st.head_lr_mult),
-                    False,
-                    adversarial=has_disc and st.adversarial,
-                    mu=st.mu,
-                    pseudo_dir=self.paths.round(k).pseudo_labels,
-                    global_offset=offset,
-                    lr_mult=mult,
-                    batchnorm=str(st.batchnorm),
-                    eval_every=st.eval_every,
-                )
-            )
-            offset += st.steps
-        return out
+        return stage_plans(self.cfg, self.rt.world_size)
 
     def portion(self, k: int) -> float:
         st = self.cfg.self_training
@@ -259,11 +214,13 @@ class Pipeline:
         manifest = read_manifest(self.paths)
         if self.paths.curves.exists():
             self.curves = json.loads(self.paths.curves.read_text())
-        callbacks = StageCallbacks(
+        inputs = HookInputs(
             evaluate=self.evaluate if (self.selection_sets or self.val is not None) else None,
             log_scalars=self.log_scalars,
             log_images=self.log_images,
             on_eval=self.on_eval,
+            progress=self.progress,
+            heartbeat=self.heartbeat,
         )
         wrap = self._ddp_wrap()
         previous: Path | None = None
@@ -277,26 +234,13 @@ class Pipeline:
                 tensors, _ = load_checkpoint(previous)
                 assign_weights(nets, tensors, str(previous))
             target = self.target
-            if plan.pseudo_dir is not None:
-                self.make_pseudo_labels(nets, plan)
-                target = with_label_dir(self.target, plan.pseudo_dir)
+            if plan.pseudo_labels:
+                self.make_pseudo_labels(nets, plan, stage.pseudo_labels)
+                target = with_label_dir(self.target, stage.pseudo_labels)
             manifest["stages"][plan.name] = {"status": "running", "steps": plan.steps}
             self.write_manifest(manifest)
-            result: StageResult = run_stage(
-                self.cfg,
-                plan,
-                nets,
-                self.rt,
-                stage.root,
-                self.source,
-                target,
-                self.log,
-                callbacks,
-                stop,
-                progress=self.progress,
-                wrap=wrap,
-                heartbeat=self.heartbeat,
-            )
+            run = StageRun(self.source, target, self.log, stop, inputs, wrap)
+            result: StageResult = run_stage(self.cfg, plan, nets, self.rt, stage.root, run)
             barrier(self.rt)
             self.plot_curves()
             manifest["stages"][plan.name] = {
@@ -308,29 +252,14 @@ class Pipeline:
             previous = result.selected
         return self.finish(nets, self.final_choice(previous), manifest)
 
-    def make_pseudo_labels(self, nets: Networks, plan: StagePlan) -> None:
-        assert plan.pseudo_dir is not None
-        if pseudo_label_set_complete(plan.pseudo_dir):
+    def make_pseudo_labels(self, nets: Networks, plan: StagePlan, out: Path) -> None:
+        if pseudo_label_set_complete(out):
             return
-        st = self.cfg.self_training
-        q = self.portion(plan.index)
-        self.log.info("%s: pseudo labels at portion %.2f (%s)", plan.name, q, st.mode)
+        st = self.cfg.self_training.model_copy(update={"portion": self.portion(plan.index)})
+        self.log.info("%s: pseudo labels at portion %.2f (%s)", plan.name, st.portion, st.estimator)
+        execution = self.execution(shard(len(self.target), self.rt.rank, self.rt.world_size))
         stats = generate_pseudo_labels(
-            nets.target_model(),
-            self.target,
-            plan.pseudo_dir,
-            portion=q,
-            cap=st.cap,
-            mode=st.mode,
-            rule=st.rule,
-            bins=st.bins,
-            subsample=st.subsample,
-            device=self.rt.device,
-            amp_dtype=self.rt.amp_dtype,
-            preview_count=st.preview_count,
-            colors=nets.spec.class_colors,
-            indices=shard(len(self.target), self.rt.rank, self.rt.world_size),
-            progress=self._shows_progress,
+            nets.target_model(), self.target, out, st, execution=execution, colors=nets.spec.class_colors
         )
         self.log.info(
             "%s: pseudo labels written (ignored fraction %.3f)", plan.name, stats.get("ignored_fraction", float("nan"))

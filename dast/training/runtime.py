@@ -98,18 +98,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict[str, Any]:
-    """Snapshot of every random generator, for checkpoints."""
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
 def init_process_group(rt: Runtime) -> bool:
     """Join torchrun's process group (NCCL on CUDA, gloo on CPU) when distributed; True when
     this call created it (and :func:`leave_process_group` should end it)."""

@@ -5,6 +5,7 @@ The score is the mean mIoU over the betas (the paper uses beta = 0.5 and 0.9).""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from torch.utils.data import Dataset
 from dast.data import fda
 from dast.data.transforms import normalize, resize_image, resize_label
 from dast.evaluation.evaluate import evaluate_model
+from dast.execution import Execution
 from dast.parallel import shard
 
 
@@ -86,24 +88,20 @@ def build_selection_sets(
 def selection_score(
     model: torch.nn.Module,
     sets: Sequence[tuple[float, FDAValSet]],
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    batch_size: int = 1,
+    execution: Execution | None = None,
+    *,
     rank: int = 0,
     world: int = 1,
-    progress: bool = False,
 ) -> dict[str, float]:
-    """mIoU on each FDA set and their mean (``score``)."""
+    """mIoU on each FDA set and their mean (``score``); under DDP (``world`` > 1) each
+    rank scores its shard of every set and all get the union's scores."""
+    ex = execution or Execution(progress=False)
     out: dict[str, float] = {}
     for beta, ds in sets:
         m = evaluate_model(
             model,
             ds,
-            device,
-            batch_size=batch_size,
-            amp_dtype=amp_dtype,
-            progress=progress,
-            indices=shard(len(ds), rank, world),
+            replace(ex, indices=shard(len(ds), rank, world)),
             distributed=world > 1,
             protocols={},
             desc=f"selection (FDA beta {beta:g})",

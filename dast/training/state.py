@@ -1,25 +1,32 @@
-"""Full training state in a safe checkpoint: networks, optimisers, step, RNG states.
+"""Full training state in a safe checkpoint: networks, the engine, the hooks, RNG states.
 
-Optimiser states become named tensors (``optim.<name>.<index>.<key>``) plus a JSON part
-(hyper-parameters, non-tensor values); nothing is pickled.
+* Optimiser states become named tensors (``optim.<name>.<index>.<key>``) plus a JSON part
+  (hyper-parameters, non-tensor values).
+* The rest of the engine's state (learning-rate scale, update policy) is JSON (``engine``).
+* Each hook's state (:meth:`dast.training.hooks.Hook.state_dict`) may mix tensors and
+  JSON values: tensors are stored as ``hooks/<hook>/<path>`` and referenced from the JSON
+  part (``hooks``), so a hook can keep, say, a teacher network's weights.
+
+Nothing is pickled.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from dast.checkpoint import load_checkpoint
 from dast.models.io import Networks, save_networks, split_prefixed
 
 
-def optimizer_to_flat(name: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def optimizer_to_flat(name: str, sd: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split an optimiser state dict into tensors and JSON."""
-    sd = opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, st in sd["state"].items():
@@ -32,10 +39,8 @@ def optimizer_to_flat(name: str, opt: torch.optim.Optimizer) -> tuple[dict[str, 
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def optimizer_from_flat(
-    name: str, opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], doc: Mapping[str, Any]
-) -> None:
-    """Restore an optimiser from :func:`optimizer_to_flat`'s output."""
+def optimizer_from_flat(name: str, tensors: Mapping[str, torch.Tensor], doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The optimiser state dict that :func:`optimizer_to_flat` split."""
     state: dict[int, dict[str, Any]] = {}
     for k, v in split_prefixed(tensors, f"optim.{name}").items():
         idx, key = k.split(".", 1)
@@ -48,7 +53,34 @@ def optimizer_from_flat(
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
         groups.append(g)
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
+
+
+_TENSOR_REF = "$tensor"
+
+
+def split_state(prefix: str, state: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """``state`` with every tensor moved into ``tensors`` (under ``prefix/<path>``) and
+    replaced by a reference; dicts and lists are walked."""
+    if isinstance(state, torch.Tensor):
+        tensors[prefix] = state.detach().clone().contiguous()
+        return {_TENSOR_REF: prefix}
+    if isinstance(state, Mapping):
+        return {str(k): split_state(f"{prefix}/{k}", v, tensors) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return [split_state(f"{prefix}/{i}", v, tensors) for i, v in enumerate(state)]
+    return state
+
+
+def join_state(doc: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """The inverse of :func:`split_state`."""
+    if isinstance(doc, Mapping):
+        if set(doc) == {_TENSOR_REF}:
+            return tensors[doc[_TENSOR_REF]]
+        return {k: join_state(v, tensors) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [join_state(v, tensors) for v in doc]
+    return doc
 
 
 def rng_to_flat() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -78,28 +110,47 @@ def rng_from_flat(tensors: Mapping[str, torch.Tensor], doc: Mapping[str, Any]) -
 def save_training_state(
     path: str | Path,
     nets: Networks,
-    optimizers: Mapping[str, torch.optim.Optimizer | None],
+    engine: Mapping[str, Any],
+    hooks: Mapping[str, Mapping[str, Any]],
     meta: Mapping[str, Any],
 ) -> None:
-    """Write networks + optimisers + RNG + ``meta`` (stage, step, history, ...) atomically."""
+    """Write networks + the engine's state (:meth:`Engine.state_dict`) + the hooks' states
+    + RNG + ``meta`` (stage, step, history, ...) atomically."""
     tensors: dict[str, torch.Tensor] = {}
     opt_doc: dict[str, Any] = {}
-    for name, opt in optimizers.items():
-        if opt is not None:
-            t, d = optimizer_to_flat(name, opt)
+    for name, sd in engine.get("optimizers", {}).items():
+        if sd is not None:
+            t, d = optimizer_to_flat(name, sd)
             tensors.update(t)
             opt_doc[name] = d
+    rest = {k: v for k, v in engine.items() if k != "optimizers"}
+    hook_doc = {name: split_state(f"hooks/{name}", st, tensors) for name, st in hooks.items() if st}
     rt, rd = rng_to_flat()
     tensors.update(rt)
-    save_networks(
-        path, nets, extra_meta={"kind": "training", "optimizers": opt_doc, "rng": rd, **meta}, extra_tensors=tensors
-    )
+    extra = {"kind": "training", "optimizers": opt_doc, "engine": rest, "hooks": hook_doc, "rng": rd, **meta}
+    save_networks(path, nets, extra_meta=extra, extra_tensors=tensors)
 
 
-def restore_optimizers(
-    tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], optimizers: Mapping[str, torch.optim.Optimizer | None]
-) -> None:
-    docs = meta.get("optimizers", {})
-    for name, opt in optimizers.items():
-        if opt is not None and name in docs:
-            optimizer_from_flat(name, opt, tensors, docs[name])
+@dataclass
+class TrainingState:
+    """A training checkpoint, read back: every tensor (weights included), the JSON document,
+    and the engine's and hooks' states in the form their ``load_state_dict`` takes."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    engine: dict[str, Any]
+    hooks: dict[str, Any]
+
+
+def load_training_state(path: str | Path) -> TrainingState:
+    """Read a checkpoint written by :func:`save_training_state` (or by dast 0.1's earlier
+    layout, whose learning-rate scale and loss-scaler state sat in ``stage_state``)."""
+    tensors, meta = load_checkpoint(path)
+    optimizers = {name: optimizer_from_flat(name, tensors, doc) for name, doc in meta.get("optimizers", {}).items()}
+    engine = dict(meta.get("engine") or {})
+    if not engine:  # the earlier layout
+        st = meta.get("stage_state", {})
+        engine = {"lr_scale": st.get("lr_scale", 1.0), "update": {"grad_scaler": st.get("grad_scaler")}}
+    engine["optimizers"] = optimizers
+    hooks = {name: join_state(doc, tensors) for name, doc in (meta.get("hooks") or {}).items()}
+    return TrainingState(tensors, meta, engine, hooks)

@@ -7,7 +7,12 @@
 3. **discriminators**: the four terms of :data:`DISCRIMINATOR_TERMS` on the detached
    source and target features and outputs, backward into D and C only;
 
-then both optimiser steps (:func:`apply_updates`).
+then both optimiser steps (:func:`apply_updates`), when the update policy
+(:mod:`dast.training.updates`) decides to apply them.
+
+Every step function takes ``(ctx, batch, adv_scale)``: the :class:`StepContext` (networks,
+optimisers, settings, autocast) that the engine owns, one :class:`Batch`, and the
+adversarial warm-up factor (None: no warm-up).
 
 The released code updates the segmentor before computing the discriminator losses.
 Those losses only use detached features computed before that update and the
@@ -19,19 +24,18 @@ updates.
 the attention, for the adversarial loss and for D's own update); the values are the
 same and the gradients are routed with ``torch.autograd.backward(inputs=...)``.
 
-Nothing here reads a value back to the host except :func:`train_step`'s finiteness
-check, so phases 1-3 can be captured in a CUDA graph (:mod:`dast.training.graphs`).
+Nothing here reads a value back to the host, so phases 1-3 can be captured in a CUDA
+graph (:mod:`dast.training.graphs`); the decision to apply the updates is the policy's.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import InitVar, dataclass
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -45,33 +49,29 @@ TARGET_LABEL = 1.0
 Autocast = Callable[[], contextlib.AbstractContextManager[object]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StepSettings:
-    """What one iteration computes.
+    """What one iteration computes; built from the config by
+    :func:`dast.training.plans.step_settings` (the defaults live in the config only).
 
     ``weight_segmentor_adv`` weights the segmentor's L_adv^C(E, P) on target outputs by the
     attention map (the paper's text); ``weight_corrector_adv`` weights the target term of
-    the corrector's own loss. ``weight_corrector`` (init only) sets both at once.
-    ``forward_target`` runs the target batch through the segmentor without any loss, so
-    that BatchNorm sees target images (the ``source_only_bn`` control).
+    the corrector's own loss. ``forward_target`` runs the target batch through the segmentor
+    without any loss, so that BatchNorm sees target images (the ``source_only_bn`` control).
+    ``mu`` weighs L_p_seg when the batch carries target (pseudo) labels; ``adversarial``
+    false: no discriminator losses at all (the segmentor still trains).
     """
 
-    adv_loss: losses.AdvLossName = "lsgan"
-    lambda_d: float = 0.01
-    lambda_c: float = 0.01
-    attention: bool = True
-    weight_segmentor_adv: bool = False
-    weight_corrector_adv: bool = False
-    reuse_discoverer: bool = True
-    mu: float = 1.0  # weight of L_p_seg when pseudo labels are given
-    adversarial: bool = True  # false: no discriminator losses at all (still trains S)
-    forward_target: bool = False
-    weight_corrector: InitVar[bool | None] = None
-
-    def __post_init__(self, weight_corrector: bool | None) -> None:
-        if weight_corrector is not None:
-            object.__setattr__(self, "weight_segmentor_adv", bool(weight_corrector))
-            object.__setattr__(self, "weight_corrector_adv", bool(weight_corrector))
+    adv_loss: losses.AdvLossName
+    lambda_d: float
+    lambda_c: float
+    attention: bool
+    weight_segmentor_adv: bool
+    weight_corrector_adv: bool
+    reuse_discoverer: bool
+    mu: float
+    adversarial: bool
+    forward_target: bool
 
 
 @dataclass
@@ -94,6 +94,28 @@ class StepModels:
     adversaries: torch.nn.Module | None = None
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One iteration's tensors on the device: source images and labels, target images and,
+    in self-training, target (pseudo) labels."""
+
+    xs: Tensor
+    ys: Tensor
+    xt: Tensor
+    yt: Tensor | None = None
+
+
+@dataclass
+class StepContext:
+    """What every step function works with besides the batch: the engine owns one."""
+
+    models: StepModels
+    seg_opt: torch.optim.Optimizer
+    disc_opt: torch.optim.Optimizer | None
+    settings: StepSettings
+    autocast: Autocast
+
+
 class DiscriminatorTerm(NamedTuple):
     """One term of the discriminators' loss: which output, which domain label."""
 
@@ -111,8 +133,8 @@ DISCRIMINATOR_TERMS = (
 
 
 @dataclass
-class _Plan:
-    """The per-iteration decisions derived from the settings and the models."""
+class _Wiring:
+    """Which paths, networks and gradient routes one iteration uses (from the settings and models)."""
 
     use_d: bool  # the discoverer's adversarial loss
     use_c: bool  # the corrector's adversarial loss
@@ -179,13 +201,13 @@ def _set_requires_grad(module: torch.nn.Module | None, flag: bool) -> None:
             p.requires_grad_(flag)
 
 
-def _plan(
+def _wiring(
     models: StepModels,
     seg_opt: torch.optim.Optimizer,
     settings: StepSettings,
     has_pseudo: bool,
     loss_scale: Callable[[Tensor], Tensor] | None = None,
-) -> _Plan:
+) -> _Wiring:
     use_d = settings.adversarial and models.discoverer is not None
     use_c = settings.adversarial and models.corrector is not None
     disc = models.discoverer if (use_d or settings.attention) else None
@@ -194,7 +216,7 @@ def _plan(
     reuse = settings.reuse_discoverer
     seg_params = [p for g in seg_opt.param_groups for p in g["params"] if p.requires_grad]
     disc_params: list[Tensor] = [p for m in ((disc if use_d else None), corr) if m is not None for p in m.parameters()]
-    return _Plan(
+    return _Wiring(
         use_d=use_d,
         use_c=use_c,
         attention=attention,
@@ -219,7 +241,7 @@ def _adversarial(term: Tensor, weight: float, scale: Tensor | float | None) -> T
 
 
 def source_phase(
-    p: _Plan, models: StepModels, images: Tensor, labels: Tensor, autocast: Autocast, out: dict[str, Tensor]
+    p: _Wiring, models: StepModels, images: Tensor, labels: Tensor, autocast: Autocast, out: dict[str, Tensor]
 ) -> _Flow:
     """L_seg on the source batch and its backward (no gradient all-reduce yet under DDP
     when a second backward follows; ``forward_target`` alone has none)."""
@@ -235,7 +257,7 @@ def source_phase(
     return _Flow(f_s=f_s, up_s=up_s)
 
 
-def _target_forward(p: _Plan, images: Tensor, autocast: Autocast, flow: _Flow) -> None:
+def _target_forward(p: _Wiring, images: Tensor, autocast: Autocast, flow: _Flow) -> None:
     with autocast():
         f_t = p.extract(images)
         d_t = alpha = None
@@ -252,7 +274,7 @@ def _target_forward(p: _Plan, images: Tensor, autocast: Autocast, flow: _Flow) -
 
 
 def target_phase(
-    p: _Plan,
+    p: _Wiring,
     settings: StepSettings,
     images: Tensor,
     labels: Tensor | None,
@@ -303,31 +325,40 @@ def target_phase(
     return g_loss.detach()
 
 
-def _discriminator_outputs(p: _Plan, flow: _Flow, autocast: Autocast) -> dict[str, Tensor | None]:
+def _present(x: Tensor | None) -> Tensor:
+    assert x is not None  # the target forward ran: use_d and use_c imply need_target
+    return x
+
+
+def _reused_or_run(reuse: bool, cached: Tensor | None, run: Callable[[], Tensor], autocast: Autocast) -> Tensor:
+    """The output the segmentor's graph already holds when it is reused, else ``run()``."""
+    if reuse and cached is not None:
+        return cached
+    with autocast():
+        return run()
+
+
+def _discriminator_outputs(p: _Wiring, flow: _Flow, autocast: Autocast) -> dict[str, Tensor | None]:
     """D(f_s), C(p_s), D(f_t), C(p_t) on detached inputs (the target ones taken from the
     segmentor's graph when D(f_t) is reused)."""
     with autocast():
         d_s = p.discoverer(flow.f_s.detach()) if p.use_d else None
         c_s = p.corrector(F.softmax(flow.up_s.detach(), dim=1)) if p.use_c else None
-    d_t = c_t = None
-    if p.use_d:
-        if p.reuse_for_disc and flow.d_t is not None:
-            d_t = flow.d_t
-        else:
-            assert flow.f_t is not None  # the target forward ran: use_d implies need_target
-            with autocast():
-                d_t = p.discoverer(flow.f_t.detach())
-    if p.use_c:
-        if p.reuse_for_disc and flow.c_t is not None:
-            c_t = flow.c_t
-        else:
-            assert flow.up_t is not None  # the target forward ran: use_c implies need_target
-            with autocast():
-                c_t = p.corrector(F.softmax(flow.up_t.detach(), dim=1))
+    reuse = p.reuse_for_disc
+    d_t = (
+        _reused_or_run(reuse, flow.d_t, lambda: p.discoverer(_present(flow.f_t).detach()), autocast)
+        if p.use_d
+        else None
+    )
+    c_t = (
+        _reused_or_run(reuse, flow.c_t, lambda: p.corrector(F.softmax(_present(flow.up_t).detach(), dim=1)), autocast)
+        if p.use_c
+        else None
+    )
     return {"d_source": d_s, "c_source": c_s, "d_target": d_t, "c_target": c_t}
 
 
-def _pair_outputs(p: _Plan, flow: _Flow, autocast: Autocast) -> dict[str, Tensor | None]:
+def _pair_outputs(p: _Wiring, flow: _Flow, autocast: Autocast) -> dict[str, Tensor | None]:
     """The same four outputs through the DDP-wrapped pair (one forward)."""
     assert p.pair is not None
     with autocast():
@@ -369,7 +400,7 @@ def _sum(terms: dict[str, Tensor], keys: tuple[str, ...], like: Tensor) -> Tenso
 
 
 def discriminator_phase(
-    p: _Plan, settings: StepSettings, flow: _Flow, autocast: Autocast, out: dict[str, Tensor]
+    p: _Wiring, settings: StepSettings, flow: _Flow, autocast: Autocast, out: dict[str, Tensor]
 ) -> None:
     """The discriminators' losses and their backward into D and C only."""
     if p.pair is not None:
@@ -396,47 +427,46 @@ def discriminator_phase(
 
 
 def compute_gradients(
-    models: StepModels,
-    seg_opt: torch.optim.Optimizer,
-    disc_opt: torch.optim.Optimizer | None,
-    source_images: Tensor,
-    source_labels: Tensor,
-    target_images: Tensor,
-    target_labels: Tensor | None,
-    settings: StepSettings,
-    autocast: Autocast,
-    *,
+    ctx: StepContext,
+    batch: Batch,
     adv_scale: Tensor | float | None = None,
+    *,
     loss_scale: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[dict[str, Tensor], bool]:
     """Phases 1-3 of an iteration: clear the gradients, compute every loss and backward.
 
     ``adv_scale`` multiplies the segmentor's adversarial terms (the warm-up ramp); None
-    leaves them as they are. ``loss_scale`` (fp16: ``GradScaler.scale``) is applied to
-    every loss right before its backward; the logged losses stay unscaled. Returns
+    leaves them as they are. ``loss_scale`` (fp16: the update policy's scaling) is applied
+    to every loss right before its backward; the logged losses stay unscaled. Returns
     (detached scalars for logging, whether ``disc_opt`` has gradients to apply).
     """
-    p = _plan(models, seg_opt, settings, target_labels is not None, loss_scale)
-    seg_opt.zero_grad(set_to_none=True)
-    if disc_opt is not None:
-        disc_opt.zero_grad(set_to_none=True)
+    models, settings = ctx.models, ctx.settings
+    p = _wiring(models, ctx.seg_opt, settings, batch.yt is not None, loss_scale)
+    zero_grads(ctx)
     if not p.reuse:  # the released way: freeze D and C while the segmentor's losses backpropagate
         _set_requires_grad(p.disc, False)
         _set_requires_grad(p.corr, False)
     out: dict[str, Tensor] = {}
-    flow = source_phase(p, models, source_images, source_labels, autocast, out)
+    flow = source_phase(p, models, batch.xs, batch.ys, ctx.autocast, out)
     total = out["loss/seg"]
     if p.need_target:
-        total = total + target_phase(p, settings, target_images, target_labels, autocast, flow, out, adv_scale)
+        total = total + target_phase(p, settings, batch.xt, batch.yt, ctx.autocast, flow, out, adv_scale)
     if not p.reuse:
         _set_requires_grad(p.disc, True)
         _set_requires_grad(p.corr, True)
-    if p.disc_params and disc_opt is not None:
-        discriminator_phase(p, settings, flow, autocast, out)
+    if p.disc_params and ctx.disc_opt is not None:
+        discriminator_phase(p, settings, flow, ctx.autocast, out)
     out["loss/total"] = total
     if flow.alpha is not None:
         out["attention/mean"] = flow.alpha.detach().float().mean()
     return out, bool(p.disc_params)
+
+
+def zero_grads(ctx: StepContext) -> None:
+    """Drop the gradients of both optimisers' parameters."""
+    ctx.seg_opt.zero_grad(set_to_none=True)
+    if ctx.disc_opt is not None:
+        ctx.disc_opt.zero_grad(set_to_none=True)
 
 
 def losses_finite(out: dict[str, Tensor]) -> Tensor:
@@ -445,59 +475,8 @@ def losses_finite(out: dict[str, Tensor]) -> Tensor:
     return torch.isfinite(vals).all()
 
 
-def all_ranks_agree(flag: Tensor) -> bool:
-    """``flag`` (a boolean tensor) AND-ed over the ranks of the process group (one scalar
-    all-reduce under DDP; no communication otherwise), so that every rank skips or applies
-    the same steps: a non-finite loss on one rank makes every rank's gradients non-finite."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        agreed = flag.to(torch.int32).reshape(1)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-        return bool(agreed.item())
-    return bool(flag)
-
-
-def apply_updates(seg_opt: torch.optim.Optimizer, disc_opt: torch.optim.Optimizer | None, disc_active: bool) -> None:
+def apply_updates(ctx: StepContext, disc_active: bool) -> None:
     """Step the segmentor optimiser, and the discriminators' when they have gradients."""
-    seg_opt.step()
-    if disc_opt is not None and disc_active:
-        disc_opt.step()
-
-
-def train_step(
-    models: StepModels,
-    seg_opt: torch.optim.Optimizer,
-    disc_opt: torch.optim.Optimizer | None,
-    source_images: Tensor,
-    source_labels: Tensor,
-    target_images: Tensor,
-    target_labels: Tensor | None,
-    settings: StepSettings,
-    autocast: Autocast,
-    check_finite: bool = True,
-    *,
-    adv_scale: Tensor | float | None = None,
-) -> tuple[dict[str, Tensor], bool]:
-    """Run one iteration. Returns (detached scalars for logging, whether it was applied).
-
-    When ``check_finite`` and any loss is NaN or infinite, no parameter is updated and
-    the second value is False (this check reads one flag back to the host).
-    """
-    out, disc_active = compute_gradients(
-        models,
-        seg_opt,
-        disc_opt,
-        source_images,
-        source_labels,
-        target_images,
-        target_labels,
-        settings,
-        autocast,
-        adv_scale=adv_scale,
-    )
-    if check_finite and not all_ranks_agree(losses_finite(out)):
-        seg_opt.zero_grad(set_to_none=True)
-        if disc_opt is not None:
-            disc_opt.zero_grad(set_to_none=True)
-        return out, False
-    apply_updates(seg_opt, disc_opt, disc_active)
-    return out, True
+    ctx.seg_opt.step()
+    if ctx.disc_opt is not None and disc_active:
+        ctx.disc_opt.step()

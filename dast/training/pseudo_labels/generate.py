@@ -36,9 +36,11 @@ from PIL import Image
 from torch import Tensor, nn
 
 from dast.atomic import TMP_MARK, write_json, write_text, write_with
+from dast.config import SelfTrainingConfig
 from dast.contexts import eval_mode
 from dast.data.workers import loader_iterator, worker_init
 from dast.errors import DataError, UserError
+from dast.execution import Execution
 from dast.models.target_model import predict_full_res
 from dast.palette import color_lut, palette_for
 from dast.progress import progress
@@ -205,6 +207,13 @@ class _Run:
     progress: bool
     skipped: set[str] = field(default_factory=set)  # unreadable samples (on_corrupt: skip)
 
+    @classmethod
+    def of(cls, model: nn.Module, dataset: Any, execution: Execution, progress: bool) -> _Run:
+        """The passes of ``execution`` over ``dataset`` (``progress``: this rank shows it)."""
+        ex = execution
+        order = ex.order(len(dataset))
+        return cls(model, dataset, order, ex.batch_size, ex.num_workers, ex.torch_device, ex.amp_dtype, progress)
+
     def probabilities(self, desc: str) -> Iterator[tuple[Tensor, list[str], Tensor | None]]:
         """(probabilities N x C x H x W, image names, labels N x H x W or None) per batch."""
         loader = torch.utils.data.DataLoader(
@@ -229,15 +238,15 @@ class _Run:
                     )
 
 
-def check_settings(*, portion: float, cap: float, mode: str, rule: str, batch_size: int) -> None:
+def check_settings(settings: SelfTrainingConfig, execution: Execution) -> None:
     """Reject bad pseudo-label settings with one readable line (UserError)."""
-    check_portion(portion)
-    check_mode(mode)
-    check_rule(rule)
-    if not float(cap) > 0.0:
-        raise UserError(f"pseudo-label cap must be > 0, got {cap}")
-    if batch_size < 1:
-        raise UserError(f"batch size must be >= 1, got {batch_size}")
+    check_portion(settings.portion)
+    check_mode(settings.estimator)
+    check_rule(settings.rule)
+    if not float(settings.cap) > 0.0:
+        raise UserError(f"pseudo-label cap must be > 0, got {settings.cap}")
+    if execution.batch_size < 1:
+        raise UserError(f"batch size must be >= 1, got {execution.batch_size}")
 
 
 def model_num_classes(model: nn.Module) -> int | None:
@@ -255,11 +264,17 @@ def evaluating(model: nn.Module, device: torch.device) -> Iterator[None]:
 
 
 def estimate_thresholds(
-    run: _Run, num_classes: int | None, *, reduce: bool = True, **est_args: Any
+    run: _Run, num_classes: int | None, settings: SelfTrainingConfig, *, reduce: bool = True
 ) -> ThresholdEstimator:
     """Run the estimation pass(es); the class count comes from the model output if not given.
 
     ``reduce`` sums each pass over the torch.distributed ranks (when initialised)."""
+    est_args: dict[str, Any] = {
+        "portion": settings.portion,
+        "mode": settings.estimator,
+        "bins": settings.bins,
+        "subsample": settings.subsample,
+    }
     est = ThresholdEstimator(num_classes, device=run.device, **est_args) if num_classes else None
     passes = 1 if est_args["mode"] == "histogram" else 2
     for k in range(passes):
@@ -330,7 +345,7 @@ def _stats(
     thresholds: Tensor,
     counts: Tensor,
     written: int,
-    settings: dict[str, Any],
+    settings: SelfTrainingConfig,
     distributed: bool,
 ) -> dict[str, Any]:
     """``stats.json`` of the set, with the counts summed over the ranks."""
@@ -344,12 +359,12 @@ def _stats(
     all_pixels = sum(selected) + ignored
     return {
         "thresholds": [float(v) for v in thresholds.cpu().tolist()],
-        "portion": float(settings["portion"]),
-        "cap": float(settings["cap"]),
-        "mode": settings["mode"],
-        "rule": settings["rule"],
-        "bins": int(settings["bins"]) if settings["mode"] == "histogram" else None,
-        "subsample": int(settings["subsample"]),
+        "portion": float(settings.portion),
+        "cap": float(settings.cap),
+        "mode": settings.estimator,
+        "rule": settings.rule,
+        "bins": int(settings.bins) if settings.estimator == "histogram" else None,
+        "subsample": int(settings.subsample),
         "forward_passes": est.passes + 1,
         "predicted_pixels": [int(v) for v in est.counts.tolist()],
         "sampled_pixels": [int(v) for v in est.selected_counts.tolist()],
@@ -364,40 +379,34 @@ def generate_pseudo_labels(
     model: nn.Module,
     dataset: Any,
     out_dir: str | Path,
+    settings: SelfTrainingConfig,
     *,
-    portion: float,
-    cap: float = 0.9,
-    mode: str = "histogram",
-    rule: str = "ratio",
-    bins: int = 65536,
-    subsample: int = 4,
-    device: torch.device | str = "cpu",
-    batch_size: int = 1,
-    amp_dtype: torch.dtype | None = None,
-    preview_count: int = 8,
+    execution: Execution | None = None,
     colors: Sequence[Sequence[int]] | None = None,
-    indices: Sequence[int] | None = None,
-    progress: bool = True,
-    num_workers: int = 0,
     num_classes: int | None = None,
 ) -> dict[str, Any]:
     """Write class-balanced pseudo labels for ``dataset`` into ``out_dir``; return the stats.
 
+    ``settings`` gives the portion q, the cap, the threshold ``estimator``, the labelling
+    ``rule`` (``"ratio"``, released, or ``"threshold"``; see :func:`select_labels`), the
+    histogram ``bins``, the ``subsample`` and ``preview_count``; ``execution`` where and how
+    the passes run (default: the CPU, one image per batch, a progress bar).
     ``dataset[i]`` gives ``{"image": FloatTensor 3 x H x W (resized, normalised), "name": str}``.
-    Writes ``<name>.png`` (uint8 trainIds, 255 ignore) per image, labelled by ``rule``
-    (``"ratio"``, released, or ``"threshold"``; see :func:`select_labels`), colour previews
-    of the first ``preview_count`` images in ``preview/``, ``stats.json`` and finally
+    Writes ``<name>.png`` (uint8 trainIds, 255 ignore) per image, colour previews of the
+    first ``preview_count`` images in ``preview/``, ``stats.json`` and finally
     ``COMPLETE``. A folder holding an earlier (possibly partial) set is cleared first. Under
-    torch.distributed each rank passes its own ``indices``; thresholds are summed over all
-    ranks, each rank writes its own labels (rank 0 its previews), and rank 0 writes the stats
-    and the marker after a barrier. ``num_classes`` defaults to ``model.segmentor.num_classes``.
+    torch.distributed each rank passes its own ``execution.indices``; thresholds are summed
+    over all ranks, each rank writes its own labels (rank 0 its previews), and rank 0 writes
+    the stats and the marker after a barrier. ``num_classes`` defaults to
+    ``model.segmentor.num_classes``.
     """
     start = time.time()
-    check_settings(portion=portion, cap=cap, mode=mode, rule=rule, batch_size=batch_size)
+    ex = execution or Execution()
+    check_settings(settings, ex)
     distributed = _dist_ready()
     rank = dist.get_rank() if distributed else 0
-    order = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
-    if not order and not distributed:
+    run = _Run.of(model, dataset, ex, ex.progress and rank == 0)
+    if not run.order and not distributed:
         raise DataError("no images to pseudo-label")
     out = Path(out_dir)
     if rank == 0:
@@ -405,16 +414,13 @@ def generate_pseudo_labels(
     if distributed:
         dist.barrier()
 
-    run = _Run(model, dataset, order, batch_size, num_workers, torch.device(device), amp_dtype, progress and rank == 0)
     with evaluating(model, run.device):
-        est = estimate_thresholds(
-            run, num_classes or model_num_classes(model), portion=portion, mode=mode, bins=bins, subsample=subsample
-        )
-        thresholds = est.thresholds(portion, cap)
+        est = estimate_thresholds(run, num_classes or model_num_classes(model), settings)
+        thresholds = est.thresholds(settings.portion, settings.cap)
         palette = _preview_palette(colors, est.num_classes)
-        counts, written = _write_labels(run, thresholds, rule, out, palette, preview_count if rank == 0 else 0)
+        previews = settings.preview_count if rank == 0 else 0
+        counts, written = _write_labels(run, thresholds, settings.rule, out, palette, previews)
 
-    settings = {"portion": portion, "cap": cap, "mode": mode, "rule": rule, "bins": bins, "subsample": subsample}
     stats = _stats(run, est, thresholds, counts, written, settings, distributed)
     stats["seconds"] = round(time.time() - start, 3)
     if rank == 0:

@@ -18,6 +18,7 @@ counted pixels.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,10 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from dast.config import SelfTrainingConfig
 from dast.data.transforms import resize_label
 from dast.errors import DataError, UserError
+from dast.execution import Execution
 from dast.training.pseudo_labels.generate import (
     _Run,
     check_settings,
@@ -154,30 +157,24 @@ def _score_pass(run: _Run, thresholds: Tensor, rules: Sequence[str]) -> _Tally:
 def pseudo_label_quality(
     model: nn.Module,
     dataset: Any,
+    settings: SelfTrainingConfig,
     *,
-    portion: float,
-    cap: float = 0.9,
-    mode: str = "histogram",
     rules: Sequence[str] = RULES,
-    bins: int = 65536,
-    subsample: int = 4,
-    device: torch.device | str = "cpu",
-    batch_size: int = 1,
-    amp_dtype: torch.dtype | None = None,
-    num_workers: int = 0,
+    execution: Execution | None = None,
     num_classes: int | None = None,
-    progress: bool = False,
 ) -> dict[str, Any]:
     """Score pseudo labels of ``dataset`` under each of ``rules`` against its labels; writes nothing.
 
     ``dataset[i]`` gives ``{"image", "name", "label"}`` (the label N x H x W at the image
     size, 255 ignored), e.g. a synthetic target built with labels. The thresholds are those
-    :func:`generate_pseudo_labels` computes with the same settings (one estimation for all
-    rules); then one more pass labels every image. A single process scores the whole set.
+    :func:`generate_pseudo_labels` computes with the same ``settings`` (one estimation for
+    all rules); then one more pass labels every image. A single process scores the whole
+    set (``execution.indices`` is not used; default: no progress bar).
     Returns the settings, ``thresholds``, ``num_images``, ``pixels`` (counted ground-truth
     pixels), ``skipped`` and ``rules``: ``{rule: scores}`` (see :class:`_Tally.scores`).
     """
-    check_settings(portion=portion, cap=cap, mode=mode, rule="ratio", batch_size=batch_size)
+    ex = execution or Execution(progress=False)
+    check_settings(settings, ex)
     rules = list(rules)
     if not rules or len(set(rules)) != len(rules):
         raise UserError(f"give each pseudo-label rule to score once, got {rules}")
@@ -185,30 +182,20 @@ def pseudo_label_quality(
         check_rule(rule)
     if len(dataset) == 0:
         raise DataError("no images to pseudo-label")
-    run = _Run(
-        model, dataset, list(range(len(dataset))), batch_size, num_workers, torch.device(device), amp_dtype, progress
-    )
+    run = _Run.of(model, dataset, replace(ex, indices=None), ex.progress)
     with evaluating(model, run.device):
-        est = estimate_thresholds(
-            run,
-            num_classes or model_num_classes(model),
-            reduce=False,
-            portion=portion,
-            mode=mode,
-            bins=bins,
-            subsample=subsample,
-        )
-        thresholds = est.thresholds(portion, cap)
+        est = estimate_thresholds(run, num_classes or model_num_classes(model), settings, reduce=False)
+        thresholds = est.thresholds(settings.portion, settings.cap)
         tally = _score_pass(run, thresholds, rules)
     if tally.images == 0:
         raise DataError(f"no readable image to score ({len(run.skipped)} unreadable)")
     names = class_names(dataset, est.num_classes)
     return {
-        "portion": float(portion),
-        "cap": float(cap),
-        "mode": mode,
-        "bins": int(bins) if mode == "histogram" else None,
-        "subsample": int(subsample),
+        "portion": float(settings.portion),
+        "cap": float(settings.cap),
+        "mode": settings.estimator,
+        "bins": int(settings.bins) if settings.estimator == "histogram" else None,
+        "subsample": int(settings.subsample),
         "thresholds": [float(v) for v in thresholds.cpu().tolist()],
         "num_images": tally.images,
         "pixels": tally.pixels,
