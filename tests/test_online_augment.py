@@ -179,3 +179,12 @@ def test_the_augmentation_is_fixed_by_the_generator():
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     assert not torch.allclose(a, x, atol=1e-3)  # the default settings do change the batch
+
+
+def test_the_blur_ignores_autocast():
+    x = torch.rand(2, 3, 12, 14, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.7, 1.1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = gaussian_blur(x, sigma)
+    assert inside.dtype == torch.float32
+    assert torch.equal(inside, gaussian_blur(x, sigma))

@@ -221,12 +221,19 @@ def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: tuple[int, int] | None 
     kh, kw = kernel_size if kernel_size is not None else (blur_kernel_size(height), blur_kernel_size(width))
     if kh % 2 == 0 or kw % 2 == 0:
         raise ValueError(f"blur kernel sizes must be odd, got {(kh, kw)}")
-    flat = x.reshape(1, bsz * ch, height, width)
-    kernel_w = gaussian_kernels(sigma, kw).to(device=x.device, dtype=x.dtype).repeat_interleave(ch, dim=0)
-    kernel_h = gaussian_kernels(sigma, kh).to(device=x.device, dtype=x.dtype).repeat_interleave(ch, dim=0)
-    flat = F.conv2d(F.pad(flat, (kw // 2, kw // 2, 0, 0), mode="reflect"), kernel_w[:, None, None, :], groups=bsz * ch)
-    flat = F.conv2d(F.pad(flat, (0, 0, kh // 2, kh // 2), mode="reflect"), kernel_h[:, None, :, None], groups=bsz * ch)
-    return flat.reshape(bsz, ch, height, width)
+    with torch.autocast(device_type=x.device.type, enabled=False):  # the blur stays in x's precision
+        return _separable_blur(x.reshape(1, bsz * ch, height, width), sigma, kh, kw).reshape(bsz, ch, height, width)
+
+
+def _separable_blur(flat: Tensor, sigma: Tensor, kh: int, kw: int) -> Tensor:
+    """Rows, then columns, of a 1 x (B*C) x H x W tensor; image b (channels b*C .. b*C + C - 1)
+    uses ``sigma[b]``."""
+    groups = flat.shape[1]
+    ch = groups // sigma.numel()
+    kernel_w = gaussian_kernels(sigma, kw).to(device=flat.device, dtype=flat.dtype).repeat_interleave(ch, dim=0)
+    kernel_h = gaussian_kernels(sigma, kh).to(device=flat.device, dtype=flat.dtype).repeat_interleave(ch, dim=0)
+    flat = F.conv2d(F.pad(flat, (kw // 2, kw // 2, 0, 0), mode="reflect"), kernel_w[:, None, None, :], groups=groups)
+    return F.conv2d(F.pad(flat, (0, 0, kh // 2, kh // 2), mode="reflect"), kernel_h[:, None, :, None], groups=groups)
 
 
 # ---------------------------------------------------------------------------------------

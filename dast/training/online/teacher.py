@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from dast.errors import CheckpointError
 
@@ -80,8 +81,7 @@ def ema_update_(
 
 def _unwrap(module: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel (or DataParallel) wrapper, else itself."""
-    inner = getattr(module, "module", None)
-    return inner if isinstance(inner, nn.Module) else module
+    return module.module if isinstance(module, (DistributedDataParallel, nn.DataParallel)) else module
 
 
 TensorPairs = list[tuple[Tensor, Tensor]]
