@@ -174,12 +174,10 @@ def test_train_step_is_exactly_its_phases(reuse: bool) -> None:
         outs = []
         for i in range(2):
             if split:
-                out, active = compute_gradients(
-                    helpers.context(models, so, do, settings, contextlib.nullcontext),
-                    Batch(xs, ys, xt, yt if i else None),
-                )
+                ctx = helpers.context(models, so, do, settings, contextlib.nullcontext)
+                out, active = compute_gradients(ctx, Batch(xs, ys, xt, yt if i else None))
                 assert bool(losses_finite(out)) and active
-                apply_updates(so, do, active)
+                apply_updates(ctx, active)
             else:
                 out, applied = train_step(
                     helpers.context(models, so, do, settings, contextlib.nullcontext),

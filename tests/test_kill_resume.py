@@ -506,7 +506,7 @@ def test_rollback_policy_restores_the_last_checkpoint_with_a_lower_rate(
     assert "stage1 step 3: non-finite loss" in log
     assert "stage1: rolled back to step 2 with learning-rate scale 0.25" in log
     assert log.count("stage1 step 3/6 ") == 2  # step 3 ran, then ran again after the rollback
-    assert _meta(run / "stage1" / "checkpoints" / "step_00000006.safetensors")["stage_state"]["lr_scale"] == 0.25
+    assert _meta(run / "stage1" / "checkpoints" / "step_00000006.safetensors")["engine"]["lr_scale"] == 0.25
 
 
 def test_persistent_fault_stops_with_one_error_line(

@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from dast.config import SelfTrainingConfig
 from dast.data.labels import cityscapes_table
+from dast.execution import Execution
 from dast.inference import visualize
 from dast.models import build_discoverer, build_segmentor
 from dast.models.target_model import TargetModel
@@ -61,7 +63,13 @@ def test_generated_previews_use_the_palette(tmp_path: Path, n: int) -> None:
     seg = build_segmentor("small", n)
     model = TargetModel(seg, build_discoverer(seg.feature_channels)).eval()
     ds = [{"image": torch.randn(3, 24, 40), "name": "img"}]
-    pseudo_labels.generate_pseudo_labels(model, ds, tmp_path, portion=1.0, cap=0.01, preview_count=1, progress=False)
+    pseudo_labels.generate_pseudo_labels(
+        model,
+        ds,
+        tmp_path,
+        SelfTrainingConfig(portion=1.0, cap=0.01, preview_count=1),
+        execution=Execution(progress=False),
+    )
     label = np.asarray(Image.open(tmp_path / "img.png"))
     assert len(np.unique(label)) > 1  # cap 0.01 labels every pixel with its argmax
     preview = np.asarray(Image.open(tmp_path / "preview" / "img_color.png").convert("RGB"))

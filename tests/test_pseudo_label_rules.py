@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 from dast.cli import main
-from dast.config import DatasetConfig, load_config
+from dast.config import DatasetConfig, SelfTrainingConfig, load_config
 from dast.data.datasets import build_dataset
 from dast.errors import ConfigError, DataError, UserError
+from dast.execution import Execution
 from dast.models import build_discoverer, build_segmentor
 from dast.models.io import ModelSpec, build_networks, save_networks
 from dast.models.target_model import TargetModel
@@ -175,7 +176,11 @@ def test_hand_model_gives_the_hand_made_probabilities() -> None:
 def test_generate_writes_the_labels_of_the_rule(tmp_path: Path, rule: str, mode: str) -> None:
     model, ds = HandModel(_hand_probs()), HandTarget(with_labels=False)
     stats = generate_pseudo_labels(
-        model, ds, tmp_path, portion=0.5, mode=mode, rule=rule, subsample=1, preview_count=0, progress=False
+        model,
+        ds,
+        tmp_path,
+        SelfTrainingConfig(portion=0.5, estimator=mode, rule=rule, subsample=1, preview_count=0),
+        execution=Execution(progress=False),
     )
     for i, name in enumerate(ds.names):
         assert np.asarray(Image.open(tmp_path / f"{name}.png")).tolist() == _expected(rule)[i]
@@ -187,7 +192,11 @@ def test_generate_writes_the_labels_of_the_rule(tmp_path: Path, rule: str, mode:
 def test_generate_refuses_an_unknown_rule_before_writing(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="unknown pseudo-label rule"):
         generate_pseudo_labels(
-            HandModel(_hand_probs()), HandTarget(False), tmp_path / "pl", portion=0.5, rule="argmax", progress=False
+            HandModel(_hand_probs()),
+            HandTarget(False),
+            tmp_path / "pl",
+            SelfTrainingConfig.model_construct(portion=0.5, rule="argmax"),  # past the config's own check
+            execution=Execution(progress=False),
         )
     assert not (tmp_path / "pl").exists()
 
@@ -196,7 +205,11 @@ def test_generate_refuses_an_unknown_rule_before_writing(tmp_path: Path) -> None
 
 
 def test_quality_hand_counted() -> None:
-    q = pseudo_label_quality(HandModel(_hand_probs()), HandTarget(), portion=0.5, mode="exact-reference", subsample=1)
+    q = pseudo_label_quality(
+        HandModel(_hand_probs()),
+        HandTarget(),
+        SelfTrainingConfig(portion=0.5, estimator="exact-reference", subsample=1),
+    )
     assert q["thresholds"] == pytest.approx(THRESHOLDS) and q["num_images"] == 2
     assert q["pixels"] == 8  # G and K have no ground truth
     # ratio: labelled A0 B2 C2 E0 H1 J2 (D, I ignored); right A, B, H, J; B and C are not their argmax
@@ -218,7 +231,11 @@ def test_quality_hand_counted() -> None:
 
 def test_quality_one_rule_histogram_and_batches() -> None:
     q = pseudo_label_quality(
-        HandModel(_hand_probs()), HandTarget(), portion=0.5, subsample=1, rules=["threshold"], batch_size=2
+        HandModel(_hand_probs()),
+        HandTarget(),
+        SelfTrainingConfig(portion=0.5, subsample=1),
+        execution=Execution(batch_size=2),
+        rules=["threshold"],
     )
     assert list(q["rules"]) == ["threshold"] and q["mode"] == "histogram" and q["bins"] == 65536
     assert q["rules"]["threshold"]["precision"] == 60.0
@@ -227,13 +244,13 @@ def test_quality_one_rule_histogram_and_batches() -> None:
 def test_quality_refuses_bad_input() -> None:
     model = HandModel(_hand_probs())
     with pytest.raises(DataError, match="needs the target labels"):
-        pseudo_label_quality(model, HandTarget(with_labels=False), portion=0.5)
+        pseudo_label_quality(model, HandTarget(with_labels=False), SelfTrainingConfig(portion=0.5))
     with pytest.raises(UserError, match="unknown pseudo-label rule"):
-        pseudo_label_quality(model, HandTarget(), portion=0.5, rules=["ratio", "best"])
+        pseudo_label_quality(model, HandTarget(), SelfTrainingConfig(portion=0.5), rules=["ratio", "best"])
     with pytest.raises(UserError, match="each pseudo-label rule to score once"):
-        pseudo_label_quality(model, HandTarget(), portion=0.5, rules=["ratio", "ratio"])
+        pseudo_label_quality(model, HandTarget(), SelfTrainingConfig(portion=0.5), rules=["ratio", "ratio"])
     with pytest.raises(UserError, match="portion"):
-        pseudo_label_quality(model, HandTarget(), portion=0.0)
+        pseudo_label_quality(model, HandTarget(), SelfTrainingConfig.model_construct(portion=0.0))
 
 
 @pytest.mark.parametrize("mode", ["exact-reference", "histogram"])
@@ -249,10 +266,14 @@ def test_quality_equals_precision_of_the_written_sets(tmp_path: Path, mode: str)
         with_labels=True,
         seed=3,
     )
-    q = pseudo_label_quality(model, target, portion=0.5, mode=mode)
+    q = pseudo_label_quality(model, target, SelfTrainingConfig(portion=0.5, estimator=mode))
     for rule in ("ratio", "threshold"):
         stats = generate_pseudo_labels(
-            model, target, tmp_path / rule, portion=0.5, mode=mode, rule=rule, preview_count=0, progress=False
+            model,
+            target,
+            tmp_path / rule,
+            SelfTrainingConfig(portion=0.5, estimator=mode, rule=rule, preview_count=0),
+            execution=Execution(progress=False),
         )
         assert q["thresholds"] == stats["thresholds"]
         scored = pseudo_label_precision(tmp_path / rule, target)

@@ -15,10 +15,11 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from dast.cli import main
-from dast.config import DatasetConfig, load_config
+from dast.config import DatasetConfig, SelfTrainingConfig, load_config
 from dast.data import datasets
 from dast.data.datasets import build_dataset
 from dast.errors import UserError
+from dast.execution import Execution
 from dast.models import build_discoverer, build_segmentor
 from dast.models.io import ModelSpec, build_networks, save_networks
 from dast.models.target_model import TargetModel
@@ -317,7 +318,11 @@ def test_generate_writes_labels_previews_stats_and_marker(tmp_path: Path) -> Non
     model, ds = _tiny_model(), FakeTarget(5)
     out = tmp_path / "pl"
     stats = generate_pseudo_labels(
-        model, ds, out, portion=0.5, mode="exact-reference", subsample=4, preview_count=2, progress=False
+        model,
+        ds,
+        out,
+        SelfTrainingConfig(portion=0.5, estimator="exact-reference", subsample=4, preview_count=2),
+        execution=Execution(progress=False),
     )
     names = [f"img_{i:03d}" for i in range(5)]
     assert _files(out) == (
@@ -357,10 +362,18 @@ def test_generate_writes_labels_previews_stats_and_marker(tmp_path: Path) -> Non
 def test_generate_histogram_batched_close_to_exact(tmp_path: Path) -> None:
     model, ds = _tiny_model(), FakeTarget(4)
     stats = generate_pseudo_labels(
-        model, ds, tmp_path / "h", portion=0.5, bins=4096, batch_size=2, preview_count=0, progress=False
+        model,
+        ds,
+        tmp_path / "h",
+        SelfTrainingConfig(portion=0.5, bins=4096, preview_count=0),
+        execution=Execution(batch_size=2, progress=False),
     )
     exact = generate_pseudo_labels(
-        model, ds, tmp_path / "e", portion=0.5, mode="exact-reference", batch_size=2, preview_count=0, progress=False
+        model,
+        ds,
+        tmp_path / "e",
+        SelfTrainingConfig(portion=0.5, estimator="exact-reference", preview_count=0),
+        execution=Execution(batch_size=2, progress=False),
     )
     assert not (tmp_path / "h" / "preview").exists()
     diff = np.abs(np.array(stats["thresholds"]) - np.array(exact["thresholds"]))
@@ -372,14 +385,18 @@ def test_stale_partial_set_is_regenerated(tmp_path: Path) -> None:
     model, out = _tiny_model(), tmp_path / "pl"
     crashing = FakeTarget(6, fail_after=6 + 3)  # histogram: 6 reads for thresholds, crash while writing
     with pytest.raises(OSError, match="simulated crash"):
-        generate_pseudo_labels(model, crashing, out, portion=0.5, preview_count=0, progress=False)
+        generate_pseudo_labels(
+            model, crashing, out, SelfTrainingConfig(portion=0.5, preview_count=0), execution=Execution(progress=False)
+        )
     assert not pseudo_label_set_complete(out)
     assert not (out / "stats.json").exists()
     assert 0 < len(list(out.glob("img_*.png"))) < 6
     (out / "img_999.png").write_bytes(b"stale")  # a file a previous round left behind
     (out / "preview").mkdir()
     (out / "preview" / "old_color.png").write_bytes(b"stale")
-    generate_pseudo_labels(model, FakeTarget(3), out, portion=0.5, preview_count=1, progress=False)
+    generate_pseudo_labels(
+        model, FakeTarget(3), out, SelfTrainingConfig(portion=0.5, preview_count=1), execution=Execution(progress=False)
+    )
     assert pseudo_label_set_complete(out)
     assert _files(out) == {
         "img_000.png",
@@ -395,7 +412,9 @@ def test_stale_partial_set_is_regenerated(tmp_path: Path) -> None:
 def test_refuses_to_clear_a_foreign_folder(tmp_path: Path) -> None:
     (tmp_path / "photo.png").write_bytes(b"x")
     with pytest.raises(UserError, match="refusing to clear"):
-        generate_pseudo_labels(_tiny_model(), FakeTarget(1), tmp_path, portion=0.5, progress=False)
+        generate_pseudo_labels(
+            _tiny_model(), FakeTarget(1), tmp_path, SelfTrainingConfig(portion=0.5), execution=Execution(progress=False)
+        )
     assert (tmp_path / "photo.png").read_bytes() == b"x"
 
 
@@ -404,7 +423,11 @@ def test_generate_indices_subset_and_module_modes_restored(tmp_path: Path) -> No
     bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     bn.eval()  # e.g. frozen statistics inside a training model
     stats = generate_pseudo_labels(
-        model, FakeTarget(5), tmp_path / "pl", portion=0.5, indices=[4, 1], preview_count=0, progress=False
+        model,
+        FakeTarget(5),
+        tmp_path / "pl",
+        SelfTrainingConfig(portion=0.5, preview_count=0),
+        execution=Execution(indices=[4, 1], progress=False),
     )
     assert model.training and model.segmentor.training and not bn.training
     assert stats["num_images"] == 2
@@ -422,11 +445,8 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             _tiny_model(),
             ds,
             out_dir,
-            portion=0.5,
-            mode="exact-reference",
-            indices=list(range(rank, 5, world)),
-            preview_count=1,
-            progress=False,
+            SelfTrainingConfig(portion=0.5, estimator="exact-reference", preview_count=1),
+            execution=Execution(indices=list(range(rank, 5, world)), progress=False),
         )
     finally:
         dist.destroy_process_group()
@@ -437,10 +457,8 @@ def test_distributed_shards_match_single_process(tmp_path: Path) -> None:
         _tiny_model(),
         FakeTarget(5),
         tmp_path / "one",
-        portion=0.5,
-        mode="exact-reference",
-        preview_count=1,
-        progress=False,
+        SelfTrainingConfig(portion=0.5, estimator="exact-reference", preview_count=1),
+        execution=Execution(progress=False),
     )
     mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "two")), nprocs=2, join=True)
     two = json.loads((tmp_path / "two" / "stats.json").read_text())
@@ -560,7 +578,9 @@ def test_pseudo_labels_ignore_the_target_augmentation(tmp_path: Path) -> None:
         )
         ds = build_dataset(cfg, norm="unit", num_classes=7, with_labels=False, seed=5)
         assert not torch.equal(ds[0]["image"], ds.prepare_image(0)) or name == "plain"
-        generate_pseudo_labels(model, ds, tmp_path / name, portion=0.5, progress=False)
+        generate_pseudo_labels(
+            model, ds, tmp_path / name, SelfTrainingConfig(portion=0.5), execution=Execution(progress=False)
+        )
         sets[name] = {p.name: np.array(Image.open(p)) for p in sorted((tmp_path / name).glob("*.png"))}
     assert sets["plain"].keys() == sets["augmented"].keys() and len(sets["plain"]) == 4
     assert all(np.array_equal(sets["plain"][k], sets["augmented"][k]) for k in sets["plain"])
