@@ -3,8 +3,8 @@
 * Unknown keys and wrong types are rejected with one line that names the key and, for
   a misspelt key, suggests the nearest valid one.
 * A config file may start with ``extends: other.yaml`` (relative to the file, or the name
-  of a packaged config such as ``base/common``) to inherit from another file; mappings
-  are merged key by key.
+  of a packaged config such as ``base/common``), or a list of them (later ones win), to
+  inherit from other files; mappings are merged key by key.
 * ``--config`` takes a file or the name of a config shipped in ``dast/configs/``
   (:func:`resolve_config_path`); a file's own ``paper:`` block (the paper's number for its
   row, :class:`PaperRow`) is metadata for ``dast configs`` and is not inherited or trained on.
@@ -66,6 +66,18 @@ class AugmentConfig(_Strict):
         return v
 
 
+class RareClassSamplingConfig(_Strict):
+    """Rare-class sampling of a labelled source (DAFormer; an addition to the paper): a class
+    is drawn with probability softmax((1 - f_c) / temperature) over the classes' pixel
+    shares f_c, then an image holding more than ``min_pixels`` of it; a random crop must
+    hold more than ``min_crop_ratio * min_pixels`` of it (up to 10 draws). Published at
+    Cityscapes scale: temperature 0.01, min_pixels 3000, min_crop_ratio 0.5."""
+
+    temperature: float = Field(default=0.01, gt=0)
+    min_pixels: int = Field(default=3000, ge=0)
+    min_crop_ratio: float = Field(default=0.5, ge=0)
+
+
 class DatasetConfig(_Strict):
     """Where a dataset lives and how its images are prepared."""
 
@@ -84,6 +96,8 @@ class DatasetConfig(_Strict):
     shift: Literal["appearance", "appearance+layout"] = "appearance"
     augment: AugmentConfig = AugmentConfig()
     on_corrupt: Literal["fail", "skip"] = "fail"
+    # a labelled source: sample images by class rarity (null: uniformly, as the paper)
+    rare_class_sampling: RareClassSamplingConfig | None = None
 
 
 class ModelConfig(_Strict):
@@ -151,9 +165,65 @@ class TrainConfig(_Strict):
     digest_every: int = Field(default=0, ge=0)  # >0: each rank logs a parameter checksum (distributed debugging)
 
 
-class SelfTrainingConfig(_Strict):
-    """Stage 2: rounds of class-balanced pseudo-labelling and retraining."""
+class StrongAugmentConfig(_Strict):
+    """The strong augmentation of the online stage's mixed image (DACS): colour jitter of
+    strength ``jitter`` (0: off) applied with probability ``jitter_prob`` (the published code
+    jitters when U(0, 1) > 0.2, i.e. with probability 0.8), and Gaussian blur with probability
+    0.5 and sigma ~ U(0.15, 1.15)."""
 
+    jitter: float = Field(default=0.2, ge=0, le=0.5)
+    jitter_prob: float = Field(default=0.8, ge=0, le=1)
+    blur: bool = True
+
+
+class MaskingConfig(_Strict):
+    """Masked image consistency (MIC): the student also predicts the target image with random
+    blocks masked out (each block cell masked with probability ``ratio``), against the
+    teacher's labels of the unmasked image, with loss weight ``weight``. ``block`` is the
+    cell size at 1024 x 1024 and is scaled to the image (published: ratio 0.7, block 64)."""
+
+    ratio: float = Field(default=0.7, ge=0, lt=1)
+    block: int = Field(default=64, ge=1)
+    weight: float = Field(default=1.0, ge=0)
+
+
+class FeatureDistanceConfig(_Strict):
+    """DAFormer's ImageNet feature distance: the L2 distance between the encoder's features
+    on source images and those of the frozen initial encoder (``model.init``; without one,
+    the encoder at the start of the online stage), over the pixels of ``classes``, times
+    ``weight`` (published: 0.005 on the Cityscapes "thing" classes 6, 7, 11-18)."""
+
+    weight: float = Field(default=0.005, ge=0)
+    classes: list[int] = [6, 7, 11, 12, 13, 14, 15, 16, 17, 18]
+
+
+class OnlineConfig(_Strict):
+    """Online self-training with a mean teacher (DACS/DAFormer; an addition to the paper).
+
+    The teacher, an EMA of the student (``ema``), labels the un-augmented target image; the
+    loss is the per-pixel cross-entropy on its argmax, weighted by the share of pixels whose
+    confidence is >= ``threshold`` (rows ``ignore_top`` / ``ignore_bottom`` weigh 0), on a
+    ClassMix of source and target (``classmix``) under the strong augmentation. The stage
+    trains ``self_training.steps`` iterations with ``self_training``'s learning rates."""
+
+    ema: float = Field(default=0.999, ge=0, le=1)
+    threshold: float = Field(default=0.968, ge=0, le=1)
+    ignore_top: int = Field(default=0, ge=0)
+    ignore_bottom: int = Field(default=0, ge=0)
+    weight: float = Field(default=1.0, ge=0)  # of the mixed image's loss
+    adversarial: Literal["keep", "drop"] = "keep"  # stage 1's adversarial terms during the online stage
+    classmix: bool = True
+    augment: StrongAugmentConfig = StrongAugmentConfig()
+    masking: MaskingConfig | None = None
+    feature_distance: FeatureDistanceConfig | None = None
+
+
+class SelfTrainingConfig(_Strict):
+    """Stage 2: rounds of class-balanced pseudo-labelling and retraining (``mode: rounds``, the
+    paper), or one online stage with a mean teacher (``mode: online``, an addition)."""
+
+    mode: Literal["rounds", "online"] = "rounds"
+    online: OnlineConfig = OnlineConfig()
     rounds: int = Field(default=0, ge=0)
     steps: int = Field(default=20000, ge=1)
     portion: float = Field(default=0.5, gt=0.0, le=1.0)
@@ -333,10 +403,13 @@ def load_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, 
     if not isinstance(data, dict):
         raise ConfigError(f"config {p} must be a mapping at the top level")
     _paper_row(data.pop("paper", None), p)
-    parent = data.pop("extends", None)
-    if parent is None:
+    parents = data.pop("extends", None)
+    if parents is None:
         return data
-    base = load_yaml_tree(resolve_config_path(str(parent), relative_to=p.parent), _seen + (p.resolve(),))
+    base: dict[str, Any] = {}
+    for parent in parents if isinstance(parents, list) else [parents]:  # later parents win
+        tree = load_yaml_tree(resolve_config_path(str(parent), relative_to=p.parent), _seen + (p.resolve(),))
+        base = deep_merge(base, tree)
     return deep_merge(base, data)
 
 

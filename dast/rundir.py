@@ -53,6 +53,7 @@ CHECKPOINTS = "checkpoints"
 SELECTED = "selected.safetensors"
 BEST = "best.safetensors"
 ROUND_RE = re.compile(r"^round(\d+)$")
+ONLINE = "online"  # the stage of online self-training (self_training.mode: online)
 CHECKPOINT_RE = re.compile(r"^step_(\d{8,})\.safetensors$")
 BEST_STEP_RE = re.compile(r"^best_step_(\d{8,})\.safetensors$")
 
@@ -92,10 +93,17 @@ def numbered_files(folder: Path, pattern: re.Pattern[str] = CHECKPOINT_RE) -> li
     return sorted(found)
 
 
+def is_second_stage(name: str) -> bool:
+    """Whether ``name`` is a stage of self-training: ``round<k>`` or ``online``."""
+    return name == ONLINE or ROUND_RE.match(name) is not None
+
+
 def stage_sort_key(name: str) -> tuple[int, int, str]:
-    """stage1 first, then round1, round2, ... in numeric order, then anything else."""
+    """stage1 first, then round1, round2, ... in numeric order (or online), then anything else."""
     if name == STAGE1:
         return (0, 0, name)
+    if name == ONLINE:
+        return (1, 0, name)
     m = ROUND_RE.match(name)
     return (1, int(m.group(1)), name) if m else (2, 0, name)
 
@@ -195,7 +203,7 @@ class RunDir:
         """The stage folders present (stage1, round<k>), in training order."""
         if not self.root.is_dir():
             return []
-        names = [p.name for p in self.root.iterdir() if p.is_dir() and (p.name == STAGE1 or ROUND_RE.match(p.name))]
+        names = [p.name for p in self.root.iterdir() if p.is_dir() and (p.name == STAGE1 or is_second_stage(p.name))]
         return sorted(names, key=stage_sort_key)
 
     @property

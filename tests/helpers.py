@@ -41,6 +41,7 @@ def plan(name: str = "stage1", index: int = 0, steps: int = 10, **overrides: Any
     duplicated parameters, adversarial; round ``index`` > 0 trains on pseudo labels."""
     fields: dict[str, Any] = {
         "name": name,
+        "kind": "adversarial" if index == 0 else "round",
         "index": index,
         "steps": steps,
         "poly_steps": 100,

@@ -18,7 +18,17 @@ from dast.checkpoint import read_meta
 from dast.config import Config, from_tree
 from dast.data.labels import table_for
 from dast.errors import UserError
-from dast.rundir import PL_COMPLETE, PL_PREVIEW, PL_STATS, STAGE1, RunDir, StageDir, round_name, stage_sort_key
+from dast.rundir import (
+    ONLINE,
+    PL_COMPLETE,
+    PL_PREVIEW,
+    PL_STATS,
+    STAGE1,
+    RunDir,
+    StageDir,
+    round_name,
+    stage_sort_key,
+)
 
 PREVIEW_LIMIT = 12
 LOG_TAIL_LINES = 40
@@ -137,7 +147,9 @@ def _load_config(root: Path) -> tuple[str, dict[str, Any], Config | None, str | 
 def planned_stages(cfg: Config | None, manifest: dict[str, Any], root: Path) -> list[str]:
     """The stages the config asks for, plus any the manifest or the directory already has."""
     names = {STAGE1}
-    if cfg is not None:
+    if cfg is not None and cfg.self_training.mode == "online":
+        names.add(ONLINE)
+    elif cfg is not None:
         names.update(round_name(k) for k in range(1, cfg.self_training.rounds + 1))
     names.update(str(k) for k in manifest.get("stages", {}))
     names.update(RunDir(root).stage_names())
@@ -218,7 +230,7 @@ def read_run(run_dir: str | Path) -> RunContents:
     curves = _read_json(run.curves, notes, "the evaluation history")
     metrics = _read_json(run.final_metrics, notes, "the final metrics")
     stages = [_stage_info(root, n, manifest["stages"].get(n, {})) for n in planned_stages(cfg, manifest, root)]
-    rounds = [_round_labels(root, s.name) for s in stages if s.name != STAGE1]
+    rounds = [_round_labels(root, s.name) for s in stages if s.name not in (STAGE1, ONLINE)]  # online: no label files
     return RunContents(
         root=root,
         config_text=text,

@@ -31,7 +31,7 @@ from dast.training.graphs import GraphedUpdate
 from dast.training.optim import OptimizerSettings, build_optimizers, poly_lr, set_lrs
 from dast.training.plans import AdversarialWarmup, StagePlan, adversarial_warmup, step_settings
 from dast.training.runtime import Runtime
-from dast.training.step import Batch, StepContext, StepModels
+from dast.training.step import Batch, ExtraLosses, StepContext, StepModels
 from dast.training.updates import PlainUpdate, ScaledUpdate, UpdatePolicy, needs_loss_scaling
 
 
@@ -70,8 +70,9 @@ class StepResult:
 def choose_update(
     ctx: StepContext, runtime: Runtime, warmup: AdversarialWarmup | None, graph_warmup: int
 ) -> UpdatePolicy:
-    """The update policy the runtime's levers call for: graphs, fp16 scaling, or plain."""
-    if runtime.levers.cuda_graphs:
+    """The update policy the runtime's levers call for: graphs, fp16 scaling, or plain. A
+    step with extra losses (the online stage draws its mixes on the host) is never graphed."""
+    if runtime.levers.cuda_graphs and ctx.extra is None:
         return GraphedUpdate(ctx, warmup=graph_warmup, with_adv_scale=warmup is not None)
     if needs_loss_scaling(runtime.levers.amp_dtype):
         return ScaledUpdate(runtime.device)
@@ -106,11 +107,15 @@ class Engine:
         wrap: Callable[[Networks], StepModels] | None = None,
         log: logging.Logger | None = None,
         graph_warmup: int = 3,
+        extra: ExtraLosses | None = None,
     ) -> Engine:
-        """The engine of ``plan`` for ``nets`` on ``runtime`` (``wrap``: the DDP wrapping)."""
+        """The engine of ``plan`` for ``nets`` on ``runtime`` (``wrap``: the DDP wrapping;
+        ``extra``: segmentor losses beyond DAST's, e.g. the online stage's)."""
         tr, adv, levers = cfg.train, cfg.adversarial, runtime.levers
         if log is not None and cfg.runtime.cuda_graphs and not levers.cuda_graphs:
             log.warning("%s: CUDA graphs are off (%s); running eagerly", plan.name, levers.why.get("cuda_graphs"))
+        elif log is not None and levers.cuda_graphs and extra is not None:
+            log.warning("%s: CUDA graphs are off for the online stage (it draws its mixes on the host)", plan.name)
         discs = (
             [nets.discoverer if adv.discoverer else None, nets.corrector if adv.corrector else None]
             if plan.adversarial
@@ -131,7 +136,7 @@ class Engine:
         mults = (1.0,) if len(seg_opt.param_groups) == 1 else (1.0, plan.head_lr_mult)
         schedule = LrSchedule(settings.lr, settings.lr_d, plan.poly_steps, tr.power, mults)
         models = wrap(nets) if wrap else StepModels(nets.segmentor, nets.discoverer, nets.corrector)
-        ctx = StepContext(models, seg_opt, disc_opt, step_settings(cfg, plan), runtime.autocast)
+        ctx = StepContext(models, seg_opt, disc_opt, step_settings(cfg, plan), runtime.autocast, extra)
         return cls(plan, runtime, ctx, schedule, warmup=adversarial_warmup(cfg, plan), graph_warmup=graph_warmup)
 
     @property

@@ -253,7 +253,9 @@ class LogHook(Hook):
             source, target = loop.current
             self.log_images(loop.nets, target if target is not None else source, plan, plan.global_offset + step)
         if s.digest_every and step % s.digest_every == 0:
-            _write_digest(loop.run_digests, plan.name, step, loop.nets)
+            nets = loop.nets
+            networks = {"segmentor": nets.segmentor, "discoverer": nets.discoverer, "corrector": nets.corrector}
+            write_digest(loop.run_digests, plan.name, step, parameter_digest(networks))
         now = time.monotonic()
         if s.heartbeat and main and (now - self._last_beat >= s.heartbeat_every or step == plan.steps):
             self._last_beat = now
@@ -439,17 +441,20 @@ def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
             d.copy_(s)
 
 
-def parameter_digest(nets: Networks) -> dict[str, float]:
-    """float64 sums of every network's parameters (equal on all ranks of a DDP run)."""
+def parameter_digest(modules: dict[str, torch.nn.Module | None], buffers: bool = False) -> dict[str, float]:
+    """float64 sums of every module's parameters (and, with ``buffers``, its buffers): equal
+    on all ranks of a DDP run whose modules are equal."""
     out = {}
-    for name, m in (("segmentor", nets.segmentor), ("discoverer", nets.discoverer), ("corrector", nets.corrector)):
+    for name, m in modules.items():
         if m is not None:
-            out[name] = float(sum(p.detach().double().sum().item() for p in m.parameters()))
-            out[name + "_abs"] = float(sum(p.detach().double().abs().sum().item() for p in m.parameters()))
+            tensors = list(m.parameters()) + (list(m.buffers()) if buffers else [])
+            out[name] = float(sum(t.detach().double().sum().item() for t in tensors))
+            out[name + "_abs"] = float(sum(t.detach().double().abs().sum().item() for t in tensors))
     return out
 
 
-def _write_digest(path: Path, stage: str, step: int, nets: Networks) -> None:
+def write_digest(path: Path, stage: str, step: int, digest: dict[str, float]) -> None:
+    """Append one digest record to a rank's ``digests/rank<r>.jsonl``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps({"stage": stage, "step": step, **parameter_digest(nets)}) + "\n")
+        fh.write(json.dumps({"stage": stage, "step": step, **digest}) + "\n")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from dast.atomic import remove_stale_temps
 from dast.config import Config
@@ -26,8 +26,10 @@ from dast.models.io import Networks, assign_weights
 from dast.rundir import RunDir, StageDir
 from dast.training.engine import Engine
 from dast.training.hooks import Hook, HookInputs, StageState, StageView, default_hooks
+from dast.training.online.recipe import online_parts
+from dast.training.online.sampling import RareClassCrops, RareClassSampler, cached_class_pixels, rcs_plan
 from dast.training.plans import StagePlan
-from dast.training.runtime import Runtime
+from dast.training.runtime import Runtime, barrier
 from dast.training.sampler import StepSampler
 from dast.training.signals import SignalFlag, TrainingInterrupted
 from dast.training.snapshots import prune_best_files
@@ -45,15 +47,46 @@ class StageResult:
 
 
 class StageData:
-    """The source and (when the stage reads it) target batches, resumable at any step."""
+    """The source and (when the stage reads it) target batches, resumable at any step.
 
-    def __init__(self, cfg: Config, plan: StagePlan, runtime: Runtime, source: Any, target: Any | None) -> None:
+    With ``source.rare_class_sampling`` the source images are drawn by class rarity
+    (:mod:`dast.training.online.sampling`; its class statistics are cached beside the dataset
+    or, for generated and read-only datasets, in ``cache_dir``)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        plan: StagePlan,
+        runtime: Runtime,
+        source: Any,
+        target: Any | None,
+        cache_dir: Path | None = None,
+    ) -> None:
         self.cfg, self.plan, self.runtime, self.source, self.target = cfg, plan, runtime, source, target
+        self.cache_dir = cache_dir
         self.iters: list[Iterator[dict[str, Any]] | None] = [None, None]
+
+    def _rare_class_source(self, seed: int, start: int) -> tuple[Any, Sampler[int]]:
+        """The source read through rare-class sampling: rank 0 counts (and caches) the class
+        pixels first, the other ranks then read its cache."""
+        rcs, rt = self.cfg.source.rare_class_sampling, self.runtime
+        assert rcs is not None
+        if rt.is_main:
+            pixels = cached_class_pixels(self.source, self.cfg.source.root, self.cache_dir)
+        barrier(rt)
+        if not rt.is_main:
+            pixels = cached_class_pixels(self.source, self.cfg.source.root, self.cache_dir, show_progress=False)
+        plan = rcs_plan(pixels, rcs.temperature, rcs.min_pixels)
+        sampler = RareClassSampler(plan, self.cfg.train.batch_size, seed, start, rt.rank, rt.world_size)
+        return RareClassCrops(self.source, rcs.min_pixels, rcs.min_crop_ratio), sampler
 
     def _loader(self, ds: Any, seed: int, start: int) -> Iterator[dict[str, Any]]:
         tr, rt = self.cfg.train, self.runtime
-        sampler = StepSampler(len(ds), tr.batch_size, seed, start, rt.rank, rt.world_size)
+        sampler: Sampler[int]
+        if ds is self.source and self.cfg.source.rare_class_sampling is not None:
+            ds, sampler = self._rare_class_source(seed, start)
+        else:
+            sampler = StepSampler(len(ds), tr.batch_size, seed, start, rt.rank, rt.world_size)
         return iter(
             DataLoader(
                 ds,
@@ -212,9 +245,14 @@ class StageRun:
 def run_stage(cfg: Config, plan: StagePlan, nets: Networks, rt: Runtime, stage_dir: Path, run: StageRun) -> StageResult:
     """Train one stage to ``plan.steps`` (resuming from its latest checkpoint), then write
     ``selected.safetensors``."""
-    engine = Engine.build(plan, cfg, nets, rt, wrap=run.wrap, log=run.log)
+    extra_hooks = list(run.extra_hooks)
+    recipe = None
+    if plan.kind == "online":
+        recipe, teacher = online_parts(cfg, nets, rt.autocast, rt.rank, run.log)
+        extra_hooks.insert(0, teacher)
+    engine = Engine.build(plan, cfg, nets, rt, wrap=run.wrap, log=run.log, extra=recipe)
     s = engine.ctx.settings
-    reads_target = plan.adversarial or s.attention or plan.pseudo_labels or s.forward_target
+    reads_target = plan.adversarial or s.attention or plan.pseudo_labels or s.forward_target or recipe is not None
     loop = StageLoop(
         cfg=cfg,
         plan=plan,
@@ -225,7 +263,7 @@ def run_stage(cfg: Config, plan: StagePlan, nets: Networks, rt: Runtime, stage_d
         log=run.log,
         stop=run.stop,
         run_digests=RunDir(stage_dir.parent).digests(rt.rank),
-        data=StageData(cfg, plan, rt, run.source, run.target if reads_target else None),
-        hooks=default_hooks(cfg, plan, run.inputs, run.extra_hooks),
+        data=StageData(cfg, plan, rt, run.source, run.target if reads_target else None, stage_dir.parent),
+        hooks=default_hooks(cfg, plan, run.inputs, extra_hooks),
     )
     return loop.run()

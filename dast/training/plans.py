@@ -1,6 +1,7 @@
 """From a resolved config to what each stage trains: the one translation of the config.
 
-* :func:`stage_plans` — the stages of a run (stage 1, then the self-training rounds), used
+* :func:`stage_plans` — the stages of a run (stage 1, then the self-training rounds or the
+  online stage), used
   by the pipeline, ``dast bench`` and the benchmark scripts alike;
 * :func:`step_settings` — what one iteration of a stage computes;
 * :func:`adversarial_warmup` — the optional warm-up of stage 1's adversarial terms.
@@ -14,17 +15,20 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dast.config import Config
-from dast.rundir import STAGE1, round_name
+from dast.rundir import ONLINE, STAGE1, round_name
 from dast.training.step import StepSettings
 
 BatchNormMode = Literal["train", "frozen"]
+StageKind = Literal["adversarial", "round", "online"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class StagePlan:
     """What one stage trains.
 
-    ``index`` is 0 for stage 1 and k for round k; ``pseudo_labels``: the target batches
+    ``kind``: stage 1 (``adversarial``, also for source-only and oracle runs), an offline
+    self-training ``round``, or the ``online`` stage with a mean teacher.
+    ``index`` is 0 for stage 1 and k for round k (1 for the online stage); ``pseudo_labels``: the target batches
     carry the round's pseudo labels; ``global_offset``: the iterations of the earlier
     stages (for plots); ``lr_mult``: the data-parallel learning-rate scaling;
     ``batchnorm``: ``frozen`` trains with the networks in eval mode (the released
@@ -32,6 +36,7 @@ class StagePlan:
     """
 
     name: str
+    kind: StageKind
     index: int
     steps: int
     poly_steps: int
@@ -59,6 +64,7 @@ def stage_plans(cfg: Config, world: int) -> list[StagePlan]:
     plans = [
         StagePlan(
             name=STAGE1,
+            kind="adversarial",
             index=0,
             steps=tr.steps,
             poly_steps=tr.poly_steps,
@@ -74,10 +80,13 @@ def stage_plans(cfg: Config, world: int) -> list[StagePlan]:
             eval_every=tr.eval_every,
         )
     ]
+    if st.mode == "online":
+        return plans + [_online_plan(cfg, has_disc, mult)]
     for k in range(1, st.rounds + 1):
         plans.append(
             StagePlan(
                 name=round_name(k),
+                kind="round",
                 index=k,
                 steps=st.steps,
                 poly_steps=st.poly_steps,
@@ -94,6 +103,30 @@ def stage_plans(cfg: Config, world: int) -> list[StagePlan]:
             )
         )
     return plans
+
+
+def _online_plan(cfg: Config, has_disc: bool, mult: float) -> StagePlan:
+    """The online stage: ``self_training.steps`` iterations at the stage-2 learning rates, the
+    students's BatchNorm in train mode, stage 1's adversarial terms kept or dropped."""
+    tr, st = cfg.train, cfg.self_training
+    assert st.head_lr_mult is not None and st.lr is not None and st.poly_steps is not None
+    return StagePlan(
+        name=ONLINE,
+        kind="online",
+        index=1,
+        steps=st.steps,
+        poly_steps=st.poly_steps,
+        lr=st.lr,
+        head_lr_mult=st.head_lr_mult,
+        duplicate_params=False,
+        adversarial=has_disc and st.online.adversarial == "keep",
+        mu=st.mu,
+        pseudo_labels=False,
+        global_offset=tr.steps,
+        lr_mult=mult,
+        batchnorm="train",
+        eval_every=st.eval_every or tr.eval_every,
+    )
 
 
 def step_settings(cfg: Config, plan: StagePlan) -> StepSettings:

@@ -16,7 +16,7 @@ from dast.errors import ConfigError, UserError
 from dast.models.build import check_output_stride
 from dast.models.io import ModelSpec, Networks, build_networks, load_state_strict, split_prefixed
 from dast.models.known_weights import random_init_warning
-from dast.rundir import ROUND_RE, RunDir
+from dast.rundir import RunDir, is_second_stage
 from dast.training.runtime import Runtime
 
 
@@ -40,7 +40,7 @@ def check_resume_config(stored: Config, requested: Config, manifest: dict[str, A
     second round has started: the later stages were built on the shorter results.
     """
     diffs = config_diff(stored, requested)
-    rounds = [k for k in manifest.get("stages", {}) if ROUND_RE.match(k)]
+    rounds = [k for k in manifest.get("stages", {}) if is_second_stage(k)]
     bad = []
     for key in diffs:
         if key in GROWABLE:
@@ -206,7 +206,7 @@ def prepare_run_dir(run_dir: Path, cfg: Config | None, resume: bool, force: bool
         manifest = read_manifest(paths)
         # a round whose pseudo labels exist has started, even before the manifest says so
         for name in paths.stage_names():
-            if ROUND_RE.match(name):
+            if is_second_stage(name):
                 manifest.setdefault("stages", {}).setdefault(name, {"status": "started"})
         check_resume_config(stored, cfg, manifest, force)
         return cfg

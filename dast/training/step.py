@@ -31,9 +31,9 @@ graph (:mod:`dast.training.graphs`); the decision to apply the updates is the po
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -105,15 +105,34 @@ class Batch:
     yt: Tensor | None = None
 
 
+class ExtraLosses(Protocol):
+    """Segmentor losses beyond DAST's, e.g. online self-training's (:mod:`dast.training.online`).
+
+    ``source_loss`` gets the source features E(x_s) of the source phase and returns a term
+    added to L_seg before its backward (or None). ``loss_fns`` returns thunks, each running its
+    own forward passes through ``student`` (the target path: E, the attention, P) and returning
+    a loss; each is backpropagated into the segmentor before the next is called (so one graph
+    lives at a time, and under DDP each backward follows its own forward).
+    """
+
+    def source_loss(self, features: Tensor, batch: Batch, out: dict[str, Tensor]) -> Tensor | None: ...
+
+    def loss_fns(
+        self, student: Callable[[Tensor], Tensor], batch: Batch, out: dict[str, Tensor]
+    ) -> list[Callable[[], Tensor]]: ...
+
+
 @dataclass
 class StepContext:
-    """What every step function works with besides the batch: the engine owns one."""
+    """What every step function works with besides the batch: the engine owns one.
+    ``extra``: the segmentor's losses beyond DAST's (None: DAST only)."""
 
     models: StepModels
     seg_opt: torch.optim.Optimizer
     disc_opt: torch.optim.Optimizer | None
     settings: StepSettings
     autocast: Autocast
+    extra: ExtraLosses | None = None
 
 
 class DiscriminatorTerm(NamedTuple):
@@ -222,7 +241,7 @@ def _wiring(
         attention=attention,
         reuse=reuse,
         need_target=use_d or use_c or attention or has_pseudo or settings.forward_target,
-        target_loss=use_d or use_c or attention or has_pseudo,
+        target_loss=use_d or use_c or has_pseudo,  # the attention alone adds no loss
         disc=disc,
         corr=corr,
         seg_inputs=seg_params if reuse and (disc is not None or corr is not None) else None,
@@ -240,21 +259,60 @@ def _adversarial(term: Tensor, weight: float, scale: Tensor | float | None) -> T
     return weighted if scale is None else weighted * scale
 
 
+def _sync_unless(models: StepModels, later: bool) -> contextlib.AbstractContextManager[object]:
+    """DDP's ``no_sync`` when another segmentor backward follows (gradients are all-reduced
+    once, at the last one), else nothing."""
+    return models.seg_no_sync() if (models.seg_no_sync is not None and later) else contextlib.nullcontext()
+
+
 def source_phase(
-    p: _Wiring, models: StepModels, images: Tensor, labels: Tensor, autocast: Autocast, out: dict[str, Tensor]
+    p: _Wiring,
+    models: StepModels,
+    batch: Batch,
+    autocast: Autocast,
+    out: dict[str, Tensor],
+    *,
+    later: bool,
+    extra: ExtraLosses | None = None,
 ) -> _Flow:
-    """L_seg on the source batch and its backward (no gradient all-reduce yet under DDP
-    when a second backward follows; ``forward_target`` alone has none)."""
-    no_sync = models.seg_no_sync if (models.seg_no_sync is not None and p.target_loss) else contextlib.nullcontext
-    with no_sync():
+    """L_seg on the source batch (plus ``extra``'s term on the source features) and its
+    backward; no gradient all-reduce yet under DDP when a ``later`` backward follows
+    (``forward_target`` alone has none)."""
+    with _sync_unless(models, later):
         with autocast():
-            f_s = p.extract(images)
+            f_s = p.extract(batch.xs)
             logits_s = p.predict(f_s)
-        up_s = losses.upsample(_full(logits_s), losses.spatial_size(labels))
-        l_seg = losses.segmentation_loss(up_s, labels)
-        p.backward(l_seg, p.seg_inputs)
+        up_s = losses.upsample(_full(logits_s), losses.spatial_size(batch.ys))
+        l_seg = losses.segmentation_loss(up_s, batch.ys)
+        more = extra.source_loss(f_s, batch, out) if extra is not None else None
+        p.backward(l_seg if more is None else l_seg + more, p.seg_inputs)
     out["loss/seg"] = l_seg.detach()
     return _Flow(f_s=f_s, up_s=up_s)
+
+
+def _student(p: _Wiring, autocast: Autocast) -> Callable[[Tensor], Tensor]:
+    """The segmentor's target path as a function of the images: logits (E, attention, P)."""
+
+    def forward(images: Tensor) -> Tensor:
+        with autocast():
+            f = p.extract(images)
+            if p.attention:
+                f, _ = attend(f, p.discoverer(f))
+            return p.predict(f)
+
+    return forward
+
+
+def extra_phase(p: _Wiring, models: StepModels, fns: Sequence[Callable[[], Tensor]], out: dict[str, Tensor]) -> Tensor:
+    """The extra losses' own forward passes, each backpropagated into the segmentor (DDP
+    all-reduces at the last segmentor backward of the iteration); returns their detached sum."""
+    total = out["loss/seg"].new_zeros((), dtype=torch.float32)
+    for k, fn in enumerate(fns):
+        with _sync_unless(models, later=p.target_loss or k < len(fns) - 1):
+            loss = fn()
+            p.backward(loss, p.seg_inputs)
+        total = total + loss.detach().float()
+    return total
 
 
 def _target_forward(p: _Wiring, images: Tensor, autocast: Autocast, flow: _Flow) -> None:
@@ -447,8 +505,11 @@ def compute_gradients(
         _set_requires_grad(p.disc, False)
         _set_requires_grad(p.corr, False)
     out: dict[str, Tensor] = {}
-    flow = source_phase(p, models, batch.xs, batch.ys, ctx.autocast, out)
+    fns = ctx.extra.loss_fns(_student(p, ctx.autocast), batch, out) if ctx.extra is not None else []
+    flow = source_phase(p, models, batch, ctx.autocast, out, later=p.target_loss or bool(fns), extra=ctx.extra)
     total = out["loss/seg"]
+    if fns:
+        total = total + extra_phase(p, models, fns, out)
     if p.need_target:
         total = total + target_phase(p, settings, batch.xt, batch.yt, ctx.autocast, flow, out, adv_scale)
     if not p.reuse:
