@@ -81,7 +81,7 @@ class DatasetConfig(_Strict):
     domain: Literal["source", "target"] = "source"  # synthetic datasets
     count: int = Field(default=200, ge=1)  # synthetic datasets
     # synthetic datasets: what differs between the domains
-    shift: Literal["appearance", "appearance+layout"] = "appearance"
+    shift: Literal["appearance", "appearance+layout", "photographic"] = "appearance"
     augment: AugmentConfig = AugmentConfig()
     on_corrupt: Literal["fail", "skip"] = "fail"
 
