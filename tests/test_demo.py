@@ -17,6 +17,7 @@ from dast.cli import main
 from dast.config import deep_merge, from_tree, load_config, load_yaml_tree
 from dast.demo import DEMO_CONFIG, RUNS, SHIFTS, VARIANTS, demo_tree, gap_recovered, run_trees, summarize_seeds
 from dast.demo.config import timm_overrides
+from dast.demo.figures import write_domains_figure
 from dast.demo.runner import _train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,3 +178,11 @@ def test_demo_seeds_cli_trains_every_seed_on_the_chosen_shift(
     assert report["shift"] == shift and report["seeds"] == [0, 1]
     assert report["per_seed"] == {"0": "seed0/report.json", "1": "seed1/report.json"}
     assert "seeds 0, 1" in capsys.readouterr().out
+
+
+def test_domains_figure_shows_one_label_column_when_the_domains_share_their_layouts(tmp_path: Path) -> None:
+    for shift, columns in (("photographic", 3), ("appearance", 3), ("appearance+layout", 4)):
+        path = tmp_path / f"{shift}.png"
+        write_domains_figure(path, shift, indices=(0, 1), size=(64, 32))
+        with Image.open(path) as im:  # 2.6 inches per column at 100 dpi
+            assert im.format == "PNG" and im.size[0] == 260 * columns, shift
