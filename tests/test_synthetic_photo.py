@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from dast.cli import main
-from dast.data import photo_textures
+from dast.data import photo_textures, synthetic
 from dast.data.photo_textures import SWATCHES, Swatch, Texture, data_dir, photo, sample, shade, sources, texture
 from dast.data.synthetic import NUM_CLASSES, SYNTHETIC_CLASSES, generate_scene
 from dast.errors import UserError
@@ -238,3 +238,13 @@ def test_make_data_cli_photographic(tmp_path: Path, capsys: pytest.CaptureFixtur
     for domain in ("source", "target"):
         with Image.open(out / domain / "images" / f"{domain}_00001.png") as im:
             np.testing.assert_array_equal(np.asarray(im), generate_scene(domain, 1, 0, (48, 32), PHOTO)[0])
+
+
+def test_every_painted_pixel_lies_inside_its_objects_texture_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An object's texture layer is zero outside the object's box: a part drawn beyond it
+    would come out black. Before the camera effects no pixel of the target is black."""
+    monkeypatch.setattr(synthetic, "_camera", lambda canvas, rng, grain=True: canvas.img)
+    for size in ((128, 64), (256, 128)):
+        for i in range(30):
+            img, _ = generate_scene("target", i, i % 3, size, PHOTO)
+            assert (img.astype(int).sum(-1) > 0).all(), (size, i)
