@@ -1,9 +1,9 @@
 """Why does DA / DAST rank as it does on the demo? Table 3's ablation on the synthetic domains,
 plus the precision of the demo's pseudo labels.
 
-Part 1 (``--seeds``): trains, on the demo config (``dast.demo.DEMO_CONFIG``), the rows of the
-paper's Table 3 as stage 1 only, and scores each run's last and selected snapshot on the
-target val set:
+Part 1 (``--seeds``): trains, on the demo config (``dast.demo.DEMO_CONFIG``, on the synthetic
+domains of ``--shift``, by default the demo's), the rows of the paper's Table 3 as stage 1
+only, and scores each run's last and selected snapshot on the target val set:
 
 * ``baseline`` — AdaptSegNet: output-space discriminator, sigmoid BCE, at the demo baseline's
   lambda (``BASELINE_LAMBDA``);
@@ -20,12 +20,12 @@ Prints one JSON object; ``--out`` also writes it. Example (2 cores: about 4 min 
 
     python benchmarks/demo_ablation.py --seeds 0 1 2 --work /tmp/ablation \
         --demo-dirs /tmp/demo_s0 /tmp/demo_s1 /tmp/demo_s2
+    python benchmarks/demo_ablation.py --seeds 0 1 2 --shift photographic --work /tmp/ablation_photo
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -37,7 +37,8 @@ import yaml
 
 from dast.atomic import write_json
 from dast.config import deep_merge
-from dast.demo import DEMO_CONFIG, NO_ADVERSARY, evaluate_checkpoint, train_runs
+from dast.data.synthetic import SHIFTS
+from dast.demo import NO_ADVERSARY, demo_tree, evaluate_checkpoint, train_runs
 from dast.demo.config import BASELINE_LAMBDA
 from dast.demo.runner import datasets
 from dast.rundir import STAGE1, DemoDir, RunDir
@@ -63,9 +64,10 @@ ROWS: dict[str, dict[str, Any]] = {
 }
 
 
-def row_trees(seed: int) -> dict[str, dict[str, Any]]:
-    """The stage-1 config of every Table-3 row for one seed."""
-    base = deep_merge(copy.deepcopy(DEMO_CONFIG), {**STAGE1_ONLY, "seed": seed})
+def row_trees(seed: int, shift: str | None = None) -> dict[str, dict[str, Any]]:
+    """The stage-1 config of every Table-3 row for one seed, on the domains of ``shift``
+    (None: the demo's own)."""
+    base = demo_tree(seed=seed, shift=shift, overrides=STAGE1_ONLY)
     return {name: deep_merge(base, change) for name, change in ROWS.items()}
 
 
@@ -73,10 +75,10 @@ def score(checkpoint: Path, val: Any) -> float:
     return float(evaluate_checkpoint(checkpoint, val)[0]["miou"])
 
 
-def ablation(seeds: list[int], work: Path, workers: int) -> dict[str, Any]:
+def ablation(seeds: list[int], work: Path, workers: int, shift: str | None = None) -> dict[str, Any]:
     per_seed: dict[str, dict[str, dict[str, float]]] = {}
     for seed in seeds:
-        trees = row_trees(seed)
+        trees = row_trees(seed, shift)
         runs = work / f"seed{seed}"
         train_runs(trees, runs, workers, progress=False)
         cfg, val, _ = datasets(trees["da"])
@@ -95,7 +97,7 @@ def ablation(seeds: list[int], work: Path, workers: int) -> dict[str, Any]:
                 "min": round(min(vals), 2),
                 "max": round(max(vals), 2),
             }
-    return {"per_seed": per_seed, "summary": summary}
+    return {"shift": demo_tree(shift=shift)["target"]["shift"], "per_seed": per_seed, "summary": summary}
 
 
 def demo_pseudo_labels(demo_dir: Path) -> dict[str, Any]:
@@ -110,12 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="*", default=[], help="run the Table-3 ablation for these seeds")
     ap.add_argument("--work", type=Path, default=Path("ablation_runs"), help="run folders (resumed if present)")
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="runs trained at the same time")
+    ap.add_argument(
+        "--shift",
+        choices=SHIFTS,
+        default=None,
+        help="the synthetic domains of the ablation (default: the demo's; use its own --work folder)",
+    )
     ap.add_argument("--demo-dirs", type=Path, nargs="*", default=[], help="finished `dast demo` folders to analyse")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args(argv)
     result: dict[str, Any] = {}
     if args.seeds:
-        result["ablation"] = ablation(args.seeds, args.work, args.workers)
+        result["ablation"] = ablation(args.seeds, args.work, args.workers, args.shift)
     if args.demo_dirs:
         result["pseudo_labels"] = {str(d): demo_pseudo_labels(d) for d in args.demo_dirs}
     print(json.dumps(result, indent=1))

@@ -20,6 +20,9 @@ information: nothing is chosen on it. Prints a Markdown table and writes JSON wi
     python benchmarks/demo_sweep.py stage1 --seeds 100 101 --work /tmp/sweep --out stage1.json
     python benchmarks/demo_sweep.py self-training --seeds 100 101 --work /tmp/sweep \\
         --stage1-setting <best stage-1 setting> --out st.json
+
+``--shift`` sweeps another pair of synthetic domains (e.g. ``--shift photographic``; use its
+own ``--work`` folder, since run folders are named by setting and seed only).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Any
 from dast.atomic import write_json
 from dast.checkpoint import read_meta
 from dast.config import deep_merge
+from dast.data.synthetic import SHIFTS
 from dast.demo import demo_tree, run_trees, train_runs
 from dast.rundir import RunDir
 
@@ -316,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     p.add_argument("--quick", action="store_true", help="the --quick demo sizes (a smoke test of the sweep)")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--shift", choices=["appearance", "appearance+layout"], default=None)
+    p.add_argument("--shift", choices=SHIFTS, default=None, help="the synthetic domains' shift (default: the demo's)")
     p.add_argument("--stage1-setting", default=None, help="the stage-1 setting the rounds start from")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)

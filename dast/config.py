@@ -93,7 +93,7 @@ class DatasetConfig(_Strict):
     domain: Literal["source", "target"] = "source"  # synthetic datasets
     count: int = Field(default=200, ge=1)  # synthetic datasets
     # synthetic datasets: what differs between the domains
-    shift: Literal["appearance", "appearance+layout"] = "appearance"
+    shift: Literal["appearance", "appearance+layout", "photographic"] = "appearance"
     augment: AugmentConfig = AugmentConfig()
     on_corrupt: Literal["fail", "skip"] = "fail"
     # a labelled source: sample images by class rarity (null: uniformly, as the paper)

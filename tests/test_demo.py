@@ -12,10 +12,12 @@ import torch
 from conftest import TINY
 from PIL import Image
 
+import dast.demo
 from dast.cli import main
 from dast.config import deep_merge, from_tree, load_config, load_yaml_tree
-from dast.demo import DEMO_CONFIG, RUNS, VARIANTS, demo_tree, gap_recovered, run_trees, summarize_seeds
+from dast.demo import DEMO_CONFIG, RUNS, SHIFTS, VARIANTS, demo_tree, gap_recovered, run_trees, summarize_seeds
 from dast.demo.config import timm_overrides
+from dast.demo.figures import write_domains_figure
 from dast.demo.runner import _train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +27,7 @@ def test_configs_demo_yaml_is_the_demo_config() -> None:
     assert load_yaml_tree(REPO / "dast" / "configs" / "demo.yaml") == json.loads(json.dumps(DEMO_CONFIG))
 
 
-@pytest.mark.parametrize("shift", ["appearance", "appearance+layout"])
+@pytest.mark.parametrize("shift", SHIFTS)
 def test_demo_shift_reaches_every_dataset_of_every_variant(shift: str) -> None:
     for quick in (False, True):
         trees = run_trees(demo_tree(quick=quick, seed=3, shift=shift))
@@ -148,3 +150,39 @@ def test_training_a_run_in_process_restores_the_thread_count(tmp_path: Path) -> 
     _train(tree, tmp_path / "run", None, progress=False)
     assert torch.get_num_threads() == 2  # the run trains on one thread, then gives the caller's back
     assert (tmp_path / "run" / "final").is_dir()
+
+
+@pytest.mark.parametrize("shift", SHIFTS)
+def test_demo_seeds_cli_trains_every_seed_on_the_chosen_shift(
+    shift: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """`dast demo --shift S --seeds 0,1`: every seed's demo gets S, and so does every dataset
+    of every run it would train (the training itself is replaced by a record of the call)."""
+    calls = []
+
+    def fake_run_demo(out, *, quick, seed, progress, workers, shift, overrides):
+        used = set()
+        for name, tree in run_trees(demo_tree(quick=quick, seed=seed, shift=shift, overrides=overrides)).items():
+            cfg = from_tree(tree, name)
+            used |= {(d.shift, d.domain) for d in (cfg.source, cfg.target, cfg.val) if d is not None}
+        calls.append((Path(out).name, seed, shift, used))
+        return {"seed": seed, "variants": {v: {"miou": 40.0 + seed, "last": {"miou": 41.0}} for v in VARIANTS}}
+
+    monkeypatch.setattr(dast.demo, "run_demo", fake_run_demo)
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--quick", "--shift", shift, "--seeds", "0,1", "--no-progress"]
+    assert main(argv) == 0
+    both = {(shift, "source"), (shift, "target")}  # the oracle trains on the target domain
+    assert calls == [("seed0", 0, shift, both), ("seed1", 1, shift, both)]
+    report = json.loads((out / "report.json").read_text())
+    assert report["shift"] == shift and report["seeds"] == [0, 1]
+    assert report["per_seed"] == {"0": "seed0/report.json", "1": "seed1/report.json"}
+    assert "seeds 0, 1" in capsys.readouterr().out
+
+
+def test_domains_figure_shows_one_label_column_when_the_domains_share_their_layouts(tmp_path: Path) -> None:
+    for shift, columns in (("photographic", 3), ("appearance", 3), ("appearance+layout", 4)):
+        path = tmp_path / f"{shift}.png"
+        write_domains_figure(path, shift, indices=(0, 1), size=(64, 32))
+        with Image.open(path) as im:  # 2.6 inches per column at 100 dpi
+            assert im.format == "PNG" and im.size[0] == 260 * columns, shift

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from dast.config import from_tree
+from dast.data.synthetic import SHIFTS
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +52,16 @@ def test_self_training_rows_pin_the_batchnorm_mode_and_rate(sweep) -> None:
     assert st["q_0_3_s100"].portion == 0.3 and st["threshold_rule_s100"].rule == "threshold"
     # every round starts from the chosen stage 1
     assert {_adv(t) for t in trees.values()} == {(0.0025, 0.001, 0.03, 0.03)}
+
+
+def test_sweep_takes_every_shift(sweep, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for shift in SHIFTS:
+        trees = sweep.stage1_trees([100], quick=True, shift=shift)
+        trees.update(sweep.self_training_trees([100], True, shift, "lr 0.0025, ratio 2.5, lambda 0.03"))
+        for name, tree in trees.items():
+            cfg = from_tree(tree, name)
+            assert {d.shift for d in (cfg.source, cfg.target, cfg.val) if d is not None} == {shift}, name
+    with pytest.raises(SystemExit) as exc:
+        sweep.main(["stage1", "--work", str(tmp_path), "--shift", "layout"])
+    assert exc.value.code == 2 and "invalid choice: 'layout'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -150,10 +150,10 @@ def test_appearance_shift_pixel_shares_equal_and_every_class_present() -> None:
 
 def test_rejects_an_unknown_shift() -> None:
     with pytest.raises(
-        ValueError, match=r"unknown domain shift 'layout'; choose one of appearance, appearance\+layout"
+        ValueError, match=r"unknown domain shift 'layout'; choose one of appearance, appearance\+layout, photographic$"
     ):
         generate_scene("source", 0, 0, SIZE, shift="layout")
-    assert SHIFTS == ("appearance", "appearance+layout")
+    assert SHIFTS == ("appearance", "appearance+layout", "photographic")
 
 
 def test_synthetic_dataset_passes_its_shift() -> None:

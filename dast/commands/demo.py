@@ -24,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         name,
         help="run source-only, baseline, DA, DAST and oracle on synthetic domains",
         description="Train and compare the DAST variants on procedurally generated game-like and "
-        "camera-like street scenes, on the CPU. Writes DIR/report.json and figures.",
+        "camera-like (or, with --shift photographic, photo-textured) street scenes, on the CPU. "
+        "Writes DIR/report.json and figures.",
     )
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (about 30 s on 2 cores)")
@@ -41,8 +42,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         choices=SHIFTS,
         default=DEFAULT_SHIFT,
         help="what differs between the synthetic source and target: appearance only (a shared layout "
-        "distribution: textures, light, colours, optics) or appearance and layout (the original "
-        "demo domains); default: %(default)s",
+        "distribution: textures, light, colours, optics), appearance and layout (the original "
+        "demo domains), or photographic (the shared layout, with the target's surfaces textured "
+        "from real photographs); default: %(default)s",
     )
     p.add_argument(
         "--timm",

@@ -37,7 +37,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
         choices=SHIFTS,
         default=DEFAULT_SHIFT,
         help="what differs between the domains: appearance only (the same label maps for the same "
-        "seed and index) or appearance and layout (the original demo domains); default: %(default)s",
+        "seed and index), appearance and layout (the original demo domains), or photographic (the "
+        "same label maps; the target's surfaces textured from real photographs); default: %(default)s",
     )
     p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     return p

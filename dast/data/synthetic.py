@@ -11,7 +11,7 @@ engine differs from a car camera:
   clouds), cast shadows and uneven illumination, a per-image white balance and exposure,
   vignetting, lens blur and sensor noise.
 
-Two *shifts* are available:
+Three *shifts* are available:
 
 * ``appearance`` (the default): both domains draw their layout (horizon, vanishing
   point, street geometry, buildings, object counts, positions and sizes) from one
@@ -22,10 +22,14 @@ Two *shifts* are available:
   statistics as well (:data:`SOURCE_LAYOUT`: a high horizon, a wide road, few large
   objects; :data:`TARGET_LAYOUT`: a lower horizon, a narrower road, more and smaller
   objects), and one generator per domain draws everything.
+* ``photographic``: the layout as under ``appearance`` (the same label maps) and the same
+  game-like source, but the target's surfaces are textured with crops of real photographs
+  that ship inside scikit-image (:mod:`dast.data.photo_textures`), under the same camera
+  effects.
 
 Every scene is a pure function of ``(domain, index, seed, size, shift)``. The appearance
 generator is ``np.random.default_rng([seed, domain_id, index])``; under the appearance
-shift the layout generator is ``np.random.default_rng([seed, LAYOUT_STREAM, index])``.
+and photographic shifts the layout generator is ``np.random.default_rng([seed, LAYOUT_STREAM, index])``.
 See ``docs/synthetic.md``.
 """
 
@@ -43,6 +47,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dast.atomic import write_text, write_with
+from dast.data.photo_textures import SWATCHES, Texture, sample, shade, texture
 
 SYNTHETIC_CLASSES: tuple[tuple[str, tuple[int, int, int]], ...] = (
     ("road", (128, 64, 128)),
@@ -62,8 +67,10 @@ Range = tuple[float, float]
 Colour = tuple[float, float, float]
 
 
-SHIFTS: tuple[str, ...] = ("appearance", "appearance+layout")
+SHIFTS: tuple[str, ...] = ("appearance", "appearance+layout", "photographic")
 DEFAULT_SHIFT = "appearance"
+PHOTOGRAPHIC = "photographic"
+SHARED_LAYOUT_SHIFTS: tuple[str, ...] = ("appearance", PHOTOGRAPHIC)  # shifts whose domains share one layout
 LAYOUT_STREAM = 1000  # the layout generator's key in place of the domain id (0, 1)
 
 
@@ -233,7 +240,7 @@ class _Canvas:
     ) -> None:
         sl = self.box(x0, y0, x1, y1)
         if sl is not None:
-            self.paint(sl, None, cls, _shaded(colour, self.ys[sl[0]], y0, y1, shade))
+            self.paint(sl, None, cls, _fill(colour, sl, self.ys[sl[0]], y0, y1, shade))
 
     def ellipse(
         self, cx: float, cy: float, rx: float, ry: float, cls: int | None, colour: np.ndarray, shade: float = 0.0
@@ -243,7 +250,17 @@ class _Canvas:
             return
         ys, xs = self.ys[sl[0]], self.xs[:, sl[1]]
         mask = ((xs + 0.5 - cx) / max(rx, 0.5)) ** 2 + ((ys + 0.5 - cy) / max(ry, 0.5)) ** 2 <= 1.0
-        self.paint(sl, mask, cls, _shaded(colour, ys, cy - ry, cy + ry, shade))
+        self.paint(sl, mask, cls, _fill(colour, sl, ys, cy - ry, cy + ry, shade))
+
+
+def _fill(
+    colour: np.ndarray, sl: tuple[slice, slice], ys: np.ndarray, y0: float, y1: float, shade: float
+) -> np.ndarray:
+    """What a shape paints over ``sl``: an RGB ``colour`` (with its shading ramp), or the
+    slice of a full-canvas H x W x 3 colour layer (a photographic texture)."""
+    if colour.ndim == 3:
+        return colour[sl]
+    return _shaded(colour, ys, y0, y1, shade)
 
 
 def _shaded(colour: np.ndarray, ys: np.ndarray, y0: float, y1: float, shade: float) -> np.ndarray:
@@ -303,6 +320,42 @@ class _Painter:
     camera: bool  # the camera-like target domain
     geo: np.random.Generator
     ink: np.random.Generator
+    photo: bool = False  # the target of the photographic shift: surfaces textured from photographs
+
+
+def _swatch(p: _Painter, surface: str) -> Texture:
+    """One of the surface's photographic textures, chosen by the appearance generator."""
+    options = SWATCHES[surface]
+    return texture(options[int(p.ink.integers(len(options)))])
+
+
+def _photo(
+    p: _Painter, surface: str, u: np.ndarray, v: np.ndarray, m_per_px: np.ndarray, tint: np.ndarray
+) -> np.ndarray:
+    """``tint`` textured with a photograph of the surface, at surface coordinates in metres
+    (``u`` across, ``v`` down; ``m_per_px`` metres per pixel), from a random place of the photo."""
+    tex = _swatch(p, surface)
+    w, h = tex.size
+    u0, v0 = float(p.ink.uniform(0.0, 2.0 * w)), float(p.ink.uniform(0.0, 2.0 * h))
+    tpm = tex.texels_per_metre
+    return shade(sample(tex, u0 + u * tpm, v0 + v * tpm, m_per_px * tpm), tint, tex.colour)
+
+
+def _object_layer(
+    p: _Painter, surface: str, box: tuple[float, float, float, float], ppm: float, tint: np.ndarray
+) -> np.ndarray:
+    """A full-canvas colour layer: ``tint`` textured over ``box`` (x0, y0, x1, y1, padded by a
+    pixel) as a surface facing the camera at ``ppm`` pixels per metre; zero elsewhere."""
+    c = p.canvas
+    layer = np.zeros((c.h, c.w, 3), np.float32)
+    x0, y0, x1, y1 = box
+    sl = c.box(x0 - 1.0, y0 - 1.0, x1 + 1.0, y1 + 1.0)
+    if sl is not None:
+        ppm = max(ppm, 1e-3)
+        u = (c.xs[:, sl[1]] + 0.5 - x0) / ppm
+        v = (c.ys[sl[0]] + 0.5 - y0) / ppm
+        layer[sl] = _photo(p, surface, u, v, np.float32(1.0 / ppm), tint)
+    return layer
 
 
 def _street(p: _Painter) -> _Street:
@@ -319,6 +372,16 @@ def _draw_sky(p: _Painter, st: _Street) -> None:
     t = np.clip(c.ys / max(st.horizon, 1.0), 0.0, 1.0)[..., None]  # rows x 1 x 1
     top, bottom = _jitter(p.ink, look.sky_top, 8.0), _jitter(p.ink, look.sky_horizon, 6.0)
     sky = top * (1.0 - t) + bottom * t
+    if p.photo:  # a photographed sky stretched over the rows above the horizon
+        tex = _swatch(p, "sky")
+        tw, th = tex.size
+        span = float(p.ink.uniform(0.6, 1.0)) * tw  # texels across the image
+        u = float(p.ink.uniform(0.0, tw - span)) + (c.xs + 0.5) * (span / c.w)
+        rows = max(st.horizon, 1.0)
+        v = np.minimum((c.ys + 0.5) / rows, 1.0) * (th - 1)
+        c.img[:] = shade(sample(tex, u, v, max(span / c.w, th / rows)), sky, tex.colour)
+        c.label[:] = SKY
+        return
     sky = np.broadcast_to(sky, (c.h, c.w, 3)).copy()
     if p.camera:  # clouds
         clouds = np.clip(_smooth_noise(p.ink, c.w, c.h, (6, 3)) * 0.8, -1.0, 1.0)
@@ -355,6 +418,10 @@ def _draw_buildings(p: _Painter, st: _Street) -> None:
         colour = _pick(ink, look.facades, look.colour_jitter)
         top = float(max(tops.min(), 0.0))
         fill = colour if p.camera else _shaded(colour, ys, top, float(c.h), 0.2)
+        if p.photo:  # the wall of a street seen by a pinhole with a focal length of w pixels
+            base = ppm_base[sl[1]][None, :]
+            u, v = c.w / base, (ys + 0.5 - st.horizon) / base  # metres along the street, below the horizon
+            fill = _photo(p, "building", u, v, np.maximum(1.0 / base, c.w / (setback_m * base**2)), colour)
         c.paint(sl, mask, BUILDING, fill)
         # windows: a regular grid between the roof and the ground floor
         fx = (c.xs[:, sl[1]] - x0) / sx + float(ink.uniform(0, 1))
@@ -388,11 +455,21 @@ def _draw_ground(p: _Painter, st: _Street) -> None:
     sidewalk_col = _jitter(ink, look.sidewalk, look.colour_jitter)
     road_col = _jitter(ink, look.road, look.colour_jitter * 0.5)
     shade = 0.0 if p.camera else -0.25  # the game darkens the ground towards the horizon
-    c.paint((rows, slice(None)), outer, SIDEWALK, _shaded(sidewalk_col, ys - 0.5, st.horizon, c.h, shade))
-    c.paint((rows, slice(None)), road, ROAD, _shaded(road_col, ys - 0.5, st.horizon, c.h, shade))
+    side_fill = _shaded(sidewalk_col, ys - 0.5, st.horizon, c.h, shade)
+    road_fill = _shaded(road_col, ys - 0.5, st.horizon, c.h, shade)
+    kerb_fill = sidewalk_col * 0.75
+    if p.photo:  # the ground plane in perspective (pinhole, focal length w pixels)
+        near = np.maximum(ppm, 1e-3)
+        u, v = dx / near, c.w / near  # metres across and along the street
+        m_per_px = np.maximum(1.0 / near, c.w * st.px_per_m_row / near**2)
+        side_fill = _photo(p, "sidewalk", u, v, m_per_px, sidewalk_col)
+        road_fill = _photo(p, "road", u, v, m_per_px, road_col)
+        kerb_fill = side_fill * 0.75
+    c.paint((rows, slice(None)), outer, SIDEWALK, side_fill)
+    c.paint((rows, slice(None)), road, ROAD, road_fill)
     # kerb: a thin darker band at the road edge
     kerb = outer & ~road & (np.abs(dx) <= (st.road_half_m + 0.25) * ppm)
-    c.paint((rows, slice(None)), kerb, None, sidewalk_col * 0.75)
+    c.paint((rows, slice(None)), kerb, None, kerb_fill)
     # dashed centre line: dashes of equal ground length (period in 1 / depth)
     depth = 1.0 / np.maximum(ys - st.horizon, 0.5)
     dash = ((depth * (c.h * 2.0) + float(ink.uniform(0, 1))) % 1.0 < 0.5) & (np.abs(dx) <= 0.12 * ppm + 0.2)
@@ -404,6 +481,8 @@ def _draw_car(p: _Painter, x: float, y: float, ppm: float) -> None:
     c, look, camera = p.canvas, p.look, p.camera
     w, h = 1.8 * ppm * float(p.geo.uniform(0.9, 1.15)), 1.5 * ppm * float(p.geo.uniform(0.9, 1.1))
     paint = _pick(p.ink, look.car_paints, look.colour_jitter)
+    if p.photo:
+        paint = _object_layer(p, "car", (x - w / 2, y - h, x + w / 2, y), ppm, paint)
     glass = np.asarray((40, 50, 70) if camera else (90, 150, 210), np.float32)
     dark = np.asarray((20, 20, 22), np.float32)
     shade = 0.0 if camera else 0.4
@@ -425,6 +504,11 @@ def _draw_person(p: _Painter, x: float, y: float, ppm: float) -> None:
     top_col = _pick(p.ink, look.clothes, look.colour_jitter)
     legs_col = _pick(p.ink, look.clothes, look.colour_jitter) * 0.7
     skin = _jitter(p.ink, (224, 172, 140) if not camera else (176, 140, 120), 12.0)
+    if p.photo:
+        box = (x - w / 2, y - h, x + w / 2, y)
+        top_col = _object_layer(p, "clothes", box, ppm, top_col)
+        legs_col = _object_layer(p, "clothes", box, ppm, legs_col)
+        skin = _object_layer(p, "skin", box, ppm, skin)
     shade = 0.0 if camera else 0.3
     c.rect(x - 0.38 * w, y - 0.47 * h, x - 0.04 * w, y, PERSON, legs_col)
     c.rect(x + 0.04 * w, y - 0.47 * h, x + 0.38 * w, y, PERSON, legs_col)
@@ -438,9 +522,15 @@ def _draw_tree(p: _Painter, x: float, y: float, ppm: float) -> None:
     radius = float(geo.uniform(1.4, 2.4)) * ppm
     trunk = np.asarray((110, 80, 50) if not camera else (70, 62, 54), np.float32)
     leaves = _jitter(p.ink, p.look.vegetation, p.look.colour_jitter)
+    cy = y - trunk_h - radius * 0.8
+    if p.photo:  # the crown's box holds its two lumps too
+        trunk = _object_layer(
+            p, "bark", (x - 0.15 * ppm - 0.3, y - trunk_h - radius * 0.5, x + 0.15 * ppm + 0.3, y), ppm, trunk
+        )
+        crown = (x - 1.35 * radius, cy - 1.25 * radius, x + 1.35 * radius, cy + 1.05 * radius)
+        leaves = _object_layer(p, "vegetation", crown, ppm, leaves)
     c.rect(x - 0.15 * ppm - 0.3, y - trunk_h - radius * 0.5, x + 0.15 * ppm + 0.3, y, VEGETATION, trunk)
     shade = 0.0 if camera else 0.35
-    cy = y - trunk_h - radius * 0.8
     c.ellipse(x, cy, radius, radius * 1.05, VEGETATION, leaves, shade)
     for _ in range(2):  # a lumpy crown
         ox, oy = geo.uniform(-0.6, 0.6) * radius, geo.uniform(-0.5, 0.3) * radius
@@ -526,9 +616,11 @@ def _sensor(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return img + rng.standard_normal(img.shape).astype(np.float32) * (shot + float(rng.uniform(2.0, 5.0)))
 
 
-def _camera(c: _Canvas, rng: np.random.Generator) -> np.ndarray:
-    """Turn the painted target scene into a photograph: texture, light, optics, sensor."""
-    _texture(c.img, c.label, rng)
+def _camera(c: _Canvas, rng: np.random.Generator, grain: bool = True) -> np.ndarray:
+    """Turn the painted target scene into a photograph: texture (``grain``: the procedural one;
+    photographic surfaces bring their own), light, optics, sensor."""
+    if grain:
+        _texture(c.img, c.label, rng)
     _lighting(c.img, c.label, rng)
     return _sensor(_optics(c.img, rng), rng)
 
@@ -547,7 +639,9 @@ def generate_scene(
 
     ``size`` is (width, height), each at least 16. Label values index
     :data:`SYNTHETIC_CLASSES`. The result depends only on the arguments. Under the
-    ``appearance`` shift the label map does not depend on ``domain``.
+    ``appearance`` and ``photographic`` shifts the label map does not depend on ``domain``
+    (nor on which of the two shifts it is), and the photographic shift's source scenes are
+    the appearance shift's.
     """
     did = domain_id(domain)
     check_shift(shift)
@@ -557,17 +651,18 @@ def generate_scene(
     if index < 0 or seed < 0:
         raise ValueError(f"seed and index must be non-negative, got seed={seed} index={index}")
     ink = np.random.default_rng([int(seed), did, int(index)])
-    if shift == "appearance":
+    if shift in SHARED_LAYOUT_SHIFTS:
         geo, layout = np.random.default_rng([int(seed), LAYOUT_STREAM, int(index)]), SHARED_LAYOUT
     else:
         geo, layout = ink, _DOMAIN_LAYOUTS[domain]
-    p = _Painter(_Canvas(w, h), layout, _LOOKS[domain], domain == "target", geo, ink)
+    photo = shift == PHOTOGRAPHIC and domain == "target"
+    p = _Painter(_Canvas(w, h), layout, _LOOKS[domain], domain == "target", geo, ink, photo)
     st = _street(p)
     _draw_sky(p, st)
     _draw_buildings(p, st)
     _draw_ground(p, st)
     _draw_objects(p, st)
-    img = _camera(p.canvas, ink) if p.camera else p.canvas.img
+    img = _camera(p.canvas, ink, grain=not photo) if p.camera else p.canvas.img
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), p.canvas.label
 
 

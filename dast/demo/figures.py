@@ -1,6 +1,6 @@
 """The demo's figures: Figure 3 (with a class legend and an attention colour bar), the
-target mIoU during training, the discriminators' outputs, and the several-seed summary.
-Every figure names the seed(s) and the snapshots it shows."""
+target mIoU during training, the discriminators' outputs, the several-seed summary, and the
+synthetic domains themselves. Every figure names the seed(s) and the snapshots it shows."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from matplotlib.patches import Patch
 
 from dast.atomic import write_with
 from dast.contexts import eval_mode
+from dast.data.synthetic import SYNTHETIC_CLASSES, generate_scene
 from dast.inference.visualize import HEATMAP_CMAP, colorize
 from dast.models.io import Networks
 from dast.models.target_model import predict_full_res
@@ -165,4 +166,41 @@ def write_seeds_figure(path: Path, summary: dict[str, Any], seeds: Sequence[int]
     ax.set_title(f"dast demo over seeds {', '.join(map(str, seeds))} (reported snapshots; dots: seeds)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
+    _save(fig, path)
+
+
+def write_domains_figure(
+    path: Path, shift: str, *, seed: int = 0, indices: Sequence[int] = (0, 1, 2, 3), size: tuple[int, int] = (128, 64)
+) -> None:
+    """Scenes ``indices`` of both synthetic domains under ``shift`` with their label maps (one
+    label column when the two domains' maps are the same), and a legend of the classes."""
+    scenes = {d: [generate_scene(d, i, seed, size, shift) for i in indices] for d in ("source", "target")}
+    shared = all(np.array_equal(s[1], t[1]) for s, t in zip(scenes["source"], scenes["target"]))
+    columns = (
+        ["source", "target", "labels (both)"] if shared else ["source", "source labels", "target", "target labels"]
+    )
+    colors = [c for _, c in SYNTHETIC_CLASSES]
+    w, h = size
+    fig = Figure(figsize=(2.6 * len(columns), 2.6 * len(indices) * h / w + 1.2), dpi=100)
+    axes = fig.subplots(len(indices), len(columns), squeeze=False)
+    for r in range(len(indices)):
+        (src, src_label), (tgt, tgt_label) = scenes["source"][r], scenes["target"][r]
+        cells = (
+            [src, tgt, colorize(src_label, colors)]
+            if shared
+            else [src, colorize(src_label, colors), tgt, colorize(tgt_label, colors)]
+        )
+        for c, img in enumerate(cells):
+            ax = axes[r][c]
+            ax.imshow(img, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(columns[c], fontsize=9)
+            if c == 0:
+                ax.set_ylabel(f"scene {indices[r]}", fontsize=8)
+    handles = [Patch(color=(c[0] / 255.0, c[1] / 255.0, c[2] / 255.0), label=n) for n, c in SYNTHETIC_CLASSES]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(f"synthetic demo domains, shift {shift!r}, seed {seed}, {w}x{h}", fontsize=9)
+    fig.subplots_adjust(left=0.03, right=0.99, top=0.9, bottom=0.08, wspace=0.03, hspace=0.05)
     _save(fig, path)

@@ -1,0 +1,51 @@
+"""benchmarks/demo_ablation.py: the Table-3 rows on the demo config, on any synthetic shift."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from dast.config import deep_merge, from_tree
+from dast.data.synthetic import SHIFTS
+from dast.demo import DEMO_CONFIG
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_ablation.py"
+    spec = importlib.util.spec_from_file_location("demo_ablation", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rows_without_a_shift_are_the_demo_config_as_before(ablation) -> None:
+    # the rows as the script built them before it took --shift: DEMO_CONFIG, stage 1 only, the seed
+    before = deep_merge(copy.deepcopy(DEMO_CONFIG), {"self_training": {"rounds": 0}, "seed": 3})
+    trees = ablation.row_trees(3)
+    assert list(trees) == ["baseline", "mse", "mse_baseline_lambda", "mse_2d", "da"]
+    for name, change in ablation.ROWS.items():
+        assert trees[name] == deep_merge(before, change), name
+
+
+@pytest.mark.parametrize("shift", SHIFTS)
+def test_rows_train_on_the_chosen_shift(ablation, shift: str) -> None:
+    for name, tree in ablation.row_trees(0, shift).items():
+        cfg = from_tree(tree, name)
+        assert (cfg.source.shift, cfg.target.shift, cfg.val.shift) == (shift, shift, shift), name  # type: ignore[union-attr]
+        assert cfg.self_training.rounds == 0
+    plain = ablation.row_trees(0)["da"]
+    shifted = ablation.row_trees(0, shift)["da"]
+    for part in ("source", "target", "val"):
+        shifted[part]["shift"] = plain[part]["shift"]
+    assert shifted == plain  # nothing else changes
+
+
+def test_ablation_rejects_an_unknown_shift(ablation, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        ablation.main(["--seeds", "0", "--shift", "layout"])
+    assert exc.value.code == 2 and "invalid choice: 'layout'" in capsys.readouterr().err
