@@ -8,6 +8,11 @@ Two phases, each over several seeds, with every run trained by ``dast train``'s 
   corrector weighting) trains DA's stage 1 (and the baseline for the learning-rate
   settings); a setting's score is the mean over seeds of the synthetic score of the snapshot
   stage 1 selects.
+* ``online``: DA's stage 1 with the demo's current settings (trained once per seed), then
+  each setting of :data:`ONLINE` (learning rate, teacher EMA, confidence threshold, the
+  adversarial terms kept or dropped, the stage's length) trains the online stage from it
+  (the dast_online run of the demo); a setting's score is the synthetic score of the
+  snapshot the online stage selects.
 * ``self-training``: from the stage-1 runs of ``--stage1-setting``, each setting of
   :data:`SELF_TRAINING` (BatchNorm mode, learning rate, steps, portion q, labelling rule)
   trains round 1 (the stage-1 folder is copied, so stage 1 is not retrained); a setting's
@@ -20,6 +25,7 @@ information: nothing is chosen on it. Prints a Markdown table and writes JSON wi
     python benchmarks/demo_sweep.py stage1 --seeds 100 101 --work /tmp/sweep --out stage1.json
     python benchmarks/demo_sweep.py self-training --seeds 100 101 --work /tmp/sweep \\
         --stage1-setting <best stage-1 setting> --out st.json
+    python benchmarks/demo_sweep.py online --seeds 100 101 --work /tmp/sweep --out online.json
 
 ``--shift`` sweeps another pair of synthetic domains (e.g. ``--shift photographic``; use its
 own ``--work`` folder, since run folders are named by setting and seed only).
@@ -126,6 +132,31 @@ SELF_TRAINING: dict[str, dict[str, Any]] = {
     # third pass: frozen BatchNorm diverged at lr 0.0025; the released mode at lower rates
     "BN frozen, lr 0.0001": {"self_training": {"lr": 0.0001, "batchnorm": "frozen"}},
     "BN frozen, lr 0.0003": {"self_training": {"lr": 0.0003, "batchnorm": "frozen"}},
+}
+
+
+# The online stage (an addition to the paper): each setting changes the named value of
+# ONLINE_BASE, the first setting being the base itself. The stage starts from DA's stage 1
+# at the demo's settings; every run evaluates every 100 steps, so a run's selected snapshot
+# also says how long the stage should be.
+ONLINE_BASE: dict[str, Any] = {
+    "self_training": {
+        "mode": "online",
+        "steps": 600,
+        "poly_steps": 2000,
+        "lr": 0.0025,
+        "eval_every": 100,
+        "online": {"ema": 0.99, "threshold": 0.9, "adversarial": "keep"},
+    }
+}
+ONLINE: dict[str, dict[str, Any]] = {
+    "base: lr 0.0025 (= stage 1), EMA 0.99, threshold 0.9, adversarial kept, 600 steps": {},
+    "lr 0.001": {"self_training": {"lr": 0.001}},
+    "lr 0.0003": {"self_training": {"lr": 0.0003}},
+    "EMA 0.999": {"self_training": {"online": {"ema": 0.999}}},
+    "threshold 0.968 (published)": {"self_training": {"online": {"threshold": 0.968}}},
+    "adversarial terms dropped": {"self_training": {"online": {"adversarial": "drop"}}},
+    "1200 steps": {"self_training": {"steps": 1200}},
 }
 
 
@@ -288,6 +319,58 @@ def sweep_self_training(
     }
 
 
+def online_trees(seeds: list[int], quick: bool, shift: str | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Every run of the online phase by folder name (DA's stage 1 per seed first, then each
+    setting of :data:`ONLINE` per seed), and which DA run each online run forks."""
+    trees: dict[str, dict[str, Any]] = {}
+    forks: dict[str, str] = {}
+    for seed in seeds:
+        trees[f"da_s{seed}"] = demo_tree(
+            quick=quick, seed=seed, shift=shift, overrides={"self_training": {"rounds": 0}}
+        )
+    for name, change in ONLINE.items():
+        for seed in seeds:
+            folder = f"{_slug(name)}_s{seed}"
+            overrides = deep_merge(ONLINE_BASE, change)
+            if quick:
+                overrides = deep_merge(overrides, {"self_training": {"steps": 40, "eval_every": 20}})
+            trees[folder] = demo_tree(quick=quick, seed=seed, shift=shift, overrides=overrides)
+            forks[folder] = f"da_s{seed}"
+    return trees, forks
+
+
+def sweep_online(
+    seeds: list[int], work: Path, quick: bool, workers: int, shift: str | None, progress: bool
+) -> dict[str, Any]:
+    trees, forks = online_trees(seeds, quick, shift)
+    failed: dict[str, str] = {}
+    train_runs(trees, work / "online", workers, progress, failures=failed, forks=forks)
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in ONLINE:
+        for seed in seeds:
+            folder = f"{_slug(name)}_s{seed}"
+            if folder in failed:
+                scores: dict[str, Any] = dict.fromkeys(
+                    ("step", "synthetic", "target_info", "last_synthetic", "last_target_info")
+                )
+                scores["failed"] = failed[folder]
+            else:
+                scores = _selected(RunDir(work / "online" / folder), "online")
+            results.setdefault(name, {})[str(seed)] = scores
+    start = {str(s): _selected(RunDir(work / "online" / f"da_s{s}"), "stage1") for s in seeds}
+    return {
+        "phase": "online",
+        "seeds": seeds,
+        "base": ONLINE_BASE,
+        "settings": ONLINE,
+        "online": results,
+        "online_mean": _summaries(results),
+        "stage1": start,
+        "stage1_synthetic_mean": _mean([r["synthetic"] for r in start.values()]),
+        "failed": failed,
+    }
+
+
 def _fmt(v: float | None) -> str:
     return f"{v:.1f}" if v is not None else "-"
 
@@ -314,7 +397,7 @@ def table(means: dict[str, dict[str, Any]], title: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=["stage1", "self-training"])
+    p.add_argument("phase", choices=["stage1", "self-training", "online"])
     p.add_argument("--seeds", type=int, nargs="+", default=[100, 101])
     p.add_argument("--work", type=Path, required=True, help="folder for the runs (reused: finished runs are kept)")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
@@ -336,6 +419,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             + "\n\n"
             + table(out["baseline_lambda_mean"], "AdaptSegNet baseline: its lambda at the chosen learning rates")
+        )
+    elif args.phase == "online":
+        out = sweep_online(args.seeds, args.work, args.quick, args.workers, args.shift, progress)
+        text = table(
+            out["online_mean"],
+            f"Online stage from DA's stage 1 (stage 1's own label-free score: {_fmt(out['stage1_synthetic_mean'])})",
         )
     else:
         if args.stage1_setting is None:

@@ -24,6 +24,7 @@ from dast.atomic import write_json
 from dast.config import from_tree
 from dast.demo.config import (
     DEMO_CONFIG,
+    FORKS,
     NO_ADVERSARY,
     QUICK,
     RUNS,
@@ -31,6 +32,7 @@ from dast.demo.config import (
     VARIANT_SNAPSHOTS,
     VARIANTS,
     demo_tree,
+    online_overrides,
     run_trees,
 )
 from dast.demo.figures import write_discriminator_figure, write_figure3, write_miou_curve, write_seeds_figure
@@ -127,12 +129,12 @@ def run_demo(
     t0 = time.time()
     demo = DemoDir(Path(out))
     base = demo_tree(quick=quick, seed=seed, shift=shift, overrides=overrides)
-    trees = run_trees(base)
+    trees = run_trees(base, online_overrides(quick))
     check_runs(trees)  # bad settings fail here, before anything is written
     demo.root.mkdir(parents=True, exist_ok=True)
     n = workers if workers is not None else default_workers()
     already = [name for name in trees if demo.run(name).finished()]  # a rerun over finished runs
-    train_seconds = train_runs(trees, demo.runs, n, progress)
+    train_seconds = train_runs(trees, demo.runs, n, progress, forks=FORKS)
     progress_line("== scoring the variants and measuring the mechanisms", progress)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny networks: several threads only add contention (measured 25x slower under load)

@@ -22,23 +22,28 @@ from typing import Any
 
 from dast.config import deep_merge
 from dast.data.synthetic import SHIFTS, check_shift
-from dast.rundir import STAGE1
+from dast.rundir import ONLINE, STAGE1
 
 __all__ = [
     "DEMO_CONFIG",
+    "FORKS",
     "NO_ADVERSARY",
+    "ONLINE_RUN",
     "QUICK",
     "RUNS",
     "SHIFTS",
     "VARIANTS",
     "VARIANT_SNAPSHOTS",
     "demo_tree",
+    "online_overrides",
     "run_trees",
     "timm_overrides",
 ]
 
-VARIANTS = ("source_only", "source_only_bn", "baseline", "da", "dast", "dast_best", "oracle")
-RUNS = ("dast", "baseline", "source_only_bn", "source_only", "oracle")  # longest first
+VARIANTS = ("source_only", "source_only_bn", "baseline", "da", "dast", "dast_best", "dast_online", "oracle")
+RUNS = ("dast", "baseline", "source_only_bn", "source_only", "oracle", "dast_online")  # longest first
+# run -> the run whose finished stage 1 it starts from (so DA is trained once)
+FORKS: dict[str, str] = {"dast_online": "dast"}
 
 # variant -> (run, stage); "last_round" and "across_stages" are resolved from the run's config;
 # the oracle reports its last step (it is the ceiling, trained on target labels: no selection)
@@ -49,6 +54,7 @@ VARIANT_SNAPSHOTS: dict[str, tuple[str, str]] = {
     "da": ("dast", STAGE1),
     "dast": ("dast", "last_round"),
     "dast_best": ("dast", "across_stages"),
+    "dast_online": ("dast_online", ONLINE),
     "oracle": ("oracle", "stage1_last"),
 }
 
@@ -122,6 +128,27 @@ QUICK: dict[str, Any] = {
     "selection": {"num_images": 12},
 }
 
+# The online stage of the dast_online run (DA, then online self-training with a mean teacher;
+# an addition to the paper): chosen by the label-free FDA score in benchmarks/online_sweep.py
+# on the sweep seeds, never on target labels (docs/online.md).
+ONLINE_RUN: dict[str, Any] = {
+    "self_training": {
+        "mode": "online",
+        "steps": 600,
+        "poly_steps": 2000,
+        "lr": 0.0025,
+        "eval_every": 100,
+        "online": {"ema": 0.99, "threshold": 0.9, "adversarial": "keep"},
+    }
+}
+QUICK_ONLINE: dict[str, Any] = {"self_training": {"steps": 40, "poly_steps": 240, "eval_every": 20}}
+
+
+def online_overrides(quick: bool = False) -> dict[str, Any]:
+    """What the dast_online run changes in the DAST run's config (``quick``: a short stage)."""
+    return deep_merge(ONLINE_RUN, QUICK_ONLINE) if quick else copy.deepcopy(ONLINE_RUN)
+
+
 # The AdaptSegNet baseline's lambda, chosen like DA's by the label-free sweep (AdaptSegNet
 # publishes 0.001 for GTA5; 0.01 scored best here, docs/synthetic.md).
 BASELINE_LAMBDA = 0.01
@@ -150,8 +177,9 @@ def demo_tree(
     return deep_merge(tree, overrides or {})
 
 
-def run_trees(base: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The config of every run of :data:`RUNS`, derived from the DAST run's ``base``."""
+def run_trees(base: dict[str, Any], online: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """The config of every run of :data:`RUNS`, derived from the DAST run's ``base``;
+    ``online``: the dast_online run's changes (default :func:`online_overrides`)."""
     src_only = deep_merge(base, {"adversarial": NO_ADVERSARY, "self_training": {"rounds": 0}})
     baseline = deep_merge(
         base,
@@ -172,4 +200,5 @@ def run_trees(base: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "source_only_bn": deep_merge(src_only, {"train": {"forward_target": True}}),
         "source_only": src_only,
         "oracle": deep_merge(src_only, {"source": {"domain": "target"}}),
+        "dast_online": deep_merge(base, online if online is not None else online_overrides()),
     }

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +20,30 @@ from dast.errors import NumericalFault, UserError
 from dast.evaluation.evaluate import evaluate_model
 from dast.execution import Execution
 from dast.models.io import Networks, load_networks
-from dast.rundir import STAGE1, RunDir, round_name
+from dast.rundir import ONLINE, STAGE1, RunDir, round_name
 from dast.training.pipeline import train
+from dast.training.setup import fork_stage1
 from dast.training.snapshots import best_across_stages
 
 
-def _train(tree: dict[str, Any], run_dir: Path, label: str | None, progress: bool, force: bool = False) -> float:
-    """Train one run (resuming a finished or interrupted one); return its seconds."""
+def _train(
+    tree: dict[str, Any],
+    run_dir: Path,
+    label: str | None,
+    progress: bool,
+    force: bool = False,
+    fork: Path | None = None,
+) -> float:
+    """Train one run (resuming a finished or interrupted one); return its seconds. ``fork``:
+    a run whose finished stage 1 this one starts from (it differs only after stage 1)."""
     t0 = time.time()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny networks: one thread per run, runs in parallel instead
     try:
         cfg = from_tree(tree, "demo")
+        if fork is not None and not run_dir.exists():
+            fork_stage1(fork, run_dir)
+        force = force or fork is not None  # the forked stage 1 was trained under the parent's config
         train(cfg, run_dir, resume=RunDir(run_dir).config.exists(), force=force, progress=progress, heartbeat=label)
     finally:
         torch.set_num_threads(threads)  # the caller's process when runs are trained one at a time
@@ -49,48 +61,79 @@ def train_runs(
     progress: bool,
     force: bool = False,
     failures: dict[str, str] | None = None,
+    forks: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """Train every run, ``workers`` at a time in separate processes (in the given order).
 
     In parallel, each run prints a heartbeat line (run, stage, step/total, seconds) now and
     then instead of a progress bar. ``force`` resumes runs whose config changed (a sweep
-    that continues a finished stage 1 with other self-training settings). With
+    that continues a finished stage 1 with other self-training settings). ``forks`` maps a
+    run to the run whose stage 1 it starts from: it waits for that run to finish. With
     ``failures``, a run that fails with a dast error (e.g. its losses diverged) is recorded
-    there (name -> message) and the others go on; without it the error is raised."""
-    seconds: dict[str, float] = {}
+    there (name -> message) and the others go on (except the runs forked from it); without
+    it the error is raised."""
+    book = _RunBook(trees, runs, progress, force, failures, dict(forks or {}))
+    if workers <= 1:
+        book.sequential()
+    else:
+        book.parallel(workers)
+    return book.seconds
 
-    def done(name: str, result: Any) -> None:
-        if isinstance(result, RECORDABLE) and failures is not None:
-            failures[name] = str(result)
-            if progress:
+
+@dataclass
+class _RunBook:
+    """The bookkeeping of :func:`train_runs`."""
+
+    trees: dict[str, dict[str, Any]]
+    runs: Path
+    progress: bool
+    force: bool
+    failures: dict[str, str] | None
+    parents: dict[str, str]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def done(self, name: str, result: Any) -> None:
+        if isinstance(result, RECORDABLE) and self.failures is not None:
+            self.failures[name] = str(result)
+            if self.progress:
                 print(f"   {name} failed: {result}", flush=True)
             return
         if isinstance(result, BaseException):
             raise result
-        seconds[name] = result
-        if progress:
+        self.seconds[name] = result
+        if self.progress:
             print(f"   {name} done in {result:.0f} s", flush=True)
 
-    if workers <= 1:
-        for name, tree in trees.items():
-            if progress:
+    def args(self, name: str, parallel: bool) -> tuple[Any, ...]:
+        fork = self.runs / self.parents[name] if name in self.parents else None
+        label = name if (parallel and self.progress) else None
+        return (self.trees[name], self.runs / name, label, self.progress, self.force, fork)
+
+    def sequential(self) -> None:
+        for name in self.trees:
+            if self.progress:
                 print(f"== training {name}", flush=True)
+            if name in self.parents and self.parents[name] not in self.seconds:
+                continue  # its parent failed
             try:
-                done(name, _train(tree, runs / name, None, progress, force))
+                self.done(name, _train(*self.args(name, False)))
             except RECORDABLE as error:
-                done(name, error)
-        return seconds
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {
-            pool.submit(_train, tree, runs / name, name if progress else None, False, force): name
-            for name, tree in trees.items()
-        }
-        if progress:
-            print(f"== training {', '.join(trees)} ({workers} at a time)", flush=True)
-        for fut in as_completed(futures):
-            exc = fut.exception()
-            done(futures[fut], exc if exc is not None else fut.result())
-    return seconds
+                self.done(name, error)
+
+    def parallel(self, workers: int) -> None:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            waiting = [n for n in self.trees if n in self.parents]
+            futures = {pool.submit(_train, *self.args(n, True)): n for n in self.trees if n not in self.parents}
+            if self.progress:
+                print(f"== training {', '.join(self.trees)} ({workers} at a time)", flush=True)
+            while futures:
+                fut = next(as_completed(futures))
+                name = futures.pop(fut)
+                exc = fut.exception()
+                self.done(name, exc if exc is not None else fut.result())
+                for child in [c for c in waiting if self.parents[c] == name and name in self.seconds]:
+                    waiting.remove(child)  # the parent finished: the child forks from it
+                    futures[pool.submit(_train, *self.args(child, True))] = child
 
 
 def default_workers() -> int:
@@ -133,6 +176,7 @@ def variant_snapshots(runs: Path, snapshots: dict[str, tuple[str, str]], rounds:
     for variant, (run_name, which) in snapshots.items():
         run = RunDir(runs / run_name)
         stage = round_name(rounds) if which in ("last_round", "across_stages") and rounds else STAGE1
+        stage = ONLINE if which == ONLINE else stage
         last_path = run.stage(stage).latest_checkpoint()
         selected = _snapshot(run.stage(stage).selected, stage)
         if which == "across_stages":

@@ -30,7 +30,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -441,7 +441,7 @@ def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
             d.copy_(s)
 
 
-def parameter_digest(modules: dict[str, torch.nn.Module | None], buffers: bool = False) -> dict[str, float]:
+def parameter_digest(modules: Mapping[str, torch.nn.Module | None], buffers: bool = False) -> dict[str, float]:
     """float64 sums of every module's parameters (and, with ``buffers``, its buffers): equal
     on all ranks of a DDP run whose modules are equal."""
     out = {}

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dast.atomic import TMP_MARK, write_json, write_text
 from dast.checkpoint import load_checkpoint
 from dast.config import Config, config_diff, from_tree, load_yaml_tree
 from dast.data.labels import table_for
@@ -16,7 +17,7 @@ from dast.errors import ConfigError, UserError
 from dast.models.build import check_output_stride
 from dast.models.io import ModelSpec, Networks, build_networks, load_state_strict, split_prefixed
 from dast.models.known_weights import random_init_warning
-from dast.rundir import RunDir, is_second_stage
+from dast.rundir import STAGE1, RunDir, is_second_stage
 from dast.training.runtime import Runtime
 
 
@@ -226,3 +227,32 @@ def first_missing(path: Path) -> Path | None:
     while not p.exists() and p != p.parent:
         missing, p = p, p.parent
     return missing
+
+
+def fork_stage1(source: Path, dest: Path) -> None:
+    """Start run ``dest`` from run ``source``'s finished stage 1: its stage folder, its
+    manifest entry, its evaluation history and its scalars (a run that differs only after
+    stage 1, e.g. in its self-training, continues from there with ``--resume --force``).
+
+    ``dest`` must not exist yet; it is written under a temporary name and renamed, so a
+    failure leaves nothing behind."""
+    src, new = RunDir(source), RunDir(dest.with_name(f"{dest.name}{TMP_MARK}fork"))
+    entry = read_manifest(src)["stages"].get(STAGE1, {})
+    if entry.get("status") != "complete" or not src.stage(STAGE1).selected.exists():
+        raise UserError(f"cannot fork {source}: its stage 1 is not complete")
+    if dest.exists():
+        raise UserError(f"cannot fork into {dest}: it exists")
+    shutil.rmtree(new.root, ignore_errors=True)
+    try:
+        shutil.copytree(src.stage(STAGE1).root, new.stage(STAGE1).root)
+        shutil.copy2(src.config, new.config)
+        write_json(new.manifest, {"stages": {STAGE1: entry}})
+        if src.curves.exists():
+            write_json(new.curves, [h for h in json.loads(src.curves.read_text()) if h.get("stage") == STAGE1])
+        steps = int(entry.get("steps", 0))
+        if src.scalars.exists():
+            lines = [ln for ln in src.scalars.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= steps]
+            write_text(new.scalars, "".join(f"{ln}\n" for ln in lines))
+        new.root.rename(dest)
+    finally:
+        shutil.rmtree(new.root, ignore_errors=True)
