@@ -69,7 +69,7 @@ def test_every_workload_runs_at_a_tiny_size(tiny_size, interleave) -> None:
                 device=torch.device("cpu"),
                 archs=["small"],
                 size=tiny_size,
-                whats=["step2", "infer", "pseudo"],
+                whats=["step2", "step_online", "infer", "pseudo"],
                 modes=["eager-fp32", "fast"],
                 iters=2,
                 warmup=1,
@@ -82,6 +82,8 @@ def test_every_workload_runs_at_a_tiny_size(tiny_size, interleave) -> None:
     assert [(r["what"], r["batch"], r["mode"]) for r in rows] == [
         ("step2", 1, "eager-fp32"),
         ("step2", 1, "fast"),
+        ("step_online", 1, "eager-fp32"),
+        ("step_online", 1, "fast"),
         ("infer", 1, "eager-fp32"),
         ("infer", 1, "fast"),
         ("infer", 2, "eager-fp32"),

@@ -75,8 +75,13 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys) -> None:
     assert list(pl["per_class_precision"]) == list(report["variants"]["dast"]["per_class"])
     for v in VARIANTS:  # the reported (label-free selected) snapshot and the last step of each method
         m = report["variants"][v]
-        assert m["snapshot"].startswith(("stage1", "round1")) and 0.0 <= m["last"]["miou"] <= 100.0
+        assert m["snapshot"].startswith(("stage1", "round1", "online")) and 0.0 <= m["last"]["miou"] <= 100.0
     assert report["variants"]["dast"]["last"]["snapshot"] == "round1 step 40"
+    assert report["variants"]["dast_online"]["last"]["snapshot"] == "online step 40"
+    # dast_online continues DA's stage 1 (copied from the dast run, not trained again)
+    runs = out / "runs"
+    for f in ("selected.safetensors", "checkpoints/step_00000120.safetensors"):
+        assert (runs / "dast_online" / "stage1" / f).read_bytes() == (runs / "dast" / "stage1" / f).read_bytes()
     mech = report["mechanisms"]
     assert 0.0 <= mech["attention"]["auroc"] <= 1.0 and mech["attention"]["pixels"] == 24 * 48 * 96
     assert set(mech["discriminators"]) == {"D", "C"}
@@ -186,3 +191,50 @@ def test_domains_figure_shows_one_label_column_when_the_domains_share_their_layo
         write_domains_figure(path, shift, indices=(0, 1), size=(64, 32))
         with Image.open(path) as im:  # 2.6 inches per column at 100 dpi
             assert im.format == "PNG" and im.size[0] == 260 * columns, shift
+
+
+def test_a_fork_copies_the_finished_stage1_and_nothing_after_it(tmp_path: Path) -> None:
+    from dast.errors import UserError  # noqa: PLC0415 - test-local
+    from dast.rundir import RunDir  # noqa: PLC0415 - test-local
+    from dast.training.setup import fork_stage1  # noqa: PLC0415 - test-local
+
+    src = RunDir(tmp_path / "src")
+    (src.stage("stage1").checkpoints).mkdir(parents=True)
+    src.config.write_text("seed: 0\n")
+    with pytest.raises(UserError, match="its stage 1 is not complete"):
+        fork_stage1(src.root, tmp_path / "dst")
+    src.stage("stage1").selected.write_bytes(b"weights")
+    (src.stage("round1").root).mkdir(parents=True)
+    src.manifest.write_text(json.dumps({"stages": {"stage1": {"status": "complete", "steps": 4}, "round1": {}}}))
+    src.curves.write_text(json.dumps([{"stage": "stage1", "step": 4}, {"stage": "round1", "step": 2}]))
+    src.scalars.write_text('{"step": 4, "a": 1}\n{"step": 6, "a": 2}\n')
+    fork_stage1(src.root, tmp_path / "dst")
+    dst = RunDir(tmp_path / "dst")
+    assert dst.stage("stage1").selected.read_bytes() == b"weights" and not dst.stage("round1").root.exists()
+    assert json.loads(dst.manifest.read_text()) == {"stages": {"stage1": {"status": "complete", "steps": 4}}}
+    assert json.loads(dst.curves.read_text()) == [{"stage": "stage1", "step": 4}]
+    assert dst.scalars.read_text() == '{"step": 4, "a": 1}\n'
+    with pytest.raises(UserError, match="it exists"):
+        fork_stage1(src.root, tmp_path / "dst")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]  # no temporary folder left
+
+
+def test_forked_runs_wait_for_their_parent_and_are_skipped_when_it_fails(monkeypatch, tmp_path: Path) -> None:
+    from dast.demo import runner  # noqa: PLC0415 - patched below
+    from dast.errors import NumericalFault  # noqa: PLC0415 - test-local
+
+    calls: list[tuple[str, str | None]] = []
+
+    def fake(tree, run_dir, label, progress, force=False, fork=None):
+        calls.append((run_dir.name, fork.name if fork is not None else None))
+        if tree.get("fail"):
+            raise NumericalFault("diverged")
+        return 1.0
+
+    monkeypatch.setattr(runner, "_train", fake)
+    trees = {"a": {}, "b": {"fail": True}, "a_child": {}, "b_child": {}}
+    failures: dict[str, str] = {}
+    forks = {"a_child": "a", "b_child": "b"}
+    seconds = runner.train_runs(trees, tmp_path, 1, False, failures=failures, forks=forks)
+    assert calls == [("a", None), ("b", None), ("a_child", "a")]
+    assert set(seconds) == {"a", "a_child"} and failures == {"b": "diverged"}

@@ -89,6 +89,22 @@ def test_forward_target_alone_still_synchronises_the_gradients(tiny_config, tmp_
     assert r0 == r1
 
 
+@pytest.mark.slow
+def test_the_online_teacher_is_identical_on_both_ranks(tiny_config, tmp_path: Path) -> None:
+    """Under torchrun the teacher's EMA sees identical students, and its BatchNorm statistics
+    (which each rank's own batches move) are rank 0's on every rank; the online losses all-
+    reduce their gradients once per iteration, so the students stay in lockstep too."""
+    online = {"mode": "online", "steps": 3, "eval_every": 3, "online": {"threshold": 0.2, "masking": {"block": 8}}}
+    cfg = tiny_config(**{**DDP_TRAIN, "model": {"batchnorm": "batch"}, "self_training": online})
+    run = tmp_path / "run"
+    res = _torchrun(["train", "--config", str(cfg), "--out", str(run), "--no-progress"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = _digests(run / "digests" / "rank0.jsonl"), _digests(run / "digests" / "rank1.jsonl")
+    teacher = [d for d in r0 if d["stage"] == "online" and "teacher" in d]
+    assert [d["step"] for d in teacher] == [1, 2, 3] and teacher[0]["teacher_abs"] > 0
+    assert r0 == r1  # students and teachers, every step
+
+
 def _fault_worker(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:

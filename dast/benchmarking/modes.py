@@ -29,6 +29,7 @@ from dast.models.segmentor import Segmentor
 from dast.training.engine import Engine
 from dast.training.graphs import GraphedStep, GraphedUpdate
 from dast.training.levers import Levers, choose_levers, compile_segmentor, to_channels_last
+from dast.training.online.recipe import TeacherHook, online_parts
 from dast.training.plans import StagePlan, stage_plans
 from dast.training.runtime import Runtime
 from dast.training.step import Batch
@@ -181,9 +182,13 @@ def bench_config(
     return resolve(from_tree(deep_merge(tree, overrides or {}), "bench"))
 
 
+ONLINE_STAGE = 3  # TrainingSetup's stage number of the online stage (self_training.mode: online)
+
+
 def bench_plan(cfg: Config, stage: int = 1) -> StagePlan:
-    """The plan of a benchmarked iteration: stage 1, or (``stage`` 2) the first round, with
-    pseudo labels; the plans ``dast train`` makes of ``cfg``."""
+    """The plan of a benchmarked iteration: stage 1, or (``stage`` 2) the first round with
+    pseudo labels, or (3, with ``self_training.mode: online``) the online stage; the plans
+    ``dast train`` makes of ``cfg``."""
     return stage_plans(cfg, 1)[0 if stage == 1 else 1]
 
 
@@ -192,7 +197,8 @@ class TrainingSetup:
 
     ``step(i, xs, ys, xt, yt)`` runs iteration ``i`` through ``Engine.step`` (poly learning
     rates, then the eager or graph-replayed step), exactly as ``dast train`` does for the
-    config :func:`bench_config` writes (``stage`` 1, or 2: the first self-training round;
+    config :func:`bench_config` writes (``stage`` 1, or 2: the first self-training round,
+    or 3: the online stage;
     ``arch`` names the networks' architecture for the variant's defaults; ``overrides``: a
     config tree). The networks are moved to ``device`` and converted to channels_last /
     compiled as the mode says.
@@ -220,11 +226,16 @@ class TrainingSetup:
         self.mode, self.device = mode, device
         self.segmentor, self.discoverer, self.corrector = seg, disc, corr
         num_classes = int(getattr(seg, "num_classes", 19))
-        self.config = bench_config(mode, variant, num_classes, arch, overrides)
+        online = {"self_training": {"mode": "online"}} if stage == ONLINE_STAGE else {}
+        self.config = bench_config(mode, variant, num_classes, arch, deep_merge(overrides or {}, online))
         networks = Networks(ModelSpec(arch="small", num_classes=num_classes, variant=variant), seg, disc, corr)
         runtime = Runtime(device, mode.levers, deterministic=False)
         plan = bench_plan(self.config, stage)
-        self.engine = Engine.build(plan, self.config, networks, runtime, graph_warmup=graph_warmup)
+        self.teacher: TeacherHook | None = None
+        recipe = None
+        if stage == ONLINE_STAGE:  # the teacher, its targets and the mixed image's loss are part of the step
+            recipe, self.teacher = online_parts(self.config, networks, runtime.autocast, rank=0)
+        self.engine = Engine.build(plan, self.config, networks, runtime, graph_warmup=graph_warmup, extra=recipe)
 
     @property
     def graphed(self) -> GraphedStep | None:
@@ -245,5 +256,10 @@ class TrainingSetup:
         return x.contiguous(memory_format=torch.channels_last) if self.mode.channels_last else x
 
     def step(self, i: int, xs: Tensor, ys: Tensor, xt: Tensor, yt: Tensor | None) -> tuple[dict[str, Tensor], bool]:
+        """Iteration ``i`` (the online stage: with its draws and the teacher's EMA after it)."""
+        if self.teacher is not None:
+            self.teacher.recipe.begin(i)
         result = self.engine.step(i, Batch(xs, ys, xt, yt))
+        if self.teacher is not None and result.applied:
+            self.teacher.recipe.teacher.update(self.teacher.student, i + 1)
         return result.scalars, result.applied

@@ -17,14 +17,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dast.benchmarking.modes import ResolvedMode, TrainingSetup, build_nets, resolve_mode
+from dast.benchmarking.modes import ONLINE_STAGE, ResolvedMode, TrainingSetup, build_nets, resolve_mode
 from dast.benchmarking.timing import Timing, device_name, measure, peak_memory_gib, reset_peak_memory, rss_gib
 from dast.losses import spatial_size, upsample
 from dast.models.target_model import TargetModel
 from dast.training.graphs import GraphedCallable
 from dast.training.levers import compile_segmentor, to_channels_last
 
-WHATS = ("step", "step2", "infer", "pseudo")
+WHATS = ("step", "step2", "step_online", "infer", "pseudo")
+STEPS = {"step": 1, "step2": 2, "step_online": ONLINE_STAGE}  # what -> TrainingSetup stage
 NUM_CLASSES = 19
 
 
@@ -106,16 +107,17 @@ class BenchRequest:
 
 
 def prepare_step(work: Workload, mode: ResolvedMode) -> Case:
-    """One training iteration (batch 1 source + 1 target; ``step2`` adds target pseudo labels)."""
+    """One training iteration (batch 1 source + 1 target; ``step2`` adds target pseudo labels;
+    ``step_online`` is the online stage's: teacher, ClassMix, strong augmentation, EMA)."""
     w, sizes, num_classes, warmup = work, work.sizes, work.num_classes, work.warmup
-    stage = 2 if w.what == "step2" else 1
+    stage = STEPS[w.what]
     nets = build_nets(w.arch, num_classes, w.variant, seed=0)
     setup = TrainingSetup(mode, nets, w.device, stage=stage, variant=w.variant, arch=w.arch)
     gen = torch.Generator().manual_seed(1)
     xs = setup.prepare_images(random_images(1, sizes.source, gen))
     ys = random_labels(1, sizes.source, num_classes, gen).to(w.device)
     xt = setup.prepare_images(random_images(1, sizes.target, gen))
-    yt = random_labels(1, sizes.target, num_classes, gen).to(w.device) if stage == 2 else None
+    yt = random_labels(1, sizes.target, num_classes, gen).to(w.device) if w.what == "step2" else None
     applied: list[bool] = []
     last: dict[str, Tensor] = {}
 
@@ -231,7 +233,7 @@ def prepare_pseudo(work: Workload, mode: ResolvedMode) -> Case:
 
 def prepare(work: Workload, mode: ResolvedMode) -> Case:
     """The :class:`Case` of one measurement."""
-    if work.what in ("step", "step2"):
+    if work.what in STEPS:
         return prepare_step(work, mode)
     if work.what == "infer":
         return prepare_infer(work, mode)
@@ -339,7 +341,7 @@ def run_benchmarks(request: BenchRequest) -> Iterator[dict[str, Any]]:
     }
     for what in r.whats:
         for arch in r.archs:
-            for batch in [1] if what in ("step", "step2") else list(r.batches):
+            for batch in [1] if what in STEPS else list(r.batches):
                 work = Workload(
                     what=what,
                     arch=arch,

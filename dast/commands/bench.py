@@ -41,7 +41,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
         name,
         help="time training steps, inference and pseudo-labelling (JSON lines)",
         description="Measure, per mode, the stage-1 iteration (step: 1280x720 source + 1024x512 target, batch 1), "
-        "the stage-2 iteration with pseudo labels (step2), target inference at 1024x512 upsampled to "
+        "the stage-2 iteration with pseudo labels (step2), the online stage's iteration (step_online), "
+        "target inference at 1024x512 upsampled to "
         "2048x1024 (infer) and pseudo-labelling (pseudo). Prints one JSON object per measurement: "
         "what, arch, mode, device, torch, ms_median, ms_min, ms_max, iters, peak_mem_gib, ... "
         "Networks have random weights; nothing is downloaded. Modes: "
