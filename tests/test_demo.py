@@ -232,9 +232,9 @@ def test_forked_runs_wait_for_their_parent_and_are_skipped_when_it_fails(monkeyp
         return 1.0
 
     monkeypatch.setattr(runner, "_train", fake)
-    trees = {"a": {}, "b": {"fail": True}, "a_child": {}, "b_child": {}}
+    trees = {"a": {}, "b": {"fail": True}, "a_child": {}, "b_child": {}, "c_child": {}}
     failures: dict[str, str] = {}
-    forks = {"a_child": "a", "b_child": "b"}
+    forks = {"a_child": "a", "b_child": "b", "c_child": "c"}  # c: a finished run already in the folder
     seconds = runner.train_runs(trees, tmp_path, 1, False, failures=failures, forks=forks)
-    assert calls == [("a", None), ("b", None), ("a_child", "a")]
-    assert set(seconds) == {"a", "a_child"} and failures == {"b": "diverged"}
+    assert calls == [("a", None), ("b", None), ("a_child", "a"), ("c_child", "c")]
+    assert set(seconds) == {"a", "a_child", "c_child"} and failures == {"b": "diverged"}

@@ -68,7 +68,8 @@ def train_runs(
     In parallel, each run prints a heartbeat line (run, stage, step/total, seconds) now and
     then instead of a progress bar. ``force`` resumes runs whose config changed (a sweep
     that continues a finished stage 1 with other self-training settings). ``forks`` maps a
-    run to the run whose stage 1 it starts from: it waits for that run to finish. With
+    run to the run (a folder under ``runs``) whose stage 1 it starts from: when that run is
+    one of ``trees``, it waits for it to finish. With
     ``failures``, a run that fails with a dast error (e.g. its losses diverged) is recorded
     there (name -> message) and the others go on (except the runs forked from it); without
     it the error is raised."""
@@ -113,8 +114,8 @@ class _RunBook:
         for name in self.trees:
             if self.progress:
                 print(f"== training {name}", flush=True)
-            if name in self.parents and self.parents[name] not in self.seconds:
-                continue  # its parent failed
+            if self.parents.get(name) in self.trees and self.parents[name] not in self.seconds:
+                continue  # its parent, trained in this call, failed
             try:
                 self.done(name, _train(*self.args(name, False)))
             except RECORDABLE as error:
@@ -122,8 +123,8 @@ class _RunBook:
 
     def parallel(self, workers: int) -> None:
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-            waiting = [n for n in self.trees if n in self.parents]
-            futures = {pool.submit(_train, *self.args(n, True)): n for n in self.trees if n not in self.parents}
+            waiting = [n for n in self.trees if self.parents.get(n) in self.trees]  # their parents train here
+            futures = {pool.submit(_train, *self.args(n, True)): n for n in self.trees if n not in waiting}
             if self.progress:
                 print(f"== training {', '.join(self.trees)} ({workers} at a time)", flush=True)
             while futures:

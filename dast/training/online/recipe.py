@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,8 @@ from torch import Tensor, nn
 
 from dast.config import Config, FeatureDistanceConfig, MaskingConfig
 from dast.constants import IGNORE_INDEX
-from dast.models.io import Networks
+from dast.errors import CheckpointError
+from dast.models.io import Networks, load_networks
 from dast.models.target_model import TargetModel
 from dast.training.engine import StepResult
 from dast.training.hooks import Hook, StageView, parameter_digest, write_digest
@@ -236,3 +238,15 @@ def online_parts(
         frozen.to(next(nets.segmentor.parameters()).device)
     recipe = OnlineRecipe(settings, teacher, autocast, frozen=frozen, seed=cfg.seed, rank=rank)
     return recipe, TeacherHook(recipe, student, cfg.self_training.online.ema)
+
+
+def teacher_networks(checkpoint: str | Path, device: str | torch.device = "cpu") -> Networks:
+    """The teacher stored in an online stage's training checkpoint, as networks (the
+    checkpoint's model description with the teacher's weights); for analysis and figures."""
+    nets, tensors, meta = load_networks(checkpoint, device)
+    refs = (meta.get("hooks") or {}).get(TeacherHook.name, {}).get("weights")
+    if not refs:
+        raise CheckpointError(f"{checkpoint} holds no teacher (not a checkpoint of an online stage)")
+    teacher = {name: tensors[ref["$tensor"]] for name, ref in refs.items()}
+    TargetModel(nets.segmentor, nets.discoverer if nets.spec.attention else None).load_state_dict(teacher)
+    return nets.to(device)
