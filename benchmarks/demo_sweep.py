@@ -160,6 +160,16 @@ ONLINE: dict[str, dict[str, Any]] = {
 }
 
 
+def chosen(settings: dict[str, dict[str, Any]], only: list[str] | None) -> dict[str, dict[str, Any]]:
+    """``settings`` restricted to the names in ``only`` (all of them without ``--only``)."""
+    if not only:
+        return settings
+    unknown = [n for n in only if n not in settings]
+    if unknown:
+        raise SystemExit(f"error: unknown setting {unknown[0]!r}; choose from: " + "; ".join(settings))
+    return {n: settings[n] for n in settings if n in only}
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")[:60]
 
@@ -206,13 +216,15 @@ def setting_overrides(name: str, change: dict[str, Any], quick: bool) -> dict[st
     return change
 
 
-def stage1_trees(seeds: list[int], quick: bool, shift: str | None) -> dict[str, dict[str, Any]]:
+def stage1_trees(
+    seeds: list[int], quick: bool, shift: str | None, only: list[str] | None = None
+) -> dict[str, dict[str, Any]]:
     """Every run of the stage-1 phase, by folder name: DA per setting and seed, the baseline
     at the rows' learning rates (AdaptSegNet's lambda), and the baseline's own lambda grid."""
     trees: dict[str, dict[str, Any]] = {}
     stage1_only = {"self_training": {"rounds": 0}}
     adaptsegnet = {"adversarial": {"lambda_c": ADAPTSEGNET_LAMBDA}}
-    for name, change in STAGE1.items():
+    for name, change in chosen(STAGE1, only).items():
         change = setting_overrides(name, change, quick)
         for seed in seeds:
             runs = run_trees(demo_tree(quick=quick, seed=seed, shift=shift, overrides=deep_merge(change, stage1_only)))
@@ -230,18 +242,24 @@ def stage1_trees(seeds: list[int], quick: bool, shift: str | None) -> dict[str, 
 
 
 def sweep_stage1(
-    seeds: list[int], work: Path, quick: bool, workers: int, shift: str | None, progress: bool
+    seeds: list[int],
+    work: Path,
+    quick: bool,
+    workers: int,
+    shift: str | None,
+    progress: bool,
+    only: list[str] | None = None,
 ) -> dict[str, Any]:
     results: dict[str, dict[str, dict[str, Any]]] = {}
     baseline: dict[str, dict[str, dict[str, Any]]] = {}
-    train_runs(stage1_trees(seeds, quick, shift), work / "stage1", workers, progress)
+    train_runs(stage1_trees(seeds, quick, shift, only), work / "stage1", workers, progress)
     baseline_lambda: dict[str, dict[str, dict[str, Any]]] = {}
     for lam in BASELINE_LAMBDAS:
         for seed in seeds:
             run = RunDir(work / "stage1" / f"baseline_lambda{lam:g}_s{seed}")
             key = f"baseline, lr {BASELINE_LAMBDA_LR}, lambda {lam:g}"
             baseline_lambda.setdefault(key, {})[str(seed)] = _selected(run, "stage1")
-    for name in STAGE1:
+    for name in chosen(STAGE1, only):
         for seed in seeds:
             results.setdefault(name, {})[str(seed)] = _selected(
                 RunDir(work / "stage1" / f"{_slug(name)}_s{seed}"), "stage1"
@@ -263,13 +281,13 @@ def sweep_stage1(
 
 
 def self_training_trees(
-    seeds: list[int], quick: bool, shift: str | None, stage1_setting: str
+    seeds: list[int], quick: bool, shift: str | None, stage1_setting: str, only: list[str] | None = None
 ) -> dict[str, dict[str, Any]]:
     """Every run of the self-training phase, by folder name: round 1 of each setting of
     :data:`SELF_TRAINING`, on top of ``stage1_setting``'s stage 1."""
     stage1 = setting_overrides(stage1_setting, STAGE1[stage1_setting], quick)
     trees: dict[str, dict[str, Any]] = {}
-    for name, change in SELF_TRAINING.items():
+    for name, change in chosen(SELF_TRAINING, only).items():
         overrides = deep_merge(stage1, deep_merge({"self_training": {"rounds": 1}}, change))
         for seed in seeds:
             trees[f"{_slug(name)}_s{seed}"] = demo_tree(quick=quick, seed=seed, shift=shift, overrides=overrides)
@@ -277,11 +295,18 @@ def self_training_trees(
 
 
 def sweep_self_training(
-    seeds: list[int], work: Path, quick: bool, workers: int, shift: str | None, stage1_setting: str, progress: bool
+    seeds: list[int],
+    work: Path,
+    quick: bool,
+    workers: int,
+    shift: str | None,
+    stage1_setting: str,
+    progress: bool,
+    only: list[str] | None = None,
 ) -> dict[str, Any]:
     if stage1_setting not in STAGE1:
         raise SystemExit(f"error: unknown stage-1 setting {stage1_setting!r}; choose from: " + "; ".join(STAGE1))
-    trees = self_training_trees(seeds, quick, shift, stage1_setting)
+    trees = self_training_trees(seeds, quick, shift, stage1_setting, only)
     for name in trees:
         src = work / "stage1" / f"{_slug(stage1_setting)}_s{name.rsplit('_s', 1)[1]}"
         if not RunDir(src).stage("stage1").selected.exists():
@@ -292,7 +317,7 @@ def sweep_self_training(
     failed: dict[str, str] = {}
     train_runs(trees, work / "self_training", workers, progress, force=True, failures=failed)
     results: dict[str, dict[str, dict[str, Any]]] = {}
-    for name in SELF_TRAINING:
+    for name in chosen(SELF_TRAINING, only):
         for seed in seeds:
             folder = f"{_slug(name)}_s{seed}"
             run = RunDir(work / "self_training" / folder)
@@ -319,7 +344,9 @@ def sweep_self_training(
     }
 
 
-def online_trees(seeds: list[int], quick: bool, shift: str | None) -> tuple[dict[str, Any], dict[str, str]]:
+def online_trees(
+    seeds: list[int], quick: bool, shift: str | None, only: list[str] | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Every run of the online phase by folder name (DA's stage 1 per seed first, then each
     setting of :data:`ONLINE` per seed), and which DA run each online run forks."""
     trees: dict[str, dict[str, Any]] = {}
@@ -328,7 +355,7 @@ def online_trees(seeds: list[int], quick: bool, shift: str | None) -> tuple[dict
         trees[f"da_s{seed}"] = demo_tree(
             quick=quick, seed=seed, shift=shift, overrides={"self_training": {"rounds": 0}}
         )
-    for name, change in ONLINE.items():
+    for name, change in chosen(ONLINE, only).items():
         for seed in seeds:
             folder = f"{_slug(name)}_s{seed}"
             overrides = deep_merge(ONLINE_BASE, change)
@@ -340,13 +367,19 @@ def online_trees(seeds: list[int], quick: bool, shift: str | None) -> tuple[dict
 
 
 def sweep_online(
-    seeds: list[int], work: Path, quick: bool, workers: int, shift: str | None, progress: bool
+    seeds: list[int],
+    work: Path,
+    quick: bool,
+    workers: int,
+    shift: str | None,
+    progress: bool,
+    only: list[str] | None = None,
 ) -> dict[str, Any]:
-    trees, forks = online_trees(seeds, quick, shift)
+    trees, forks = online_trees(seeds, quick, shift, only)
     failed: dict[str, str] = {}
     train_runs(trees, work / "online", workers, progress, failures=failed, forks=forks)
     results: dict[str, dict[str, dict[str, Any]]] = {}
-    for name in ONLINE:
+    for name in chosen(ONLINE, only):
         for seed in seeds:
             folder = f"{_slug(name)}_s{seed}"
             if folder in failed:
@@ -405,11 +438,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--shift", choices=SHIFTS, default=None, help="the synthetic domains' shift (default: the demo's)")
     p.add_argument("--stage1-setting", default=None, help="the stage-1 setting the rounds start from")
+    p.add_argument("--only", nargs="+", default=None, help="sweep only these settings of the phase (by name)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     progress = not args.no_progress
     if args.phase == "stage1":
-        out = sweep_stage1(args.seeds, args.work, args.quick, args.workers, args.shift, progress)
+        out = sweep_stage1(args.seeds, args.work, args.quick, args.workers, args.shift, progress, args.only)
         text = (
             table(out["da_mean"], "DA, stage 1")
             + "\n\n"
@@ -421,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             + table(out["baseline_lambda_mean"], "AdaptSegNet baseline: its lambda at the chosen learning rates")
         )
     elif args.phase == "online":
-        out = sweep_online(args.seeds, args.work, args.quick, args.workers, args.shift, progress)
+        out = sweep_online(args.seeds, args.work, args.quick, args.workers, args.shift, progress, args.only)
         text = table(
             out["online_mean"],
             f"Online stage from DA's stage 1 (stage 1's own label-free score: {_fmt(out['stage1_synthetic_mean'])})",
@@ -430,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage1_setting is None:
             p.error("self-training needs --stage1-setting")
         out = sweep_self_training(
-            args.seeds, args.work, args.quick, args.workers, args.shift, args.stage1_setting, progress
+            args.seeds, args.work, args.quick, args.workers, args.shift, args.stage1_setting, progress, args.only
         )
         text = table(
             out["dast_mean"],
