@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dast.config import AugmentConfig
-from dast.data.datasets import SegmentationDataset
+from dast.data.datasets import SamplePrep, SegmentationDataset
 from dast.data.labels import ClassTable
 from dast.errors import ConfigError
 from dast.training.online import sampling
@@ -73,10 +73,8 @@ def _dataset(labels: list[np.ndarray] | None = None, **kw) -> SegmentationDatase
         names=[f"img{i}" for i in range(len(labels))],
         table=TABLE,
         kind="folder",
-        size=None,
-        norm="unit",
         has_labels=True,
-        **kw,
+        prep=SamplePrep(size=None, norm="unit", **kw),
     )
 
 
@@ -157,9 +155,13 @@ def test_index_encoding_round_trips():
         assert i % 6 == image  # what a dataset reads
 
 
+def _sampler(plan, **layout) -> RareClassSampler:
+    return RareClassSampler(plan, StepSampler(plan.num_images, **layout))
+
+
 def test_the_sampler_draws_only_images_holding_the_class():
     counts, plan = _plan()
-    it = iter(RareClassSampler(plan, batch_size=2, seed=0))
+    it = iter(_sampler(plan, batch_size=2, seed=0))
     drawn = [decode_index(next(it), 6, 3) for _ in range(600)]
     for image, cls, _ in drawn:
         assert counts[image, cls] > 3, (image, cls)
@@ -177,19 +179,20 @@ def test_the_sampler_depends_only_on_seed_step_rank_and_world():
         it = iter(sampler)
         return [next(it) for _ in range(k)]
 
-    run = take(RareClassSampler(plan, batch_size=2, seed=5), 20)
-    assert take(RareClassSampler(plan, batch_size=2, seed=5), 20) == run
-    assert take(RareClassSampler(plan, batch_size=2, seed=6), 20) != run
+    run = take(_sampler(plan, batch_size=2, seed=5), 20)
+    assert take(_sampler(plan, batch_size=2, seed=5), 20) == run
+    assert take(_sampler(plan, batch_size=2, seed=6), 20) != run
     # resuming at step 4 continues exactly where the first run was
-    assert take(RareClassSampler(plan, batch_size=2, seed=5, start_step=4), 12) == run[8:]
+    assert take(_sampler(plan, batch_size=2, seed=5, start_step=4), 12) == run[8:]
     # two ranks with batch 1 see the data of one process with batch 2, as StepSampler
-    r0 = take(RareClassSampler(plan, batch_size=1, seed=5, rank=0, world_size=2), 10)
-    r1 = take(RareClassSampler(plan, batch_size=1, seed=5, rank=1, world_size=2), 10)
+    r0 = take(_sampler(plan, batch_size=1, seed=5, rank=0, world_size=2), 10)
+    r1 = take(_sampler(plan, batch_size=1, seed=5, rank=1, world_size=2), 10)
     assert [x for pair in zip(r0, r1) for x in pair] == run
     # the position layout is StepSampler's
     step = StepSampler(6, batch_size=1, seed=0, rank=1, world_size=2, shuffle=False)
-    ours = RareClassSampler(plan, batch_size=1, seed=0, rank=1, world_size=2)
-    assert [ours.position(s, 0) for s in range(3)] == [x for x, _ in zip(iter(step), range(3))]
+    assert [x for x, _ in zip(step.positions(), range(3))] == [x for x, _ in zip(iter(step), range(3))] == [1, 3, 5]
+    with pytest.raises(ValueError, match="the layout is for 5 images, the plan for 6"):
+        RareClassSampler(plan, StepSampler(5, batch_size=1, seed=0))
 
 
 def test_first_acceptable_keeps_the_first_crop_that_holds_enough():

@@ -77,7 +77,8 @@ class StageData:
         if not rt.is_main:
             pixels = cached_class_pixels(self.source, self.cfg.source.root, self.cache_dir, show_progress=False)
         plan = rcs_plan(pixels, rcs.temperature, rcs.min_pixels)
-        sampler = RareClassSampler(plan, self.cfg.train.batch_size, seed, start, rt.rank, rt.world_size)
+        layout = StepSampler(plan.num_images, self.cfg.train.batch_size, seed, start, rt.rank, rt.world_size)
+        sampler = RareClassSampler(plan, layout)
         return RareClassCrops(self.source, rcs.min_pixels, rcs.min_crop_ratio), sampler
 
     def _loader(self, ds: Any, seed: int, start: int) -> Iterator[dict[str, Any]]:

@@ -53,79 +53,44 @@ class StagePlan:
 
 
 def stage_plans(cfg: Config, world: int) -> list[StagePlan]:
-    """The stages of a run of the resolved config ``cfg`` on ``world`` processes."""
+    """The stages of a run of the resolved config ``cfg`` on ``world`` processes: stage 1,
+    then the self-training rounds or the online stage."""
+    st = cfg.self_training
+    if st.mode == "online":
+        return [_plan(cfg, world, "adversarial", 0), _plan(cfg, world, "online", 1)]
+    return [_plan(cfg, world, "adversarial", 0)] + [_plan(cfg, world, "round", k) for k in range(1, st.rounds + 1)]
+
+
+def _plan(cfg: Config, world: int, kind: StageKind, k: int) -> StagePlan:
+    """Stage ``k`` of ``kind``. Stage 1 uses ``train``'s schedule and the released duplicated
+    parameter list when asked; the rounds and the online stage use ``self_training``'s, with
+    each parameter listed once (the released stage 2: ``model.parameters()``). The rounds
+    train on their pseudo labels with ``self_training.batchnorm``; the online stage keeps or
+    drops stage 1's adversarial terms and trains with batch statistics."""
     tr, st = cfg.train, cfg.self_training
     # a run's config is resolved (dast.config.resolve): no variant-dependent null is left
     assert tr.head_lr_mult is not None and tr.duplicate_params is not None
     assert st.head_lr_mult is not None and st.lr is not None and st.poly_steps is not None
     assert st.batchnorm is not None
+    first = kind == "adversarial"
     has_disc = cfg.adversarial.discoverer or cfg.adversarial.corrector
-    mult = float(world) if cfg.distributed.lr_scaling == "linear" else 1.0
-    plans = [
-        StagePlan(
-            name=STAGE1,
-            kind="adversarial",
-            index=0,
-            steps=tr.steps,
-            poly_steps=tr.poly_steps,
-            lr=tr.lr,
-            head_lr_mult=tr.head_lr_mult,
-            duplicate_params=tr.duplicate_params,
-            adversarial=has_disc,
-            mu=st.mu,
-            pseudo_labels=False,
-            global_offset=0,
-            lr_mult=mult,
-            batchnorm="train",
-            eval_every=tr.eval_every,
-        )
-    ]
-    if st.mode == "online":
-        return plans + [_online_plan(cfg, has_disc, mult)]
-    for k in range(1, st.rounds + 1):
-        plans.append(
-            StagePlan(
-                name=round_name(k),
-                kind="round",
-                index=k,
-                steps=st.steps,
-                poly_steps=st.poly_steps,
-                lr=st.lr,
-                head_lr_mult=st.head_lr_mult,
-                duplicate_params=False,  # the released stage 2 lists model.parameters() once
-                adversarial=has_disc and st.adversarial,
-                mu=st.mu,
-                pseudo_labels=True,
-                global_offset=tr.steps + (k - 1) * st.steps,
-                lr_mult=mult,
-                batchnorm=st.batchnorm,
-                eval_every=st.eval_every or tr.eval_every,
-            )
-        )
-    return plans
-
-
-def _online_plan(cfg: Config, has_disc: bool, mult: float) -> StagePlan:
-    """The online stage: ``self_training.steps`` iterations at the stage-2 learning rates, the
-    students's BatchNorm in train mode, stage 1's adversarial terms kept or dropped."""
-    tr, st = cfg.train, cfg.self_training
-    assert st.head_lr_mult is not None and st.lr is not None and st.poly_steps is not None
+    keeps = {"adversarial": True, "round": st.adversarial, "online": st.online.adversarial == "keep"}[kind]
     return StagePlan(
-        name=ONLINE,
-        kind="online",
-        index=1,
-        steps=st.steps,
-        poly_steps=st.poly_steps,
-        lr=st.lr,
-        head_lr_mult=st.head_lr_mult,
-        duplicate_params=False,
-        adversarial=has_disc and st.online.adversarial == "keep",
+        name=STAGE1 if first else (ONLINE if kind == "online" else round_name(k)),
+        kind=kind,
+        index=k,
+        steps=tr.steps if first else st.steps,
+        poly_steps=tr.poly_steps if first else st.poly_steps,
+        lr=tr.lr if first else st.lr,
+        head_lr_mult=tr.head_lr_mult if first else st.head_lr_mult,
+        duplicate_params=tr.duplicate_params if first else False,
+        adversarial=has_disc and keeps,
         mu=st.mu,
-        pseudo_labels=False,
-        global_offset=tr.steps,
-        lr_mult=mult,
-        batchnorm="train",
-        eval_every=st.eval_every or tr.eval_every,
+        pseudo_labels=kind == "round",
+        global_offset=0 if first else tr.steps + (k - 1) * st.steps,
+        lr_mult=float(world) if cfg.distributed.lr_scaling == "linear" else 1.0,
+        batchnorm=st.batchnorm if kind == "round" else "train",
+        eval_every=tr.eval_every if first else (st.eval_every or tr.eval_every),
     )
 
 

@@ -45,17 +45,21 @@ class StepSampler(Sampler[int]):
         self.n, self.batch, self.seed = n, batch_size, seed
         self.start_step, self.rank, self.world, self.shuffle = start_step, rank, world_size, shuffle
 
-    def __iter__(self) -> Iterator[int]:
-        cached_epoch, perm = -1, torch.arange(0)
+    def positions(self) -> Iterator[int]:
+        """This rank's global positions, from ``start_step`` on (``batch`` per step)."""
         step = self.start_step
         while True:
             base = (step * self.world + self.rank) * self.batch
-            for pos in range(base, base + self.batch):
-                epoch, j = divmod(pos, self.n)
-                if epoch != cached_epoch:
-                    cached_epoch, perm = epoch, epoch_permutation(self.n, self.seed, epoch, self.shuffle)
-                yield int(perm[j]) + epoch * self.n
+            yield from range(base, base + self.batch)
             step += 1
+
+    def __iter__(self) -> Iterator[int]:
+        cached_epoch, perm = -1, torch.arange(0)
+        for pos in self.positions():
+            epoch, j = divmod(pos, self.n)
+            if epoch != cached_epoch:
+                cached_epoch, perm = epoch, epoch_permutation(self.n, self.seed, epoch, self.shuffle)
+            yield int(perm[j]) + epoch * self.n
 
     def __len__(self) -> int:  # an infinite sampler; DataLoader only needs this for len()
         return 2**62

@@ -42,6 +42,7 @@ from dast.data.datasets import SegmentationDataset
 from dast.data.transforms import resize_label
 from dast.errors import ConfigError, DataError, UserError
 from dast.progress import progress
+from dast.training.sampler import StepSampler
 
 log = logging.getLogger(__name__)
 
@@ -263,41 +264,23 @@ def rcs_draw(plan: RarePlan, seed: int, position: int) -> tuple[int, int]:
 class RareClassSampler(Sampler[int]):
     """An infinite, resumable, distributed-aware sampler of rare-class draws.
 
-    Step ``s`` of rank ``r`` (of ``world_size``) with ``batch_size`` images per rank takes
-    the global positions ``(s * world + r) * batch ... + batch - 1``, as
-    :class:`~dast.training.sampler.StepSampler` does; position ``p`` yields
-    :func:`encode_index` of :func:`rcs_draw` ``(plan, seed, p)``. So the sequence depends
-    only on (seed, step, rank, world size), N ranks see the data of one process with batch
-    N * B, and a resumed run only needs ``start_step``.
+    ``layout`` (a :class:`~dast.training.sampler.StepSampler` for the dataset's images) says
+    which global positions this rank takes at each step, from its start step on; position
+    ``p`` yields :func:`encode_index` of :func:`rcs_draw` ``(plan, layout.seed, p)``. So the
+    sequence depends only on (seed, step, rank, world size), N ranks see the data of one
+    process with batch N * B, and a resumed run only needs the start step.
     """
 
-    def __init__(
-        self,
-        plan: RarePlan,
-        batch_size: int,
-        seed: int,
-        start_step: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        if plan.num_images < 1:
-            raise ValueError("cannot sample from an empty dataset")
-        self.plan, self.batch, self.seed = plan, int(batch_size), int(seed)
-        self.start_step, self.rank, self.world = int(start_step), int(rank), int(world_size)
-
-    def position(self, step: int, k: int) -> int:
-        """The global position of this rank's ``k``-th sample of ``step``."""
-        return (step * self.world + self.rank) * self.batch + k
+    def __init__(self, plan: RarePlan, layout: StepSampler) -> None:
+        if layout.n != plan.num_images:
+            raise ValueError(f"the layout is for {layout.n} images, the plan for {plan.num_images}")
+        self.plan, self.layout = plan, layout
 
     def __iter__(self) -> Iterator[int]:
-        step = self.start_step
         n, c = self.plan.num_images, self.plan.num_classes
-        while True:
-            for k in range(self.batch):
-                pos = self.position(step, k)
-                cls, image = rcs_draw(self.plan, self.seed, pos)
-                yield encode_index(image, cls, pos, n, c)
-            step += 1
+        for pos in self.layout.positions():
+            cls, image = rcs_draw(self.plan, self.layout.seed, pos)
+            yield encode_index(image, cls, pos, n, c)
 
     def __len__(self) -> int:  # an infinite sampler, like StepSampler
         return 2**62
