@@ -32,7 +32,8 @@ from dast.atomic import TMP_MARK
 from dast.cli import main
 from dast.config import deep_merge
 from dast.rundir import RunDir
-from dast.training.peers import SILENT_S
+from dast.training.peers import SILENT_S, RankWatch, lost_rank_error
+from dast.training.runtime import StepProgress
 from dast.training.session import auto_resume_decision
 
 STEPS = 5
@@ -222,6 +223,80 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     assert "holds a finished run" not in job.output
     assert json.loads((run / "manifest.json").read_text())["world_size"] == 2
     return cfg, run
+
+
+# --------------------------------------------------------------------------- the diagnosis, in one process
+
+GLOO_TIMEOUT = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 4000ms for recv operation")
+GLOO_CLOSED = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:38027: Connection reset by peer")
+
+
+def _watches(peer_step: int, peer_beats: bool) -> tuple[RankWatch, RankWatch]:
+    """Rank 0's watch and its peer's (rank 1) on one in-memory store; both reached
+    ``stage1 step <peer_step>``; the peer's thread beats only if ``peer_beats``."""
+    store = torch.distributed.HashStore()
+    watches = []
+    for rank in (0, 1):
+        progress = StepProgress()
+        progress.reached("stage1", peer_step)
+        watches.append(RankWatch(store, rank, 2, progress, beat_s=0.05))
+    ours, peer = watches
+    peer._beat()  # its last beat before it died, stopped or got stuck
+    if peer_beats:
+        peer.start()
+    return ours.start(), peer
+
+
+def test_a_silent_rank_is_named_lost() -> None:
+    ours, peer = _watches(3, peer_beats=False)
+    try:
+        err = lost_rank_error(ours, GLOO_CLOSED, 300.0)
+    finally:
+        ours.stop()
+    assert err is not None and err.lost == [1]
+    assert str(err).startswith(
+        "rank 0: lost rank 1 of 2 (its connection closed; no beat from it for 2 s: killed or hung); "
+        "last steps: rank 0 stage1 step 3, rank 1 stage1 step 3. The checkpoints are complete"
+    ), err
+
+
+def test_a_live_rank_whose_training_stopped_is_named_after_a_timeout() -> None:
+    """A main thread stuck in its own work: the process beats, but never reaches the
+    collective, so it never marks itself failed."""
+    ours, peer = _watches(7, peer_beats=True)
+    try:
+        err = lost_rank_error(ours, GLOO_TIMEOUT, 4.0)
+        own = lost_rank_error(ours, RuntimeError("CUDA out of memory"), 4.0)
+    finally:
+        ours.stop()
+        peer.stop()
+    assert err is not None and err.lost == [1]
+    assert str(err).startswith(
+        "rank 0: rank 1 of 2 stopped responding (a collective timed out after 4 s; its process is alive but never "
+        "reached the collective: stuck in its own work); last steps: rank 0 stage1 step 7, rank 1 stage1 step 7."
+    ), err
+    assert own is None  # every rank alive, and no timeout: this rank's own failure, raised as it is
+
+
+def test_an_unreachable_store_names_the_rank_that_served_it() -> None:
+    ours, _ = _watches(2, peer_beats=False)
+    ours._broken = True  # as after the first failed request to a store whose server died
+    err = lost_rank_error(ours, GLOO_CLOSED, 300.0, store_host=0)
+    assert err is not None and "lost the other ranks" in str(err)  # rank 0 itself served it: unknown
+    ours.rank = 1
+    err = lost_rank_error(ours, GLOO_CLOSED, 300.0, store_host=0)
+    assert err is not None and err.lost == [0]
+    assert str(err).startswith("rank 1: lost rank 0 of 2 (its connection closed; the store it served is unreachable)")
+
+
+def test_the_heartbeat_line_shows_each_ranks_last_step() -> None:
+    ours, peer = _watches(5, peer_beats=False)
+    ours._remember(ours.read())
+    ours._seen[1] = (ours._seen[1][0], time.monotonic() - 9.4)  # the peer's beat last changed 9 s ago
+    assert ours.summary(ours.read()) == "rank 0 stage1 step 5; rank 1 stage1 step 5 (no beat for 9 s)"
+    peer.mark("done")
+    assert ours.summary(ours.read()) == "rank 0 stage1 step 5; rank 1 stage1 step 5 (done)"
+    ours.stop()
 
 
 # --------------------------------------------------------------------------- a rank that dies

@@ -10,8 +10,10 @@ or hangs stops the job with a message instead of leaving it waiting.
   silent one has been silent.
 * **Diagnosis.** When a collective fails (gloo: the connection of a dead peer closes at
   once; a hung peer makes it time out after ``distributed.timeout_s``),
-  :meth:`RankWatch.lost_ranks` watches the beats for up to :data:`SILENT_S` seconds and
-  names the ranks that stay silent; :class:`RankLost` carries the one-line message.
+  :func:`lost_rank_error` watches the beats for up to :data:`SILENT_S` seconds and names
+  the ranks that stay silent (killed, or stopped), or else, after a timeout, the live
+  ranks whose main thread never reached the collective (they do not mark themselves
+  failed); :class:`RankLost` carries the one-line message.
 * **Agreed choices.** :func:`agreed_latest_checkpoint`: every rank restores the checkpoint
   rank 0 sees as the latest.
 * **Agreed stop.** :func:`agreed_stop_signal`: a SIGTERM/SIGINT seen by any rank stops
@@ -53,14 +55,18 @@ def heartbeat_period(timeout_s: float) -> float:
     return min(60.0, max(1.0, timeout_s / 4))
 
 
+TRAINING, FAILED, DONE = "training", "failed", "done"
+
+
 @dataclass(frozen=True)
 class Beat:
-    """One rank's latest beat: its counter, the last (stage, step) it reached, and whether
-    it finished its work (and stopped beating on purpose)."""
+    """One rank's latest beat: its counter, the last (stage, step) it reached, and its
+    state: ``training``, ``failed`` (a collective of its own failed: it is stopping) or
+    ``done`` (it finished its work and stopped beating on purpose)."""
 
     count: int
     last: tuple[str, int] | None
-    done: bool = False
+    state: str = TRAINING
 
     def describe(self) -> str:
         return f"{self.last[0]} step {self.last[1]}" if self.last is not None else "no step yet"
@@ -90,7 +96,8 @@ class RankWatch:
     ) -> None:
         self.store, self.rank, self.world, self.progress = store, rank, world, progress
         self.log, self.heartbeat_every, self.beat_s = log, heartbeat_every, beat_s
-        self._count = 0
+        self._count, self._state = 0, TRAINING
+        self._lock = threading.Lock()  # beats come from the thread and from mark()
         self._broken = False  # the store failed once: it is not asked again
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dast-rank-beat", daemon=True)
@@ -111,7 +118,12 @@ class RankWatch:
         if self._thread.is_alive():
             self._thread.join(timeout=2 * STORE_TIMEOUT_S)
         if done:
-            self._beat(done=True)
+            self.mark(DONE)
+
+    def mark(self, state: str) -> None:
+        """Tell the other ranks this rank's new state at once."""
+        self._state = state
+        self._beat()
 
     def _run(self) -> None:
         next_line = time.monotonic() + self.heartbeat_every
@@ -128,15 +140,16 @@ class RankWatch:
                     next_line = time.monotonic() + self.heartbeat_every
                     self.log.info("heartbeat: %s", self.summary(beats))
 
-    def _beat(self, done: bool = False) -> None:
-        self._count += 1
-        doc = {"count": self._count, "last": self.progress.last, "done": done}
-        if self._broken:
-            return
-        try:
-            self.store.set(_key(self.rank), json.dumps(doc))
-        except RuntimeError:  # the store is gone (each try would print a C++ error): stop using it
-            self._broken = True
+    def _beat(self) -> None:
+        with self._lock:
+            if self._broken:
+                return
+            self._count += 1
+            doc = {"count": self._count, "last": self.progress.last, "state": self._state}
+            try:
+                self.store.set(_key(self.rank), json.dumps(doc))
+            except RuntimeError:  # the store is gone (each try would print a C++ error): stop using it
+                self._broken = True
 
     def read(self) -> dict[int, Beat]:
         """The latest beat of every rank that wrote one (empty when the store is unreachable)."""
@@ -157,7 +170,7 @@ class RankWatch:
         for r, raw in zip(present, values):
             doc = json.loads(bytes(raw).decode())
             last = doc.get("last")
-            out[r] = Beat(int(doc["count"]), (str(last[0]), int(last[1])) if last else None, bool(doc.get("done")))
+            out[r] = Beat(int(doc["count"]), (str(last[0]), int(last[1])) if last else None, str(doc["state"]))
         return out
 
     # ------------------------------------------------------------------ rank 0's heartbeat line
@@ -175,8 +188,8 @@ class RankWatch:
                 parts.append(f"rank {r} not started")
                 continue
             text = f"rank {r} {beats[r].describe()}"
-            if beats[r].done:
-                parts.append(text + " (done)")
+            if beats[r].state != TRAINING:
+                parts.append(f"{text} ({beats[r].state})")
                 continue
             changed = self._seen.get(r, (0, now))[1]
             if now - changed >= SILENT_S:
@@ -192,16 +205,26 @@ class RankWatch:
         first = self.read()
         if not first:
             return None
-        alive, latest = {self.rank} | {r for r, b in first.items() if b.done}, dict(first)
+        alive, latest = {self.rank} | {r for r, b in first.items() if b.state == DONE}, dict(first)
         end = time.monotonic() + window
         while len(alive) < self.world and time.monotonic() < end:
             time.sleep(self.beat_s / 2)
             now = self.read()
             for r, b in now.items():
                 latest[r] = b
-                if r not in first or b.count != first[r].count or b.done:
+                if r not in first or b.count != first[r].count or b.state == DONE:
                     alive.add(r)
         return sorted(set(range(self.world)) - alive), latest
+
+    def stuck_ranks(self, window: float = SILENT_S) -> tuple[list[int], dict[int, Beat]]:
+        """The live ranks still training after ``window`` seconds, while this rank's
+        collective failed: their main thread never reached the collective (the other ranks
+        that were waiting in it mark themselves failed when it times out for them too)."""
+        end, beats = time.monotonic() + window, self.read()
+        while time.monotonic() < end and any(b.state == TRAINING for r, b in beats.items() if r != self.rank):
+            time.sleep(self.beat_s / 2)
+            beats = self.read() or beats
+        return sorted(r for r, b in beats.items() if r != self.rank and b.state == TRAINING), beats
 
 
 def _key(rank: int) -> str:
@@ -217,12 +240,22 @@ def start_watch(rt: Runtime, store: Any | None, log: logging.Logger | None, time
     return watch.start()
 
 
+# what gloo says when a collective times out (its wordings differ by where it waits), and NCCL's watchdog
+TIMEOUT_MARKS = (
+    "Timed out waiting",
+    "timeout caused pair closure",
+    "Operation timed out",
+    "collective operation timeout",
+)
+CLOSED_MARKS = ("Connection closed", "Connection reset", "Broken pipe", "Read error", "EOF")
+
+
 def failure_cause(exc: BaseException, timeout_s: float) -> str:
     """What the failed collective saw, in a few words."""
     text = str(exc)
-    if "Timed out" in text or "timed out" in text or "Timeout" in text:
+    if any(s in text for s in TIMEOUT_MARKS):
         return f"a collective timed out after {timeout_s:g} s"
-    if any(s in text for s in ("Connection closed", "Connection reset", "Broken pipe", "Read error", "EOF")):
+    if any(s in text for s in CLOSED_MARKS):
         return "its connection closed"
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return f"the collective failed: {first[:120]}"
@@ -237,11 +270,13 @@ RESUME_HINT = (
 def lost_rank_error(
     watch: RankWatch, exc: BaseException, timeout_s: float, store_host: int | None = None
 ) -> RankLost | None:
-    """A :class:`RankLost` naming the ranks that fell silent after ``exc``, or None when
-    every rank is alive (``exc`` was this rank's own failure). ``store_host``: the rank
-    that serves the beats' store, if one does (it is lost when the store is). Call it under
-    :func:`deferred` SIGTERM: torchrun's agent sends it to the survivors as soon as a
-    worker dies, and this takes up to :data:`SILENT_S` seconds."""
+    """A :class:`RankLost` naming the ranks that fell silent after ``exc`` (killed, or
+    stopped), or, after a timeout, the live ranks whose training never reached the
+    collective (a stuck main thread); None when every rank is alive and ``exc`` is no
+    timeout (this rank's own failure). ``store_host``: the rank that serves the beats'
+    store, if one does (it is lost when the store is). Takes up to 2 x :data:`SILENT_S`
+    seconds, under deferred SIGTERM (:func:`dast.training.session.run_session`)."""
+    watch.mark(FAILED)
     found = watch.lost_ranks()
     cause = failure_cause(exc, timeout_s)
     me = f"rank {watch.rank}"
@@ -258,15 +293,34 @@ def lost_rank_error(
             [],
         )
     lost, beats = found
-    if not lost:
-        return None
-    names = ", ".join(str(r) for r in lost)
-    steps = ", ".join(f"rank {r} {b.describe()}" for r, b in sorted(beats.items()))
+    if lost:
+        return RankLost(
+            f"{me}: lost rank {_names(lost)} of {watch.world} ({cause}; no beat from it for {SILENT_S:g} s: "
+            f"killed or hung); last steps: {_steps(beats)}. " + RESUME_HINT,
+            lost,
+        )
+    if not any(s in str(exc) for s in TIMEOUT_MARKS):
+        return None  # every rank is alive: this rank's own failure
+    stuck, beats = watch.stuck_ranks()
+    if not stuck:
+        return RankLost(
+            f"{me}: {cause} while every rank is alive and stopping ({_steps(beats)}): the ranks went different "
+            "ways, or one is slower than distributed.timeout_s. " + RESUME_HINT,
+            [],
+        )
     return RankLost(
-        f"{me}: lost rank {names} of {watch.world} ({cause}; no beat from it for {SILENT_S:g} s: killed or hung); "
-        f"last steps: {steps}. " + RESUME_HINT,
-        lost,
+        f"{me}: rank {_names(stuck)} of {watch.world} stopped responding ({cause}; its process is alive but never "
+        f"reached the collective: stuck in its own work); last steps: {_steps(beats)}. " + RESUME_HINT,
+        stuck,
     )
+
+
+def _names(ranks: list[int]) -> str:
+    return ", ".join(str(r) for r in ranks)
+
+
+def _steps(beats: dict[int, Beat]) -> str:
+    return ", ".join(f"rank {r} {b.describe()}" for r, b in sorted(beats.items()))
 
 
 @contextlib.contextmanager
