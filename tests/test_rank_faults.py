@@ -61,11 +61,14 @@ CONFIG: dict[str, Any] = {
 HARD_TIMEOUT_S = 150  # no torchrun job of this file may outlive it
 CKPT = r"/checkpoints/step_\d{8}\.safetensors$"
 
-# Runs `dast` under torchrun after arranging, from DAST_TEST_FAULT (JSON), for one rank of
-# the first attempt to stop itself:
-#   {"at": "step", "n": N}        at the start of 0-based iteration N (N steps done)
-#   {"at": "checkpoint", "n": N}  on the N-th rename onto a checkpoint, after cutting the
-#                                 temporary file to half its size (a write cut short)
+# Runs `dast` under torchrun after arranging, from DAST_TEST_FAULT (JSON), for chosen ranks
+# of chosen attempts (torchrun's restart count) to stop themselves:
+#   {"faults": [{"attempt": A, "rank": R, "signal": S, "at": "step", "n": N}, ...]}
+#       at the start of 0-based iteration N (N steps done)
+#   {... "at": "checkpoint", "n": N, "pattern": REGEX}
+#       on the N-th rename onto a checkpoint, after cutting the temporary file to half its
+#       size (a write cut short)
+#   {"own_view": DECISION}  rank 1's own look at the run directory says DECISION
 # Every process notes on stderr when it stops itself and when it exits, on the system-wide
 # monotonic clock, so the test can time the survivor.
 WRAPPER = r"""
@@ -76,30 +79,31 @@ def note(what):
     sys.stderr.write(f"dast-test: rank {rank} attempt {attempt} {what} at {time.monotonic():.3f} pid {os.getpid()}\n")
     sys.stderr.flush()
 
-spec = json.loads(os.environ.get("DAST_TEST_FAULT") or "null")
-if spec and spec.get("own_view") and rank == 1:
-    # a wrong view of the run directory on rank 1, which must follow rank 0's decision
+spec = json.loads(os.environ.get("DAST_TEST_FAULT") or "null") or {}
+if spec.get("own_view") and rank == 1:
     import dast.training.session as session
     session.auto_resume_decision = lambda paths: spec["own_view"]
-if spec and spec.get("at") and spec["rank"] == rank and attempt == 0:
-    sig = getattr(signal, spec["signal"])
-    def die():
+for fault in spec.get("faults", []):
+    if fault["rank"] != rank or fault["attempt"] != attempt:
+        continue
+    sig = getattr(signal, fault["signal"])
+    def die(sig=sig):
         note("stops")
         os.kill(os.getpid(), sig)
-    if spec["at"] == "step":
+    if fault["at"] == "step":
         import dast.training.engine as engine
-        real_step = engine.Engine.step
+        real_step, n = engine.Engine.step, fault["n"]
         def step(self, i, *args, **kwargs):
-            if i == spec["n"]:
+            if i == n:
                 die()
             return real_step(self, i, *args, **kwargs)
         engine.Engine.step = step
     else:
-        pattern, calls, real_replace = re.compile(spec["pattern"]), [0], os.replace
+        pattern, calls, real_replace, n = re.compile(fault["pattern"]), [0], os.replace, fault["n"]
         def replace(src, dst, *args, **kwargs):
             if pattern.search(os.fspath(dst)):
                 calls[0] += 1
-                if calls[0] == spec["n"]:
+                if calls[0] == n:
                     os.truncate(src, os.path.getsize(src) // 2)
                     die()
             return real_replace(src, dst, *args, **kwargs)
@@ -303,41 +307,30 @@ def test_the_heartbeat_line_shows_each_ranks_last_step() -> None:
 
 
 @pytest.mark.slow
-def test_a_killed_rank_ends_the_job_and_a_restart_resumes_exactly(reference: tuple[Path, Path], tmp_path: Path) -> None:
+def test_killed_ranks_end_the_job_and_restarts_resume_exactly(reference: tuple[Path, Path], tmp_path: Path) -> None:
+    """Attempt 0: rank 1 is killed at a seeded random step. Attempt 1, torchrun's restart:
+    rank 0 is killed while it writes its first checkpoint. Attempt 2 ends the run."""
     cfg, ref = reference
     run = tmp_path / "run"
     step = random.Random(20220222).randint(1, STEPS - 1)  # seeded: the same step every time
-    job = torchrun(tmp_path, cfg, run, restarts=1, fault={"rank": 1, "at": "step", "n": step, "signal": "SIGKILL"})
+    faults = [
+        {"attempt": 0, "rank": 1, "signal": "SIGKILL", "at": "step", "n": step},
+        {"attempt": 1, "rank": 0, "signal": "SIGKILL", "at": "checkpoint", "n": 1, "pattern": CKPT},
+    ]
+    job = torchrun(tmp_path, cfg, run, restarts=2, fault={"faults": faults})
     assert job.code == 0, job.output[-4000:]
-    errors = job.errors()
-    assert len(errors) == 1, job.output[-4000:]
-    assert errors[0].startswith("error: rank 0: lost rank 1 of 2 (its connection closed;"), errors[0]
-    assert f"rank 0 stage1 step {step}" in errors[0] and "--resume auto" in errors[0]
     assert "Traceback" not in job.output
-    # the survivor noticed at once: the diagnosis (SILENT_S) and its exit are all it took
-    waited = job.noted(0, "exits") - job.noted(1, "stops")
-    assert waited < SILENT_S + 6, waited
-    # torchrun restarted both ranks, which resumed from the checkpoint of the last step done
-    assert f"stage1: resuming from step_{step:08d}.safetensors (step {step})" in (run / "log.txt").read_text()
-    assert_same_weights(weights(run), weights(ref))
-    assert not temp_files(run), temp_files(run)
-
-
-@pytest.mark.slow
-def test_rank0_killed_while_writing_a_checkpoint_restarts_from_the_previous_one(
-    reference: tuple[Path, Path], tmp_path: Path
-) -> None:
-    cfg, ref = reference
-    run = tmp_path / "run"
-    fault = {"rank": 0, "at": "checkpoint", "n": 3, "pattern": CKPT, "signal": "SIGKILL"}
-    job = torchrun(tmp_path, cfg, run, restarts=1, fault=fault)
-    assert job.code == 0, job.output[-4000:]
-    errors = job.errors()
-    assert len(errors) == 1 and errors[0].startswith("error: rank 1: lost rank 0 of 2 ("), job.output[-4000:]
-    assert "Traceback" not in job.output
-    assert job.noted(1, "exits") - job.noted(0, "stops") < SILENT_S + 6
-    # the third checkpoint was cut short: the restart used the second and removed the torn file
-    assert "stage1: resuming from step_00000002.safetensors (step 2)" in (run / "log.txt").read_text()
+    first, second = job.errors()
+    # each survivor stopped at once with one line naming the lost rank
+    assert first.startswith("error: rank 0: lost rank 1 of 2 (its connection closed;"), first
+    assert f"rank 0 stage1 step {step}" in first and "--resume auto" in first
+    assert second.startswith("error: rank 1: lost rank 0 of 2 (its connection closed;"), second
+    assert job.noted(0, "exits", attempt=0) - job.noted(1, "stops", attempt=0) < SILENT_S + 6
+    assert job.noted(1, "exits", attempt=1) - job.noted(0, "stops", attempt=1) < SILENT_S + 6
+    # both restarts resumed from the checkpoint of the step the first attempt reached: the
+    # second attempt's checkpoint was cut short, and its torn file removed
+    log = (run / "log.txt").read_text()
+    assert log.count(f"stage1: resuming from step_{step:08d}.safetensors (step {step})") == 2, log
     assert not temp_files(run), temp_files(run)
     assert_same_weights(weights(run), weights(ref))
 
@@ -355,7 +348,7 @@ def test_a_stopped_rank_ends_the_job_within_the_collective_timeout(
         tmp_path,
         cfg,
         run,
-        fault={"rank": 1, "at": "step", "n": step, "signal": "SIGSTOP"},
+        fault={"faults": [{"attempt": 0, "rank": 1, "signal": "SIGSTOP", "at": "step", "n": step}]},
         extra=("--set", f"distributed.timeout_s={timeout_s}"),
         reap_stopped=True,
     )
