@@ -284,6 +284,7 @@ def test_a_live_rank_whose_training_stopped_is_named_after_a_timeout() -> None:
 
 def test_an_unreachable_store_names_the_rank_that_served_it() -> None:
     ours, _ = _watches(2, peer_beats=False)
+    ours.stop()
     ours._broken = True  # as after the first failed request to a store whose server died
     err = lost_rank_error(ours, GLOO_CLOSED, 300.0, store_host=0)
     assert err is not None and "lost the other ranks" in str(err)  # rank 0 itself served it: unknown

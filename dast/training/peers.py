@@ -1,10 +1,10 @@
 """What each rank of a ``torchrun`` job knows about the others, so that a rank that dies
 or hangs stops the job with a message instead of leaving it waiting.
 
-* **Beats.** Every rank runs a daemon thread that writes a beat (a counter and the last
-  step the rank reached) into the process group's key-value store after every step and
-  at least every :data:`BEAT_S` seconds. A killed or stopped (SIGSTOP) process falls silent; a busy one
-  does not, since the thread needs no progress of the training loop.
+* **Beats.** Every rank runs a daemon thread that writes a beat (a counter, the last step
+  the rank reached, and its state) into a key-value store after every step and at least
+  every :data:`BEAT_S` seconds. A killed or stopped (SIGSTOP) process falls silent; a busy
+  one does not, since the thread needs no progress of the training loop.
 * **Heartbeat line.** Rank 0's thread also writes, every :func:`heartbeat_period`
   seconds, one line in the run's log with the last step of every rank, and how long a
   silent one has been silent.
@@ -20,8 +20,9 @@ or hangs stops the job with a message instead of leaving it waiting.
   every rank after the same step (one scalar all-reduce per step), so the checkpoint it
   writes and the barrier after it are reached by all ranks.
 
-Beats use their own connection to a store that outlives the workers where torchrun
-shares its agent's store (:mod:`dast.training.rendezvous`), with a short timeout.
+The beats' store is torchrun's own where it shares it with the workers (it outlives every
+worker), else the process group's; beats use a connection of their own with a short
+timeout (:mod:`dast.training.rendezvous`).
 """
 
 from __future__ import annotations
