@@ -91,8 +91,9 @@ def _announced_store(agent: Any, host: str, timeout_s: float) -> tuple[Any, str]
         port = int(port_text)
         if _listening(host, port):
             try:
-                store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
+                store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=STORE_TIMEOUT_S))
                 if store.check([NONCE_KEY]) and bytes(store.get(NONCE_KEY)).decode() == nonce:
+                    store.set_timeout(timedelta(seconds=timeout_s))  # the process group's waits
                     return store, nonce
             except RuntimeError:  # not a store (the port was taken again), or it went away
                 pass
