@@ -294,6 +294,9 @@ class DistributedConfig(_Strict):
 
     lr_scaling: Literal["keep", "linear"] = "keep"
     sync_bn: bool = False
+    # seconds a collective may wait for the other ranks before the run stops (a hung rank);
+    # null: 300 on CPU (gloo), 600 on CUDA (NCCL); see docs/distributed.md
+    timeout_s: float | None = Field(default=None, gt=0)
 
 
 class FaultConfig(_Strict):

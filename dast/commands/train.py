@@ -29,7 +29,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         const=True,
         default=False,
         metavar="RUN_DIR",
-        help="continue the run in --out (or in RUN_DIR) from its latest complete checkpoint",
+        help="continue the run in --out (or in RUN_DIR) from its latest complete checkpoint; "
+        "'--resume auto' (with --config and --out) starts the run, resumes it, or leaves it when finished, "
+        "whichever fits --out: one command for torchrun --max-restarts and requeued jobs",
     )
     p.add_argument("--force", action="store_true", help="resume even if the config differs; reuse a non-empty --out")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="override runtime.device")
@@ -39,16 +41,11 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
 def run(args: argparse.Namespace) -> int:
     from dast.training.loop import TrainingInterrupted  # noqa: PLC0415 - lazy: keeps dast --help fast
+    from dast.training.peers import RankLost  # noqa: PLC0415 - lazy: keeps dast --help fast
     from dast.training.pipeline import train  # noqa: PLC0415 - lazy: keeps dast --help fast
+    from dast.training.session import RunComplete  # noqa: PLC0415 - lazy: keeps dast --help fast
 
-    run_dir = args.out
-    resume = bool(args.resume)
-    if isinstance(args.resume, str):
-        if run_dir and Path(run_dir) != Path(args.resume):
-            raise UserError("--resume RUN_DIR and --out name different directories")
-        run_dir = args.resume
-    if not run_dir:
-        raise UserError("--out RUN_DIR is required (or --resume RUN_DIR)")
+    run_dir, resume = _run_dir_and_resume(args)
     if args.config is None and args.overrides:
         raise UserError("--set needs --config")
     cfg = load_config(args.config, args.overrides) if args.config else None
@@ -59,7 +56,11 @@ def run(args: argparse.Namespace) -> int:
     except TrainingInterrupted as exc:
         sys.stderr.write(f"{exc}\n")
         return 128 + exc.signum
-    except NumericalFault as exc:
+    except RunComplete as exc:
+        if os.environ.get("RANK", "0") == "0":
+            sys.stderr.write(f"{exc}\n")
+        return 0
+    except (NumericalFault, RankLost) as exc:
         # not a user error (exit 1), but a diagnosis, not a crash: one line, details in log.txt
         if getattr(args, "debug", False):
             traceback.print_exc()
@@ -69,3 +70,21 @@ def run(args: argparse.Namespace) -> int:
     if metrics and os.environ.get("RANK", "0") == "0":
         print(json.dumps({"miou": metrics.get("miou"), "run_dir": str(run_dir)}))
     return 0
+
+
+def _run_dir_and_resume(args: argparse.Namespace) -> tuple[str, bool | str]:
+    """The run directory, and the resume mode (False, True or ``"auto"``), from --out and --resume."""
+    from dast.training.session import RESUME_AUTO  # noqa: PLC0415 - lazy: keeps dast --help fast
+
+    run_dir = args.out
+    if args.resume == RESUME_AUTO:
+        if not run_dir:
+            raise UserError("--resume auto needs --out RUN_DIR")
+        return run_dir, RESUME_AUTO
+    if isinstance(args.resume, str):
+        if run_dir and Path(run_dir) != Path(args.resume):
+            raise UserError("--resume RUN_DIR and --out name different directories")
+        run_dir = args.resume
+    if not run_dir:
+        raise UserError("--out RUN_DIR is required (or --resume RUN_DIR)")
+    return run_dir, bool(args.resume)

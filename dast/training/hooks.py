@@ -44,8 +44,9 @@ from dast.errors import NumericalFault
 from dast.models.io import Networks
 from dast.rundir import StageDir
 from dast.training.engine import Engine, StepResult
+from dast.training.peers import agreed_latest_checkpoint, agreed_stop_signal
 from dast.training.plans import StagePlan
-from dast.training.runtime import Runtime
+from dast.training.runtime import Runtime, barrier
 from dast.training.signals import SignalFlag, TrainingInterrupted
 from dast.training.snapshots import prune_best_files, save_best, write_selected
 
@@ -134,11 +135,13 @@ class CheckpointHook(Hook):
             for _, old in loop.stage.checkpoint_files()[: -self.keep_last]:
                 old.unlink(missing_ok=True)
             prune_best_files(loop.stage, loop.state.best)  # superseded now that a checkpoint records `best`
+        barrier(loop.runtime)  # only rank 0 writes; the others go on once it has
 
     def before_step(self, loop: StageView) -> None:
-        if loop.stop.signum is not None:
+        signum = agreed_stop_signal(loop.stop.signum, loop.runtime)  # every rank stops after the same step
+        if signum is not None:
             self.save(loop, loop.state.step)
-            raise TrainingInterrupted(loop.stop.signum, loop.plan.name, loop.state.step)
+            raise TrainingInterrupted(signum, loop.plan.name, loop.state.step)
 
     def after_step(self, loop: StageView, result: StepResult) -> None:
         if _due(loop.state.step, self.every, loop.plan.steps):
@@ -350,7 +353,7 @@ class FaultHook(Hook):
         if self.policy != "rollback":
             return
         scale = loop.engine.lr_scale * self.lr_factor  # compounds over repeated rollbacks
-        last = loop.stage.latest_checkpoint()
+        last = agreed_latest_checkpoint(loop.stage, loop.runtime)
         if last is None:
             loop.engine.lr_scale = scale
             log.warning(

@@ -28,6 +28,7 @@ from dast.training.engine import Engine
 from dast.training.hooks import Hook, HookInputs, StageState, StageView, default_hooks
 from dast.training.online.recipe import online_parts
 from dast.training.online.sampling import RareClassCrops, RareClassSampler, cached_class_pixels, rcs_plan
+from dast.training.peers import agreed_latest_checkpoint
 from dast.training.plans import StagePlan
 from dast.training.runtime import Runtime, barrier
 from dast.training.sampler import StepSampler
@@ -174,6 +175,7 @@ class StageLoop(StageView):
             hook.before_step(self)
         result = self.engine.step(self.state.step, self.engine.prepare(*self.current))
         self.state.step += 1  # a skipped step still counts: its evaluation and checkpoint follow
+        self.runtime.progress.reached(self.plan.name, self.state.step)  # for the other ranks' watch
         for hook in self.hooks:
             hook.after_step(self, result)
             if self._rewound:  # a hook restored an earlier checkpoint: this iteration is undone
@@ -189,9 +191,10 @@ class StageLoop(StageView):
 
     def resume(self) -> None:
         """Continue from the stage's latest checkpoint, if it has one (clearing torn files first)."""
-        self.stage.checkpoints.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(self.stage.root)
-        latest = self.stage.latest_checkpoint()
+        if self.runtime.is_main:  # only rank 0 writes the run directory
+            self.stage.checkpoints.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.stage.root)
+        latest = agreed_latest_checkpoint(self.stage, self.runtime)
         self.resumed = latest is not None
         if latest is not None:
             self.restore(latest)

@@ -8,7 +8,6 @@ Crash safety, resume and the config-change policy are described in docs/reliabil
 from __future__ import annotations
 
 import json
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,12 +41,10 @@ from dast.training.runtime import (
     Runtime,
     barrier,
     configure_backends,
-    init_process_group,
-    leave_process_group,
-    make_runtime,
     seed_everything,
 )
 from dast.training.selection import build_selection_sets, selection_score
+from dast.training.session import record_world_size, run_session
 from dast.training.setup import (
     check_training_sizes,
     close_logging,
@@ -56,7 +53,6 @@ from dast.training.setup import (
     first_missing,
     initial_networks,
     model_spec_for,
-    prepare_run_dir,
     read_manifest,
     setup_logging,
 )
@@ -320,25 +316,24 @@ def train(
     cfg: Config | None,
     run_dir: str | Path,
     *,
-    resume: bool = False,
+    resume: bool | str = False,
     force: bool = False,
     device: str | None = None,
     progress: bool = True,
     heartbeat: str | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) a run; returns the final metrics (empty without a labelled val set).
+    ``resume``: False, True or ``"auto"`` (:mod:`dast.training.session`).
     ``heartbeat``: a name under which to print a progress line now and then (no bar)."""
     run_dir = Path(run_dir)
-    cfg = prepare_run_dir(run_dir, cfg, resume, force)
-    rt = make_runtime(cfg.runtime, device)
-    created_group = init_process_group(rt)
-    try:
-        return _train_in_group(cfg, run_dir, rt, resume, progress, heartbeat)
-    except BaseException as exc:
-        traceback.clear_frames(exc.__traceback__)  # their locals hold the DDP wrappers, which hold the group
-        raise
-    finally:
-        leave_process_group(created_group)
+    return run_session(
+        cfg,
+        run_dir,
+        resume=resume,
+        force=force,
+        device=device,
+        body=lambda s: _train_in_group(s.cfg, run_dir, s.rt, s.resume, progress, heartbeat),
+    )
 
 
 def _train_in_group(
@@ -351,6 +346,7 @@ def _train_in_group(
         remove_stale_temps(run_dir)  # half-written files of a killed run (checkpoints, final/, curves)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(RunDir(run_dir).config, to_yaml(cfg))
+        record_world_size(RunDir(run_dir), rt.world_size)
     barrier(rt)
     pipe = Pipeline(cfg, run_dir, rt, progress=progress, heartbeat=heartbeat)
     try:

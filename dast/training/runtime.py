@@ -6,17 +6,32 @@ import contextlib
 import gc
 import os
 import random
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from dast.config import RuntimeConfig
+from dast.config import DistributedConfig, RuntimeConfig
 from dast.contexts import autocast
 from dast.errors import UserError
 from dast.training.levers import Levers, choose_levers
+
+
+class StepProgress:
+    """The last training step this rank reached, as (stage, step): written by the stage
+    loop, read by the thread that reports it to the other ranks (:mod:`dast.training.peers`),
+    which ``changed`` wakes."""
+
+    def __init__(self) -> None:
+        self.last: tuple[str, int] | None = None  # one attribute: replaced atomically
+        self.changed = threading.Event()
+
+    def reached(self, stage: str, step: int) -> None:
+        self.last = (stage, step)
+        self.changed.set()
 
 
 @dataclass(frozen=True)
@@ -29,6 +44,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    progress: StepProgress = field(default_factory=StepProgress, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -98,18 +114,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def init_process_group(rt: Runtime) -> bool:
-    """Join torchrun's process group (NCCL on CUDA, gloo on CPU) when distributed; True when
-    this call created it (and :func:`leave_process_group` should end it)."""
-    if rt.world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if rt.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
-        return True
-    return False
+# How long a collective waits for the other ranks when ``distributed.timeout_s`` is null.
+# Legitimate waits are short (one rank writing a checkpoint while the others wait at a
+# barrier; uneven shards); a hung rank otherwise holds the job until its wall-clock limit.
+GLOO_TIMEOUT_S = 300.0
+NCCL_TIMEOUT_S = 600.0
+
+
+def collective_timeout(cfg: DistributedConfig, device: torch.device) -> float:
+    """Seconds a collective may wait: ``distributed.timeout_s``, or the backend's default."""
+    if cfg.timeout_s is not None:
+        return float(cfg.timeout_s)
+    return NCCL_TIMEOUT_S if device.type == "cuda" else GLOO_TIMEOUT_S
 
 
 def leave_process_group(created: bool) -> None:
-    """End a process group that :func:`init_process_group` created, once nothing holds it.
+    """End a process group that :func:`dast.training.rendezvous.join_group` created, once
+    nothing holds it.
 
     Call it after dropping the DDP-wrapped models: a group that is still referenced keeps its
     gloo worker threads, which may release their last collective's tensors while the

@@ -32,6 +32,8 @@ def read_manifest(paths: RunDir) -> dict[str, Any]:
 
 # Keys a resumed run may change (only to larger values) without --force.
 GROWABLE = ("train.steps", "self_training.rounds", "self_training.steps")
+# Keys a resumed run may change freely: they never change what is trained.
+FREE = ("distributed.timeout_s",)
 
 
 def check_resume_config(stored: Config, requested: Config, manifest: dict[str, Any], force: bool) -> None:
@@ -44,6 +46,8 @@ def check_resume_config(stored: Config, requested: Config, manifest: dict[str, A
     rounds = [k for k in manifest.get("stages", {}) if is_second_stage(k)]
     bad = []
     for key in diffs:
+        if key in FREE:
+            continue
         if key in GROWABLE:
             old, new = _get(stored, key), _get(requested, key)
             if new < old:
@@ -75,8 +79,13 @@ def _get(cfg: Config, dotted: str) -> Any:
 DATA_LOGGER = "dast.data"
 
 
+def run_logger(run_dir: Path) -> logging.Logger:
+    """The logger of the run in ``run_dir`` (its handlers come from :func:`setup_logging`)."""
+    return logging.getLogger(f"dast.run.{run_dir.resolve()}")
+
+
 def setup_logging(run_dir: Path, rt: Runtime) -> logging.Logger:
-    log = logging.getLogger(f"dast.run.{run_dir.resolve()}")
+    log = run_logger(run_dir)
     log.setLevel(logging.INFO)
     log.propagate = False
     close_logging(log)
