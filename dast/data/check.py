@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -12,12 +11,12 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
-from dast.data.datasets import Layout, layout_for, read_list_file
+from dast.data.datasets import IMAGE_EXTS, Layout, layout_for, read_list_file
 from dast.data.labels import SYNTHIA_MAX_ID, read_class_file
 from dast.data.readers import label_reader, read_image, read_synthia_ids
 from dast.errors import DataError, UserError
+from dast.progress import progress as report_progress
 
 
 @dataclass
@@ -27,6 +26,18 @@ class CheckResult:
     problems: list[str] = field(default_factory=list)
     num_images: int = 0
     num_labels: int = 0
+
+
+def missing_root_message(root: Path, what: str) -> str:
+    """The line for a dataset root that is missing or not a folder: ``what`` (e.g. "the
+    target dataset's root"), the path as given and absolute, and where relative roots start."""
+    problem = "not found" if not root.exists() else "is not a directory"
+    where = (
+        f"{root}"
+        if root.is_absolute()
+        else f"{root} (= {root.absolute()}; relative roots start at the working directory)"
+    )
+    return f"{what} {problem}: {where}"
 
 
 def _read_synthia_checked(path: Path) -> np.ndarray:
@@ -109,8 +120,17 @@ def _structure(layout: Layout, list_file: str | Path | None, result: CheckResult
     if not layout.image_dir.is_dir():
         problems.append(f"missing image folder: {layout.image_dir}")
     if layout.label_dir is not None and not layout.label_dir.is_dir():
-        problems.append(f"missing label folder: {layout.label_dir}")
+        hint = ""
+        if layout.kind == "folder":
+            hint = (
+                " (the images were checked without labels; for an unlabelled dataset, such as a target "
+                "domain, pass --no-labels)"
+            )
+        problems.append(f"missing label folder: {layout.label_dir}{hint}")
     images = layout.image_files() if layout.image_dir.is_dir() else []
+    if layout.image_dir.is_dir() and not images:
+        kinds = "/".join(e.lstrip(".") for e in IMAGE_EXTS) if layout.kind == "folder" else "png"
+        problems.append(f"no images in {layout.image_dir} (looked for {kinds} files)")
     labels = layout.label_files()
     seen: dict[str, Path] = {}
     for name, path in images:
@@ -160,10 +180,8 @@ def scan_dataset(
     ``classes`` (folder datasets) is the class list named in the hint for colour labels
     (default: ``ROOT/classes.yaml`` when it exists)."""
     r = Path(root)
-    if not r.exists():
-        raise UserError(f"dataset root not found: {r}")
     if not r.is_dir():
-        raise UserError(f"dataset root is not a directory: {r}")
+        raise UserError(missing_root_message(r, "dataset root"))
     layout = layout_for(kind, r, split, images, labels)
     result = CheckResult()
     pairs = _structure(layout, list_file, result)
@@ -175,16 +193,7 @@ def scan_dataset(
     n_workers = workers if workers is not None else min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool:
         found = pool.map(lambda p: _check_pair(p[0], p[1], read_label), pairs)
-        bar = tqdm(
-            found,
-            total=len(pairs),
-            desc=f"checking {kind}",
-            unit="img",
-            file=sys.stderr,
-            disable=None if progress else True,
-            leave=False,
-        )
-        for problems in bar:
+        for problems in report_progress(found, total=len(pairs), desc=f"checking {kind}", enabled=progress):
             result.problems.extend(problems)
     return result
 
