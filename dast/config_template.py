@@ -42,7 +42,7 @@ def folder_facts(root: str, role: str, needs_labels: bool) -> FolderFacts:
     image folder or (when ``needs_labels``) label folder is a UserError naming ``role``."""
     r = Path(root)
     if not r.is_dir():
-        raise UserError(missing_root_message(r, f"the {role} folder (--{role})"))
+        raise UserError(missing_root_message(r, f"--{role}"))
     image_dir = r / "images"
     files = _images(image_dir) if image_dir.is_dir() else []
     if not files:

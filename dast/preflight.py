@@ -52,7 +52,7 @@ def _folder_images(ds: DatasetConfig, role: str, problems: list[str]) -> tuple[P
         return None, 0, []
     root = Path(ds.root)
     if not root.is_dir():
-        problems.append(missing_root_message(root, f"the {role} dataset's root ('{role}.root')"))
+        problems.append(missing_root_message(root, f"the {role} dataset's '{role}.root'"))
         return root.absolute(), 0, []
     layout = layout_for(ds.kind, root, ds.split, ds.images, ds.labels)
     if not layout.image_dir.is_dir():
@@ -78,12 +78,10 @@ def _folder_images(ds: DatasetConfig, role: str, problems: list[str]) -> tuple[P
         else:
             used = set(names)
             labels = [(p, layout.label_path(n, p)) for n, p in found if n in used]
-            missing = [p for p, lab in labels if lab is None or not lab.is_file()]
+            missing = [(p, lab) for p, lab in labels if lab is None or not lab.is_file()]
             if missing:
-                problems.append(
-                    f"{len(missing)} of {len(names)} {role} images have no label file in "
-                    f"{shown(layout.label_dir)} (the first: {missing[0].name})"
-                )
+                more = f" ({len(missing) - 1} more {role} images lack labels)" if len(missing) > 1 else ""
+                problems.append(f"the {role} image {missing[0][0]} has no label file {missing[0][1]}{more}")
     return root.absolute(), len(names), names
 
 
@@ -103,7 +101,7 @@ def dataset_facts(cfg: Config) -> tuple[list[DatasetFacts], list[str]]:
             if ds.size is None:
                 problems.append(f"config key '{role}.size' is required for a synthetic dataset (width, height)")
         table = None
-        if len(problems) == before or ds.kind != "folder" or ds.classes is not None:
+        if _check_classes(ds, role, root, missing_files=len(problems) > before, source=facts[0] if facts else None):
             try:
                 table = table_for(ds, cfg.model.num_classes)
             except UserError as exc:
@@ -111,6 +109,20 @@ def dataset_facts(cfg: Config) -> tuple[list[DatasetFacts], list[str]]:
         facts.append(DatasetFacts(role, ds.kind, root, count, NEEDS_LABELS[role], table))
     problems += class_list_problems(facts)
     return facts, problems
+
+
+def _check_classes(
+    ds: DatasetConfig, role: str, root: Path | None, missing_files: bool, source: DatasetFacts | None
+) -> bool:
+    """Whether to read a dataset's class list: not for a folder set whose files are missing
+    (its class list would be missing too), nor for a target or val folder set that takes the
+    source's list when the source's could not be read (the source's problem says why)."""
+    own_list = ds.kind != "folder" or ds.classes is not None or (root is not None and (root / "classes.yaml").is_file())
+    if own_list:
+        return True
+    if role != "source":
+        return source is not None and source.table is not None
+    return not missing_files
 
 
 def class_list_problems(facts: list[DatasetFacts]) -> list[str]:

@@ -29,15 +29,12 @@ class CheckResult:
 
 
 def missing_root_message(root: Path, what: str) -> str:
-    """The line for a dataset root that is missing or not a folder: ``what`` (e.g. "the
-    target dataset's root"), the path as given and absolute, and where relative roots start."""
+    """The line for a dataset root that is missing or not a folder: the path as given, which
+    setting gave it (``what``, e.g. "the target dataset's 'target.root'") and, for a relative
+    path, where relative roots start and the absolute path."""
     problem = "not found" if not root.exists() else "is not a directory"
-    where = (
-        f"{root}"
-        if root.is_absolute()
-        else f"{root} (= {root.absolute()}; relative roots start at the working directory)"
-    )
-    return f"{what} {problem}: {where}"
+    where = what if root.is_absolute() else f"{what}; relative roots start at the working directory: {root.absolute()}"
+    return f"dataset root {problem}: {root} ({where})"
 
 
 def _read_synthia_checked(path: Path) -> np.ndarray:
@@ -181,7 +178,7 @@ def scan_dataset(
     (default: ``ROOT/classes.yaml`` when it exists)."""
     r = Path(root)
     if not r.is_dir():
-        raise UserError(missing_root_message(r, "dataset root"))
+        raise UserError(missing_root_message(r, "--root"))
     layout = layout_for(kind, r, split, images, labels)
     result = CheckResult()
     pairs = _structure(layout, list_file, result)
