@@ -164,9 +164,16 @@ def test_sweep_takes_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 
 def test_a_user_config_extends_a_packaged_one_by_name(tmp_path: Path) -> None:
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    example = textwrap.dedent(readme.split("```yaml\n")[1].split("```")[0])  # the README's "Your own data" example
-    assert example.splitlines()[1].startswith("extends: base/common")
+    # what `dast init-config`'s comments suggest for a real run: the paper's schedule from base/common
+    example = textwrap.dedent(
+        """\
+        extends: base/common
+        model: {arch: resnet101, num_classes: 3, init: weights/resnet101_init.safetensors}
+        source: {kind: folder, root: my_renders, size: [1280, 720]}
+        target: {kind: folder, root: my_camera, labels: null, size: [1024, 512], with_labels: false}
+        self_training: {rounds: 3, steps: 20000}
+        """
+    )
     (tmp_path / "mine.yaml").write_text(example)
     cfg = load_config(tmp_path / "mine.yaml")
     assert cfg.train.steps == 150000 and cfg.model.num_classes == 3 and cfg.self_training.rounds == 3
