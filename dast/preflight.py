@@ -45,31 +45,31 @@ def shown(path: Path) -> str:
     return str(path) if path.is_absolute() else f"{path} (= {path.absolute()})"
 
 
-def _folder_images(ds: DatasetConfig, role: str, problems: list[str]) -> tuple[Path | None, int, list[str]]:
-    """(absolute root, image count, image names) of a file dataset; problems appended."""
+def _folder_images(ds: DatasetConfig, role: str, problems: list[str]) -> tuple[Path | None, int]:
+    """(absolute root, image count) of a file dataset; its problems appended to ``problems``."""
     if ds.root is None:
         problems.append(f"the {role} dataset ({ds.kind}) has no root: set '{role}.root'")
-        return None, 0, []
+        return None, 0
     root = Path(ds.root)
     if not root.is_dir():
         problems.append(missing_root_message(root, f"the {role} dataset's '{role}.root'"))
-        return root.absolute(), 0, []
+        return root.absolute(), 0
     layout = layout_for(ds.kind, root, ds.split, ds.images, ds.labels)
     if not layout.image_dir.is_dir():
         problems.append(f"the {role} dataset's image folder not found: {shown(layout.image_dir)}")
-        return root.absolute(), 0, []
+        return root.absolute(), 0
     found = layout.image_files()
     if not found:
         kinds = "/".join(e.lstrip(".") for e in IMAGE_EXTS) if ds.kind == "folder" else "png"
         problems.append(f"the {role} dataset has no images in {shown(layout.image_dir)} (looked for {kinds} files)")
-        return root.absolute(), 0, []
+        return root.absolute(), 0
     names = [n for n, _ in found]
     if ds.list_file:
         try:
             wanted = {name for _, _, name in read_list_file(ds.list_file)}
         except UserError as exc:
             problems.append(f"the {role} dataset: {exc}")
-            return root.absolute(), len(names), names
+            return root.absolute(), len(names)
         names = [n for n in names if n in wanted]
     if NEEDS_LABELS[role]:
         if layout.label_dir is None or not layout.label_dir.is_dir():
@@ -82,7 +82,7 @@ def _folder_images(ds: DatasetConfig, role: str, problems: list[str]) -> tuple[P
             if missing:
                 more = f" ({len(missing) - 1} more {role} images lack labels)" if len(missing) > 1 else ""
                 problems.append(f"the {role} image {missing[0][0]} has no label file {missing[0][1]}{more}")
-    return root.absolute(), len(names), names
+    return root.absolute(), len(names)
 
 
 def dataset_facts(cfg: Config) -> tuple[list[DatasetFacts], list[str]]:
@@ -95,7 +95,7 @@ def dataset_facts(cfg: Config) -> tuple[list[DatasetFacts], list[str]]:
             continue
         before = len(problems)
         if ds.kind in FILE_KINDS:
-            root, count, _ = _folder_images(ds, role, problems)
+            root, count = _folder_images(ds, role, problems)
         else:
             root, count = None, ds.count
             if ds.size is None:
@@ -126,14 +126,15 @@ def _check_classes(
 
 
 def class_list_problems(facts: list[DatasetFacts]) -> list[str]:
-    """A line for each dataset whose class names differ from the source's (same count,
-    other names or order: its label values would mean other classes)."""
+    """A line for each labelled dataset besides the source (val) whose class names differ from
+    the source's: same count, other names or order, so its label values would be scored as
+    other classes. (The target's labels are never read.)"""
     source = next((f for f in facts if f.role == "source" and f.table is not None), None)
     if source is None or source.table is None:
         return []
     out = []
     for f in facts:
-        if f.role == "source" or f.table is None or f.table.names == source.table.names:
+        if f.role == "source" or not f.labels or f.table is None or f.table.names == source.table.names:
             continue
         out.append(
             f"class lists differ: the source has {list(source.table.names)}, the {f.role} "

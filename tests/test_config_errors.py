@@ -117,7 +117,7 @@ def test_an_unlabelled_folder_target_takes_the_source_class_list(tmp_path: Path)
         ("car", (0, 0, 0)),
     ]
     assert "name: road" in to_yaml(cfg)  # the saved config says it explicitly
-    # a target with its own classes.yaml keeps it (the dry run then reports the mismatch)
+    # a target with its own classes.yaml keeps it (its labels are never read: the names do not matter)
     (tmp_path / "tgt/classes.yaml").write_text(yaml.safe_dump([{"name": "a"}, {"name": "b"}, {"name": "c"}]))
     assert load_config(tmp_path / "mine.yaml").target.classes is None
     # nothing is inherited when the source's list does not fit model.num_classes: the source's error says why
