@@ -14,6 +14,7 @@ import torch
 
 from dast.cli import COMMANDS, build_parser, chosen_command, main
 from dast.commands._common import parse_seeds
+from dast.commands.demo import FULL_TIME, QUICK_TIME
 from dast.config import RuntimeConfig
 from dast.contexts import AMP_ALIASES, AMP_DTYPES, amp_dtype, amp_name
 from dast.errors import UserError
@@ -153,3 +154,9 @@ def test_sweep_takes_a_comma_list(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("--set seed=")[1].split()[0] for line in lines] == ["0", "1"]
+
+
+def test_the_demo_times_in_help_are_the_readme_s() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert f"--quick              # the same pipeline, shorter: {QUICK_TIME}" in readme
+    assert f"# one seed: {FULL_TIME} on 2 busy cores" in readme

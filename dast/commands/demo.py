@@ -8,9 +8,10 @@ from dast.commands._common import add_progress_argument, add_seeds_argument, exa
 from dast.data.synthetic import DEFAULT_SHIFT, SHIFTS
 from dast.errors import UserError
 
-# Wall times measured on the project's 2-core CPU VM (README, "The demo"; benchmarks/demo_times.sh).
-QUICK_TIME = "about 1 min"
-FULL_TIME = "about 4 min"
+# Wall times measured on the project's 2-core VM while other jobs shared it (README, "The demo";
+# `bash benchmarks/demo_times.sh` measures them again).
+QUICK_TIME = "1-3 min"
+FULL_TIME = "about 25 min"
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
@@ -20,14 +21,16 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         "camera-like street scenes, on the CPU. Writes DIR/report.json and figures; `dast report DIR` "
         "renders them as one HTML page.",
         epilog=examples(
-            f"dast demo --out demo_quick --quick       # {QUICK_TIME} on 2 CPU cores",
-            f"dast demo --out demo_out                 # one seed, {FULL_TIME} on 2 CPU cores",
+            f"dast demo --out demo_quick --quick       # {QUICK_TIME} on 2 busy CPU cores",
+            f"dast demo --out demo_out                 # one seed, {FULL_TIME} on 2 busy CPU cores",
             "dast demo --out demo5 --seeds 0 1 2 3 4  # mean +- std over seeds (0,1,2,3,4 works too)",
         ),
     )
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument(
-        "--quick", action="store_true", help=f"a much shorter run ({QUICK_TIME} on 2 cores; too short to rank methods)"
+        "--quick",
+        action="store_true",
+        help=f"a much shorter run ({QUICK_TIME} on a busy 2-core VM; too short to rank methods)",
     )
     p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default: 0)")
     add_seeds_argument(
