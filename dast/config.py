@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dast.errors import ConfigError
+from dast.errors import ConfigError, UserError
 
 DatasetKind = Literal["gta5", "synthia", "cityscapes", "folder", "synthetic"]
 
@@ -365,17 +366,43 @@ def _suggest(key: str) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def _format_error(err: ValidationError, source: str) -> str:
-    e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or True)
-    where = f" in {source}" if source else ""
+def _format_error(err: ValidationError, source: str, from_set: dict[str, str] | None = None) -> str:
+    """Every problem of a validation error, one line each (joined by newlines): its key path,
+    where the value came from (``--set KEY=VALUE`` or the file) and, for a misspelt key or
+    choice, the nearest valid one."""
+    return "\n".join(_format_problem(e, source, from_set or {}) for e in err.errors())
+
+
+def _blame(loc: str, source: str, from_set: dict[str, str]) -> str:
+    """`` in --set a.b=c`` when an override set ``loc`` (or a mapping above it), else `` in FILE``."""
+    parts = loc.split(".")
+    for i in range(len(parts), 0, -1):
+        item = from_set.get(".".join(parts[:i]))
+        if item is not None:
+            return f" in --set {item}"
+    return f" in {source}" if source else ""
+
+
+def _format_problem(e: Any, source: str, from_set: dict[str, str]) -> str:
+    loc = ".".join(str(p) for p in e["loc"])
+    where = _blame(loc, source, from_set)
     if e["type"] == "extra_forbidden":
         return f"unknown config key '{loc}'{where}{_suggest(loc)}"
     if e["type"] == "missing":
         return f"config key '{loc}' is required{where}"
     value = e.get("input")
     shown = repr(value) if not isinstance(value, dict) else "a mapping"
-    return f"config key '{loc}'{where}: {e['msg'].lower()}, got {shown}"
+    return f"config key '{loc}'{where}: {e['msg'].lower()}, got {shown}{_suggest_choice(e)}"
+
+
+def _suggest_choice(e: Any) -> str:
+    """`` (did you mean 'resnet101'?)`` for a misspelt choice of a ``Literal`` key."""
+    value = e.get("input")
+    if e["type"] != "literal_error" or not isinstance(value, str):
+        return ""
+    choices = re.findall(r"'([^']*)'", str((e.get("ctx") or {}).get("expected", "")))
+    match = difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -432,38 +459,68 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(tree: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Apply ``--set`` overrides to a raw config tree (validation happens afterwards)."""
+    """Apply ``--set`` overrides to a raw config tree (validation happens afterwards); every
+    malformed or unknown override is listed in one :class:`ConfigError`, a line each."""
+    out, _, problems = _apply_overrides(tree, overrides)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return out
+
+
+def _apply_overrides(
+    tree: dict[str, Any], overrides: Iterable[str]
+) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """(the tree with the valid overrides applied, {dotted key: the ``--set`` item that set it},
+    a line per override that is malformed or names no config key)."""
     out = copy.deepcopy(tree)
     known = set(valid_keys())
+    applied: dict[str, str] = {}
+    problems: list[str] = []
     for item in overrides:
-        path, value = parse_override(item)
+        try:
+            path, value = parse_override(item)
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
         dotted = ".".join(path)
         if dotted not in known and not any(k.startswith(dotted + ".") for k in known):
-            raise ConfigError(f"unknown config key '{dotted}' in --set{_suggest(dotted)}")
+            problems.append(f"unknown config key '{dotted}' in --set{_suggest(dotted)}")
+            continue
         node = out
         for part in path[:-1]:
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
         node[path[-1]] = value
-    return out
+        applied[dotted] = item
+    return out, applied, problems
 
 
-def from_tree(tree: dict[str, Any], source: str = "") -> Config:
-    """Validate a raw tree into a :class:`Config` and resolve variant defaults."""
+def from_tree(
+    tree: dict[str, Any], source: str = "", *, from_set: dict[str, str] | None = None, earlier: Iterable[str] = ()
+) -> Config:
+    """Validate a raw tree into a :class:`Config` and resolve variant defaults.
+
+    Every problem is listed in one :class:`ConfigError`, a line each (``earlier``: lines
+    found before validation, listed first). ``from_set`` ({dotted key: ``--set`` item}) makes
+    a bad value that came from an override name that override instead of ``source``."""
+    problems = list(earlier)
     try:
         cfg = Config.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, source)) from None
+        problems.append(_format_error(err, source, from_set))
+    if problems:
+        raise ConfigError("\n".join(problems)) from None
     return resolve(cfg)
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     """Load a YAML config (a file or a packaged config name, see :func:`resolve_config_path`),
-    apply ``--set`` overrides, validate and resolve it."""
+    apply ``--set`` overrides, validate and resolve it; every mistake of the file and of the
+    overrides is listed in one :class:`ConfigError`."""
     p = resolve_config_path(path)
-    tree = apply_overrides(load_yaml_tree(p), overrides)
-    return from_tree(tree, str(p))
+    tree, from_set, problems = _apply_overrides(load_yaml_tree(p), overrides)
+    return from_tree(tree, str(p), from_set=from_set, earlier=problems)
 
 
 # ---------------------------------------------------------------------------------------
@@ -499,7 +556,26 @@ def _packaged_config(name: str) -> Path | None:
     return candidate if candidate.is_relative_to(root) and candidate.is_file() else None
 
 
-def _config_suggestions(name: str) -> str:
+def _nearby_files(path: Path) -> list[str]:
+    """Files beside ``path`` that it may have meant: the other YAML suffix first, then the
+    YAML files of its folder with a close name."""
+    folder = path.parent
+    if not folder.is_dir():
+        return []
+    swapped = [path.with_suffix(x) for x in (".yaml", ".yml") if path.suffix in (".yaml", ".yml", "")]
+    found = [str(c) for c in swapped if c != path and c.is_file()]
+    try:
+        others = [c.name for c in folder.iterdir() if c.suffix in (".yaml", ".yml") and c.is_file()]
+    except OSError:
+        others = []
+    found += [str(folder / n) for n in difflib.get_close_matches(path.name, others, n=3, cutoff=0.6)]
+    return list(dict.fromkeys(found))
+
+
+def _config_suggestions(name: str, path: Path | None = None) -> str:
+    nearby = _nearby_files(path) if path is not None else []
+    if nearby:
+        return " (did you mean " + " or ".join(f"'{n}'" for n in nearby[:3]) + "?)"
     names = packaged_config_names(include_base=True)
     key = _config_name(name)
     close = [n for n in names if n.endswith("/" + key) or n.startswith(key + "/")] if key else []
@@ -530,7 +606,7 @@ def resolve_config_path(name_or_path: str | Path, relative_to: Path | None = Non
     if p.is_dir():
         raise ConfigError(f"config file not found: {p} is a directory{_config_suggestions(raw)}")
     raise ConfigError(
-        f"config file not found: {p}: no such file and no packaged config of that name{_config_suggestions(raw)}"
+        f"config file not found: {p}: no such file and no packaged config of that name{_config_suggestions(raw, p)}"
     )
 
 
@@ -621,18 +697,47 @@ def resolve(cfg: Config) -> Config:
         raise ConfigError("config key 'adversarial.attention' needs 'adversarial.discoverer: true'")
     _check_backbone(out)
     _check_folder_classes(out)
+    _inherit_classes(out)
     return out
 
 
 def _check_folder_classes(cfg: Config) -> None:
     """A folder dataset's class list has ``model.num_classes`` entries."""
-    for ds in (cfg.source, cfg.target, cfg.val):
+    for name in ("source", "target", "val"):
+        ds = getattr(cfg, name)
         if ds is not None and ds.kind == "folder" and ds.classes is not None:
             if len(ds.classes) != cfg.model.num_classes:
                 raise ConfigError(
-                    f"config key 'model.num_classes' is {cfg.model.num_classes} but the folder dataset "
+                    f"config key 'model.num_classes' is {cfg.model.num_classes} but '{name}.classes' "
                     f"lists {len(ds.classes)} classes"
                 )
+
+
+def _inherit_classes(cfg: Config) -> None:
+    """A folder target or val set with no class list of its own (no ``classes``, no
+    ``ROOT/classes.yaml``) takes the source's, written out so that the saved config is
+    explicit: an unlabelled target needs no ``classes.yaml``. Nothing is filled in when the
+    source's class list cannot be read or does not have ``model.num_classes`` entries (the
+    source's own error says why when it is built)."""
+    missing = [
+        ds
+        for ds in (cfg.target, cfg.val)
+        if ds is not None
+        and ds.kind == "folder"
+        and ds.classes is None
+        and not (ds.root is not None and (Path(ds.root) / "classes.yaml").is_file())
+    ]
+    if not missing:
+        return
+    from dast.data.labels import table_for  # noqa: PLC0415 - numpy, cityscapesscripts: only for folder datasets
+
+    try:
+        table = table_for(cfg.source, cfg.model.num_classes)
+    except (UserError, OSError):  # no readable source class list: the source's own error says why
+        return
+    inherited = [ClassSpec(name=n, color=c) for n, c in zip(table.names, table.colors)]
+    for ds in missing:
+        ds.classes = [c.model_copy() for c in inherited]
 
 
 def _check_backbone(cfg: Config) -> None:

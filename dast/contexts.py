@@ -1,4 +1,4 @@
-"""The one autocast context and the one eval-mode context of dast."""
+"""The one autocast context, the one table of autocast names and the one eval-mode context of dast."""
 
 from __future__ import annotations
 
@@ -8,6 +8,28 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+
+# The autocast choices, spelt alike by every command (``--amp``) and the config
+# (``runtime.amp``, which adds ``auto``): name -> dtype, None for full precision.
+AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Deprecated spellings still accepted on the command line (with a note), and what they mean.
+AMP_ALIASES: dict[str, str] = {"off": "none"}
+
+
+def amp_dtype(name: str) -> torch.dtype | None:
+    """The dtype of an autocast name (``none``, ``bf16``, ``fp16``; or a deprecated alias)."""
+    name = AMP_ALIASES.get(name, name)
+    if name not in AMP_DTYPES:
+        raise ValueError(f"unknown autocast name {name!r}; choose from {', '.join(AMP_DTYPES)}")
+    return AMP_DTYPES[name]
+
+
+def amp_name(dtype: torch.dtype | None) -> str:
+    """The autocast name of a dtype (the inverse of :func:`amp_dtype`)."""
+    for name, d in AMP_DTYPES.items():
+        if d == dtype:
+            return name
+    raise ValueError(f"no autocast name for {dtype}")
 
 
 def autocast(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:

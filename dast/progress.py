@@ -3,7 +3,8 @@
 Evaluation, model selection and pseudo-labelling inside ``dast train`` can take minutes
 on Cityscapes. On a terminal they show a bar; when stderr is a file or a pipe (a job log,
 CI) a bar would be unreadable, so they print one line every ``line_every`` items instead
-(about every 10% of the work, and always at the end).
+(about every 10% of the work, and always at the end). ``dast train`` asks
+:func:`is_terminal` too: off a terminal its steps are reported as a line every 30 s.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from tqdm import tqdm
 T = TypeVar("T")
 
 
-def _is_tty(stream: TextIO) -> bool:
+def is_terminal(stream: TextIO) -> bool:
+    """Whether ``stream`` is a terminal (a bar can redraw itself there; elsewhere: plain lines)."""
     isatty = getattr(stream, "isatty", None)
     try:
         return bool(isatty()) if callable(isatty) else False
@@ -46,7 +48,7 @@ def progress(
     if not enabled:
         yield from items
         return
-    if _is_tty(out):
+    if is_terminal(out):
         yield from tqdm(items, total=total, desc=desc, unit=unit, file=out, leave=False, dynamic_ncols=True)
         return
     every = line_every or max(1, (total or 10) // 10)

@@ -19,6 +19,7 @@ from dast.demo import DEMO_CONFIG, RUNS, SHIFTS, VARIANTS, demo_tree, gap_recove
 from dast.demo.config import timm_overrides
 from dast.demo.figures import write_domains_figure
 from dast.demo.runner import _train
+from dast.models.timm_backbone import install_hint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,7 +131,7 @@ def test_demo_with_a_timm_backbone_needs_timm_and_writes_nothing_without_it(caps
     if importlib.util.find_spec("timm") is not None:
         pytest.skip("timm is installed here; the missing-package path cannot be checked")
     assert main(["demo", "--out", str(tmp_path / "d"), "--quick", "--timm", "resnet10t", "--no-progress"]) == 2
-    assert "pip install 'dast[timm]'" in capsys.readouterr().err
+    assert f"needs the timm package: {install_hint(torch.__version__)}" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
 
 

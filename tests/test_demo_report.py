@@ -98,7 +98,7 @@ def test_report_of_a_demo_folder(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert page.startswith("<!DOCTYPE html>") and "<script" not in page
     assert f"wrote {demo / 'report.html'}" in printed
     sec = _sections(page)
-    assert {"results", "pseudo-labels", "figures", "runs", "field-mechanisms", "raw"} <= set(sec)
+    assert {"results", "mechanisms", "pseudo-labels", "figures", "runs", "raw"} <= set(sec)
 
     # results: one row per variant in the report's order, unknown ones included, every class column
     rows = re.findall(r"<tr><td class=l>([^<]+)</td>", sec["results"])
@@ -108,7 +108,7 @@ def test_report_of_a_demo_folder(tmp_path: Path, capsys: pytest.CaptureFixture[s
         assert f"<th>{col}</th>" in sec["results"]
     assert "40%" in sec["results"] and ">SA<" in sec["results"]
     assert "72.7" in sec["pseudo-labels"] and "<th>car</th>" in sec["pseudo-labels"]
-    assert "self-training" in sec["field-mechanisms"]
+    assert "self-training" in sec["mechanisms"]
 
     # figures: the PNG itself embedded, the missing one named
     png = base64.b64encode((demo / "figure3.png").read_bytes()).decode()
@@ -130,7 +130,9 @@ def test_report_of_a_demo_folder(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert runs_rows["runs/source_only"][2] == "complete" and "21.5" in sec["runs"] and "8.2" in sec["runs"]
     assert "no run directory holds runs/mystery/final/model.safetensors" in sec["runs"]
     assert "skipped runs/mystery/final/model.safetensors" in printed
-    assert json.loads(re.sub(r"&quot;", '"', sec["raw"].split("<pre>")[1].split("</pre>")[0])) == report
+    # report.json is linked, not inlined
+    assert '<a href="report.json">report.json</a>' in sec["raw"] and "<pre>" not in page
+    assert json.loads((demo / "report.json").read_text()) == report
 
 
 def test_demo_page_elsewhere_links_back(tmp_path: Path) -> None:
@@ -140,7 +142,7 @@ def test_demo_page_elsewhere_links_back(tmp_path: Path) -> None:
     assert main(["report", str(demo), "--out", str(out), "--samples", "0"]) == 0
     page = out.read_text(encoding="utf-8")
     links = [link for link in re.findall(r'<a href="([^"]+)">', page) if not link.startswith("#")]
-    assert links == ["../demo/runs/source_only/report.html", "../demo/runs/dast/report.html"]
+    assert links == ["../demo/runs/source_only/report.html", "../demo/runs/dast/report.html", "../demo/report.json"]
     assert all((out.parent / link).is_file() for link in links)
     assert not (demo / "report.html").exists()
 
@@ -211,7 +213,7 @@ def test_report_of_a_several_seed_demo_links_every_seed_page(tmp_path: Path) -> 
     assert [c[0] for c in cells] == ["source_only_bn", "baseline", "da"]
     # da: mean 42.0, std of (44, 40) = 2.83; last step 43.0; per seed 44.0, 40.0;
     # vs baseline: (+4, -2) -> +1.0, higher on 1 of 2; vs source_only_bn: (+14, +6) -> +10.0, 2 of 2
-    assert cells[2][1:] == ["42.0 &plusmn; 2.8", "43.0 &plusmn; 2.8", "44.0", "40.0", "+1.0 (1/2)", "+10.0 (2/2)"]
+    assert cells[2][1:] == ["42.0 &plusmn; 2.83", "43.0 &plusmn; 2.83", "44.0", "40.0", "+1.0 (1/2)", "+10.0 (2/2)"]
     assert 'href="seed0/report.html"' in seeds and 'href="seed1/report.html"' in seeds
     assert "seed2/ holds no demo report" in seeds
     assert "seed 3: no page: " in seeds and "cannot be read as JSON" in seeds

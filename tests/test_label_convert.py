@@ -50,7 +50,7 @@ def _colour_folder(folder: Path, maps: dict[str, np.ndarray], ignore_colour=(0, 
 
 
 def _cli(*args: str) -> int:
-    return main(["convert", "labels", "--quiet", *args])
+    return main(["convert", "labels", "--no-progress", *args])
 
 
 def test_round_trip_with_an_ignore_colour_reproduces_the_index_maps(tmp_path, capsys):
@@ -103,21 +103,26 @@ def test_repeated_ignore_colours_and_palette_and_opaque_rgba_inputs(tmp_path):
     assert not (tmp_path / "out" / "notes.txt").exists()
 
 
-def test_unknown_colour_is_one_line_exit_2_and_nothing_is_written(tmp_path, capsys):
+def test_every_unknown_colour_of_every_file_is_listed_in_one_line_exit_2_and_nothing_is_written(tmp_path, capsys):
     maps = _index_maps(5, with_ignore=False)
     _colour_folder(tmp_path / "labels", maps)
     bad = _paint(maps["frame_003"])
     bad[1:4, 2:7] = (12, 34, 56)  # 15 pixels
     bad[5, 0] = (9, 9, 9)
     Image.fromarray(bad).save(tmp_path / "labels" / "frame_003.png")
+    also = _paint(maps["frame_001"])
+    also[0, 0:3] = (12, 34, 56)  # 3 more pixels of the same colour, in another file
+    Image.fromarray(also).save(tmp_path / "labels" / "frame_001.png")
     classes = _classes(tmp_path / "classes.yaml")
     out = tmp_path / "new" / "index"
     rc = _cli("--classes", str(classes), "--in", str(tmp_path / "labels"), "--out", str(out), "--workers", "2")
     err = capsys.readouterr().err
     assert rc == 2
+    labels = tmp_path / "labels"
     assert err == (
-        f"error: {tmp_path}/labels/frame_003.png: colour (12, 34, 56) is not in {classes} (15 pixels and 1 other "
-        "unknown colour); add it or pass --ignore-color 12,34,56\n"
+        f"error: 2 colours not in {classes}: (12, 34, 56) 18 pixels in {labels}/frame_001.png and "
+        f"{labels}/frame_003.png; (9, 9, 9) 1 pixel in {labels}/frame_003.png; add them to {classes} or pass "
+        "--ignore-color 12,34,56 --ignore-color 9,9,9\n"
     )
     # neither the output, nor its new parent, nor a temporary folder stays behind
     assert not (tmp_path / "new").exists()

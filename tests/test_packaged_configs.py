@@ -39,7 +39,12 @@ def test_dast_configs_lists_every_packaged_config_and_each_loads(capsys: pytest.
     assert packaged_config_names() == files and len(files) == 26  # 24 paper rows, demo, demo_timm
     assert main(["configs"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines[:-1]] == files
+    assert [line.split()[0] for line in _table(lines)] == files
+    # then the building blocks a config of your own extends, each named with its opening comment
+    bases = lines[lines.index("building blocks for `extends:` in a config of your own (not runnable alone):") + 1 : -1]
+    base_names = [n for n in packaged_config_names(include_base=True) if n.startswith("base/")]
+    assert [b.split()[0] for b in bases] == base_names
+    assert "base/common                 Settings shared by every paper config" in bases
     assert main(["configs", "--json"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["name"] for r in records] == files
@@ -49,6 +54,12 @@ def test_dast_configs_lists_every_packaged_config_and_each_loads(capsys: pytest.
         assert r["paper"] is not None and r["paper"]["row"]
         if not r["name"].startswith("demo"):
             assert cfg.train.steps == 150000
+
+
+def _table(lines: list[str]) -> list[str]:
+    """The runnable configs' lines of `dast configs`: those before its 'use a name ...' line."""
+    end = next(i for i, line in enumerate(lines) if line.startswith("use a name with --config"))
+    return lines[:end]
 
 
 def _readme_rows() -> dict[str, str]:
@@ -153,9 +164,16 @@ def test_sweep_takes_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 
 def test_a_user_config_extends_a_packaged_one_by_name(tmp_path: Path) -> None:
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    example = textwrap.dedent(readme.split("```yaml\n")[1].split("```")[0])  # the README's "Your own data" example
-    assert example.splitlines()[1].startswith("extends: base/common")
+    # what `dast init-config`'s comments suggest for a real run: the paper's schedule from base/common
+    example = textwrap.dedent(
+        """\
+        extends: base/common
+        model: {arch: resnet101, num_classes: 3, init: weights/resnet101_init.safetensors}
+        source: {kind: folder, root: my_renders, size: [1280, 720]}
+        target: {kind: folder, root: my_camera, labels: null, size: [1024, 512], with_labels: false}
+        self_training: {rounds: 3, steps: 20000}
+        """
+    )
     (tmp_path / "mine.yaml").write_text(example)
     cfg = load_config(tmp_path / "mine.yaml")
     assert cfg.train.steps == 150000 and cfg.model.num_classes == 3 and cfg.self_training.rounds == 3
@@ -241,7 +259,7 @@ def test_the_wheel_ships_the_configs_and_trains_outside_the_checkout(tmp_path: P
 
     dast_cli = venv / "bin" / "dast"
     listed = run(dast_cli, "configs", cwd=work, env=env).splitlines()
-    assert [line.split()[0] for line in listed[:-1]] == packaged_config_names()
+    assert [line.split()[0] for line in _table(listed)] == packaged_config_names()
     small = [
         "train.steps=2",
         "self_training.rounds=0",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import builtins
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -15,8 +17,10 @@ from dast.cli import main
 from dast.config import config_diff, load_config
 from dast.errors import ConfigError
 from dast.models.io import ModelSpec, build_networks
+from dast.models.timm_backbone import install_hint
 
 REPO = Path(__file__).resolve().parents[1]
+HINT = install_hint(torch.__version__)  # the torchvision of this torch, then timm; never `pip install dast`
 TIMM = ["--set", "model.arch=timm", "--set", "model.timm_name=resnet10t", "--set", "model.norm=imagenet"]
 
 
@@ -63,7 +67,7 @@ def test_missing_timm_gives_the_install_hint(
     tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` raises ImportError, installed or not
-    with pytest.raises(ConfigError, match=r"needs the timm package: pip install 'dast\[timm\]'"):
+    with pytest.raises(ConfigError, match=re.escape(f"needs the timm package: {HINT}")):
         build_networks(ModelSpec(arch="timm", num_classes=3, timm_name="resnet10t"))
     run = tmp_path / "run"
     code = main(
@@ -79,7 +83,7 @@ def test_missing_timm_gives_the_install_hint(
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err[-1] == "error: a timm backbone (model.arch: timm) needs the timm package: pip install 'dast[timm]'"
+    assert err[-1] == f"error: a timm backbone (model.arch: timm) needs the timm package: {HINT}"
     assert not run.exists()  # nothing half-made
 
 
@@ -110,6 +114,49 @@ def test_a_timm_checkpoint_without_timm_gives_the_install_hint(
         main(["predict", "--checkpoint", str(ckpt), "--input", str(image), "--out", str(out), "--device", "cpu"]) == 2
     )
     assert capsys.readouterr().err.strip() == (
-        "error: a timm backbone (model.arch: timm) needs the timm package: pip install 'dast[timm]'"
+        f"error: a timm backbone (model.arch: timm) needs the timm package: {HINT}"
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("torch_version", "hint"),
+    [
+        (
+            "2.13.0+cpu",
+            "pip install 'torchvision==0.28.*' --index-url https://download.pytorch.org/whl/cpu && pip install timm",
+        ),
+        (
+            "2.11.0+cu130",
+            "pip install 'torchvision==0.26.*' --index-url https://download.pytorch.org/whl/cu130 && pip install timm",
+        ),
+        ("2.14.1", "pip install 'torchvision==0.29.*' && pip install timm"),
+        ("2.4.1", "pip install 'torchvision==0.19.*' && pip install timm"),
+        ("1.13.1", "install the torchvision built for torch 1.13.1, then pip install timm"),
+    ],
+)
+def test_the_install_hint_names_the_torchvision_of_the_installed_torch(torch_version: str, hint: str) -> None:
+    # torch 2.x and torchvision 0.x releases go in step, 15 minor versions apart (2.4 <-> 0.19, 2.13 <-> 0.28);
+    # a local build (+cpu, +cuXXX) takes its torchvision from PyTorch's index of that build
+    assert install_hint(torch_version) == f"{hint} (docs/backbones.md)"
+    assert "dast" not in hint  # the name `dast` on the public index is another project
+
+
+def test_a_timm_that_fails_to_import_names_the_mismatch_and_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    # what `import timm` raises when torchvision was built for another torch
+    real_import = builtins.__import__
+
+    def fake_import(name: str, *args: object, **kwargs: object) -> object:
+        if name == "timm":
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ConfigError) as info:
+        build_networks(ModelSpec(arch="timm", num_classes=3, timm_name="resnet10t"))
+    message = str(info.value)
+    assert message.startswith(
+        "a timm backbone (model.arch: timm) needs timm, which is installed but fails to import "
+        "(RuntimeError: operator torchvision::nms does not exist): "
+    )
+    assert f"does not fit torch {torch.__version__}; {HINT}" in message

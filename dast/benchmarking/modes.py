@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from dast.config import Config, RuntimeConfig, deep_merge, from_tree, resolve
-from dast.contexts import autocast_factory
+from dast.contexts import amp_name, autocast_factory
 from dast.errors import UserError
 from dast.models import build_corrector, build_discoverer, build_segmentor
 from dast.models.discriminators import Corrector, Discoverer
@@ -163,7 +163,7 @@ def bench_config(
     ones), one self-training round, the mode's levers and ``overrides`` (a config tree, e.g.
     ``{"train": {"lr": 0.01}}``). ``arch`` only steers the variant's defaults (released VGG-16)."""
     levers = mode.levers
-    amp = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[levers.amp_dtype]
+    amp = amp_name(levers.amp_dtype)
     tree: dict[str, Any] = {
         "variant": variant,
         "model": {"arch": arch if arch in ("resnet101", "vgg16", "small") else "small", "num_classes": num_classes},

@@ -10,7 +10,7 @@ import torch
 
 from dast.atomic import write_text
 from dast.benchmarking import MODES, WHATS, BenchRequest, parse_modes, run_benchmarks
-from dast.commands._common import add_device_argument, nonnegative_int, positive_int, resolve_device
+from dast.commands._common import add_device_argument, examples, nonnegative_int, positive_int, resolve_device
 from dast.errors import UserError
 
 ARCH_CHOICES = ("resnet101", "vgg16", "small")
@@ -39,7 +39,6 @@ def _batches(text: str) -> list[int]:
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         name,
-        help="time training steps, inference and pseudo-labelling (JSON lines)",
         description="Measure, per mode, the stage-1 iteration (step: 1280x720 source + 1024x512 target, batch 1), "
         "the stage-2 iteration with pseudo labels (step2), the online stage's iteration (step_online), "
         "target inference at 1024x512 upsampled to "
@@ -48,6 +47,10 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
         "Networks have random weights; nothing is downloaded. Modes: "
         + "; ".join(f"{k}: {m.about}" for k, m in MODES.items())
         + ".",
+        epilog=examples(
+            "dast bench --device cpu --size small --threads 1",
+            "dast bench --device cuda --what all --out bench.jsonl",
+        ),
     )
     add_device_argument(p)
     p.add_argument(

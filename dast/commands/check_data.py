@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dast.commands._common import existing_file
+from dast.commands._common import add_progress_argument, examples, existing_file
+from dast.config import DatasetConfig
 from dast.data.check import scan_dataset
 from dast.data.labels import read_class_file
 from dast.errors import UserError
@@ -14,11 +15,15 @@ from dast.errors import UserError
 def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         name,
-        help="check a dataset's layout and files",
         description="Read every image and label of a dataset and print one line per problem: missing folders, "
         "images without labels and labels without images, unreadable files, wrong label encodings, "
         "label values outside the dataset's id range and image/label size mismatches. "
         "Exits 0 when clean, 1 when problems were found.",
+        epilog=examples(
+            "dast check-data --dataset folder --root my_renders",
+            "dast check-data --dataset folder --root my_camera --no-labels   # an unlabelled target",
+            "dast check-data --dataset cityscapes --root data/Cityscapes --split val",
+        ),
     )
     p.add_argument("--dataset", required=True, choices=["gta5", "synthia", "cityscapes", "folder"])
     p.add_argument("--root", required=True, help="dataset root folder")
@@ -32,7 +37,7 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--num-classes", type=int, default=None, help="folder datasets: number of classes")
     p.add_argument("--workers", type=int, default=None, help="reader threads (default: up to 8)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_progress_argument(p)
     return p
 
 
@@ -44,17 +49,16 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--num-classes must be in 1..255, got {num_classes}")
     if args.list_file is not None:
         existing_file(args.list_file, "list file")
-    result = scan_dataset(
-        args.dataset,
-        args.root,
-        args.split,
-        args.list_file,
-        num_classes,
+    dataset = DatasetConfig(
+        kind=args.dataset,
+        root=args.root,
+        split=args.split,
+        list_file=args.list_file,
         images=args.images,
         labels=None if args.no_labels else args.labels,
-        workers=args.workers,
-        progress=not args.quiet,
-        classes=args.classes,
+    )
+    result = scan_dataset(
+        dataset, num_classes, class_file=args.classes, workers=args.workers, progress=not args.no_progress
     )
     for line in result.problems:
         print(line)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dast import __version__
 from dast.checkpoint import load_torch_file
-from dast.commands._common import existing_file, positive_int
+from dast.commands._common import add_progress_argument, examples, existing_file, positive_int
 from dast.data.label_convert import LabelConversion, convert_label_folder, parse_rgb
 from dast.data.labels import read_class_file
 from dast.data.transforms import NORMS
@@ -43,10 +43,15 @@ _ARCH_HELP = "backbone (small: dast's tiny demo backbone, which has no released 
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         name,
-        help="convert released checkpoints or ImageNet weights into a dast checkpoint, "
-        "or colour labels into index labels",
         description="Convert the authors' released checkpoints or ImageNet initialisations into a dast checkpoint, "
         "or colour label images into class-index labels.",
+        epilog=examples(
+            "dast convert labels --classes my_renders/classes.yaml --in my_renders/labels_colour "
+            "--out my_renders/labels --ignore-color 0,0,0",
+            "dast convert imagenet --weights DeepLab_resnet_pretrained_init-f81d91e8.pth --arch resnet101 "
+            "--out weights/resnet101_init.safetensors",
+            "dast convert <source> --help",
+        ),
     )
     sub = p.add_subparsers(dest="source", metavar="<source>", parser_class=type(p))
     sub.required = True
@@ -55,6 +60,10 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
         "official",
         help="a released DAST segmentor (and discriminators) .pth",
         description="Convert a released DAST checkpoint. The result keeps the `reference` variant.",
+        epilog=examples(
+            "dast convert official --segmentor GTA5_best.pth --discriminators GTA5_best_D.pth --arch resnet101 "
+            "--num-classes 19 --out released.safetensors"
+        ),
     )
     o.add_argument("--segmentor", required=True, metavar="SEG.pth", help="released segmentor state dict")
     o.add_argument("--discriminators", metavar="D.pth", help="released discriminators (the ModuleList of D and C)")
@@ -74,6 +83,12 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
         description="Start a dast checkpoint from ImageNet weights: the DeepLab init file "
         "(DeepLab_resnet_pretrained_init-*.pth) or torchvision resnet101 / vgg16 weights. "
         "The classifier, D and C are freshly initialised.",
+        epilog=examples(
+            "dast convert imagenet --weights DeepLab_resnet_pretrained_init-f81d91e8.pth --arch resnet101 "
+            "--out weights/resnet101_init.safetensors",
+            "dast convert imagenet --arch timm --timm-name resnet50 --weights resnet50_a1.safetensors "
+            "--num-classes 19 --out init_resnet50.safetensors",
+        ),
     )
     i.add_argument("--weights", required=True, metavar="FILE", help="the weight file (.pth or .safetensors)")
     i.add_argument("--arch", required=True, choices=IMAGENET_ARCHS, help=_ARCH_HELP + "; timm: any timm backbone")
@@ -105,7 +120,12 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
         help="colour label images -> single-channel class-index labels",
         description="Convert colour label PNGs (each class painted in its colour from classes.yaml) into "
         "single-channel class-index PNGs with the same file names, as folder datasets need. A colour that is "
-        "in no class stops the conversion; nothing is written unless every file converts.",
+        "in no class stops the conversion (every unknown colour is listed, with its pixel count); nothing is "
+        "written unless every file converts.",
+        epilog=examples(
+            "dast convert labels --classes my_renders/classes.yaml --in my_renders/labels_colour "
+            "--out my_renders/labels --ignore-color 0,0,0"
+        ),
     )
     lab.add_argument(
         "--classes", required=True, metavar="classes.yaml", help="class list: {name, color} entries in index order"
@@ -123,7 +143,7 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
     )
     lab.add_argument("--force", action="store_true", help="replace a non-empty --out folder (its contents are deleted)")
     lab.add_argument("--workers", type=positive_int, default=None, help="converter threads (default: up to 8)")
-    lab.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_progress_argument(lab)
     lab.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     return p
 
@@ -267,7 +287,7 @@ def _labels(args: argparse.Namespace) -> int:
         force=args.force,
         classes_name=str(classes),
         workers=args.workers,
-        progress=not args.quiet,
+        progress=not args.no_progress,
     )
     print(_label_summary(done, table.names))
     return 0

@@ -4,37 +4,39 @@ from __future__ import annotations
 
 import argparse
 
-from dast.commands._common import nonnegative_int
+from dast.commands._common import add_progress_argument, add_seeds_argument, examples, nonnegative_int, parse_seeds
 from dast.data.synthetic import DEFAULT_SHIFT, SHIFTS
 from dast.errors import UserError
 
-
-def _seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise UserError(f"--seeds takes whole numbers separated by commas, got {text!r}") from None
-    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise UserError(f"--seeds takes distinct whole numbers >= 0 separated by commas, got {text!r}")
-    return seeds
+# Wall times measured on the project's 2-core VM while other jobs shared it (README, "The demo";
+# `bash benchmarks/demo_times.sh` measures them again).
+QUICK_TIME = "1-3 min"
+FULL_TIME = "about 25 min"
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(
         name,
-        help="run source-only, baseline, DA, DAST and oracle on synthetic domains",
         description="Train and compare the DAST variants on procedurally generated game-like and "
         "camera-like (or, with --shift photographic, photo-textured) street scenes, on the CPU. "
-        "Writes DIR/report.json and figures.",
+        "Writes DIR/report.json and figures; `dast report DIR` renders them as one HTML page.",
+        epilog=examples(
+            f"dast demo --out demo_quick --quick       # {QUICK_TIME} on 2 busy CPU cores",
+            f"dast demo --out demo_out                 # one seed, {FULL_TIME} on 2 busy CPU cores",
+            "dast demo --out demo5 --seeds 0 1 2 3 4  # mean +- std over seeds (0,1,2,3,4 works too)",
+        ),
     )
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--quick", action="store_true", help="a much shorter run (about 30 s on 2 cores)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default: 0)")
     p.add_argument(
-        "--seeds",
-        default=None,
-        metavar="S,S,...",
-        help="several seeds (e.g. 0,1,2,3,4): each in DIR/seed<S>/, then mean +- std and paired "
+        "--quick",
+        action="store_true",
+        help=f"a much shorter run ({QUICK_TIME} on a busy 2-core VM; too short to rank methods)",
+    )
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default: 0)")
+    add_seeds_argument(
+        p,
+        None,
+        "several seeds (0 1 2 3 4, or 0,1,2,3,4): each in DIR/seed<S>/, then mean +- std and paired "
         "differences in DIR/report.json and DIR/seeds.png",
     )
     p.add_argument(
@@ -51,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         default=None,
         metavar="NAME",
         help="train every run with this timm CNN as the encoder instead of dast's tiny ResNet "
-        "(e.g. resnet10t; random init, ImageNet input normalisation; needs pip install 'dast[timm]')",
+        "(e.g. resnet10t; random init, ImageNet input normalisation; needs timm, see docs/backbones.md)",
     )
     p.add_argument(
         "--workers",
@@ -59,7 +61,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         default=None,
         help="runs trained at the same time, one process each (default: CPU cores, at most 4)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars or heartbeat lines")
+    add_progress_argument(p, "no progress bars or heartbeat lines")
     return p
 
 
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         quick=args.quick, progress=not args.no_progress, workers=args.workers, shift=args.shift, overrides=overrides
     )
     if args.seeds is not None:
-        seeds = _seeds(args.seeds)
+        seeds = parse_seeds(args.seeds)
         report = run_demo_seeds(args.out, seeds, **common)
         print(format_seeds(report["summary"]))
         print(

@@ -6,11 +6,19 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dast.atomic import write_json
-from dast.commands._common import add_device_argument, existing_dir, existing_file, resolve_device
+from dast.commands._common import (
+    add_amp_argument,
+    add_device_argument,
+    add_progress_argument,
+    checkpoint_file,
+    examples,
+    existing_dir,
+    existing_file,
+    resolve_device,
+)
 from dast.config import ClassSpec, DatasetConfig
+from dast.contexts import amp_dtype
 from dast.data.datasets import build_dataset
 from dast.data.labels import SYNTHIA_13, SYNTHIA_16, protocols_for, read_class_file, table_for
 from dast.errors import UserError
@@ -20,16 +28,18 @@ from dast.execution import Execution
 from dast.models.io import load_networks
 
 CITYSCAPES_EVAL_SIZE = (1024, 512)
-AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         name,
-        help="compute per-class IoU and mIoU on a labelled dataset",
         description="Evaluate a checkpoint (paper protocol: predict at --size, upsample the logits to the "
         "native label size, argmax) or a folder of train-id prediction PNGs named <stem>.png. "
         "Writes OUT/metrics.json and prints the per-class table.",
+        epilog=examples(
+            "dast evaluate --dataset cityscapes --root data/Cityscapes --checkpoint runs/dast --out eval/",
+            "dast evaluate --dataset folder --root my_val --predictions preds/ --out eval/",
+        ),
     )
     p.add_argument("--dataset", required=True, choices=["gta5", "synthia", "cityscapes", "folder"])
     p.add_argument("--root", required=True, help="dataset root folder")
@@ -45,7 +55,7 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
         "1024 512 for cityscapes, else native)",
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a dast model checkpoint")
+    src.add_argument("--checkpoint", help="a dast model checkpoint, or a finished run directory (its final model)")
     src.add_argument("--predictions", help="a folder of train-id prediction PNGs <name>.png")
     p.add_argument("--out", required=True, help="output folder for metrics.json")
     p.add_argument("--classes", default=None, help="folder datasets: YAML list of {name, color}")
@@ -60,8 +70,8 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
-    p.add_argument("--amp", choices=sorted(AMP), default="none", help="autocast dtype for the forward pass")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_amp_argument(p)
+    add_progress_argument(p)
     add_device_argument(p)
     return p
 
@@ -112,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.checkpoint:
         device = resolve_device(args.device)
-        nets, _, meta = load_networks(existing_file(args.checkpoint, "checkpoint"), device)
+        nets, _, meta = load_networks(checkpoint_file(args.checkpoint), device)
         spec = nets.spec
         cfg = DatasetConfig(
             kind=args.dataset,
@@ -129,8 +139,8 @@ def run(args: argparse.Namespace) -> int:
         execution = Execution(
             device=device,
             batch_size=args.batch_size,
-            amp_dtype=AMP[args.amp],
-            progress=not args.quiet,
+            amp_dtype=amp_dtype(args.amp),
+            progress=not args.no_progress,
             num_workers=max(0, args.workers),
         )
         metrics = evaluate_model(
@@ -152,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         )
         dataset = build_dataset(cfg, norm="unit", num_classes=_num_classes(cfg), with_labels=True)
         metrics = evaluate_predictions(
-            dataset, pred_dir, progress=not args.quiet, protocols=_protocols(args.protocols, args.dataset, None)
+            dataset, pred_dir, progress=not args.no_progress, protocols=_protocols(args.protocols, args.dataset, None)
         )
     write_json(out / "metrics.json", metrics)
     print(format_table(metrics))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dast.commands._common import add_progress_argument, examples
 from dast.data.synthetic import (
     DEFAULT_SHIFT,
     DOMAINS,
@@ -18,11 +19,14 @@ from dast.errors import UserError
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         name,
-        help="write the synthetic source/target street scenes as folder datasets",
         description=(
             "Write procedurally generated street scenes (the data of `dast demo`) as folder datasets: "
             "images/<stem>.png, labels/<stem>.png (class indices) and classes.yaml. "
             "With --domain both, DIR/source and DIR/target are written."
+        ),
+        epilog=examples(
+            "dast make-data --out synthetic/ --domain both --count 50",
+            "dast make-data --out tiny_target --domain target --count 4 --size 64 32",
         ),
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -40,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
         "seed and index), appearance and layout (the original demo domains), or photographic (the "
         "same label maps; the target's surfaces textured from real photographs); default: %(default)s",
     )
-    p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    add_progress_argument(p)
     return p
 
 

@@ -7,23 +7,36 @@ import dataclasses
 import os
 from pathlib import Path
 
-import torch
-
-from dast.commands._common import add_device_argument, existing_file, nonnegative_int, positive_int, resolve_device
+from dast.commands._common import (
+    add_amp_argument,
+    add_device_argument,
+    add_progress_argument,
+    checkpoint_file,
+    examples,
+    nonnegative_int,
+    positive_int,
+    resolve_device,
+)
+from dast.contexts import amp_dtype
 from dast.models.io import load_networks
-
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         name,
-        help="segment target images with a checkpoint",
         description="Run the target path (segmentor + discoverer attention) on images and write, per image "
         "<stem>: <stem>.png (trainIds at the original resolution), <stem>_color.png, <stem>_overlay.png, "
         "<stem>_attention.png and, with --save-logits, <stem>.npy (float32 C x h x w logits).",
+        epilog=examples(
+            "dast predict --checkpoint runs/mine/final/model.safetensors --input my_camera/images --out preds/",
+            "dast predict --checkpoint runs/mine --input photo.jpg --out preds/ --save-logits   # a run directory",
+        ),
     )
-    p.add_argument("--checkpoint", required=True, help="dast checkpoint (.safetensors)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="dast checkpoint (.safetensors), or a finished run directory (its final model)",
+    )
     p.add_argument(
         "--input",
         required=True,
@@ -42,14 +55,14 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
         metavar=("W", "H"),
         help="resize inputs to W x H instead of the checkpoint's input size",
     )
-    p.add_argument("--amp", choices=sorted(AMP_DTYPES), default="off", help="autocast dtype (default off)")
+    add_amp_argument(p)
     p.add_argument(
         "--workers",
         type=nonnegative_int,
         default=min(4, os.cpu_count() or 1),
         help="image-reading worker processes (default: up to 4)",
     )
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_progress_argument(p)
     return p
 
 
@@ -61,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = expand_inputs(args.input)
     out = Path(args.out)
     plans = plan_outputs(inputs, out, args.save_logits)  # refuse name clashes before loading the model
-    ckpt = existing_file(args.checkpoint, "checkpoint")
+    ckpt = checkpoint_file(args.checkpoint)
     nets, _, _ = load_networks(ckpt, device)
     if args.size is not None:
         nets.spec = dataclasses.replace(nets.spec, input_size=(int(args.size[0]), int(args.size[1])))
@@ -71,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         execution = Execution(
             device=device,
             batch_size=args.batch_size,
-            amp_dtype=AMP_DTYPES[args.amp],
+            amp_dtype=amp_dtype(args.amp),
             progress=not args.no_progress,
             num_workers=args.workers,
         )

@@ -8,28 +8,37 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
 from dast.atomic import TMP_MARK
 from dast.checkpoint import read_meta
-from dast.commands._common import add_device_argument, add_set_argument, existing_file, resolve_device
+from dast.commands._common import (
+    add_amp_argument,
+    add_device_argument,
+    add_progress_argument,
+    add_set_argument,
+    checkpoint_file,
+    examples,
+    resolve_device,
+)
 from dast.config import load_config, resolve_config_path
+from dast.contexts import amp_dtype
 from dast.data import datasets
 from dast.errors import CheckpointError, UserError
 from dast.execution import Execution
 from dast.models.io import load_networks
 
-_AMP = {"none": None, "off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         name,
-        help="write class-balanced pseudo labels for the target images",
         description="Run the target model over the target training images of a config, pick per-class "
         "confidence thresholds (the portion q of each class's predicted pixels) and write "
         "DIR/<name>.png (trainIds, 255 ignore), DIR/preview/*_color.png, DIR/stats.json and "
         "DIR/COMPLETE. Defaults come from the config's self_training section.",
+        epilog=examples(
+            "dast pseudo-label --checkpoint runs/dast/stage1/selected.safetensors --config gta5/resnet101/dast "
+            "--out pl/",
+            "dast pseudo-label --checkpoint runs/mine --config mine.yaml --out pl/ --portion 0.4",
+        ),
     )
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="dast model checkpoint")
     p.add_argument(
@@ -77,13 +86,11 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
         default=None,
         help="data-loading worker processes (default: train.num_workers)",
     )
-    p.add_argument(
-        "--amp", choices=sorted(_AMP), default="none", help="autocast dtype (default none: float32, as released)"
-    )
+    add_amp_argument(p, "autocast dtype (default none: float32, as released)")
     p.add_argument(
         "--preview-count", type=int, metavar="N", default=None, help="colour previews to write (default: config)"
     )
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_progress_argument(p)
     add_device_argument(p)
     return p
 
@@ -121,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     from dast.training.pseudo_labels import generate_pseudo_labels  # noqa: PLC0415 - lazy: keeps dast --help fast
 
     cfg_path = resolve_config_path(args.config)
-    ckpt = existing_file(args.checkpoint, "checkpoint")
+    ckpt = checkpoint_file(args.checkpoint)
     cfg = load_config(cfg_path, args.overrides)
     st = cfg.self_training
     if args.batch_size < 1:
@@ -164,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         execution = Execution(
             device=device,
             batch_size=args.batch_size,
-            amp_dtype=_AMP[args.amp],
+            amp_dtype=amp_dtype(args.amp),
             num_workers=num_workers,
             progress=not args.no_progress,
         )

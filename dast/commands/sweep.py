@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from dast.commands._common import add_set_argument
+from dast.commands._common import add_seeds_argument, add_set_argument, examples, parse_seeds
 from dast.errors import UserError
 from dast.sweep import plan_jobs, run_sweep
 
@@ -16,11 +16,14 @@ from dast.sweep import plan_jobs, run_sweep
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(
         name,
-        help="run many trainings (configs x seeds) across GPUs",
         description="Schedule `dast train` runs, one per GPU (or CPU slot), resuming finished or interrupted ones.",
+        epilog=examples(
+            "dast sweep --configs gta5/resnet101/da gta5/resnet101/dast --seeds 0 1 2 --out runs/sweep",
+            "dast sweep --configs mine.yaml --seeds 0,1 --gpus cpu --cpu-jobs 2 --out runs/sweep --dry-run",
+        ),
     )
     p.add_argument("--configs", nargs="+", required=True, help="config files or packaged config names (`dast configs`)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (default: 0)")
+    add_seeds_argument(p, ["0"], "seeds, space- or comma-separated (default: 0)")
     p.add_argument("--out", required=True, help="folder for the run directories and logs")
     p.add_argument("--gpus", default="all", help="comma-separated CUDA ids, 'all', or 'cpu' (default: all)")
     p.add_argument("--cpu-jobs", type=int, default=1, help="parallel jobs when running on CPU")
@@ -31,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    jobs = plan_jobs(args.configs, args.seeds, out, args.overrides)
+    jobs = plan_jobs(args.configs, parse_seeds(args.seeds), out, args.overrides)
     if args.gpus == "cpu" or (args.gpus == "all" and not torch.cuda.is_available()):
         devices = ["cpu"] * max(1, args.cpu_jobs)
     elif args.gpus == "all":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -12,12 +11,13 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
-from dast.data.datasets import Layout, layout_for, read_list_file
+from dast.config import DatasetConfig
+from dast.data.datasets import IMAGE_EXTS, Layout, layout_for, read_list_file
 from dast.data.labels import SYNTHIA_MAX_ID, read_class_file
 from dast.data.readers import label_reader, read_image, read_synthia_ids
 from dast.errors import DataError, UserError
+from dast.progress import progress as report_progress
 
 
 @dataclass
@@ -27,6 +27,15 @@ class CheckResult:
     problems: list[str] = field(default_factory=list)
     num_images: int = 0
     num_labels: int = 0
+
+
+def missing_root_message(root: Path, what: str) -> str:
+    """The line for a dataset root that is missing or not a folder: the path as given, which
+    setting gave it (``what``, e.g. "the target dataset's 'target.root'") and, for a relative
+    path, where relative roots start and the absolute path."""
+    problem = "not found" if not root.exists() else "is not a directory"
+    where = what if root.is_absolute() else f"{what}; relative roots start at the working directory: {root.absolute()}"
+    return f"dataset root {problem}: {root} ({where})"
 
 
 def _read_synthia_checked(path: Path) -> np.ndarray:
@@ -103,29 +112,49 @@ def _check_pair(image: Path, label: Path | None, read_label: Callable[[Path], np
     return problems
 
 
-def _structure(layout: Layout, list_file: str | Path | None, result: CheckResult) -> list[tuple[Path, Path | None]]:
-    """Folders, pairing and list-file problems; returns the (image, label) pairs to read."""
-    problems = result.problems
+def _folder_problems(layout: Layout, problems: list[str]) -> list[tuple[str, Path]]:
+    """Missing folders, an empty image folder and duplicate names; returns the (name, image) list."""
     if not layout.image_dir.is_dir():
         problems.append(f"missing image folder: {layout.image_dir}")
     if layout.label_dir is not None and not layout.label_dir.is_dir():
-        problems.append(f"missing label folder: {layout.label_dir}")
+        hint = ""
+        if layout.kind == "folder":
+            hint = (
+                " (the images were checked without labels; for an unlabelled dataset, such as a target "
+                "domain, pass --no-labels)"
+            )
+        problems.append(f"missing label folder: {layout.label_dir}{hint}")
     images = layout.image_files() if layout.image_dir.is_dir() else []
-    labels = layout.label_files()
+    if layout.image_dir.is_dir() and not images:
+        kinds = "/".join(e.lstrip(".") for e in IMAGE_EXTS) if layout.kind == "folder" else "png"
+        problems.append(f"no images in {layout.image_dir} (looked for {kinds} files)")
     seen: dict[str, Path] = {}
     for name, path in images:
         if name in seen:
             problems.append(f"two images share the name '{name}': {seen[name]} and {path}")
         seen.setdefault(name, path)
-    if list_file is not None:
-        wanted: list[str] = []
-        for lineno, entry, name in read_list_file(list_file):
-            if name in seen:
-                wanted.append(name)
-            else:
-                problems.append(f"{list_file}:{lineno}: '{entry}' has no image in {layout.image_dir}")
-        keep = set(wanted)
-        images = [(n, p) for n, p in images if n in keep]
+    return images
+
+
+def _listed(
+    images: list[tuple[str, Path]], list_file: str | Path, layout: Layout, problems: list[str]
+) -> list[tuple[str, Path]]:
+    """The images a list file names (a line without an image is a problem)."""
+    names = {n for n, _ in images}
+    wanted: set[str] = set()
+    for lineno, entry, name in read_list_file(list_file):
+        if name in names:
+            wanted.add(name)
+        else:
+            problems.append(f"{list_file}:{lineno}: '{entry}' has no image in {layout.image_dir}")
+    return [(n, p) for n, p in images if n in wanted]
+
+
+def _structure(layout: Layout, list_file: str | Path | None, result: CheckResult) -> list[tuple[Path, Path | None]]:
+    """Folders, pairing and list-file problems; returns the (image, label) pairs to read."""
+    problems = result.problems
+    all_images = _folder_problems(layout, problems)
+    images = _listed(all_images, list_file, layout, problems) if list_file is not None else all_images
     label_dir_ok = layout.label_dir is not None and layout.label_dir.is_dir()
     pairs: list[tuple[Path, Path | None]] = []
     for name, path in images:
@@ -134,7 +163,8 @@ def _structure(layout: Layout, list_file: str | Path | None, result: CheckResult
             problems.append(f"image without label: {path} (expected {label})")
             label = None
         pairs.append((path, label))
-    for name, path in labels if layout.image_dir.is_dir() else []:
+    seen = {n for n, _ in all_images}
+    for name, path in layout.label_files() if layout.image_dir.is_dir() else []:
         if name not in seen:
             problems.append(f"label without image: {path}")
     result.num_images = len(images)
@@ -143,30 +173,25 @@ def _structure(layout: Layout, list_file: str | Path | None, result: CheckResult
 
 
 def scan_dataset(
-    kind: str,
-    root: str | Path,
-    split: str = "train",
-    list_file: str | Path | None = None,
+    dataset: DatasetConfig,
     num_classes: int | None = None,
     *,
-    images: str = "images",
-    labels: str | None = "labels",
+    class_file: str | Path | None = None,
     workers: int | None = None,
     progress: bool = True,
-    classes: str | Path | None = None,
 ) -> CheckResult:
-    """Check every file of a dataset; a missing root is a :class:`UserError`.
+    """Check every file of the dataset ``dataset`` describes (kind, root, split, list file,
+    folder names); a missing root is a :class:`UserError`.
 
-    ``classes`` (folder datasets) is the class list named in the hint for colour labels
+    ``class_file`` (folder datasets) is the class list named in the hint for colour labels
     (default: ``ROOT/classes.yaml`` when it exists)."""
-    r = Path(root)
-    if not r.exists():
-        raise UserError(f"dataset root not found: {r}")
-    if not r.is_dir():
-        raise UserError(f"dataset root is not a directory: {r}")
-    layout = layout_for(kind, r, split, images, labels)
+    kind, classes = dataset.kind, class_file
+    r = Path(dataset.root or ".")
+    if dataset.root is None or not r.is_dir():
+        raise UserError(missing_root_message(r, "--root"))
+    layout = layout_for(kind, r, dataset.split, dataset.images, dataset.labels)
     result = CheckResult()
-    pairs = _structure(layout, list_file, result)
+    pairs = _structure(layout, dataset.list_file, result)
     read_label = _label_checker(kind, r, num_classes)
     if kind == "folder" and layout.label_dir is not None:
         if classes is None and (r / "classes.yaml").is_file():
@@ -175,16 +200,7 @@ def scan_dataset(
     n_workers = workers if workers is not None else min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool:
         found = pool.map(lambda p: _check_pair(p[0], p[1], read_label), pairs)
-        bar = tqdm(
-            found,
-            total=len(pairs),
-            desc=f"checking {kind}",
-            unit="img",
-            file=sys.stderr,
-            disable=None if progress else True,
-            leave=False,
-        )
-        for problems in bar:
+        for problems in report_progress(found, total=len(pairs), desc=f"checking {kind}", enabled=progress):
             result.problems.extend(problems)
     return result
 
@@ -198,5 +214,9 @@ def check_dataset(
     **kwargs: Any,
 ) -> list[str]:
     """Every problem of a dataset on disk, one readable line each (empty when clean);
-    ``kwargs`` are those of :func:`scan_dataset`."""
-    return scan_dataset(kind, root, split, list_file, num_classes, **kwargs).problems
+    ``kwargs``: the folder names ``images`` and ``labels``, and :func:`scan_dataset`'s keywords."""
+    names: dict[str, Any] = {k: kwargs.pop(k) for k in ("images", "labels") if k in kwargs}
+    list_name = str(list_file) if list_file is not None else None
+    fields: dict[str, Any] = {"kind": kind, "root": str(root), "split": split, "list_file": list_name, **names}
+    dataset = DatasetConfig.model_validate(fields)
+    return scan_dataset(dataset, num_classes, **kwargs).problems

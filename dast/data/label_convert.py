@@ -8,8 +8,9 @@ entries in index order) says which colour is which index.
 Contracts:
 
 * Every pixel's colour must be a class colour or one of the ``ignore`` colours (which
-  become 255). The first file holding any other colour stops the conversion with one
-  :class:`~dast.errors.DataError` line naming the file, the colour and its pixel count.
+  become 255). Every file is read; any other colour stops the conversion with one
+  :class:`UnknownColours` line that lists every such colour, with its pixel count and the
+  files that hold it.
 * Nothing is half-written: the labels are written into a temporary sibling of the
   output folder, which is renamed into place only after every file converted. An
   existing non-empty output folder is refused unless ``force`` (which replaces it).
@@ -104,30 +105,73 @@ def colour_lookup(
     return ColourLookup(np.array(codes, np.int32)[order], np.array(values, np.uint8)[order], table.num_classes)
 
 
+class UnknownColours(DataError):
+    """Colour labels hold colours that are neither a class nor an ignore colour.
+
+    ``found`` maps each file to its unknown colours and their pixel counts; the message
+    lists every colour, the most frequent first, with its pixels and files."""
+
+    SHOWN = 12  # colours listed by name; the rest are counted
+
+    def __init__(self, found: dict[str, dict[RGB, int]], hint_source: str) -> None:
+        self.found, self.hint_source = found, hint_source
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        pixels: dict[RGB, int] = {}
+        files: dict[RGB, list[str]] = {}
+        for where, colours in self.found.items():
+            for rgb, n in colours.items():
+                pixels[rgb] = pixels.get(rgb, 0) + n
+                files.setdefault(rgb, []).append(where)
+        order = sorted(pixels, key=lambda c: (-pixels[c], c))
+        shown = order[: self.SHOWN]
+        listed = "; ".join(f"{c} {_pixels(pixels[c])} in {_files(files[c])}" for c in shown)
+        rest = order[self.SHOWN :]
+        if rest:
+            listed += (
+                f"; and {len(rest)} more colours ({_pixels(sum(pixels[c] for c in rest))}; many rare colours "
+                "usually mean anti-aliased or JPEG-compressed labels)"
+            )
+        flags = " ".join(f"--ignore-color {r},{g},{b}" for r, g, b in shown)
+        what = "colour" if len(order) == 1 else f"{len(order)} colours"
+        return (
+            f"{what} not in {self.hint_source}: {listed}; add {'it' if len(order) == 1 else 'them'} "
+            f"to {self.hint_source} or pass {flags}"
+        )
+
+
+def _files(names: list[str]) -> str:
+    if len(names) <= 2:
+        return " and ".join(names)
+    return f"{len(names)} files ({names[0]}, {names[1]}, ...)"
+
+
+def unknown_colours(rgb: np.ndarray, lookup: ColourLookup) -> dict[RGB, int]:
+    """The colours of an H x W x 3 label that are neither a class nor an ignore colour, with
+    their pixel counts."""
+    codes = encode_rgb(rgb)
+    pos = np.minimum(np.searchsorted(lookup.codes, codes), len(lookup.codes) - 1)
+    known = lookup.codes[pos] == codes
+    if known.all():
+        return {}
+    values, counts = np.unique(codes[~known], return_counts=True)
+    return {_decode(int(v)): int(n) for v, n in zip(values, counts)}
+
+
 def colours_to_index(
     rgb: np.ndarray, lookup: ColourLookup, where: str, hint_source: str = "the class list"
 ) -> np.ndarray:
     """Map an H x W x 3 colour label to an H x W uint8 index label.
 
-    A colour that is neither a class nor an ignore colour is a :class:`DataError` naming
-    ``where``, the most frequent such colour and its pixel count.
+    Colours that are neither a class nor an ignore colour are an :class:`UnknownColours`
+    naming ``where``, every such colour and its pixel count.
     """
+    unknown = unknown_colours(rgb, lookup)
+    if unknown:
+        raise UnknownColours({where: unknown}, hint_source)
     codes = encode_rgb(rgb)
-    pos = np.searchsorted(lookup.codes, codes)
-    pos = np.minimum(pos, len(lookup.codes) - 1)
-    known = lookup.codes[pos] == codes
-    if not known.all():
-        unknown, counts = np.unique(codes[~known], return_counts=True)
-        top = int(np.argmax(counts))
-        r, g, b = _decode(int(unknown[top]))
-        more = (
-            f" and {len(unknown) - 1} other unknown colour{'s' if len(unknown) > 2 else ''}" if len(unknown) > 1 else ""
-        )
-        raise DataError(
-            f"{where}: colour ({r}, {g}, {b}) is not in {hint_source} ({_pixels(int(counts[top]))}{more}); "
-            f"add it or pass --ignore-color {r},{g},{b}"
-        )
-    return lookup.values[pos]
+    return lookup.values[np.minimum(np.searchsorted(lookup.codes, codes), len(lookup.codes) - 1)]
 
 
 def _pixels(n: int) -> str:
@@ -239,15 +283,27 @@ def convert_label_folder(
     tmp.mkdir(parents=True)
     total = np.zeros(table.num_classes + 1, np.int64)
     n_workers = max(1, workers if workers is not None else min(8, os.cpu_count() or 1))
+    unknown: dict[str, dict[RGB, int]] = {}
+
+    def convert(path: Path) -> np.ndarray | None:
+        try:
+            return convert_label_file(path, tmp / path.name, lookup, classes_name)
+        except UnknownColours as exc:  # every file is read: the error lists all the colours at once
+            unknown.update(exc.found)
+            return None
+
     try:
         with ThreadPoolExecutor(max_workers=n_workers) as pool:
             try:
-                done = pool.map(lambda p: convert_label_file(p, tmp / p.name, lookup, classes_name), files)
+                done = pool.map(convert, files)
                 for counts in report_progress(done, total=len(files), desc="converting labels", enabled=progress):
-                    total += counts
+                    if counts is not None:
+                        total += counts
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
+        if unknown:
+            raise UnknownColours({k: unknown[k] for k in sorted(unknown)}, classes_name)
         _swap_into_place(tmp, dst)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import yaml
@@ -22,8 +22,19 @@ from dast.data.synthetic import SYNTHETIC_CLASSES
 from dast.errors import ConfigError, DataError
 from dast.palette import as_color
 
-if TYPE_CHECKING:
-    from dast.config import DatasetConfig
+
+class DatasetClasses(Protocol):
+    """What :func:`table_for` reads of a dataset config (:class:`dast.config.DatasetConfig`)."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def root(self) -> str | None: ...
+
+    @property
+    def classes(self) -> Sequence[Any] | None: ...
+
 
 CITYSCAPES_NUM_CLASSES = 19
 CITYSCAPES_MAX_ID = 33  # label ids stored in GTA5 and Cityscapes label PNGs: 0..33
@@ -177,7 +188,7 @@ def _table_from_pairs(pairs: Sequence[tuple[str, Sequence[int]]]) -> ClassTable:
     return ClassTable(tuple(n for n, _ in pairs), tuple(as_color(c) for _, c in pairs))
 
 
-def table_for(cfg: DatasetConfig, num_classes: int | None = None) -> ClassTable:
+def table_for(cfg: DatasetClasses, num_classes: int | None = None) -> ClassTable:
     """The class table of a dataset config; ``num_classes`` (if given) must agree with it."""
     if cfg.kind in CITYSCAPE_LIKE:
         table = cityscapes_table()

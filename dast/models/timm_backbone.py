@@ -23,30 +23,58 @@ a model is built; without it the error says how to install it.
 from __future__ import annotations
 
 import difflib
+from importlib import metadata
 from types import ModuleType
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from dast.errors import ConfigError, UserError
 from dast.models.aspp import ASPPClassifier
 from dast.models.segmentor import Encoder, Segmentor
 
-INSTALL_HINT = "pip install 'dast[timm]'"
 DEFAULT_STRIDE = 8
 PAPER_RATES = (6, 12, 18, 24)
+DOCS = "docs/backbones.md"
+
+
+def matching_torchvision(torch_version: str) -> str | None:
+    """The torchvision release built for a torch release (``2.13.0+cpu`` -> ``0.28``): the
+    minor versions of torch 2.x and torchvision 0.x go in step, 15 apart. None for other torches."""
+    parts = torch_version.split("+")[0].split(".")
+    if len(parts) < 2 or parts[0] != "2" or not parts[1].isdigit():
+        return None
+    return f"0.{int(parts[1]) + 15}"
+
+
+def install_hint(torch_version: str) -> str:
+    """The commands that install timm next to the installed torch without replacing it: the
+    matching torchvision first (from PyTorch's own index for a ``+cpu``/``+cuXXX`` build), then
+    timm. (Not ``pip install dast[timm]``: on the public index, ``dast`` is another project.)"""
+    vision = matching_torchvision(torch_version)
+    if vision is None:
+        return f"install the torchvision built for torch {torch_version}, then pip install timm ({DOCS})"
+    build = torch_version.partition("+")[2]
+    index = f" --index-url https://download.pytorch.org/whl/{build}" if build else ""
+    return f"pip install 'torchvision=={vision}.*'{index} && pip install timm ({DOCS})"
 
 
 def import_timm() -> ModuleType:
-    """The timm module, or a ConfigError saying how to install it."""
+    """The timm module, or a ConfigError with the commands that install it for this torch."""
+    hint = install_hint(torch.__version__)
     try:
         import timm  # noqa: PLC0415 - optional: timm, imported only for model.arch: timm
     except ImportError:
-        raise ConfigError(f"a timm backbone (model.arch: timm) needs the timm package: {INSTALL_HINT}") from None
+        raise ConfigError(f"a timm backbone (model.arch: timm) needs the timm package: {hint}") from None
     except (OSError, RuntimeError) as exc:  # e.g. a torchvision built for another torch
+        try:
+            vision = f"torchvision {metadata.version('torchvision')}"
+        except metadata.PackageNotFoundError:
+            vision = "torchvision"
         raise ConfigError(
             f"a timm backbone (model.arch: timm) needs timm, which is installed but fails to import "
-            f"({_first_sentence(exc)}); install timm with a matching torchvision: {INSTALL_HINT}"
+            f"({_first_sentence(exc)}): {vision} does not fit torch {torch.__version__}; {hint}"
         ) from None
     return timm
 

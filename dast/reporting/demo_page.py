@@ -24,16 +24,16 @@ import torch
 from dast import __version__
 from dast.atomic import write_text
 from dast.errors import UserError
-from dast.reporting.page import CSS, _e, _note, _num, _table, img_tag, write_report
+from dast.reporting.page import CSS, _e, _note, _table, img_tag, sig, write_report
 from dast.reporting.rundir import read_run
 from dast.rundir import DEMO_REPORT, DemoDir, RunDir
 
 REPORT_JSON = DEMO_REPORT
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # report.json keys with a section of their own; any other key is shown generically
-_KNOWN_KEYS = ("variants", "figures", "runs", "train_seconds", "pseudo_labels", "summary", "per_seed")
+_KNOWN_KEYS = ("variants", "figures", "runs", "train_seconds", "pseudo_labels", "mechanisms", "summary", "per_seed")
 # per-variant keys with a column of their own, in this order
-_VARIANT_KEYS = ("miou", "gap_recovered", "per_class")
+_VARIANT_KEYS = ("miou", "snapshot", "last", "gap_recovered", "per_class")
 
 
 def _mapping(value: Any) -> dict[str, Any]:
@@ -184,9 +184,10 @@ def _scalar(value: Any) -> bool:
 
 
 def _cell(value: Any) -> str:
+    """A table cell: numbers to 3 significant digits, text escaped, None a dash."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return "&ndash;" if value is None else _e(value)
-    return _num(value) if isinstance(value, float) else _e(value)
+    return sig(value)
 
 
 def results_html(report: dict[str, Any]) -> str:
@@ -202,7 +203,16 @@ def results_html(report: dict[str, Any]) -> str:
         per_class = v.get("per_class")
         if isinstance(per_class, dict):
             classes += [str(c) for c in per_class if str(c) not in classes]
-    head = ["variant", "<b>mIoU</b>", "gap recovered", *[_e(k) for k in extra], *[_e(c) for c in classes]]
+    extra_titles = [_title(k) for k in extra]
+    head = [
+        "variant",
+        "<b>mIoU</b> (reported snapshot)",
+        "snapshot",
+        "mIoU at the last step",
+        "gap recovered",
+        *extra_titles,
+        *[_e(c) for c in classes],
+    ]
     rows = []
     for name, v in variants.items():
         gap = v.get("gap_recovered")
@@ -211,16 +221,21 @@ def results_html(report: dict[str, Any]) -> str:
             [
                 _e(name),
                 f"<b>{_cell(v.get('miou'))}</b>",
+                _cell(v.get("snapshot")),
+                _cell(_mapping(v.get("last")).get("miou")),
                 f"{gap:.0f}%" if isinstance(gap, (int, float)) and not isinstance(gap, bool) else "&ndash;",
                 *[_cell(v.get(k)) for k in extra],
                 *[_cell(per_class.get(c)) for c in classes],
             ]
         )
     intro = (
-        "<p>mIoU and per-class IoU (%) on the demo's target val images; <i>gap recovered</i> is the share "
-        "of the source-only &rarr; oracle mIoU gap a variant closes.</p>"
+        "<p>mIoU and per-class IoU (%) on the demo's target val images. Each method is reported at the "
+        "snapshot it selects without target labels (the label-free FDA score; <i>snapshot</i> says which), "
+        "the oracle at its last step (it is the ceiling, not a method); <i>mIoU at the last step</i> is the "
+        "stage's final step for every variant. <i>gap recovered</i> is the share of the source-only &rarr; "
+        "oracle mIoU gap a variant closes.</p>"
     )
-    return intro + _table(head, rows)
+    return intro + _table(head, rows, left=3)
 
 
 def _mean_std(mean: Any, std: Any) -> str:
@@ -267,17 +282,92 @@ def seeds_html(report: dict[str, Any], seeds: list[SeedLink], page: Path) -> str
     return "".join(parts)
 
 
+def _title(key: str) -> str:
+    return _e(str(key).replace("_", " "))
+
+
+def _list_html(values: list[Any]) -> str:
+    """A list: numbers and text as one row, anything deeper item by item."""
+    if all(_scalar(x) for x in values):
+        return "<p>" + ", ".join(_cell(x) for x in values) + "</p>" if values else "<p>(none)</p>"
+    return "".join(f"<h4>{i}</h4>{_value_html(x)}" for i, x in enumerate(values))
+
+
+def _value_html(value: Any) -> str:
+    """Any report.json value as HTML tables and lists (never a JSON dump)."""
+    if isinstance(value, dict):
+        return _mapping_html(value)
+    if isinstance(value, list):
+        return _list_html(value)
+    return f"<p>{_cell(value)}</p>"
+
+
+def _records_html(records: dict[str, dict[str, Any]]) -> str:
+    """A dict of dicts (D and C, or one entry per rule) as tables with a row per key: one for
+    their numbers and text, one per mapping of numbers they share; anything else below."""
+    scalar_cols = list(dict.fromkeys(c for r in records.values() for c, x in r.items() if _scalar(x)))
+    parts = []
+    if scalar_cols:
+        rows = [[_e(k), *[_cell(r.get(c)) for c in scalar_cols]] for k, r in records.items()]
+        parts.append(_table(["", *[_title(c) for c in scalar_cols]], rows))
+    nested = list(dict.fromkeys(c for r in records.values() for c, x in r.items() if not _scalar(x)))
+    for c in nested:
+        values = {k: r.get(c) for k, r in records.items()}
+        if all(isinstance(x, dict) and all(_scalar(y) for y in x.values()) for x in values.values()):
+            cols = list(dict.fromkeys(k2 for x in values.values() for k2 in _mapping(x)))
+            rows = [[_e(k), *[_cell(_mapping(x).get(k2)) for k2 in cols]] for k, x in values.items()]
+            parts.append(f"<h4>{_title(c)}</h4>" + _table(["", *[_e(k2) for k2 in cols]], rows))
+        else:
+            parts.extend(f"<h4>{_title(c)}: {_e(k)}</h4>{_value_html(x)}" for k, x in values.items())
+    return "".join(parts)
+
+
 def _mapping_html(data: dict[str, Any]) -> str:
-    """A dict shown generically: its scalars as a list, each dict of scalars as a one-row table."""
-    facts = [f"{_e(k)}: <b>{_cell(v)}</b>" for k, v in data.items() if _scalar(v)]
+    """A dict shown generically, numbers to 3 significant digits: its scalars as a list, a
+    dict of scalars as a one-row table, a dict of dicts as tables with a row per key, a list
+    of numbers as one line, anything else as a titled sub-section."""
+    facts = [f"{_title(k)}: <b>{_cell(v)}</b>" for k, v in data.items() if _scalar(v)]
     parts = [f"<p>{', '.join(facts)}</p>"] if facts else []
     for key, value in data.items():
-        if isinstance(value, dict) and all(_scalar(x) for x in value.values()):
-            parts.append(
-                f"<h3>{_e(key)}</h3>" + _table([_e(k) for k in value], [[_cell(x) for x in value.values()]], left=0)
-            )
-        elif not _scalar(value):
-            parts.append(f"<h3>{_e(key)}</h3><pre>{_e(json.dumps(value, indent=2))}</pre>")
+        if _scalar(value):
+            continue
+        if isinstance(value, dict) and value and all(_scalar(x) for x in value.values()):
+            table = _table([_e(k) for k in value], [[_cell(x) for x in value.values()]], left=0)
+            parts.append(f"<h3>{_title(key)}</h3>{table}")
+        elif isinstance(value, dict) and value and all(isinstance(x, dict) for x in value.values()):
+            parts.append(f"<h3>{_title(key)}</h3>{_records_html(value)}")
+        else:
+            parts.append(f"<h3>{_title(key)}</h3>{_value_html(value)}")
+    return "".join(parts)
+
+
+def mechanisms_html(mechanisms: dict[str, Any]) -> str:
+    """What the demo measured of the mechanisms: the attention's AUROC and mean alpha, the
+    discriminators' outputs, the round-1 pseudo-label thresholds; the rest generically."""
+    parts = []
+    att = _mapping(mechanisms.get("attention"))
+    if att:
+        rows = [
+            ["AUROC of alpha on the pixels source-only gets wrong (0.5 = chance)", _cell(att.get("auroc"))],
+            ["mean alpha on those pixels", _cell(att.get("mean_attention_on_errors"))],
+            ["mean alpha on the other pixels", _cell(att.get("mean_attention_on_correct"))],
+            ["source-only error rate", _cell(att.get("source_only_error_rate"))],
+            ["pixels", _cell(att.get("pixels"))],
+        ]
+        parts.append("<h3>Discriminator attention (DA's alpha)</h3>" + _table(["", "value"], rows))
+    discs = _mapping(mechanisms.get("discriminators"))
+    if discs:
+        rows = [
+            [_e(name), _cell(d.get("source")), _cell(d.get("target")), _cell(d.get("gap"))]
+            for name, d in ((k, _mapping(v)) for k, v in discs.items())
+        ]
+        parts.append(
+            "<h3>Discriminators: mean output (least squares labels: source 0, target 1)</h3>"
+            + _table(["", "source", "target", "gap"], rows)
+        )
+    rest = {k: v for k, v in mechanisms.items() if not (k in ("attention", "discriminators") and isinstance(v, dict))}
+    if rest:
+        parts.append(_mapping_html(rest))
     return "".join(parts)
 
 
@@ -287,8 +377,7 @@ def other_fields_html(report: dict[str, Any]) -> str:
     for key, value in report.items():
         if key in _KNOWN_KEYS or _scalar(value):
             continue
-        body = _mapping_html(value) if isinstance(value, dict) else f"<pre>{_e(json.dumps(value, indent=2))}</pre>"
-        parts.append(f'<section id="field-{_e(key)}"><h2>{_e(key)}</h2>{body}</section>')
+        parts.append(f'<section id="field-{_e(key)}"><h2>{_title(key)}</h2>{_value_html(value)}</section>')
     return "".join(parts)
 
 
@@ -329,9 +418,13 @@ def runs_html(runs: list[RunLink], page: Path, report: dict[str, Any], seeds: bo
         )
     intro = (
         "<p>Each run directory has its own report (status, curves, sample predictions, pseudo labels), "
-        "linked by a path relative to this page: keep the folder together when copying it.</p>"
+        "linked by a path relative to this page: keep the folder together when copying it. "
+        "<i>Final model mIoU</i> is the run's own <code>final/metrics.json</code>: the snapshot its "
+        "label-free score selected. It can differ from the Results table, which reports each variant at "
+        "the snapshot in its <i>snapshot</i> column (the oracle at its last step).</p>"
     )
-    return intro + _table(["run", "variants", "status", "final mIoU", "training s", "report"], rows, left=3)
+    head = ["run", "variants", "status", "final model mIoU (selected snapshot)", "training s", "report"]
+    return intro + _table(head, rows, left=3)
 
 
 def _has_seeds(contents: DemoContents) -> bool:
@@ -342,6 +435,8 @@ def _has_seeds(contents: DemoContents) -> bool:
 def header_html(contents: DemoContents) -> str:
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sections = [("results", "Results")] + ([("seeds", "Seeds")] if _has_seeds(contents) else [])
+    if isinstance(contents.report.get("mechanisms"), dict):
+        sections.append(("mechanisms", "Mechanisms"))
     sections += [("figures", "Figures"), ("runs", "Runs"), ("raw", "report.json")]
     facts = [("demo folder", _e(contents.root.resolve()))]
     facts += [(_e(k), _cell(v)) for k, v in contents.report.items() if _scalar(v)]
@@ -376,6 +471,9 @@ def render_demo_page(contents: DemoContents, page: Path) -> str:
     sections = [("results", "Results", results_html(report))]
     if _has_seeds(contents):
         sections.append(("seeds", "Seeds", seeds_html(report, contents.seeds, page)))
+    mechanisms = report.get("mechanisms")
+    if isinstance(mechanisms, dict):
+        sections.append(("mechanisms", "Mechanisms", mechanisms_html(mechanisms)))
     if isinstance(pseudo, dict):
         sections.append(("pseudo-labels", "Round-1 pseudo labels against the target labels", _mapping_html(pseudo)))
     sections += [
@@ -384,9 +482,10 @@ def render_demo_page(contents: DemoContents, page: Path) -> str:
     ]
     body = "".join(f'<section id="{sid}"><h2>{title}</h2>{html}</section>' for sid, title, html in sections)
     body += other_fields_html(report)
+    href = Path(os.path.relpath(contents.root.resolve() / REPORT_JSON, page.resolve().parent)).as_posix()
     body += (
-        '<section id="raw"><h2>report.json</h2><details><summary>the file as written by dast demo</summary>'
-        f"<pre>{_e(json.dumps(report, indent=2))}</pre></details></section>"
+        f'<section id="raw"><h2>report.json</h2><p>Every number of this page, as written by dast demo: '
+        f'<a href="{_e(href)}">{_e(href)}</a></p></section>'
     )
     title = f"DAST demo report: {contents.root.resolve().name}"
     return (

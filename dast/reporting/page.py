@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,24 @@ def _num(value: Any, digits: int = 1) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return "&ndash;"
     return f"{value:.{digits}f}"
+
+
+def sig(value: Any, digits: int = 3) -> str:
+    """A number to ``digits`` significant digits, written without an exponent (0.549, 58.3,
+    9.78, 1234); a whole number stays whole; anything else is a dash."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "&ndash;"
+    if isinstance(value, int):
+        return str(value)
+    if not math.isfinite(value):
+        return str(value)
+    if value == 0:
+        return "0"
+    decimals = digits - 1 - math.floor(math.log10(abs(value)))
+    text = f"{value:.{max(0, decimals)}f}"
+    if decimals > 0 and len(text.lstrip("-").replace(".", "").lstrip("0")) > digits:  # 9.995 rounded up to 10.00
+        text = f"{value:.{max(0, decimals - 1)}f}"
+    return text
 
 
 def _note(text: str, kind: str = "") -> str:

@@ -123,7 +123,7 @@ def _load_config(root: Path) -> tuple[str, dict[str, Any], Config | None, str | 
     if not path.is_file():
         raise UserError(
             f"{root} is not a dast run directory: it has no config.yaml (made by `dast train --out`), "
-            "nor is it a demo folder (report.json, made by `dast demo --out`)"
+            "nor is it a demo folder (report.json, made by `dast demo --out`), nor are there run directories below it"
         )
     try:
         text = path.read_text(encoding="utf-8")

@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from dast.config import RuntimeConfig
+from dast.contexts import amp_name
 from dast.errors import UserError
 from dast.training.updates import needs_loss_scaling
 
 OPTIMIZER_CHOICES = ("auto", "released", "foreach")
-AMP_NAMES = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class Levers:
     def describe(self) -> dict[str, Any]:
         """The levers as JSON-able fields (what ``dast bench`` prints per row)."""
         return {
-            "amp": AMP_NAMES.get(self.amp_dtype, str(self.amp_dtype)),
+            "amp": amp_name(self.amp_dtype),
             "channels_last": self.channels_last,
             "cuda_graph": self.cuda_graphs,
             "compile": self.compile,

@@ -54,6 +54,7 @@ from dast.training.setup import (
     initial_networks,
     model_spec_for,
     read_manifest,
+    run_header_lines,
     setup_logging,
 )
 from dast.training.snapshots import best_across_stages
@@ -89,6 +90,9 @@ class Pipeline:
         self.val = None
         if cfg.val is not None:
             self.val = build_dataset(cfg.val, norm=norm, num_classes=n, with_labels=True, seed=cfg.seed + 2)
+        sets = {"source": self.source, "target": self.target, "val": self.val}
+        for line in run_header_lines(cfg, self.rt, {k: len(v) for k, v in sets.items() if v is not None}):
+            self.log.info(line)
         self.selection_sets = []
         if cfg.selection.enabled:
             self.selection_sets = build_selection_sets(

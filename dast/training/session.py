@@ -21,9 +21,8 @@ import contextlib
 import signal
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, NamedTuple, TypeVar
 
 from dast.atomic import TMP_MARK, remove_stale_temps, write_json
 from dast.config import Config
@@ -49,8 +48,7 @@ class RunComplete(Exception):
         )
 
 
-@dataclass(frozen=True)
-class Session:
+class Session(NamedTuple):
     """What the pipeline runs with: the config, the runtime, and whether it resumes."""
 
     cfg: Config

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import platform
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from dast import __version__
 from dast.atomic import TMP_MARK, write_json, write_text
 from dast.checkpoint import load_checkpoint
-from dast.config import Config, config_diff, from_tree, load_yaml_tree
+from dast.config import Config, config_diff, from_tree, load_yaml_tree, to_yaml
 from dast.data.labels import table_for
 from dast.errors import ConfigError, UserError
 from dast.models.build import check_output_stride
@@ -100,6 +105,21 @@ def setup_logging(run_dir: Path, rt: Runtime) -> logging.Logger:
         for h in (fh, sh):
             logging.getLogger(DATA_LOGGER).addHandler(h)
     return log
+
+
+def run_header_lines(cfg: Config, rt: Runtime, sizes: dict[str, int]) -> list[str]:
+    """The lines a run's ``log.txt`` opens with (at each start and resume): versions, device,
+    dataset sizes and the hash of the resolved config (the ``config.yaml`` of the run)."""
+    device = str(rt.device)
+    if rt.device.type == "cuda":
+        device += f" ({torch.cuda.get_device_name(rt.device)})"
+    digest = hashlib.sha256(to_yaml(cfg).encode("utf-8")).hexdigest()[:16]
+    return [
+        f"dast {__version__}, torch {torch.__version__}, python {platform.python_version()}",
+        f"device {device}, {rt.world_size} process(es), {torch.get_num_threads()} CPU threads per process",
+        "datasets: " + ", ".join(f"{role} {n} images" for role, n in sizes.items()),
+        f"config sha256 {digest} (config.yaml, resolved)",
+    ]
 
 
 def close_logging(log: logging.Logger) -> None:
