@@ -25,8 +25,12 @@ def test_there_is_a_config_per_paper_row() -> None:
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(REPO / "dast" / "configs")))
 def test_every_config_validates_and_names_its_paper_row(path: Path) -> None:
     cfg = load_config(path)
-    if not path.stem.startswith("demo"):  # demo.yaml, demo_timm.yaml: the synthetic demo
-        head = path.read_text().splitlines()[:2]
+    head = path.read_text().splitlines()[:2]
+    if path.stem.endswith("_online"):  # this project's additions: one online self-training stage
+        assert head[0].startswith("# ") and head[1].startswith("# Not a paper row:")
+        assert cfg.self_training.mode == "online" and cfg.self_training.steps == 40000
+        assert cfg.train.steps == (0 if path.stem.startswith("source_only") else 150000)
+    elif not path.stem.startswith("demo"):  # demo.yaml, demo_timm.yaml: the synthetic demo
         assert head[0].startswith("# ") and head[1].startswith("# Paper row:")
         assert cfg.train.steps == 150000 and cfg.train.poly_steps == 250000
     if path.stem == "dast":

@@ -27,8 +27,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
             "dast train --config mine.yaml --out runs/mine --dry-run      # check and time it first",
             "dast train --config gta5/resnet101/dast --out runs/dast --set train.num_workers=8",
             "dast train --resume runs/dast                                 # continue after an interruption",
-            "torchrun --nproc_per_node=4 --max-restarts=3 -m dast train --config gta5/resnet101/dast "
-            "--out runs/dast --resume auto",
+            "dast train --config gta5/resnet101/dast --out runs/dast --resume auto  # under torchrun --max-restarts",
         ),
     )
     p.add_argument("--config", help="YAML config file, or the name of a packaged config (`dast configs` lists them)")
