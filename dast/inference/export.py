@@ -52,7 +52,10 @@ def _require(module: str) -> Any:
     try:
         return __import__(module)
     except ImportError as exc:
-        raise UserError(f"ONNX export needs the '{module}' package: pip install dast[export]") from exc
+        raise UserError(
+            f"ONNX export needs the '{module}' package: pip install onnx onnxruntime "
+            "(or, from this checkout, pip install -e '.[export]')"
+        ) from exc
 
 
 def dynamic_axes() -> dict[str, dict[int, str]]:
