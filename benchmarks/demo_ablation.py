@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from dast.atomic import write_json
-from dast.config import deep_merge
+from dast.config import Config, deep_merge, from_tree, load_yaml_tree, resolve
 from dast.data.synthetic import SHIFTS
 from dast.demo import NO_ADVERSARY, demo_tree, evaluate_checkpoint, train_runs
 from dast.demo.config import BASELINE_LAMBDA
@@ -71,16 +71,44 @@ def row_trees(seed: int, shift: str | None = None) -> dict[str, dict[str, Any]]:
     return {name: deep_merge(base, change) for name, change in ROWS.items()}
 
 
+def stage1_config_check(tree: dict[str, Any], run_config: Path, row: str) -> None:
+    """A reused demo run must have the row's config in everything but its self-training."""
+
+    def stage1(cfg: Config) -> dict[str, Any]:
+        return {k: v for k, v in resolve(cfg).model_dump(mode="json").items() if k != "self_training"}
+
+    want = stage1(from_tree(tree, f"row {row}"))
+    have = stage1(from_tree(load_yaml_tree(run_config), str(run_config)))
+    if want != have:
+        diff = sorted(k for k in want if want[k] != have.get(k))
+        raise SystemExit(f"error: {run_config} is not the {row} row's stage 1 (differs in {', '.join(diff)})")
+
+
 def score(checkpoint: Path, val: Any) -> float:
     return float(evaluate_checkpoint(checkpoint, val)[0]["miou"])
 
 
-def ablation(seeds: list[int], work: Path, workers: int, shift: str | None = None) -> dict[str, Any]:
+# rows whose stage 1 is a run of the demo itself: reused from a `dast demo --seeds` folder
+FROM_DEMO = {"baseline": "baseline", "da": "dast"}
+
+
+def ablation(
+    seeds: list[int], work: Path, workers: int, shift: str | None = None, demo: Path | None = None
+) -> dict[str, Any]:
     per_seed: dict[str, dict[str, dict[str, float]]] = {}
     for seed in seeds:
         trees = row_trees(seed, shift)
         runs = work / f"seed{seed}"
-        train_runs(trees, runs, workers, progress=False)
+        runs.mkdir(parents=True, exist_ok=True)
+        if demo is not None:  # the demo trained these rows already (same configs up to stage 1)
+            for row, run in FROM_DEMO.items():
+                source = DemoDir(demo).seed(seed).run(run)
+                stage1_config_check(trees[row], source.config, row)
+                link = runs / row
+                if not link.exists():
+                    link.symlink_to(source.root.resolve(), target_is_directory=True)
+        todo = {name: tree for name, tree in trees.items() if demo is None or name not in FROM_DEMO}
+        train_runs(todo, runs, workers, progress=False)
         cfg, val, _ = datasets(trees["da"])
         stages = {name: RunDir(runs / name).stage(STAGE1) for name in trees}
         per_seed[str(seed)] = {
@@ -118,12 +146,19 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the synthetic domains of the ablation (default: the demo's; use its own --work folder)",
     )
+    ap.add_argument(
+        "--from-demo",
+        type=Path,
+        default=None,
+        help="a finished `dast demo --seeds` folder of the same shift: its baseline and DA runs are the "
+        "baseline and da rows (their stage 1 is the rows' config), so only the other rows are trained",
+    )
     ap.add_argument("--demo-dirs", type=Path, nargs="*", default=[], help="finished `dast demo` folders to analyse")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args(argv)
     result: dict[str, Any] = {}
     if args.seeds:
-        result["ablation"] = ablation(args.seeds, args.work, args.workers, args.shift)
+        result["ablation"] = ablation(args.seeds, args.work, args.workers, args.shift, args.from_demo)
     if args.demo_dirs:
         result["pseudo_labels"] = {str(d): demo_pseudo_labels(d) for d in args.demo_dirs}
     print(json.dumps(result, indent=1))
