@@ -15,6 +15,7 @@ from PIL import Image
 import dast.demo
 from dast.cli import main
 from dast.config import deep_merge, from_tree, load_config, load_yaml_tree
+from dast.data.synthetic import DEMO_SHIFT
 from dast.demo import DEMO_CONFIG, RUNS, SHIFTS, VARIANTS, demo_tree, gap_recovered, run_trees, summarize_seeds
 from dast.demo.config import timm_overrides
 from dast.demo.figures import write_domains_figure
@@ -36,7 +37,8 @@ def test_demo_shift_reaches_every_dataset_of_every_variant(shift: str) -> None:
             cfg = from_tree(tree, name)
             assert cfg.seed == 3 and cfg.model.output_stride == 4
             assert (cfg.source.shift, cfg.target.shift, cfg.val.shift) == (shift, shift, shift)  # type: ignore[union-attr]
-    assert DEMO_CONFIG["source"]["shift"] == "appearance"  # demo_tree works on a copy
+    assert DEMO_CONFIG["source"]["shift"] == DEMO_SHIFT == "photographic"  # demo_tree works on a copy
+    assert demo_tree()["target"]["shift"] == "photographic"  # the default: the paper's kind of shift
     with pytest.raises(ValueError, match="unknown domain shift 'layout'"):
         demo_tree(shift="layout")
 

@@ -21,17 +21,19 @@ import copy
 from typing import Any
 
 from dast.config import deep_merge
-from dast.data.synthetic import SHIFTS, check_shift
+from dast.data.synthetic import DEMO_SHIFT, SHIFTS, check_shift
 from dast.rundir import ONLINE, STAGE1
 
 __all__ = [
     "DEMO_CONFIG",
+    "DEMO_SHIFT",
     "FORKS",
     "NO_ADVERSARY",
     "ONLINE_RUN",
     "QUICK",
     "RUNS",
     "SHIFTS",
+    "SHIFT_SETTINGS",
     "VARIANTS",
     "VARIANT_SNAPSHOTS",
     "demo_tree",
@@ -66,16 +68,16 @@ DEMO_CONFIG: dict[str, Any] = {
     "seed": 0,
     "variant": "paper",
     "model": {"arch": "small", "num_classes": 7, "norm": "unit", "output_stride": 4},
-    "source": {"kind": "synthetic", "domain": "source", "count": 300, "size": [128, 64], "shift": "appearance"},
+    "source": {"kind": "synthetic", "domain": "source", "count": 300, "size": [128, 64], "shift": DEMO_SHIFT},
     "target": {
         "kind": "synthetic",
         "domain": "target",
         "count": 300,
         "size": [128, 64],
         "with_labels": False,
-        "shift": "appearance",
+        "shift": DEMO_SHIFT,
     },
-    "val": {"kind": "synthetic", "domain": "target", "count": 100, "size": [128, 64], "shift": "appearance"},
+    "val": {"kind": "synthetic", "domain": "target", "count": 100, "size": [128, 64], "shift": DEMO_SHIFT},
     "adversarial": {
         "discoverer": True,
         "corrector": True,
@@ -163,17 +165,23 @@ def timm_overrides(name: str) -> dict[str, Any]:
     return {"model": {"arch": "timm", "timm_name": name, "norm": "imagenet", "output_stride": None}}
 
 
+# Settings of a shift that differ from DEMO_CONFIG's, chosen for that shift by the label-free
+# sweep (benchmarks/demo_sweep.py --shift S; docs/synthetic.md). Empty: the same settings.
+SHIFT_SETTINGS: dict[str, dict[str, Any]] = {}
+
+
 def demo_tree(
     *, quick: bool = False, seed: int = 0, shift: str | None = None, overrides: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The DAST run's config tree: :data:`DEMO_CONFIG` (+ :data:`QUICK`), the seed, the
-    synthetic domains' shift and any ``overrides`` (a nested mapping, e.g. from a sweep)."""
+    synthetic domains' shift (default :data:`DEMO_SHIFT`) with its :data:`SHIFT_SETTINGS`, and
+    any ``overrides`` (a nested mapping, e.g. from a sweep)."""
     tree = deep_merge(DEMO_CONFIG, QUICK) if quick else copy.deepcopy(DEMO_CONFIG)
     tree["seed"] = int(seed)
-    if shift is not None:
-        check_shift(shift)
-        for name in ("source", "target", "val"):
-            tree[name]["shift"] = shift
+    shift = check_shift(shift or DEMO_SHIFT)
+    for name in ("source", "target", "val"):
+        tree[name]["shift"] = shift
+    tree = deep_merge(tree, SHIFT_SETTINGS.get(shift, {}))
     return deep_merge(tree, overrides or {})
 
 
