@@ -40,7 +40,7 @@ import shutil
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from dast.atomic import write_json
 from dast.checkpoint import read_meta
@@ -216,8 +216,20 @@ def setting_overrides(name: str, change: dict[str, Any], quick: bool) -> dict[st
     return change
 
 
+class BaselineGrid(NamedTuple):
+    """Which AdaptSegNet baselines the stage-1 phase trains: the baseline's own lambdas (at
+    :data:`BASELINE_LAMBDA_LR`) and, with ``per_row``, one at AdaptSegNet's lambda per DA row."""
+
+    lambdas: tuple[float, ...] = BASELINE_LAMBDAS
+    per_row: bool = True
+
+
 def stage1_trees(
-    seeds: list[int], quick: bool, shift: str | None, only: list[str] | None = None
+    seeds: list[int],
+    quick: bool,
+    shift: str | None,
+    only: list[str] | None = None,
+    baselines: BaselineGrid = BaselineGrid(),
 ) -> dict[str, dict[str, Any]]:
     """Every run of the stage-1 phase, by folder name: DA per setting and seed, the baseline
     at the rows' learning rates (AdaptSegNet's lambda), and the baseline's own lambda grid."""
@@ -229,9 +241,10 @@ def stage1_trees(
         for seed in seeds:
             runs = run_trees(demo_tree(quick=quick, seed=seed, shift=shift, overrides=deep_merge(change, stage1_only)))
             trees[f"{_slug(name)}_s{seed}"] = runs["dast"]
-            if "weighting" not in name and "warm-up" not in name and "lambda 0.01" in name:
+            plain = "weighting" not in name and "warm-up" not in name and "lambda 0.01" in name
+            if baselines.per_row and plain:
                 trees[f"{_slug(name)}_s{seed}_baseline"] = deep_merge(runs["baseline"], adaptsegnet)
-    for lam in BASELINE_LAMBDAS:
+    for lam in baselines.lambdas:
         change = deep_merge(deep_merge(SWEEP_BASE, _lr(BASELINE_LAMBDA_LR)), stage1_only)
         for seed in seeds:
             base = demo_tree(quick=quick, seed=seed, shift=shift, overrides=change)
@@ -249,12 +262,13 @@ def sweep_stage1(
     shift: str | None,
     progress: bool,
     only: list[str] | None = None,
+    baselines: BaselineGrid = BaselineGrid(),
 ) -> dict[str, Any]:
     results: dict[str, dict[str, dict[str, Any]]] = {}
     baseline: dict[str, dict[str, dict[str, Any]]] = {}
-    train_runs(stage1_trees(seeds, quick, shift, only), work / "stage1", workers, progress)
+    train_runs(stage1_trees(seeds, quick, shift, only, baselines), work / "stage1", workers, progress)
     baseline_lambda: dict[str, dict[str, dict[str, Any]]] = {}
-    for lam in BASELINE_LAMBDAS:
+    for lam in baselines.lambdas:
         for seed in seeds:
             run = RunDir(work / "stage1" / f"baseline_lambda{lam:g}_s{seed}")
             key = f"baseline, lr {BASELINE_LAMBDA_LR}, lambda {lam:g}"
@@ -439,11 +453,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shift", choices=SHIFTS, default=None, help="the synthetic domains' shift (default: the demo's)")
     p.add_argument("--stage1-setting", default=None, help="the stage-1 setting the rounds start from")
     p.add_argument("--only", nargs="+", default=None, help="sweep only these settings of the phase (by name)")
+    p.add_argument(
+        "--baseline-lambdas",
+        type=float,
+        nargs="+",
+        default=list(BASELINE_LAMBDAS),
+        help="stage1: the baseline's own lambdas to train (default: %(default)s)",
+    )
+    p.add_argument("--no-row-baselines", action="store_true", help="stage1: no AdaptSegNet-lambda baseline per DA row")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     progress = not args.no_progress
     if args.phase == "stage1":
-        out = sweep_stage1(args.seeds, args.work, args.quick, args.workers, args.shift, progress, args.only)
+        grid = BaselineGrid(tuple(args.baseline_lambdas), per_row=not args.no_row_baselines)
+        out = sweep_stage1(args.seeds, args.work, args.quick, args.workers, args.shift, progress, args.only, grid)
         text = (
             table(out["da_mean"], "DA, stage 1")
             + "\n\n"
