@@ -229,10 +229,11 @@ def stage1_trees(
     quick: bool,
     shift: str | None,
     only: list[str] | None = None,
-    baselines: BaselineGrid = BaselineGrid(),
+    baselines: BaselineGrid | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every run of the stage-1 phase, by folder name: DA per setting and seed, the baseline
     at the rows' learning rates (AdaptSegNet's lambda), and the baseline's own lambda grid."""
+    baselines = baselines or BaselineGrid()
     trees: dict[str, dict[str, Any]] = {}
     stage1_only = {"self_training": {"rounds": 0}}
     adaptsegnet = {"adversarial": {"lambda_c": ADAPTSEGNET_LAMBDA}}
@@ -262,8 +263,9 @@ def sweep_stage1(
     shift: str | None,
     progress: bool,
     only: list[str] | None = None,
-    baselines: BaselineGrid = BaselineGrid(),
+    baselines: BaselineGrid | None = None,
 ) -> dict[str, Any]:
+    baselines = baselines or BaselineGrid()
     results: dict[str, dict[str, dict[str, Any]]] = {}
     baseline: dict[str, dict[str, dict[str, Any]]] = {}
     train_runs(stage1_trees(seeds, quick, shift, only, baselines), work / "stage1", workers, progress)
