@@ -55,15 +55,16 @@ DEMO_RUN = "dast_online"  # the from_da row: the demo's own run
 PAIRED_WITH = ("from_source_only", "from_da")
 
 
-def seed_trees(demo: DemoDir, seed: int) -> tuple[dict[str, Any], dict[str, str]]:
+def seed_trees(demo: DemoDir, seed: int, rows: list[str] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """The rows' configs for one seed (the demo's trees with the online stage and the row's
     change) and, for each, the demo run whose stage 1 it forks."""
     report = json.loads(demo.report_json.read_text())
     base = demo_tree(quick=bool(report.get("quick")), seed=seed, shift=report.get("shift"))
     trees = run_trees(base)
     online = online_overrides(bool(report.get("quick")))
-    rows = {name: deep_merge(deep_merge(trees[run], online), change) for name, (run, change) in ROWS.items()}
-    return rows, {name: run for name, (run, _) in ROWS.items()}
+    chosen = {name: ROWS[name] for name in (rows or list(ROWS))}
+    trees_out = {name: deep_merge(deep_merge(trees[run], online), change) for name, (run, change) in chosen.items()}
+    return trees_out, {name: run for name, (run, _) in chosen.items()}
 
 
 def _scores(run: RunDir, val: Any) -> dict[str, Any]:
@@ -76,13 +77,15 @@ def _scores(run: RunDir, val: Any) -> dict[str, Any]:
     }
 
 
-def ablation(demo_root: Path, work: Path, workers: int, progress: bool) -> dict[str, Any]:
+def ablation(
+    demo_root: Path, work: Path, workers: int, progress: bool, only: list[str] | None = None
+) -> dict[str, Any]:
     root = DemoDir(demo_root)
     seeds = json.loads(root.report_json.read_text())["seeds"]
     per_seed: dict[str, dict[str, Any]] = {}
     for seed in seeds:
         demo = root.seed(seed)
-        rows, parents = seed_trees(demo, seed)
+        rows, parents = seed_trees(demo, seed, only)
         runs = work / f"seed{seed}"
         # the parents are the demo's finished runs: link their folders in as the fork sources
         runs.mkdir(parents=True, exist_ok=True)
@@ -92,7 +95,7 @@ def ablation(demo_root: Path, work: Path, workers: int, progress: bool) -> dict[
                 link.symlink_to((demo.runs / parent).resolve(), target_is_directory=True)
         forks = {name: f"demo_{parent}" for name, parent in parents.items()}
         train_runs(rows, runs, workers, progress, forks=forks)
-        _, val, _ = datasets(rows["from_baseline"])
+        _, val, _ = datasets(next(iter(rows.values())))
         scores = {name: _scores(RunDir(runs / name), val) for name in rows}
         scores["from_da"] = _scores(demo.run(DEMO_RUN), val)
         per_seed[str(seed)] = scores
@@ -113,7 +116,7 @@ def summarize(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "per_seed": vals,
         }
         for other in PAIRED_WITH:
-            if other != row:
+            if other != row and other in rows:
                 diffs = [s[row]["miou"] - s[other]["miou"] for s in per_seed.values()]
                 entry[f"vs_{other}"] = {"mean": statistics.fmean(diffs), "higher": sum(d > 0 for d in diffs)}
         out[row] = entry
@@ -140,11 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, required=True, help="folder for the runs (finished runs are kept)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, help="train only these rows")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if not DemoDir(args.demo).report_json.is_file():
         raise SystemExit(f"error: {args.demo} has no report.json (run `dast demo --seeds ...` first)")
-    out = ablation(args.demo, args.work, args.workers, not args.no_progress)
+    out = ablation(args.demo, args.work, args.workers, not args.no_progress, args.rows)
     text = table(out["summary"], len(out["seeds"]))
     print(text)
     if args.out:
