@@ -47,6 +47,7 @@ from dast.checkpoint import read_meta
 from dast.config import deep_merge
 from dast.data.synthetic import SHIFTS
 from dast.demo import demo_tree, run_trees, train_runs
+from dast.demo.config import ONLINE_RUN
 from dast.rundir import RunDir
 
 PAPER_RATIO = 2.5  # segmentor : discriminator learning rate, 2.5e-4 : 1e-4 in the paper
@@ -139,16 +140,7 @@ SELF_TRAINING: dict[str, dict[str, Any]] = {
 # ONLINE_BASE, the first setting being the base itself. The stage starts from DA's stage 1
 # at the demo's settings; every run evaluates every 100 steps, so a run's selected snapshot
 # also says how long the stage should be.
-ONLINE_BASE: dict[str, Any] = {
-    "self_training": {
-        "mode": "online",
-        "steps": 600,
-        "poly_steps": 2000,
-        "lr": 0.0025,
-        "eval_every": 100,
-        "online": {"ema": 0.99, "threshold": 0.9, "adversarial": "keep"},
-    }
-}
+ONLINE_BASE: dict[str, Any] = copy.deepcopy(ONLINE_RUN)  # the demo's settings when this sweep ran (equal)
 ONLINE: dict[str, dict[str, Any]] = {
     "base: lr 0.0025 (= stage 1), EMA 0.99, threshold 0.9, adversarial kept, 600 steps": {},
     "lr 0.001": {"self_training": {"lr": 0.001}},
@@ -190,6 +182,27 @@ def _selected(run: RunDir, stage: str) -> dict[str, Any]:
     }
 
 
+def _failed(reason: str) -> dict[str, Any]:
+    """The scores of a run that stopped (e.g. its losses diverged): none, and the reason."""
+    return {
+        **dict.fromkeys(("step", "synthetic", "target_info", "last_synthetic", "last_target_info")),
+        "failed": reason,
+    }
+
+
+def _phase_scores(
+    settings: dict[str, Any], seeds: list[int], runs: Path, stage: str, failed: dict[str, str]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """{setting: {seed: the scores of ``stage`` of its run (or why it failed)}}."""
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in settings:
+        for seed in seeds:
+            folder = f"{_slug(name)}_s{seed}"
+            scores = _failed(failed[folder]) if folder in failed else _selected(RunDir(runs / folder), stage)
+            results.setdefault(name, {})[str(seed)] = scores
+    return results
+
+
 def _mean(values: list[float | None]) -> float | None:
     """The mean, or None when any value is missing (a failed run fails its setting)."""
     if not values or any(v is None for v in values):
@@ -214,6 +227,19 @@ def setting_overrides(name: str, change: dict[str, Any], quick: bool) -> dict[st
     if WARMUP in name:
         return deep_merge(change, _warmup(demo_tree(quick=quick)))
     return change
+
+
+class Sweep(NamedTuple):
+    """What every phase takes: the seeds, the work folder, the demo size, parallel runs,
+    the synthetic shift, progress output and (``--only``) the settings to sweep."""
+
+    seeds: list[int]
+    work: Path
+    quick: bool = False
+    workers: int = 2
+    shift: str | None = None
+    progress: bool = True
+    only: list[str] | None = None
 
 
 class BaselineGrid(NamedTuple):
@@ -255,20 +281,13 @@ def stage1_trees(
     return trees
 
 
-def sweep_stage1(
-    seeds: list[int],
-    work: Path,
-    quick: bool,
-    workers: int,
-    shift: str | None,
-    progress: bool,
-    only: list[str] | None = None,
-    baselines: BaselineGrid | None = None,
-) -> dict[str, Any]:
+def sweep_stage1(sweep: Sweep, baselines: BaselineGrid | None = None) -> dict[str, Any]:
+    seeds, work, only = sweep.seeds, sweep.work, sweep.only
     baselines = baselines or BaselineGrid()
     results: dict[str, dict[str, dict[str, Any]]] = {}
     baseline: dict[str, dict[str, dict[str, Any]]] = {}
-    train_runs(stage1_trees(seeds, quick, shift, only, baselines), work / "stage1", workers, progress)
+    trees = stage1_trees(seeds, sweep.quick, sweep.shift, only, baselines)
+    train_runs(trees, work / "stage1", sweep.workers, sweep.progress)
     baseline_lambda: dict[str, dict[str, dict[str, Any]]] = {}
     for lam in baselines.lambdas:
         for seed in seeds:
@@ -310,41 +329,24 @@ def self_training_trees(
     return trees
 
 
-def sweep_self_training(
-    seeds: list[int],
-    work: Path,
-    quick: bool,
-    workers: int,
-    shift: str | None,
-    stage1_setting: str,
-    progress: bool,
-    only: list[str] | None = None,
-) -> dict[str, Any]:
+def sweep_self_training(sweep: Sweep, stage1_setting: str) -> dict[str, Any]:
+    seeds, work, only = sweep.seeds, sweep.work, sweep.only
     if stage1_setting not in STAGE1:
         raise SystemExit(f"error: unknown stage-1 setting {stage1_setting!r}; choose from: " + "; ".join(STAGE1))
-    trees = self_training_trees(seeds, quick, shift, stage1_setting, only)
+    trees = self_training_trees(seeds, sweep.quick, sweep.shift, stage1_setting, only)
     for name in trees:
         src = work / "stage1" / f"{_slug(stage1_setting)}_s{name.rsplit('_s', 1)[1]}"
         if not RunDir(src).stage("stage1").selected.exists():
             raise SystemExit(f"error: {src} has no finished stage 1; run the stage1 phase first")
-        run = work / "self_training" / name
-        if not run.exists():  # stage 1 is reused, not retrained (its manifest entry says complete)
-            shutil.copytree(src, run, ignore=shutil.ignore_patterns("final", "report.html"))
+        dst = work / "self_training" / name
+        if not dst.exists():  # stage 1 is reused, not retrained (its manifest entry says complete)
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("final", "report.html"))
     failed: dict[str, str] = {}
-    train_runs(trees, work / "self_training", workers, progress, force=True, failures=failed)
-    results: dict[str, dict[str, dict[str, Any]]] = {}
-    for name in chosen(SELF_TRAINING, only):
-        for seed in seeds:
-            folder = f"{_slug(name)}_s{seed}"
-            run = RunDir(work / "self_training" / folder)
-            if folder in failed:  # e.g. the losses diverged: no score, and the reason is kept
-                scores: dict[str, Any] = dict.fromkeys(
-                    ("step", "synthetic", "target_info", "last_synthetic", "last_target_info")
-                )
-                scores["failed"] = failed[folder]
-            else:
-                scores = _selected(run, "round1")
-            results.setdefault(name, {})[str(seed)] = {**scores, "stage1": _selected(run, "stage1")}
+    train_runs(trees, work / "self_training", sweep.workers, sweep.progress, force=True, failures=failed)
+    results = _phase_scores(chosen(SELF_TRAINING, only), seeds, work / "self_training", "round1", failed)
+    for name, per_seed in results.items():
+        for seed, scores in per_seed.items():
+            scores["stage1"] = _selected(RunDir(work / "self_training" / f"{_slug(name)}_s{seed}"), "stage1")
     start = {name: {"stage1": {s: r["stage1"] for s, r in per_seed.items()}} for name, per_seed in results.items()}
     stage1_mean = _mean([r["stage1"]["synthetic"] for per_seed in results.values() for r in per_seed.values()])
     return {
@@ -382,30 +384,12 @@ def online_trees(
     return trees, forks
 
 
-def sweep_online(
-    seeds: list[int],
-    work: Path,
-    quick: bool,
-    workers: int,
-    shift: str | None,
-    progress: bool,
-    only: list[str] | None = None,
-) -> dict[str, Any]:
-    trees, forks = online_trees(seeds, quick, shift, only)
+def sweep_online(sweep: Sweep) -> dict[str, Any]:
+    seeds, work, only = sweep.seeds, sweep.work, sweep.only
+    trees, forks = online_trees(seeds, sweep.quick, sweep.shift, only)
     failed: dict[str, str] = {}
-    train_runs(trees, work / "online", workers, progress, failures=failed, forks=forks)
-    results: dict[str, dict[str, dict[str, Any]]] = {}
-    for name in chosen(ONLINE, only):
-        for seed in seeds:
-            folder = f"{_slug(name)}_s{seed}"
-            if folder in failed:
-                scores: dict[str, Any] = dict.fromkeys(
-                    ("step", "synthetic", "target_info", "last_synthetic", "last_target_info")
-                )
-                scores["failed"] = failed[folder]
-            else:
-                scores = _selected(RunDir(work / "online" / folder), "online")
-            results.setdefault(name, {})[str(seed)] = scores
+    train_runs(trees, work / "online", sweep.workers, sweep.progress, failures=failed, forks=forks)
+    results = _phase_scores(chosen(ONLINE, only), seeds, work / "online", "online", failed)
     start = {str(s): _selected(RunDir(work / "online" / f"da_s{s}"), "stage1") for s in seeds}
     return {
         "phase": "online",
@@ -465,10 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-row-baselines", action="store_true", help="stage1: no AdaptSegNet-lambda baseline per DA row")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    progress = not args.no_progress
+    sweep = Sweep(args.seeds, args.work, args.quick, args.workers, args.shift, not args.no_progress, args.only)
     if args.phase == "stage1":
         grid = BaselineGrid(tuple(args.baseline_lambdas), per_row=not args.no_row_baselines)
-        out = sweep_stage1(args.seeds, args.work, args.quick, args.workers, args.shift, progress, args.only, grid)
+        out = sweep_stage1(sweep, grid)
         text = (
             table(out["da_mean"], "DA, stage 1")
             + "\n\n"
@@ -480,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             + table(out["baseline_lambda_mean"], "AdaptSegNet baseline: its lambda at the chosen learning rates")
         )
     elif args.phase == "online":
-        out = sweep_online(args.seeds, args.work, args.quick, args.workers, args.shift, progress, args.only)
+        out = sweep_online(sweep)
         text = table(
             out["online_mean"],
             f"Online stage from DA's stage 1 (stage 1's own label-free score: {_fmt(out['stage1_synthetic_mean'])})",
@@ -488,9 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.stage1_setting is None:
             p.error("self-training needs --stage1-setting")
-        out = sweep_self_training(
-            args.seeds, args.work, args.quick, args.workers, args.shift, args.stage1_setting, progress, args.only
-        )
+        out = sweep_self_training(sweep, args.stage1_setting)
         text = table(
             out["dast_mean"],
             f"DAST round 1 from '{args.stage1_setting}' (stage 1's own label-free "

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from dast.config import Config, DatasetConfig, resolve
 from dast.training.plans import StagePlan, stage_plans, step_settings
@@ -57,3 +61,25 @@ def plan(name: str = "stage1", index: int = 0, steps: int = 10, **overrides: Any
         "eval_every": 1000,
     }
     return StagePlan(**{**fields, **overrides})
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a finished run's final model."""
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Bit for bit, tensor by tensor."""
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def benchmark_module(name: str) -> ModuleType:
+    """A script of ``benchmarks/`` imported as a module (its functions are tested directly)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

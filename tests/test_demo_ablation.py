@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
 
+import helpers
 import pytest
 
 from dast.config import deep_merge, from_tree
@@ -15,12 +14,7 @@ from dast.demo import DEMO_CONFIG
 
 @pytest.fixture(scope="module")
 def ablation():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_ablation.py"
-    spec = importlib.util.spec_from_file_location("demo_ablation", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return helpers.benchmark_module("demo_ablation")
 
 
 def test_rows_without_a_shift_are_the_demo_config_as_before(ablation) -> None:

@@ -3,9 +3,9 @@ current defaults (which this sweep chose)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
+import helpers
 import pytest
 
 from dast.config import from_tree
@@ -14,12 +14,7 @@ from dast.data.synthetic import SHIFTS
 
 @pytest.fixture(scope="module")
 def sweep():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_sweep.py"
-    spec = importlib.util.spec_from_file_location("demo_sweep", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return helpers.benchmark_module("demo_sweep")
 
 
 def _adv(tree: dict) -> tuple:

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import assert_same_weights, final_weights
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -145,16 +146,6 @@ def dast_run(args: list[str], log: Path, kill_at: tuple[str, ...] = ()) -> int:
     return finish(start(args, log, kill_at))
 
 
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "final" / "model.safetensors"))
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
-
-
 def pseudo_labels(run: Path, k: int = 1) -> dict[str, np.ndarray]:
     folder = run / f"round{k}" / "pseudo_labels"
     return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
@@ -221,7 +212,7 @@ def test_sigkill_at_random_points_then_resume_gives_identical_weights(
             assert proc.returncode == 0, out.read_text()
     assert len(landed) >= 2, f"the run ended before it could be killed: {landed}"
     assert dast_run(["train", "--resume", str(run), "--no-progress"], out) == 0, out.read_text()
-    assert_same_weights(weights(run), weights(ref))
+    assert_same_weights(final_weights(run), final_weights(ref))
     assert not temp_files(run), temp_files(run)
 
 
@@ -262,7 +253,7 @@ def test_sigkill_during_checkpoint_write_and_pseudo_label_write(reference: tuple
     assert dast_run(["train", "--resume", str(run), "--no-progress"], out) == 0, out.read_text()
     got, want = pseudo_labels(run), pseudo_labels(ref)
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
-    assert_same_weights(weights(run), weights(ref))
+    assert_same_weights(final_weights(run), final_weights(ref))
     assert not temp_files(run), temp_files(run)
 
 
@@ -297,7 +288,7 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_exit_cleanly(reference: tuple[
     assert "Traceback" not in out.read_text()
 
     assert dast_run(["train", "--resume", str(run), "--no-progress"], tmp_path / "end.txt") == 0
-    assert_same_weights(weights(run), weights(ref))
+    assert_same_weights(final_weights(run), final_weights(ref))
 
 
 # --------------------------------------------------------------------------- resume and config changes
@@ -329,7 +320,7 @@ def test_longer_rounds_and_more_rounds_continue_across_stage_boundaries(
     cfg2 = write_config(tmp_path / "grown.yaml", self_training={"rounds": 2, "steps": 4})
     # stage 1 of the fresh run comes from the same subprocess-trained reference weights
     assert main(["train", "--config", str(cfg2), "--out", str(fresh), "--no-progress"]) == 0
-    assert_same_weights(weights(run), weights(fresh))
+    assert_same_weights(final_weights(run), final_weights(fresh))
 
     capsys.readouterr()
     # two rounds have started: longer rounds (round 2 built on the shorter round 1) are refused
@@ -465,7 +456,7 @@ def test_skip_policy_logs_the_batch_and_leaves_no_trace(
     lines = _fault_lines(run)
     assert hit and len(lines) == len(hit)  # every batch holding the NaN image was skipped and logged
     assert "stage1 step 2: non-finite loss" in lines[0] and all(victim in line for line in lines)
-    final = weights(run)
+    final = final_weights(run)
     # the skipped forward passes did not leave NaN in the batch-norm running statistics
     assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
+import helpers
 import pytest
 
 from dast.config import from_tree
@@ -16,12 +16,7 @@ from dast.rundir import DemoDir
 
 @pytest.fixture(scope="module")
 def ablation():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "online_ablation.py"
-    spec = importlib.util.spec_from_file_location("online_ablation", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return helpers.benchmark_module("online_ablation")
 
 
 def test_each_row_changes_only_what_it_names(ablation, tmp_path: Path) -> None:

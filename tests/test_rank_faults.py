@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from conftest import TINY
+from helpers import assert_same_weights, final_weights
 
 from dast.atomic import TMP_MARK
 from dast.cli import main
@@ -37,27 +38,19 @@ from dast.training.runtime import StepProgress
 from dast.training.session import auto_resume_decision
 
 STEPS = 5
-CONFIG: dict[str, Any] = {
-    "seed": 4,
-    "model": {"arch": "small", "num_classes": 7, "norm": "unit"},
-    "source": {"kind": "synthetic", "domain": "source", "count": 4, "size": [64, 32]},
-    "target": {"kind": "synthetic", "domain": "target", "count": 4, "size": [64, 32], "with_labels": False},
-    "train": {
-        "steps": STEPS,
-        "poly_steps": 50,
-        "lr": 0.01,
-        "batch_size": 1,
-        "num_workers": 0,
-        "checkpoint_every": 1,
-        "keep_last": 2,
-        "eval_every": 100,
-        "image_every": 100,
-        "log_every": 1,
+# the tiny synthetic config of the suite (conftest.TINY) with 4 images, batch 1, a checkpoint every step
+CONFIG: dict[str, Any] = deep_merge(
+    {k: v for k, v in TINY.items() if k != "val"},
+    {
+        "seed": 4,
+        "source": {"count": 4},
+        "target": {"count": 4},
+        "train": {"steps": STEPS, "poly_steps": 50, "batch_size": 1, "checkpoint_every": 1, "eval_every": 100},
+        "self_training": {"rounds": 0},
+        "selection": {"enabled": False},
     },
-    "self_training": {"rounds": 0},
-    "selection": {"enabled": False},
-    "runtime": {"device": "cpu"},
-}
+)
+CONFIG["train"]["image_every"] = 100
 HARD_TIMEOUT_S = 150  # no torchrun job of this file may outlive it
 CKPT = r"/checkpoints/step_\d{8}\.safetensors$"
 
@@ -202,16 +195,6 @@ def write_config(path: Path, **over: Any) -> Path:
     return path
 
 
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "final" / "model.safetensors"))
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
-
-
 def temp_files(run: Path) -> list[Path]:
     return list(run.rglob(f"*{TMP_MARK}*"))
 
@@ -333,7 +316,7 @@ def test_killed_ranks_end_the_job_and_restarts_resume_exactly(reference: tuple[P
     log = (run / "log.txt").read_text()
     assert log.count(f"stage1: resuming from step_{step:08d}.safetensors (step {step})") == 2, log
     assert not temp_files(run), temp_files(run)
-    assert_same_weights(weights(run), weights(ref))
+    assert_same_weights(final_weights(run), final_weights(ref))
 
 
 # --------------------------------------------------------------------------- a rank that hangs
@@ -422,7 +405,7 @@ def test_resume_auto_starts_resumes_and_leaves_a_finished_run(
     # the collective timeout may change on resume: it never changes what is trained
     assert main(auto(cfg, run, "--set", "distributed.timeout_s=60")) == 0, capsys.readouterr().err
     assert "stage1: resuming from step_00000004.safetensors (step 4)" in (run / "log.txt").read_text()
-    assert_same_weights(weights(run), weights(whole))
+    assert_same_weights(final_weights(run), final_weights(whole))
     # a finished run is left as it is
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     capsys.readouterr()

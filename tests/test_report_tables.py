@@ -8,19 +8,12 @@ import re
 from pathlib import Path
 
 import pytest
+from test_demo_report import TINY_RUN_CONFIG
 
 from dast.cli import main
 from dast.reporting.page import sig
 
-RUN_CONFIG = """
-seed: 3
-model: {arch: small, num_classes: 7, norm: unit}
-source: {kind: synthetic, domain: source, count: 4, size: [32, 16]}
-target: {kind: synthetic, domain: target, count: 4, size: [32, 16], with_labels: false}
-val: {kind: synthetic, domain: target, count: 2, size: [32, 16]}
-self_training: {rounds: 1}
-runtime: {device: cpu}
-"""
+RUN_CONFIG = TINY_RUN_CONFIG.replace("self_training: {rounds: 0}", "self_training: {rounds: 1}")
 
 
 @pytest.mark.parametrize(
