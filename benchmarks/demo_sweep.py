@@ -409,6 +409,8 @@ def _fmt(v: float | None) -> str:
 
 
 def table(means: dict[str, dict[str, Any]], title: str) -> str:
+    if not means:
+        return f"### {title}\n\n(not swept)"
     best = max(means, key=lambda n: means[n]["synthetic"] if means[n]["synthetic"] is not None else -1.0)
     lines = [
         f"### {title}",

@@ -63,7 +63,7 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys) -> None:
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert set(report["variants"]) == set(VARIANTS)
-    assert report["seed"] == 1 and report["seconds"] > 0 and report["shift"] == "appearance"
+    assert report["seed"] == 1 and report["seconds"] > 0 and report["shift"] == "photographic"  # the demo's default
     for v in VARIANTS:
         m = report["variants"][v]
         assert 0.0 <= m["miou"] <= 100.0

@@ -107,6 +107,8 @@ def test_verify_flag_and_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFix
 def test_missing_onnx_is_a_clear_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     nets, _, _ = load_networks(_checkpoint(tmp_path), "cpu")
     monkeypatch.setitem(sys.modules, "onnx", None)  # makes `import onnx` raise ImportError
-    with pytest.raises(UserError, match=r"pip install dast\[export\]"):
+    with pytest.raises(
+        UserError, match=r"pip install onnx onnxruntime \(or, from this checkout, pip install -e '\.\[export\]'\)"
+    ):
         export_onnx(nets, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
