@@ -6,7 +6,7 @@ domains of ``--shift``, by default the demo's), the rows of the paper's Table 3 
 only, and scores each run's last and selected snapshot on the target val set:
 
 * ``baseline`` — AdaptSegNet: output-space discriminator, sigmoid BCE, at the demo baseline's
-  lambda (``BASELINE_LAMBDA``);
+  lambda (``baseline_lambda(shift)``: the shift's, as the demo's baseline);
 * ``mse`` — the same discriminator with the least-squares loss (at DA's lambda);
 * ``mse_baseline_lambda`` — the least-squares loss at the baseline's lambda;
 * ``mse_2d`` — plus the discoverer on the features (no attention);
@@ -39,18 +39,16 @@ from dast.atomic import write_json
 from dast.config import Config, deep_merge, from_tree, load_yaml_tree, resolve
 from dast.data.synthetic import SHIFTS
 from dast.demo import NO_ADVERSARY, demo_tree, evaluate_checkpoint, train_runs
-from dast.demo.config import BASELINE_LAMBDA
+from dast.demo.config import baseline_lambda
 from dast.demo.runner import datasets
 from dast.rundir import STAGE1, DemoDir, RunDir
 from dast.training.pseudo_labels import pseudo_label_precision
 
 STAGE1_ONLY = {"self_training": {"rounds": 0}}
 ROWS: dict[str, dict[str, Any]] = {
-    "baseline": {"adversarial": {**NO_ADVERSARY, "corrector": True, "loss": "bce", "lambda_c": BASELINE_LAMBDA}},
+    "baseline": {"adversarial": {**NO_ADVERSARY, "corrector": True, "loss": "bce"}},
     "mse": {"adversarial": {**NO_ADVERSARY, "corrector": True, "loss": "lsgan"}},
-    "mse_baseline_lambda": {
-        "adversarial": {**NO_ADVERSARY, "corrector": True, "loss": "lsgan", "lambda_c": BASELINE_LAMBDA}
-    },
+    "mse_baseline_lambda": {"adversarial": {**NO_ADVERSARY, "corrector": True, "loss": "lsgan"}},
     "mse_2d": {
         "adversarial": {
             "discoverer": True,
@@ -68,7 +66,11 @@ def row_trees(seed: int, shift: str | None = None) -> dict[str, dict[str, Any]]:
     """The stage-1 config of every Table-3 row for one seed, on the domains of ``shift``
     (None: the demo's own)."""
     base = demo_tree(seed=seed, shift=shift, overrides=STAGE1_ONLY)
-    return {name: deep_merge(base, change) for name, change in ROWS.items()}
+    lam = {"adversarial": {"lambda_c": baseline_lambda(base["target"]["shift"])}}  # the baseline's lambda
+    with_lambda = {"baseline", "mse_baseline_lambda"}
+    return {
+        name: deep_merge(deep_merge(base, change), lam if name in with_lambda else {}) for name, change in ROWS.items()
+    }
 
 
 def stage1_config_check(tree: dict[str, Any], run_config: Path, row: str) -> None:

@@ -18,12 +18,27 @@ def ablation():
 
 
 def test_rows_without_a_shift_are_the_demo_config_as_before(ablation) -> None:
-    # the rows as the script built them before it took --shift: DEMO_CONFIG, stage 1 only, the seed
+    # the rows as the script built them before it took --shift: DEMO_CONFIG, stage 1 only, the
+    # seed; the baseline's lambda is the demo baseline's on the demo's (photographic) domains
     before = deep_merge(copy.deepcopy(DEMO_CONFIG), {"self_training": {"rounds": 0}, "seed": 3})
     trees = ablation.row_trees(3)
     assert list(trees) == ["baseline", "mse", "mse_baseline_lambda", "mse_2d", "da"]
+    lam = {"adversarial": {"lambda_c": 0.003}}
     for name, change in ablation.ROWS.items():
-        assert trees[name] == deep_merge(before, change), name
+        want = deep_merge(before, change)
+        assert trees[name] == (deep_merge(want, lam) if "baseline" in name else want), name
+    assert ablation.row_trees(3, "appearance")["baseline"]["adversarial"]["lambda_c"] == 0.01
+
+
+def test_the_ablation_baseline_is_the_demo_baseline_on_every_shift(ablation) -> None:
+    from dast.demo import demo_tree, run_trees  # noqa: PLC0415 - test-local
+
+    for shift in SHIFTS:
+        row = from_tree(ablation.row_trees(5, shift)["baseline"], "row").model_dump()
+        demo = from_tree(run_trees(demo_tree(seed=5, shift=shift))["baseline"], "demo").model_dump()
+        assert {k: v for k, v in row.items() if k != "self_training"} == {
+            k: v for k, v in demo.items() if k != "self_training"
+        }, shift
 
 
 @pytest.mark.parametrize("shift", SHIFTS)
