@@ -77,29 +77,53 @@ def _scores(run: RunDir, val: Any) -> dict[str, Any]:
     }
 
 
+PRIMARY = ("from_source_only", "from_baseline")  # trained first, over every seed: the README's rows
+
+
+def _train_seed(root: DemoDir, seed: int, rows_wanted: list[str], work: Path, workers: int, progress: bool) -> None:
+    demo = root.seed(seed)
+    rows, parents = seed_trees(demo, seed, rows_wanted)
+    runs = work / f"seed{seed}"
+    # the parents are the demo's finished runs: link their folders in as the fork sources
+    runs.mkdir(parents=True, exist_ok=True)
+    for parent in set(parents.values()):
+        link = runs / f"demo_{parent}"
+        if not link.exists():
+            link.symlink_to((demo.runs / parent).resolve(), target_is_directory=True)
+    forks = {name: f"demo_{parent}" for name, parent in parents.items()}
+    train_runs(rows, runs, workers, progress, forks=forks)
+
+
+def _score_seed(root: DemoDir, seed: int, rows: list[str], work: Path) -> dict[str, Any]:
+    demo = root.seed(seed)
+    trees, _ = seed_trees(demo, seed, rows)
+    _, val, _ = datasets(next(iter(trees.values())))
+    scores = {name: _scores(RunDir(work / f"seed{seed}" / name), val) for name in rows}
+    scores["from_da"] = _scores(demo.run(DEMO_RUN), val)
+    return scores
+
+
 def ablation(
-    demo_root: Path, work: Path, workers: int, progress: bool, only: list[str] | None = None
+    demo_root: Path, work: Path, workers: int, progress: bool, only: list[str] | None = None, out: Path | None = None
 ) -> dict[str, Any]:
+    """Train the rows (:data:`PRIMARY` first over every seed, then the others), score every
+    seed, and write the result to ``out`` after each group of rows (a long run leaves usable
+    partial results)."""
     root = DemoDir(demo_root)
     seeds = json.loads(root.report_json.read_text())["seeds"]
-    per_seed: dict[str, dict[str, Any]] = {}
-    for seed in seeds:
-        demo = root.seed(seed)
-        rows, parents = seed_trees(demo, seed, only)
-        runs = work / f"seed{seed}"
-        # the parents are the demo's finished runs: link their folders in as the fork sources
-        runs.mkdir(parents=True, exist_ok=True)
-        for parent in set(parents.values()):
-            link = runs / f"demo_{parent}"
-            if not link.exists():
-                link.symlink_to((demo.runs / parent).resolve(), target_is_directory=True)
-        forks = {name: f"demo_{parent}" for name, parent in parents.items()}
-        train_runs(rows, runs, workers, progress, forks=forks)
-        _, val, _ = datasets(next(iter(rows.values())))
-        scores = {name: _scores(RunDir(runs / name), val) for name in rows}
-        scores["from_da"] = _scores(demo.run(DEMO_RUN), val)
-        per_seed[str(seed)] = scores
-    return {"demo": str(demo_root), "seeds": seeds, "per_seed": per_seed, "summary": summarize(per_seed)}
+    wanted = only or list(ROWS)
+    groups = [[r for r in wanted if r in PRIMARY], [r for r in wanted if r not in PRIMARY]]
+    done: list[str] = []
+    result: dict[str, Any] = {}
+    for group in (g for g in groups if g):
+        for seed in seeds:
+            _train_seed(root, seed, group, work, workers, progress)
+        done += group
+        per_seed = {str(seed): _score_seed(root, seed, done, work) for seed in seeds}
+        result = {"demo": str(demo_root), "seeds": seeds, "per_seed": per_seed, "summary": summarize(per_seed)}
+        if out is not None:
+            write_json(out, {**result, "table": table(result["summary"], len(seeds))})
+    return result
 
 
 def summarize(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -148,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not DemoDir(args.demo).report_json.is_file():
         raise SystemExit(f"error: {args.demo} has no report.json (run `dast demo --seeds ...` first)")
-    out = ablation(args.demo, args.work, args.workers, not args.no_progress, args.rows)
+    out = ablation(args.demo, args.work, args.workers, not args.no_progress, args.rows, args.out)
     text = table(out["summary"], len(out["seeds"]))
     print(text)
     if args.out:
