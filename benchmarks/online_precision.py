@@ -29,63 +29,19 @@ from typing import Any
 
 import torch
 from matplotlib.figure import Figure
-from torch import Tensor, nn
 
 from dast.atomic import write_json
 from dast.config import deep_merge
-from dast.constants import IGNORE_INDEX
 from dast.data.synthetic import SYNTHETIC_CLASSES
 from dast.demo import demo_tree, train_runs
 from dast.demo.config import online_overrides, run_trees
+from dast.demo.mechanisms import label_scores
 from dast.demo.runner import datasets
 from dast.models.io import load_networks
-from dast.models.target_model import predict_full_res
 from dast.rundir import ONLINE, STAGE1, DemoDir, RunDir
 from dast.training.online.recipe import teacher_networks
 
 NAMES = [n for n, _ in SYNTHETIC_CLASSES]
-
-
-class _Tally:
-    def __init__(self, classes: int) -> None:
-        self.c = classes
-        self.right = self.labelled = self.conf = self.conf_right = 0
-        self.cls_right = torch.zeros(classes, dtype=torch.int64)
-        self.cls_pred = torch.zeros(classes, dtype=torch.int64)
-
-    def add(self, prob: Tensor, label: Tensor, threshold: float) -> None:
-        top, pred = prob.max(dim=1)
-        valid = label != IGNORE_INDEX
-        ok = (pred == label) & valid
-        confident = (top >= threshold) & valid
-        self.labelled += int(valid.sum())
-        self.right += int(ok.sum())
-        self.conf += int(confident.sum())
-        self.conf_right += int((ok & confident).sum())
-        self.cls_pred += torch.bincount(pred[valid], minlength=self.c)
-        self.cls_right += torch.bincount(pred[ok], minlength=self.c)
-
-    def scores(self) -> dict[str, Any]:
-        pct = lambda a, b: 100.0 * a / b if b else None  # noqa: E731 - a local shorthand
-        return {
-            "precision": pct(self.right, self.labelled),
-            "confident_share": pct(self.conf, self.labelled),
-            "confident_precision": pct(self.conf_right, self.conf),
-            "per_class_precision": {
-                n: pct(int(self.cls_right[k]), int(self.cls_pred[k])) for k, n in enumerate(NAMES[: self.c])
-            },
-        }
-
-
-def pseudo_label_scores(model: nn.Module, val: Any, threshold: float) -> dict[str, Any]:
-    tally = _Tally(val.num_classes)
-    model.eval()
-    for i in range(len(val)):
-        item = val.item_or_none(i, augment=False)
-        assert item is not None
-        logits, _ = predict_full_res(model, item["image"][None])
-        tally.add(torch.softmax(logits, dim=1), item["label"][None], threshold)
-    return tally.scores()
 
 
 def measure(demo_dir: Path, work: Path, every: int) -> dict[str, Any]:
@@ -105,15 +61,15 @@ def measure(demo_dir: Path, work: Path, every: int) -> dict[str, Any]:
     threshold = cfg.self_training.online.threshold
     run = RunDir(work / "online")
     start, _, _ = load_networks(run.stage(STAGE1).selected)
-    first = pseudo_label_scores(start.target_model(), val, threshold)
+    first = label_scores(start.target_model(), val, threshold)
     rows = [{"step": 0, "teacher": first, "student": first}]
     for step, path in run.stage(ONLINE).checkpoint_files():
         student, _, _ = load_networks(path)
         rows.append(
             {
                 "step": step,
-                "teacher": pseudo_label_scores(teacher_networks(path).target_model(), val, threshold),
-                "student": pseudo_label_scores(student.target_model(), val, threshold),
+                "teacher": label_scores(teacher_networks(path).target_model(), val, threshold),
+                "student": label_scores(student.target_model(), val, threshold),
             }
         )
     return {"demo": str(demo_dir), "seed": seed, "threshold": threshold, "steps": rows}

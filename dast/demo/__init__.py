@@ -36,7 +36,7 @@ from dast.demo.config import (
     run_trees,
 )
 from dast.demo.figures import write_discriminator_figure, write_figure3, write_miou_curve, write_seeds_figure
-from dast.demo.mechanisms import attention_auroc, discriminator_separation, pseudo_label_report
+from dast.demo.mechanisms import attention_auroc, discriminator_separation, online_labels, pseudo_label_report
 from dast.demo.runner import (
     datasets,
     default_workers,
@@ -50,7 +50,7 @@ from dast.demo.summary import format_report, format_seeds, gap_recovered, summar
 from dast.evaluation.evaluate import evaluate_model
 from dast.execution import Execution
 from dast.models.io import build_networks
-from dast.rundir import DemoDir
+from dast.rundir import ONLINE, DemoDir
 from dast.training.pseudo_labels import pseudo_label_precision
 from dast.training.setup import model_spec_for
 
@@ -170,6 +170,10 @@ def _score_and_draw(demo: DemoDir, trees: dict[str, Any], seed: int, progress: b
         "discriminators": discriminator_separation(demo.run("dast").scalars),
         "pseudo_labels": pseudo_label_report(nets["da"], target, st) if st.rounds else None,
     }
+    online_last = demo.run("dast_online").stage(ONLINE).latest_checkpoint()
+    if online_last is not None:  # the online stage's teacher and student at its end, on the target val set
+        threshold = from_tree(trees["dast_online"], "dast_online").self_training.online.threshold
+        mechanisms["online_labels"] = online_labels(online_last, val, threshold)
     report: dict[str, Any] = {
         "variants": variants,
         "seed": int(seed),

@@ -8,6 +8,8 @@ discriminators tell the domains apart, how right are the pseudo labels.
   over stage 1 (least squares: source -> 0, target -> 1), from ``scalars.jsonl``.
 * :func:`pseudo_label_report` — precision and labelled share of the pseudo labels the
   stage-1 model would give the target training images, per class, under both labelling rules.
+* :func:`online_labels` — how right the online stage's teacher and student are on the
+  target val set at the stage's end: all pixels, and the confident ones the loss weight counts.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from dast.config import SelfTrainingConfig
 from dast.constants import IGNORE_INDEX
 from dast.contexts import eval_mode
 from dast.evaluation.auroc import auroc
-from dast.models.io import Networks
+from dast.models.io import Networks, load_networks
 from dast.models.target_model import predict_full_res
 from dast.rundir import STAGE1
+from dast.training.online.recipe import teacher_networks
 from dast.training.pseudo_labels import pseudo_label_quality
 
 SEPARATION_KEYS = {"D": ("out/d_source", "out/d_target"), "C": ("out/c_source", "out/c_target")}
@@ -97,3 +100,60 @@ def pseudo_label_report(model_nets: Networks, target_with_labels: Any, settings:
         return pseudo_label_quality(
             model_nets.target_model(), target_with_labels, settings, rules=("ratio", "threshold")
         )
+
+
+class _LabelTally:
+    """Pixel counts of one model's argmax labels against the ground truth."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.right = self.labelled = self.confident = self.confident_right = 0
+        self.class_right = torch.zeros(num_classes, dtype=torch.int64)
+        self.class_predicted = torch.zeros(num_classes, dtype=torch.int64)
+
+    def add(self, prob: torch.Tensor, label: torch.Tensor, threshold: float) -> None:
+        top, pred = prob.max(dim=1)
+        valid = label != IGNORE_INDEX
+        ok = (pred == label) & valid
+        sure = (top >= threshold) & valid
+        self.labelled += int(valid.sum())
+        self.right += int(ok.sum())
+        self.confident += int(sure.sum())
+        self.confident_right += int((ok & sure).sum())
+        self.class_predicted += torch.bincount(pred[valid], minlength=len(self.class_predicted))
+        self.class_right += torch.bincount(pred[ok], minlength=len(self.class_right))
+
+    def scores(self, names: list[str]) -> dict[str, Any]:
+        def pct(a: int, b: int) -> float | None:
+            return 100.0 * a / b if b else None
+
+        return {
+            "precision": pct(self.right, self.labelled),
+            "confident_share": pct(self.confident, self.labelled),
+            "confident_precision": pct(self.confident_right, self.confident),
+            "per_class_precision": {
+                n: pct(int(self.class_right[k]), int(self.class_predicted[k])) for k, n in enumerate(names)
+            },
+        }
+
+
+def label_scores(model: torch.nn.Module, val: Any, threshold: float) -> dict[str, Any]:
+    """A target model's argmax labels on ``val`` against its labels: precision over every
+    labelled pixel, the share of pixels with top probability >= ``threshold`` and their
+    precision, and the precision of each predicted class (in %)."""
+    tally = _LabelTally(val.num_classes)
+    with eval_mode(model), torch.no_grad():
+        for i in range(len(val)):
+            item = val.item_or_none(i, augment=False)
+            assert item is not None
+            logits, _ = predict_full_res(model, item["image"][None])
+            tally.add(torch.softmax(logits, dim=1), item["label"][None], threshold)
+    return tally.scores(list(val.table.names))
+
+
+def online_labels(checkpoint: Path, val: Any, threshold: float) -> dict[str, Any]:
+    """:func:`label_scores` of the teacher and of the student of an online stage's checkpoint."""
+    student, _, _ = load_networks(checkpoint)
+    return {
+        "teacher": label_scores(teacher_networks(checkpoint).target_model(), val, threshold),
+        "student": label_scores(student.target_model(), val, threshold),
+    }

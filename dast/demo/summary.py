@@ -61,6 +61,14 @@ def format_mechanisms(mech: dict[str, Any], names: Sequence[str]) -> list[str]:
                 f"{net}: mean output {s['source']:.3f} on source, {s['target']:.3f} on target "
                 f"(gap {s['gap']:+.3f}; least squares labels 0 / 1)"
             )
+    ol = mech.get("online_labels")
+    if ol:
+        t, s = ol["teacher"], ol["student"]
+        lines.append(
+            f"online stage, at its end, on the target val set: teacher {t['precision']:.1f}% right "
+            f"({t['confident_share']:.0f}% of the pixels confident, {t['confident_precision'] or 0:.1f}% of those "
+            f"right), student {s['precision']:.1f}% right"
+        )
     pl = mech.get("pseudo_labels")
     if pl:
         for rule, r in pl["rules"].items():
