@@ -34,6 +34,7 @@ from dast.training.distributed import convert_sync_bn, wrap_for_ddp
 from dast.training.hooks import HookInputs
 from dast.training.levers import compile_segmentor, to_channels_last
 from dast.training.loop import SignalFlag, StageResult, StageRun, run_stage
+from dast.training.peers import broadcast_object
 from dast.training.plans import StagePlan, stage_plans
 from dast.training.plots import plot_selection_curves
 from dast.training.pseudo_labels import generate_pseudo_labels, pseudo_label_set_complete
@@ -211,7 +212,7 @@ class Pipeline:
         seed_everything(self.cfg.seed)
         self.build_data()
         nets = self.prepare_networks()
-        manifest = read_manifest(self.paths)
+        manifest = broadcast_object(read_manifest(self.paths) if self.rt.is_main else None, self.rt)  # rank 0 decides
         if self.paths.curves.exists():
             self.curves = json.loads(self.paths.curves.read_text())
         inputs = HookInputs(
