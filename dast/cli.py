@@ -23,7 +23,7 @@ from dast.errors import UserError
 # (command, module in dast/commands/ with `add_parser(subparsers, name)` and `run(args)`,
 # the one-line summary that `dast --help` lists)
 COMMANDS: tuple[tuple[str, str, str], ...] = (
-    ("demo", "demo", "run source-only, baseline, DA, DAST and oracle on synthetic domains"),
+    ("demo", "demo", "run source-only, baseline, DA, DAST, DAST online and oracle on synthetic domains"),
     ("train", "train", "train a model (stage 1 and self-training rounds)"),
     ("evaluate", "evaluate", "compute per-class IoU and mIoU on a labelled dataset"),
     ("predict", "predict", "segment target images with a checkpoint"),
