@@ -241,3 +241,19 @@ def test_forked_runs_wait_for_their_parent_and_are_skipped_when_it_fails(monkeyp
     seconds = runner.train_runs(trees, tmp_path, 1, False, failures=failures, forks=forks)
     assert calls == [("a", None), ("b", None), ("a_child", "a"), ("c_child", "c")]
     assert set(seconds) == {"a", "a_child", "c_child"} and failures == {"b": "diverged"}
+
+
+def test_a_stage1_is_complete_when_the_manifest_says_so_and_its_snapshot_is_there(tmp_path: Path) -> None:
+    from dast.demo.runner import stage1_complete  # noqa: PLC0415 - test-local
+    from dast.rundir import RunDir  # noqa: PLC0415 - test-local
+
+    run = RunDir(tmp_path / "run")
+    assert not stage1_complete(run.root)  # nothing yet
+    run.stage("stage1").root.mkdir(parents=True)
+    run.manifest.write_text(json.dumps({"stages": {"stage1": {"status": "running"}}}))
+    run.stage("stage1").selected.write_bytes(b"x")
+    assert not stage1_complete(run.root)
+    run.manifest.write_text(json.dumps({"stages": {"stage1": {"status": "complete", "steps": 4}}}))
+    assert stage1_complete(run.root)
+    run.manifest.write_text('{"stages": {"stage1": {"status": "comp')  # a manifest being written
+    assert not stage1_complete(run.root)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,20 +122,50 @@ class _RunBook:
             except RECORDABLE as error:
                 self.done(name, error)
 
-    def parallel(self, workers: int) -> None:
+    def stage1_ready(self, child: str) -> bool:
+        """Whether ``child``'s parent has a complete stage 1 to fork (a run of this call may
+        still be training its later stages)."""
+        return stage1_complete(self.runs / self.parents[child])
+
+    def parallel(self, workers: int, poll: float = 2.0) -> None:
+        """At most ``workers`` runs at a time, in the given order, except that a forked run
+        goes first as soon as its parent's stage 1 is complete (it is the longest chain)."""
+        queue = [n for n in self.trees if self.parents.get(n) not in self.trees]
+        waiting = [n for n in self.trees if self.parents.get(n) in self.trees]  # their parents train here
+        running: dict[Future[float], str] = {}
+        if self.progress:
+            print(f"== training {', '.join(self.trees)} ({workers} at a time)", flush=True)
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-            waiting = [n for n in self.trees if self.parents.get(n) in self.trees]  # their parents train here
-            futures = {pool.submit(_train, *self.args(n, True)): n for n in self.trees if n not in waiting}
-            if self.progress:
-                print(f"== training {', '.join(self.trees)} ({workers} at a time)", flush=True)
-            while futures:
-                fut = next(as_completed(futures))
-                name = futures.pop(fut)
-                exc = fut.exception()
-                self.done(name, exc if exc is not None else fut.result())
-                for child in [c for c in waiting if self.parents[c] == name and name in self.seconds]:
-                    waiting.remove(child)  # the parent finished: the child forks from it
-                    futures[pool.submit(_train, *self.args(child, True))] = child
+            while queue or waiting or running:
+                for child in [c for c in waiting if self.parents[c] in (self.failures or {})]:
+                    waiting.remove(child)  # its parent failed: nothing to fork
+                while len(running) < workers:
+                    ready = [c for c in waiting if self.stage1_ready(c)]
+                    name = ready[0] if ready else (queue[0] if queue else None)
+                    if name is None:
+                        break
+                    (waiting if ready else queue).remove(name)
+                    running[pool.submit(_train, *self.args(name, True))] = name
+                if not running:  # nothing left to train, and no parent will ever finish a stage 1
+                    if waiting:
+                        raise RuntimeError(f"no complete stage 1 to fork for {', '.join(waiting)}")
+                    break
+                finished, _ = wait(list(running), timeout=poll, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    name = running.pop(fut)
+                    exc = fut.exception()
+                    self.done(name, exc if exc is not None else fut.result())
+
+
+def stage1_complete(run: Path) -> bool:
+    """Whether a run directory holds a complete stage 1 (its manifest says so and its
+    selected snapshot is there)."""
+    paths = RunDir(run)
+    try:
+        entry = json.loads(paths.manifest.read_text()).get("stages", {}).get(STAGE1, {})
+    except (OSError, ValueError):
+        return False
+    return entry.get("status") == "complete" and paths.stage(STAGE1).selected.exists()
 
 
 def default_workers() -> int:

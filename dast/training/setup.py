@@ -258,8 +258,17 @@ def first_missing(path: Path) -> Path | None:
     return missing
 
 
+def _step_of(line: str) -> float:
+    """The global step of a ``scalars.jsonl`` line (infinite for a torn or empty one)."""
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return float("inf")
+
+
 def fork_stage1(source: Path, dest: Path) -> None:
-    """Start run ``dest`` from run ``source``'s finished stage 1: its stage folder, its
+    """Start run ``dest`` from run ``source``'s complete stage 1 (``source`` may still be
+    training its later stages): its stage folder, its
     manifest entry, its evaluation history and its scalars (a run that differs only after
     stage 1, e.g. in its self-training, continues from there with ``--resume --force``).
 
@@ -279,8 +288,8 @@ def fork_stage1(source: Path, dest: Path) -> None:
         if src.curves.exists():
             write_json(new.curves, [h for h in json.loads(src.curves.read_text()) if h.get("stage") == STAGE1])
         steps = int(entry.get("steps", 0))
-        if src.scalars.exists():
-            lines = [ln for ln in src.scalars.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= steps]
+        if src.scalars.exists():  # the parent may be appending its later stages' lines meanwhile
+            lines = [ln for ln in src.scalars.read_text().splitlines() if _step_of(ln) <= steps]
             write_text(new.scalars, "".join(f"{ln}\n" for ln in lines))
         new.root.rename(dest)
     finally:
