@@ -159,4 +159,4 @@ def test_sweep_takes_a_comma_list(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_the_demo_times_in_help_are_the_readme_s() -> None:
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert f"--quick              # the same pipeline, shorter: {QUICK_TIME}" in readme
-    assert f"# one seed: {FULL_TIME} on 2 busy cores" in readme
+    assert f"# one seed: {FULL_TIME} on 2 cores" in readme

@@ -8,21 +8,22 @@ from dast.commands._common import add_progress_argument, add_seeds_argument, exa
 from dast.data.synthetic import DEMO_SHIFT, SHIFTS
 from dast.errors import UserError
 
-# Wall times measured on the project's 2-core VM while other jobs shared it (README, "The demo";
+# Wall times measured on the project's 2-core VM with nothing else running (README, "The demo";
 # `bash benchmarks/demo_times.sh` measures them again).
-QUICK_TIME = "1-3 min"
-FULL_TIME = "about 25 min"
+QUICK_TIME = "about 1 min"
+FULL_TIME = "about 10 min"
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(
         name,
-        description="Train and compare the DAST variants on procedurally generated game-like and "
-        "camera-like (or, with --shift photographic, photo-textured) street scenes, on the CPU. "
+        description="Train and compare the DAST variants on generated street scenes, on the CPU: a "
+        "game-like labelled source against a photo-textured target (or, with --shift appearance, "
+        "a procedural camera-like one). "
         "Writes DIR/report.json and figures; `dast report DIR` renders them as one HTML page.",
         epilog=examples(
-            f"dast demo --out demo_quick --quick       # {QUICK_TIME} on 2 busy CPU cores",
-            f"dast demo --out demo_out                 # one seed, {FULL_TIME} on 2 busy CPU cores",
+            f"dast demo --out demo_quick --quick       # {QUICK_TIME} on 2 CPU cores",
+            f"dast demo --out demo_out                 # one seed, {FULL_TIME} on 2 CPU cores",
             "dast demo --out demo5 --seeds 0 1 2 3 4  # mean +- std over seeds (0,1,2,3,4 works too)",
         ),
     )
@@ -30,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument(
         "--quick",
         action="store_true",
-        help=f"a much shorter run ({QUICK_TIME} on a busy 2-core VM; too short to rank methods)",
+        help=f"a much shorter run ({QUICK_TIME} on a 2-core VM; too short to rank methods)",
     )
     p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default: 0)")
     add_seeds_argument(
