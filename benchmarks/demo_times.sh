@@ -4,7 +4,7 @@
 # the load average before and after (other jobs on the machine slow the wall time, not the
 # CPU time much). Each run writes into a fresh folder under WORK (default: a temporary one).
 #
-#   bash benchmarks/demo_times.sh [WORK]          # about 1 + 5-25 min on 2 cores
+#   bash benchmarks/demo_times.sh [WORK]          # about 1 + 10 min on 2 idle cores (more when other jobs share them)
 set -euo pipefail
 work=${1:-$(mktemp -d /tmp/dast-demo-times.XXXXXX)}
 mkdir -p "$work"
